@@ -1,0 +1,179 @@
+//! Agent options, read from `agent.*` arguments of the kernel command line.
+//!
+//! The VMM (or the shim, through it) passes options as `agent.KEY=VALUE`
+//! words; everything else on the command line belongs to the kernel and is
+//! ignored here. Unknown `agent.*` keys are reported, not fatal: an older
+//! agent must still boot under a newer shim.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tracing::Level;
+
+/// Default hostname until a sandbox gives one.
+pub const DEFAULT_HOSTNAME: &str = "isola";
+
+/// Default time processes get between SIGTERM and SIGKILL at shutdown.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Most verbose level that is logged (`agent.log=`).
+    pub log_level: Level,
+    /// Hostname set at boot (`agent.hostname=`).
+    pub hostname: String,
+    /// Grace period between SIGTERM and SIGKILL at shutdown, in seconds
+    /// (`agent.shutdown_timeout=`).
+    pub shutdown_timeout: Duration,
+    /// `agent.*` keys this agent does not know, kept to be reported.
+    pub unknown: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: Level::INFO,
+            hostname: DEFAULT_HOSTNAME.to_string(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            unknown: Vec::new(),
+        }
+    }
+}
+
+/// A malformed `agent.*` argument.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("agent.log: unknown level {0:?} (expected error, warn, info, debug or trace)")]
+    LogLevel(String),
+    #[error("agent.hostname: {0:?} is not a valid hostname (1-64 characters of a-z, A-Z, 0-9, '-' and '.')")]
+    Hostname(String),
+    #[error("agent.shutdown_timeout: {0:?} is not a whole number of seconds from 0 to 3600")]
+    ShutdownTimeout(String),
+    #[error("{0}: expected agent.KEY=VALUE")]
+    MissingValue(String),
+}
+
+impl Config {
+    /// Parses the kernel command line (the contents of `/proc/cmdline`).
+    ///
+    /// Returns the options and the errors of the arguments that could not be
+    /// used; a bad argument keeps its default so the guest still boots and
+    /// the error reaches the console.
+    pub fn from_cmdline(cmdline: &str) -> (Config, Vec<ConfigError>) {
+        let mut config = Config::default();
+        let mut errors = Vec::new();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some(option) = word.strip_prefix("agent.") else {
+                continue;
+            };
+            let Some((key, value)) = option.split_once('=') else {
+                errors.push(ConfigError::MissingValue(word.to_string()));
+                continue;
+            };
+            match key {
+                "log" => match parse_level(value) {
+                    Some(level) => config.log_level = level,
+                    None => errors.push(ConfigError::LogLevel(value.to_string())),
+                },
+                "hostname" => {
+                    if valid_hostname(value) {
+                        config.hostname = value.to_string();
+                    } else {
+                        errors.push(ConfigError::Hostname(value.to_string()));
+                    }
+                }
+                "shutdown_timeout" => match value.parse::<u64>() {
+                    Ok(secs) if secs <= 3600 => config.shutdown_timeout = Duration::from_secs(secs),
+                    _ => errors.push(ConfigError::ShutdownTimeout(value.to_string())),
+                },
+                _ => config.unknown.push(key.to_string()),
+            }
+        }
+        (config, errors)
+    }
+}
+
+fn parse_level(value: &str) -> Option<Level> {
+    match value.to_ascii_lowercase().as_str() {
+        "error" => Some(Level::ERROR),
+        "warn" | "warning" => Some(Level::WARN),
+        "info" => Some(Level::INFO),
+        "debug" => Some(Level::DEBUG),
+        "trace" => Some(Level::TRACE),
+        _ => None,
+    }
+}
+
+/// RFC 1123 host name, as the kernel's 64-byte UTS field can hold it.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_agent_arguments() {
+        let (config, errors) = Config::from_cmdline("console=ttyS0 reboot=k panic=1\n");
+        assert_eq!(config, Config::default());
+        assert!(errors.is_empty());
+    }
+
+    #[test]
+    fn reads_agent_arguments_among_kernel_ones() {
+        let (config, errors) = Config::from_cmdline(
+            "console=ttyS0 agent.log=debug quiet agent.hostname=pod-1 agent.shutdown_timeout=2",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.log_level, Level::DEBUG);
+        assert_eq!(config.hostname, "pod-1");
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_values_keep_defaults_and_are_reported() {
+        let (config, errors) = Config::from_cmdline(
+            "agent.log=loud agent.hostname=-bad agent.shutdown_timeout=x agent.debug",
+        );
+        assert_eq!(config.log_level, Level::INFO);
+        assert_eq!(config.hostname, DEFAULT_HOSTNAME);
+        assert_eq!(config.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(
+            errors,
+            vec![
+                ConfigError::LogLevel("loud".into()),
+                ConfigError::Hostname("-bad".into()),
+                ConfigError::ShutdownTimeout("x".into()),
+                ConfigError::MissingValue("agent.debug".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_kept_for_reporting() {
+        let (config, errors) = Config::from_cmdline("agent.future_option=1 agent.log=WARN");
+        assert!(errors.is_empty());
+        assert_eq!(config.log_level, Level::WARN);
+        assert_eq!(config.unknown, vec!["future_option".to_string()]);
+    }
+
+    #[test]
+    fn hostname_rules() {
+        assert!(valid_hostname("isola"));
+        assert!(valid_hostname("a.b-c.d9"));
+        assert!(!valid_hostname(""));
+        assert!(!valid_hostname("a..b"));
+        assert!(!valid_hostname("under_score"));
+        assert!(!valid_hostname("trailing."));
+        assert!(!valid_hostname(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,118 @@
+//! isola-agent: the init (PID 1) of every isola microVM.
+//!
+//! At boot it mounts the guest's base file systems, reads its options from
+//! `agent.*` kernel arguments, sets the hostname, enables the cgroup v2
+//! controllers, and prints `isola-agent ready`. It then reaps orphans until
+//! it is asked to shut down (SIGTERM, or Ctrl-Alt-Del from the VMM), and
+//! then stops every process, syncs and reboots, which ends the VMM.
+
+mod cgroups;
+mod config;
+mod init;
+mod mounts;
+
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use nix::unistd::{getpid, sethostname};
+use tracing_subscriber::filter::LevelFilter;
+
+use crate::config::Config;
+
+fn main() {
+    if getpid().as_raw() != 1 {
+        eprintln!(
+            "isola-agent: must run as PID 1, the init of an isola guest (pid is {}); \
+             it is started by the guest kernel from the initrd",
+            getpid()
+        );
+        std::process::exit(2);
+    }
+    let started = Instant::now();
+    if let Err(err) = run(started) {
+        eprintln!("isola-agent: fatal: {err:#}");
+        init::power_off();
+    }
+}
+
+fn run(started: Instant) -> Result<()> {
+    // Nothing can be logged before /proc (for the command line) and /dev
+    // exist; the kernel gave us /dev/console as stdio from the initrd.
+    mounts::mount_base().context("mounting the base file systems")?;
+    let cmdline = fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+    let (config, errors) = Config::from_cmdline(&cmdline);
+    init_logging(&config);
+    for err in &errors {
+        tracing::error!("bad kernel argument: {err}");
+    }
+    for key in &config.unknown {
+        tracing::warn!("unknown option agent.{key} ignored");
+    }
+    tracing::debug!(?config, "options");
+
+    sethostname(&config.hostname)
+        .with_context(|| format!("setting the hostname to {}", config.hostname))?;
+    let controllers = cgroups::enable_controllers(Path::new("/sys/fs/cgroup"))
+        .context("enabling cgroup v2 controllers")?;
+    init::disable_ctrl_alt_del()?;
+
+    tracing::info!("{}", state_report(&controllers)?);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let shutdown_timeout = config.shutdown_timeout;
+    runtime.block_on(async move {
+        let mut signals = init::InitSignals::install()?;
+        println!(
+            "isola-agent ready: version={} uptime_ms={} setup_ms={}",
+            env!("CARGO_PKG_VERSION"),
+            uptime_ms().unwrap_or(0),
+            started.elapsed().as_millis()
+        );
+        let signal = signals.serve_until_shutdown().await;
+        tracing::info!(%signal, "shutting down");
+        init::terminate_all(shutdown_timeout).await;
+        anyhow::Ok(())
+    })?;
+    tracing::info!("powering off");
+    init::power_off();
+}
+
+fn init_logging(config: &Config) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_max_level(LevelFilter::from_level(config.log_level))
+        .init();
+}
+
+/// One line describing what the agent set up, read back from the kernel.
+fn state_report(controllers: &[String]) -> Result<String> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mounts: Vec<String> = mounts::parse_mountinfo(&mountinfo)
+        .into_iter()
+        .map(|m| format!("{}:{}", m.target, m.fstype))
+        .collect();
+    let hostname = nix::unistd::gethostname()
+        .context("reading the hostname")?
+        .to_string_lossy()
+        .into_owned();
+    Ok(format!(
+        "state: hostname={hostname} mounts={} cgroup_subtree_control={}",
+        mounts.join(","),
+        controllers.join(",")
+    ))
+}
+
+fn uptime_ms() -> Option<u64> {
+    let text = fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1000.0) as u64)
+}

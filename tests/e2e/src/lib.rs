@@ -1,0 +1,94 @@
+//! Helpers for isola's end-to-end tests: boot real microVMs on a KVM host
+//! and watch their consoles.
+//!
+//! The tests in `tests/` run only on a host whose `/dev/kvm` boots standard
+//! guests; `tests/kvm-host/run` provides one (natively or emulated) and sets
+//! `ISOLA_KVM_HOST`. Every wait is for an event (a console line, a process
+//! exit) with a generous deadline, because the emulated host is slow.
+
+pub mod console;
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+/// Deadline for a boot to `isola-agent ready`. Natively a boot takes well
+/// under a second; the emulated host is 10-20x slower and noisy.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Deadline for a guest to shut down once asked.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The line the agent prints once it is ready.
+pub const READY: &str = "isola-agent ready";
+
+/// The project's root directory.
+pub fn project_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// The guest kernel and initrd that `make` leaves in `build/`.
+#[derive(Debug, Clone)]
+pub struct GuestImages {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl GuestImages {
+    pub fn from_build_dir() -> Result<GuestImages> {
+        let build = project_dir().join("build");
+        let images = GuestImages {
+            kernel: build.join("vmlinux"),
+            initrd: build.join("initrd.img"),
+        };
+        for path in [&images.kernel, &images.initrd] {
+            if !path.exists() {
+                bail!("{} is missing: run `make` first", path.display());
+            }
+        }
+        Ok(images)
+    }
+}
+
+/// Fails unless running on a KVM host prepared by `tests/kvm-host/run`.
+pub fn require_kvm_host() -> Result<String> {
+    match std::env::var("ISOLA_KVM_HOST") {
+        Ok(host) if host == "native" || host == "emulated" => Ok(host),
+        _ => bail!(
+            "end-to-end tests need a KVM host that boots standard guests: \
+             run them through tests/kvm-host/run (as `make test` does)"
+        ),
+    }
+}
+
+/// A fresh scratch directory for one test, removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Result<Scratch> {
+        let path = std::env::temp_dir().join(format!(
+            "isola-e2e-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(Scratch { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -2,20 +2,23 @@
 //!
 //! At boot it mounts the guest's base file systems, reads its options from
 //! `agent.*` kernel arguments, sets the hostname, enables the cgroup v2
-//! controllers, and prints `isola-agent ready`. It then reaps orphans until
-//! it is asked to shut down (SIGTERM, or Ctrl-Alt-Del from the VMM), and
-//! then stops every process, syncs and reboots, which ends the VMM.
+//! controllers, serves its ttrpc API on vsock port 1024, and prints
+//! `isola-agent ready`. It then reaps orphans until it is asked to shut
+//! down (SIGTERM, or Ctrl-Alt-Del from the VMM), and then stops its API and
+//! every process, syncs and reboots, which ends the VMM.
 
 mod cgroups;
 mod config;
 mod init;
 mod mounts;
+mod rpc;
 
 use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use isola_protocol::AGENT_VSOCK_PORT;
 use nix::unistd::{getpid, sethostname};
 use tracing_subscriber::filter::LevelFilter;
 
@@ -67,6 +70,15 @@ fn run(started: Instant) -> Result<()> {
     let shutdown_timeout = config.shutdown_timeout;
     runtime.block_on(async move {
         let mut signals = init::InitSignals::install()?;
+        // The API listens before the ready line, so a host that saw it can
+        // dial at once. A guest without vsock still boots, without the API.
+        let api = match rpc::ApiServer::start_vsock(AGENT_VSOCK_PORT).await {
+            Ok(api) => Some(api),
+            Err(err) => {
+                tracing::error!("agent API unavailable: {err:#}");
+                None
+            }
+        };
         println!(
             "isola-agent ready: version={} uptime_ms={} setup_ms={}",
             env!("CARGO_PKG_VERSION"),
@@ -75,6 +87,9 @@ fn run(started: Instant) -> Result<()> {
         );
         let signal = signals.serve_until_shutdown().await;
         tracing::info!(%signal, "shutting down");
+        if let Some(api) = api {
+            api.shutdown().await;
+        }
         init::terminate_all(shutdown_timeout).await;
         anyhow::Ok(())
     })?;

@@ -33,7 +33,9 @@ fn run() -> Result<()> {
                 println!("usage: boot-demo [--runs N] [--initrd PATH]");
                 return Ok(());
             }
-            other => bail!("unknown argument {other:?} (usage: boot-demo [--runs N] [--initrd PATH])"),
+            other => {
+                bail!("unknown argument {other:?} (usage: boot-demo [--runs N] [--initrd PATH])")
+            }
         }
     }
     let host = require_kvm_host()?;

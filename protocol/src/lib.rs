@@ -1,0 +1,73 @@
+//! isola's guest agent API.
+//!
+//! The agent (`isola-agent`, PID 1 of every microVM) serves ttrpc on vsock
+//! port [`AGENT_VSOCK_PORT`]; the services are defined in
+//! `protos/agent.proto` (package `isola.agent.v1`) and their Rust code is
+//! generated at build time by `ttrpc-codegen`:
+//!
+//! - [`agent`]: the messages (rust-protobuf 3), e.g. [`agent::CheckRequest`];
+//! - [`agent_ttrpc`]: per service, an async client (`HealthClient`), the
+//!   trait a server implements (`Health`) and the function that turns an
+//!   implementation into ttrpc services (`create_health`).
+//!
+//! With the `host` feature (on by default), `hybrid` dials the agent
+//! through a VMM's hybrid-vsock Unix socket (the Firecracker convention).
+//!
+//! The crate re-exports [`ttrpc`] so that the agent, the shim and the tests
+//! use the one ttrpc this crate was generated for.
+
+pub use ttrpc;
+
+/// The vsock port the agent's ttrpc API listens on, in the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The version of the `isola.agent.v1` API that this crate describes, as
+/// reported by `Health.Version` in `api_version`. Raised when methods or
+/// fields are added to v1.
+pub const API_VERSION: u32 = 1;
+
+/// The fully qualified name of the health service, for
+/// `CheckRequest.service`.
+pub const HEALTH_SERVICE: &str = "isola.agent.v1.Health";
+
+/// Messages of `isola.agent.v1` (generated from `protos/agent.proto`).
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::unwrap_used,
+    unused_qualifications,
+    rust_2018_idioms,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_mut,
+    unused_attributes,
+    dead_code
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// ttrpc services of `isola.agent.v1` (generated from `protos/agent.proto`):
+/// async clients, server traits and `create_*` registration functions.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::unwrap_used,
+    unused_qualifications,
+    rust_2018_idioms,
+    unused_imports,
+    unused_mut,
+    dead_code
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+#[cfg(feature = "host")]
+pub mod hybrid;
+
+pub use agent::check_response::ServingStatus;
+pub use agent_ttrpc::{create_health, Health, HealthClient};

@@ -1,0 +1,92 @@
+//! virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]: the transport (`mmio.rs`) handles
+//! the virtio-mmio register protocol, builds the queues the driver
+//! configured, registers one ioeventfd per queue with KVM, and calls
+//! [`VirtioDevice::activate`] when the driver sets DRIVER_OK. From then on
+//! the device does its work on the VMM's device event loop (it is also an
+//! `event_manager::MutEventSubscriber`) and tells the guest about used
+//! buffers through [`InterruptSignal`] (an irqfd).
+//!
+//! Everything a device reads from guest memory is untrusted: descriptor
+//! addresses, lengths and chains are validated, and a malformed request
+//! must not panic the VMM (at worst the device stops serving the guest).
+
+pub mod mmio;
+
+use std::io;
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// virtio device ids (virtio 1.2, section 5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
+}
+
+/// VIRTIO_F_VERSION_1: every device isola offers is a modern device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bits of the virtio-mmio InterruptStatus register.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// How a device interrupts the guest.
+pub trait InterruptSignal: Send + Sync + std::fmt::Debug {
+    /// The device put buffers in a used ring.
+    fn signal_used_queue(&self) -> io::Result<()>;
+    /// The device's configuration space changed.
+    fn signal_config_change(&self) -> io::Result<()>;
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("queue {0} is not valid (size, alignment or addresses out of guest memory)")]
+    InvalidQueue(usize),
+    #[error("the device is already active")]
+    AlreadyActive,
+    #[error("activating the device: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A virtio device behind the MMIO transport.
+pub trait VirtioDevice: Send + std::fmt::Debug {
+    /// Its virtio device id ([`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of its queues; the length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (including [`VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver accepted (a subset of the offered ones; the
+    /// transport masks anything else out).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device configuration space at `offset` (out of range reads
+    /// leave `data` zeroed).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (ignored where read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the queues the driver configured, the
+    /// eventfds KVM signals when the driver notifies each queue, and the
+    /// interrupt to raise.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: Arc<dyn InterruptSignal>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device (wrote 0 to Status): drop every queue
+    /// and connection. Returns false if the device cannot be reset, in
+    /// which case the transport marks it as needing a reset.
+    fn reset(&mut self) -> bool;
+}

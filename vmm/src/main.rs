@@ -1,0 +1,100 @@
+//! isola-vmm: boots one microVM on KVM.
+//!
+//! ```text
+//! isola-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N]
+//!           [--memory MIB] [--vsock SOCKET] [--console off|stdout|FILE]
+//!           [--api-socket PATH]
+//! ```
+//! Exits 0 when the guest powers off or reboots, or on SIGTERM/SIGINT
+//! (the VM is stopped); non-zero with a message naming the problem
+//! otherwise.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
+use isola_vmm::vcpu::GuestExit;
+use isola_vmm::vm::Vm;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "isola-vmm",
+    version,
+    about = "isola's KVM microVM monitor: boots a Linux guest with a serial console, i8042 reset and virtio-mmio devices",
+    after_help = "Exit status: 0 when the guest powers off or reboots, or when stopped by SIGTERM/SIGINT \
+                  or the API; 1 on any error (the message names it)."
+)]
+struct Args {
+    /// Guest kernel: an ELF vmlinux with a PVH entry (CONFIG_PVH) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// initrd (cpio, optionally compressed) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line. The VMM appends the console and virtio-mmio device parts.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs (1-32), one thread each.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u64,
+    /// Hybrid vsock: Unix socket the host connects to (then writes
+    /// `CONNECT <port>\n`); guest connections to CID 2 port P reach `<SOCKET>_P`.
+    #[arg(long, value_name = "SOCKET")]
+    vsock: Option<PathBuf>,
+    /// Guest CID of the vsock device.
+    #[arg(long, value_name = "CID", default_value_t = 3)]
+    vsock_cid: u64,
+    /// Where the serial console goes: off (no device at all), stdout, or a file.
+    #[arg(long, value_name = "off|stdout|FILE", default_value = "stdout")]
+    console: String,
+    /// Control API socket (JSON lines: info, pause, resume, shutdown, stop).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+fn main() {
+    let started = Instant::now();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_env("ISOLA_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    match run(args, started) {
+        Ok(exit) => {
+            tracing::info!(?exit, ms = started.elapsed().as_millis() as u64, "VM ended");
+            std::process::exit(0);
+        }
+        Err(err) => {
+            eprintln!("isola-vmm: error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
+    let console: Console = args.console.parse()?;
+    let config = VmConfig::new(
+        args.kernel,
+        args.initrd,
+        Some(args.cmdline),
+        args.vcpus,
+        args.memory,
+        args.vsock,
+        args.vsock_cid,
+        console,
+        args.api_socket,
+    )?;
+    let vm = Vm::build(config, started, Vec::new())?;
+    match vm.run()? {
+        GuestExit::Failed(why) => anyhow::bail!("the guest could not run: {why}"),
+        other => Ok(other),
+    }
+}

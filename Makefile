@@ -14,7 +14,7 @@ ROOTFS_BUILDER := target/release/rootfs-builder
 # `none` (plain cpio) boots faster than gzip: see docs/architecture.md.
 INITRD_COMPRESS ?= none
 
-.PHONY: all binaries agent kernel initrd deps test unit-test lint e2e boot-demo clean
+.PHONY: all binaries agent kernel initrd deps test unit-test lint e2e boot-demo bench clean
 
 all: binaries kernel initrd
 
@@ -64,6 +64,12 @@ boot-demo: all
 	tests/kvm-host/setup-e2e
 	$(CARGO) build --release -p isola-e2e --bin boot-demo
 	tests/kvm-host/run target/release/boot-demo --runs $(or $(RUNS),1)
+
+# isola-vmm against QEMU microvm, side by side on a KVM host: boot to agent
+# ready, VMM memory overhead, start-up CPU. RUNS=N (default 5).
+bench: all
+	tests/kvm-host/setup-e2e
+	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
 
 clean:
 	$(CARGO) clean

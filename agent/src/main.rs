@@ -34,6 +34,7 @@ fn main() {
         std::process::exit(2);
     }
     let started = Instant::now();
+    ensure_stdio();
     if let Err(err) = run(started) {
         eprintln!("isola-agent: fatal: {err:#}");
         init::power_off();
@@ -95,6 +96,32 @@ fn run(started: Instant) -> Result<()> {
     })?;
     tracing::info!("powering off");
     init::power_off();
+}
+
+/// Without a console (the VMM's `--console off`) the kernel starts init with
+/// fds 0-2 closed; point them at /dev/null (shipped in the initrd) so a
+/// later socket or file can never land on them and receive log lines.
+fn ensure_stdio() {
+    use std::os::fd::IntoRawFd;
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only queries the descriptor table; any integer
+        // is a valid argument (a closed one gives EBADF).
+        let closed = unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1
+            && nix::errno::Errno::last() == nix::errno::Errno::EBADF;
+        if closed {
+            match fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                // open() returns the lowest free fd: the one we are filling.
+                Ok(file) => {
+                    let _ = file.into_raw_fd();
+                }
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

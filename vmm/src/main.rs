@@ -10,12 +10,20 @@
 //! otherwise.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::Parser;
 use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
+use isola_vmm::devices::boot_timer::BootTimes;
+use isola_vmm::devices::virtio::vsock::Vsock;
 use isola_vmm::vcpu::GuestExit;
-use isola_vmm::vm::Vm;
+use isola_vmm::vm::{VirtioEntry, Vm};
+
+/// The guest agent's vsock port (isola_protocol::AGENT_VSOCK_PORT): the
+/// first answer the agent gives on it is the "agent ready" boot milestone.
+const AGENT_VSOCK_PORT: u32 = 1024;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -66,6 +74,7 @@ fn main() {
             EnvFilter::try_from_env("ISOLA_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(args, started) {
         Ok(exit) => {
@@ -92,7 +101,28 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         console,
         args.api_socket,
     )?;
-    let vm = Vm::build(config, started, Vec::new())?;
+    let boot_times = Arc::new(Mutex::new(BootTimes::default()));
+    let mut virtio: Vec<VirtioEntry> = Vec::new();
+    if let Some(path) = &config.vsock {
+        let mut vsock = Vsock::new(config.vsock_cid, path.clone())
+            .with_context(|| format!("vsock socket {}", path.display()))?;
+        let times = boot_times.clone();
+        vsock.set_first_response_hook(move |first| {
+            if first.port == AGENT_VSOCK_PORT {
+                let ms = first.at.saturating_duration_since(started);
+                if let Ok(mut t) = times.lock() {
+                    t.agent_ready.get_or_insert(ms);
+                }
+                tracing::info!(
+                    ms = ms.as_millis() as u64,
+                    "agent answered on vsock (boot to agent ready)"
+                );
+            }
+        });
+        let vsock = Arc::new(Mutex::new(vsock));
+        virtio.push((vsock.clone(), vsock));
+    }
+    let vm = Vm::build(config, started, boot_times, virtio)?;
     match vm.run()? {
         GuestExit::Failed(why) => anyhow::bail!("the guest could not run: {why}"),
         other => Ok(other),

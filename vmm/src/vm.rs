@@ -110,7 +110,12 @@ impl Vm {
     /// Builds the VM: memory, kernel, devices, vCPUs. `virtio` devices are
     /// given MMIO windows and IRQs in order; each is also an event
     /// subscriber of the VMM's loop.
-    pub fn build(config: VmConfig, start: Instant, virtio: Vec<VirtioEntry>) -> Result<Vm> {
+    pub fn build(
+        config: VmConfig,
+        start: Instant,
+        boot_times: Arc<Mutex<BootTimes>>,
+        virtio: Vec<VirtioEntry>,
+    ) -> Result<Vm> {
         let kvm = check_kvm()?;
         let vm_fd = kvm.create_vm().context("KVM_CREATE_VM")?;
         vm_fd
@@ -187,7 +192,6 @@ impl Vm {
             reset_evt.try_clone().context("eventfd")?,
         )));
         pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
-        let boot_times = Arc::new(Mutex::new(BootTimes::default()));
         mmio.insert(
             Arc::new(Mutex::new(BootTimer::new(start, boot_times.clone()))),
             layout::BOOT_TIMER_ADDR,
@@ -371,11 +375,18 @@ impl Vm {
         }
 
         vcpu::install_kick_handler().context("installing the vCPU kick handler")?;
+        // Start-up cost: CPU time the process used from exec to here, just
+        // before the first KVM_RUN.
+        let startup_cpu = process_cpu_time();
         let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
         for v in vcpus {
             handles.push(v.spawn().context("starting a vCPU thread")?);
         }
-        tracing::info!(ms = start.elapsed().as_millis() as u64, "vCPUs running");
+        tracing::info!(
+            ms = start.elapsed().as_millis() as u64,
+            cpu_us = startup_cpu.as_micros() as u64,
+            "vCPUs running"
+        );
 
         let mut shutdown_deadline: Option<Instant> = None;
         let outcome = loop {
@@ -410,6 +421,7 @@ impl Vm {
                         &i8042,
                         &boot_times,
                         start,
+                        startup_cpu,
                         &mut shutdown_deadline,
                     );
                 }
@@ -447,6 +459,7 @@ fn handle_call(
     i8042: &Mutex<I8042>,
     boot_times: &Mutex<BootTimes>,
     start: Instant,
+    startup_cpu: Duration,
     shutdown_deadline: &mut Option<Instant>,
 ) -> bool {
     use serde_json::json;
@@ -466,6 +479,7 @@ fn handle_call(
                 "vcpus": config.vcpus,
                 "memory_mib": config.memory_mib,
                 "uptime_ms": start.elapsed().as_millis() as u64,
+                "startup_cpu_us": startup_cpu.as_micros() as u64,
                 "boot_time_ms": {
                     "init_ready": times.init_ready.map(|d| d.as_millis() as u64),
                     "agent_ready": times.agent_ready.map(|d| d.as_millis() as u64),
@@ -512,6 +526,22 @@ fn handle_call(
     };
     let _ = call.reply.send(reply);
     stop
+}
+
+/// User plus system CPU time of the whole process so far.
+fn process_cpu_time() -> Duration {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::new(
+                    tv.tv_sec().max(0) as u64,
+                    (tv.tv_usec().max(0) as u32) * 1000,
+                )
+            };
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
+    }
 }
 
 #[derive(Debug, Default)]

@@ -6,7 +6,9 @@
 //! `ISOLA_KVM_HOST`. Every wait is for an event (a console line, a process
 //! exit) with a generous deadline, because the emulated host is slow.
 
+pub mod agent;
 pub mod console;
+pub mod isola;
 pub mod qemu;
 
 use std::path::PathBuf;

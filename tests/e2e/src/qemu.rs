@@ -16,8 +16,8 @@ use crate::GuestImages;
 /// The kernel command line every test boot starts from: serial console,
 /// `reboot=k` so a guest reboot ends the VMM, `panic=1` so a dead init does
 /// too, and the i8042 options that skip its slow probing.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 \
-     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+pub const BASE_CMDLINE: &str = "reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux \
+     i8042.nopnp i8042.dumbkbd";
 
 /// How to boot a guest under QEMU microvm.
 #[derive(Debug, Clone)]
@@ -29,6 +29,11 @@ pub struct QemuConfig {
     pub extra_cmdline: String,
     /// Print console lines to stderr as they arrive.
     pub echo: bool,
+    /// Serial console on stdout (read by [`QemuVm::console`]); off means no
+    /// UART at all, as isola-vmm's `--console off`.
+    pub console: bool,
+    /// A vhost-vsock device with this guest CID.
+    pub vsock_cid: Option<u32>,
 }
 
 impl QemuConfig {
@@ -39,14 +44,21 @@ impl QemuConfig {
             memory_mib: 256,
             extra_cmdline: String::new(),
             echo: true,
+            console: true,
+            vsock_cid: None,
         }
     }
 
     fn command(&self, qmp: &Path) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
+        let machine = if self.console {
+            "microvm,x-option-roms=off,rtc=off,acpi=off"
+        } else {
+            "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=off"
+        };
         cmd.args([
             "-M",
-            "microvm,x-option-roms=off,rtc=off,acpi=off",
+            machine,
             "-enable-kvm",
             "-cpu",
             "host",
@@ -54,19 +66,29 @@ impl QemuConfig {
             "-no-user-config",
             "-display",
             "none",
-            "-serial",
-            "stdio",
             "-no-reboot",
             // Ctrl-Alt-Del (the power-off request) and reboot=k need it.
             "-device",
             "i8042",
         ]);
+        if self.console {
+            cmd.args(["-serial", "stdio"]);
+        }
+        if let Some(cid) = self.vsock_cid {
+            cmd.arg("-device")
+                .arg(format!("vhost-vsock-device,guest-cid={cid}"));
+        }
         cmd.arg("-m").arg(self.memory_mib.to_string());
         cmd.arg("-smp").arg(self.vcpus.to_string());
         cmd.arg("-kernel").arg(&self.images.kernel);
         cmd.arg("-initrd").arg(&self.images.initrd);
+        let console = if self.console {
+            "console=ttyS0 8250.nr_uarts=1"
+        } else {
+            "8250.nr_uarts=0"
+        };
         cmd.arg("-append")
-            .arg(format!("{BASE_CMDLINE} {}", self.extra_cmdline).trim_end());
+            .arg(format!("{BASE_CMDLINE} {console} {}", self.extra_cmdline).trim_end());
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         cmd.stdin(Stdio::null())

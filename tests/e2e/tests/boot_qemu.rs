@@ -2,6 +2,8 @@
 //! to `isola-agent ready`, the agent sets up what it should, and the guest
 //! shuts down cleanly on request.
 
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure report
+
 use std::collections::BTreeMap;
 
 use isola_e2e::qemu::{QemuConfig, QemuVm};

@@ -1,0 +1,245 @@
+//! bench: isola-vmm against QEMU microvm, measured side by side in one run
+//! on the same KVM host, same vmlinux, initrd, vCPUs and memory, console
+//! off. Run it as `make bench`.
+//!
+//! For each VMM, alternating, `--runs` times (medians reported):
+//! - boot to agent ready: from spawning the VMM to the agent's first
+//!   answered Health.Check (isola-vmm: over its hybrid vsock socket; QEMU:
+//!   over kernel vsock to a vhost-vsock device);
+//! - VMM memory overhead: the process's RSS minus the RSS of its guest RAM
+//!   mapping, once the agent answered;
+//! - start-up CPU: isola-vmm's own report of user+system CPU from exec to
+//!   its first KVM_RUN (QEMU does not report it).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use isola_e2e::agent;
+use isola_e2e::isola::{vmm_binary, TEST_CMDLINE};
+use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
+
+const MEMORY_MIB: u64 = 256;
+const VCPUS: u32 = 1;
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("bench: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+struct Sample {
+    boot: Duration,
+    overhead_kib: u64,
+    startup_cpu_us: Option<u64>,
+}
+
+fn run() -> Result<()> {
+    let mut runs = 5usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => {
+                let v = args.next().context("--runs needs a number")?;
+                runs = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=50).contains(n))
+                    .with_context(|| format!("--runs {v:?}: expected 1 to 50"))?;
+            }
+            other => bail!("unknown argument {other:?} (usage: bench [--runs N])"),
+        }
+    }
+    let host = require_kvm_host()?;
+    let images = GuestImages::from_build_dir()?;
+    let rt = agent::runtime()?;
+    println!(
+        "bench: {runs} runs each, alternating; {VCPUS} vCPU, {MEMORY_MIB} MiB, console off, {host} KVM host"
+    );
+    let mut isola = Vec::new();
+    let mut qemu = Vec::new();
+    for i in 1..=runs {
+        let s = rt.block_on(isola_once(&images))?;
+        println!(
+            "run {i}: isola-vmm  boot {:>6} ms  overhead {:>6.1} MiB  start-up CPU {:>6.1} ms",
+            s.boot.as_millis(),
+            s.overhead_kib as f64 / 1024.0,
+            s.startup_cpu_us.unwrap_or(0) as f64 / 1000.0
+        );
+        isola.push(s);
+        let s = rt.block_on(qemu_once(&images, 100 + i as u32))?;
+        println!(
+            "run {i}: qemu-microvm boot {:>6} ms  overhead {:>6.1} MiB",
+            s.boot.as_millis(),
+            s.overhead_kib as f64 / 1024.0
+        );
+        qemu.push(s);
+    }
+    let med_boot = |v: &[Sample]| median(v.iter().map(|s| s.boot.as_secs_f64() * 1000.0).collect());
+    let med_over =
+        |v: &[Sample]| median(v.iter().map(|s| s.overhead_kib as f64 / 1024.0).collect());
+    let cpu = median(
+        isola
+            .iter()
+            .map(|s| s.startup_cpu_us.unwrap_or(0) as f64 / 1000.0)
+            .collect(),
+    );
+    let (ib, qb) = (med_boot(&isola), med_boot(&qemu));
+    let (io, qo) = (med_over(&isola), med_over(&qemu));
+    println!();
+    println!("| median of {runs}                 | isola-vmm | qemu-microvm |");
+    println!("|-------------------------------|-----------|--------------|");
+    println!("| boot to agent ready (ms)      | {ib:>9.0} | {qb:>12.0} |");
+    println!("| VMM memory overhead (MiB)     | {io:>9.1} | {qo:>12.1} |");
+    println!(
+        "| start-up CPU, exec to KVM_RUN | {cpu:>6.1} ms | {:>12} |",
+        "n/a"
+    );
+    println!("goals: boot ratio <= 0.50, overhead <= 5 MiB, start-up <= 8 CPU ms (on a real host)");
+    println!("boot ratio isola-vmm/qemu-microvm = {:.2}", ib / qb);
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Kills the child on drop.
+struct Reap(Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn isola_once(images: &GuestImages) -> Result<Sample> {
+    let scratch = Scratch::new("bench-isola")?;
+    let vsock = scratch.path.join("vsock.sock");
+    let api = scratch.path.join("api.sock");
+    let start = Instant::now();
+    let child = Command::new(vmm_binary()?)
+        .arg("--kernel")
+        .arg(&images.kernel)
+        .arg("--initrd")
+        .arg(&images.initrd)
+        .args(["--cmdline", TEST_CMDLINE, "--console", "off"])
+        .args([
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--vcpus",
+            &VCPUS.to_string(),
+        ])
+        .arg("--vsock")
+        .arg(&vsock)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting isola-vmm")?;
+    let child = Reap(child);
+    agent::wait_serving_hybrid(&vsock, BOOT_DEADLINE).await?;
+    let boot = start.elapsed();
+    let overhead_kib = overhead_kib(child.0.id(), MEMORY_MIB << 20)?;
+    let info = isola_vmm::api::call(
+        &api,
+        &isola_vmm::api::Request::Info,
+        Duration::from_secs(30),
+    )
+    .context("isola-vmm info")?;
+    Ok(Sample {
+        boot,
+        overhead_kib,
+        startup_cpu_us: info["startup_cpu_us"].as_u64(),
+    })
+}
+
+async fn qemu_once(images: &GuestImages, cid: u32) -> Result<Sample> {
+    let start = Instant::now();
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=off",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-device",
+            "i8042",
+            "-device",
+        ])
+        .arg(format!("vhost-vsock-device,guest-cid={cid}"))
+        .args(["-m", &MEMORY_MIB.to_string(), "-smp", &VCPUS.to_string()])
+        .arg("-kernel")
+        .arg(&images.kernel)
+        .arg("-initrd")
+        .arg(&images.initrd)
+        .arg("-append")
+        .arg(format!("{TEST_CMDLINE} 8250.nr_uarts=0"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let child = Reap(child);
+    agent::wait_serving_vsock(cid, BOOT_DEADLINE).await?;
+    let boot = start.elapsed();
+    let overhead_kib = overhead_kib(child.0.id(), MEMORY_MIB << 20)?;
+    Ok(Sample {
+        boot,
+        overhead_kib,
+        startup_cpu_us: None,
+    })
+}
+
+/// RSS of the process minus the RSS of its guest RAM mapping (the mapping
+/// whose size is the guest memory size, up to 4 MiB of alignment more).
+fn overhead_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
+    let smaps = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let mut total = 0u64;
+    let mut guest = 0u64;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let size = b.saturating_sub(a);
+                in_guest = size >= guest_bytes && size <= guest_bytes + (4 << 20);
+                continue;
+            }
+        }
+        if let Some(rest) = line.strip_prefix("Rss:") {
+            let kib: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            total += kib;
+            if in_guest {
+                guest += kib;
+            }
+        }
+    }
+    if guest == 0 {
+        bail!(
+            "no guest RAM mapping of {} MiB found in /proc/{pid}/smaps",
+            guest_bytes >> 20
+        );
+    }
+    Ok(total - guest)
+}

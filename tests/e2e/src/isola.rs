@@ -1,0 +1,163 @@
+//! isola-vmm, as the shim will run it: a child process with its console on
+//! a pipe, a control API socket and a hybrid vsock socket in a scratch dir.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use isola_vmm::api::{self, Request};
+
+use crate::console::Console;
+use crate::{project_dir, GuestImages};
+
+/// The command line tests boot with (the VMM adds console and devices).
+pub use crate::qemu::BASE_CMDLINE as TEST_CMDLINE;
+
+/// The release binary `make` builds.
+pub fn vmm_binary() -> Result<PathBuf> {
+    let path = project_dir().join("target/release/isola-vmm");
+    if !path.exists() {
+        bail!("{} is missing: run `make` first", path.display());
+    }
+    Ok(path)
+}
+
+#[derive(Debug, Clone)]
+pub struct IsolaConfig {
+    pub images: GuestImages,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub extra_cmdline: String,
+    /// Console on a pipe (read by the test) or off.
+    pub console: bool,
+    pub vsock: bool,
+    pub echo: bool,
+}
+
+impl IsolaConfig {
+    pub fn new(images: GuestImages) -> Self {
+        IsolaConfig {
+            images,
+            vcpus: 1,
+            memory_mib: 256,
+            extra_cmdline: String::new(),
+            console: true,
+            vsock: true,
+            echo: true,
+        }
+    }
+}
+
+/// A running isola-vmm; killed on drop if still running.
+#[derive(Debug)]
+pub struct IsolaVm {
+    child: Child,
+    pub console: Console,
+    pub api_socket: PathBuf,
+    pub vsock_socket: Option<PathBuf>,
+    pub started: Instant,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl IsolaVm {
+    pub fn start(config: &IsolaConfig, scratch: &Path) -> Result<IsolaVm> {
+        let api_socket = scratch.join("api.sock");
+        let vsock_socket = config.vsock.then(|| scratch.join("vsock.sock"));
+        let mut cmd = Command::new(vmm_binary()?);
+        cmd.arg("--kernel")
+            .arg(&config.images.kernel)
+            .arg("--initrd")
+            .arg(&config.images.initrd)
+            .arg("--cmdline")
+            .arg(format!("{TEST_CMDLINE} {}", config.extra_cmdline).trim_end())
+            .arg("--vcpus")
+            .arg(config.vcpus.to_string())
+            .arg("--memory")
+            .arg(config.memory_mib.to_string())
+            .arg("--api-socket")
+            .arg(&api_socket)
+            .arg("--console")
+            .arg(if config.console { "stdout" } else { "off" });
+        if let Some(v) = &vsock_socket {
+            cmd.arg("--vsock").arg(v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().context("starting isola-vmm")?;
+        let stdout = child.stdout.take().context("isola-vmm stdout")?;
+        let stderr = child.stderr.take().context("isola-vmm stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("vmm| {line}");
+                if let Ok(mut l) = log2.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        Ok(IsolaVm {
+            child,
+            console: Console::spawn(stdout, config.echo),
+            api_socket,
+            vsock_socket,
+            started,
+            stderr: log,
+        })
+    }
+
+    /// Calls the control API, waiting for its socket to appear.
+    pub fn api(&self, request: Request) -> Result<serde_json::Value> {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            match api::call(&self.api_socket, &request, Duration::from_secs(60)) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= until => {
+                    return Err(e).with_context(|| format!("API {request:?}"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The VMM's log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the VMM to exit by itself.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.console.drain(Duration::from_secs(2));
+                return Ok(status);
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "isola-vmm still running after {deadline:?}; console:\n{}",
+                    self.console.tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for IsolaVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

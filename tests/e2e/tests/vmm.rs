@@ -1,0 +1,153 @@
+//! isola-vmm boots the guest to the agent, sizes it as asked, obeys its
+//! control API and signals, and cleans up after itself.
+
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure report
+
+use std::time::Duration;
+
+use isola_e2e::agent;
+use isola_e2e::isola::{IsolaConfig, IsolaVm};
+use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, READY, SHUTDOWN_DEADLINE};
+use isola_vmm::api::Request;
+
+fn config() -> IsolaConfig {
+    IsolaConfig::new(GuestImages::from_build_dir().unwrap())
+}
+
+/// Boots, checks the guest saw `vcpus` CPUs and about `mib` of memory, then
+/// powers off through the API (Ctrl-Alt-Del) and expects exit status 0.
+fn boot_and_power_off(vcpus: u32, mib: u32) {
+    let scratch = Scratch::new(&format!("vmm-{vcpus}-{mib}")).unwrap();
+    let mut c = config();
+    c.vcpus = vcpus;
+    c.memory_mib = mib;
+    let mut vm = IsolaVm::start(&c, &scratch.path).unwrap();
+    let smp = vm
+        .console
+        .wait_for("smp: Brought up", BOOT_DEADLINE)
+        .unwrap();
+    let plural = if vcpus == 1 { "CPU" } else { "CPUs" };
+    assert!(smp.contains(&format!("{vcpus} {plural}")), "{smp}");
+    let ready = vm.console.wait_for(READY, BOOT_DEADLINE).unwrap();
+    eprintln!(
+        "{vcpus} vCPU / {mib} MiB ready after {:?}: {ready}",
+        vm.started.elapsed()
+    );
+    let memory = vm
+        .console
+        .seen()
+        .iter()
+        .find(|l| l.contains("Memory: ") && l.contains("available"))
+        .cloned()
+        .unwrap_or_default();
+    // "Memory: 241488K/261752K available": the total is the guest's RAM
+    // minus the holes below 1 MiB.
+    let total_k: u64 = memory
+        .split('/')
+        .nth(1)
+        .and_then(|s| s.split('K').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no memory line: {memory:?}"));
+    let want = u64::from(mib) * 1024;
+    assert!(
+        total_k <= want && total_k + 4096 >= want,
+        "{memory} for {mib} MiB"
+    );
+
+    // The agent answers over hybrid vsock: Check is SERVING, Version is
+    // the agent's; two connections at once work.
+    let socket = vm.vsock_socket.clone().unwrap();
+    let rt = agent::runtime().unwrap();
+    rt.block_on(async {
+        let a = agent::wait_serving_hybrid(&socket, BOOT_DEADLINE).await.unwrap();
+        let b = agent::dial_hybrid(&socket, BOOT_DEADLINE).await.unwrap();
+        let (va, vb) = tokio::join!(agent::version(&a), agent::version(&b));
+        let (va, vb) = (va.unwrap(), vb.unwrap());
+        assert_eq!(va.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(va.api_version, isola_protocol::API_VERSION);
+        assert_eq!(vb.agent_version, va.agent_version);
+        agent::check_serving(&b).await.unwrap();
+    });
+
+    let info = vm.api(Request::Info).unwrap();
+    assert_eq!(info["ok"], true, "{info}");
+    let agent_ready = info["boot_time_ms"]["agent_ready"].as_u64();
+    assert!(agent_ready.is_some_and(|ms| ms > 0), "no agent_ready in {info}");
+    assert_eq!(info["vcpus"], vcpus, "{info}");
+    assert_eq!(info["memory_mib"], mib, "{info}");
+    assert_eq!(info["pid"], vm.pid(), "{info}");
+
+    let reply = vm
+        .api(Request::Shutdown {
+            timeout_ms: Some(120_000),
+        })
+        .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    vm.console
+        .wait_for("shutting down signal=SIGINT", SHUTDOWN_DEADLINE)
+        .unwrap();
+    let status = vm.wait_exit(SHUTDOWN_DEADLINE).unwrap();
+    assert!(status.success(), "isola-vmm exited with {status}");
+    assert!(!vm.api_socket.exists(), "API socket left behind");
+}
+
+#[test]
+fn boots_1_vcpu_128_mib() {
+    require_kvm_host().unwrap();
+    boot_and_power_off(1, 128);
+}
+
+#[test]
+fn boots_2_vcpus_512_mib() {
+    require_kvm_host().unwrap();
+    boot_and_power_off(2, 512);
+}
+
+#[test]
+fn pause_and_resume_keep_the_guest_alive() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("vmm-pause").unwrap();
+    let mut vm = IsolaVm::start(&config(), &scratch.path).unwrap();
+    vm.console.wait_for(READY, BOOT_DEADLINE).unwrap();
+
+    let paused = vm.api(Request::Pause).unwrap();
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert_eq!(vm.api(Request::Info).unwrap()["state"], "paused");
+    let resumed = vm.api(Request::Resume).unwrap();
+    assert_eq!(resumed["state"], "running", "{resumed}");
+
+    // Alive: the guest still handles the power-off request.
+    vm.api(Request::Shutdown {
+        timeout_ms: Some(120_000),
+    })
+    .unwrap();
+    vm.console
+        .wait_for("shutting down signal=SIGINT", SHUTDOWN_DEADLINE)
+        .unwrap();
+    assert!(vm.wait_exit(SHUTDOWN_DEADLINE).unwrap().success());
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_leaves_no_socket() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("vmm-sigterm").unwrap();
+    let mut vm = IsolaVm::start(&config(), &scratch.path).unwrap();
+    vm.console.wait_for(READY, BOOT_DEADLINE).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    let rc = unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(
+        status.success(),
+        "isola-vmm exited with {status} on SIGTERM"
+    );
+    assert!(!vm.api_socket.exists(), "API socket left behind");
+    if let Some(v) = &vm.vsock_socket {
+        assert!(!v.exists(), "vsock socket left behind");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&scratch.path).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "left in the scratch dir: {leftovers:?}"
+    );
+}

@@ -1,0 +1,664 @@
+//! virtio-vsock (device id 19) with a Firecracker-compatible hybrid
+//! backend on Unix sockets.
+//!
+//! The guest sees a vsock device with CID `guest_cid` (its configuration
+//! space: the CID as a little-endian `u64`) and three queues: rx, tx and
+//! event. On the host:
+//!
+//! - the VMM listens on the Unix socket `uds_path`; a process connects
+//!   and writes `CONNECT <guest port>\n`, and once the guest accepted it
+//!   reads `OK <host port>\n`, after which the socket carries the stream;
+//!   if nothing listens on the guest port the socket is closed;
+//! - a guest connection to CID 2 port P is connected to the Unix socket
+//!   `<uds_path>_P`, or reset if nobody listens there.
+//!
+//! # Using it from the VMM
+//!
+//! ```ignore
+//! let vsock = Arc::new(Mutex::new(Vsock::new(cid, uds_path)?));
+//! event_manager.add_subscriber(vsock.clone()); // runs `init()`
+//! // ... and hand `vsock` to the virtio-mmio transport as its device.
+//! ```
+//!
+//! `init()` registers two file descriptors of the device's own (a control
+//! eventfd and a timer). [`VirtioDevice::activate`] (on a vCPU thread)
+//! keeps the queues and writes the control eventfd; the event loop then
+//! registers the queue eventfds and the listener. [`VirtioDevice::reset`]
+//! drops every connection the same way. Host sockets are registered and
+//! unregistered as connections come and go.
+//!
+//! # Bounds
+//!
+//! The guest is untrusted: every descriptor chain is validated
+//! (`packet.rs`), at most [`MAX_CONNECTIONS`] connections (handshakes
+//! included) exist at once, each buffers at most [`CONN_BUF_ALLOC`]
+//! bytes of guest data for a host socket
+//! that does not read (the credit it advertises; a guest exceeding its
+//! credit is reset), and data from the host is only read when the guest
+//! has credit and an rx buffer for it. A hostile guest can stall its own
+//! vsock, nothing more.
+
+mod connection;
+mod handshake;
+mod metrics;
+mod muxer;
+mod packet;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use thiserror::Error;
+use tracing::{debug, error, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
+use metrics::inc;
+use muxer::{connect_nonblocking, Muxer, EV_CONN, EV_HANDSHAKE};
+use packet::{read_tx_packet, RxBuffer};
+
+pub use connection::CONN_BUF_ALLOC;
+pub use handshake::parse_connect_line;
+pub use metrics::{FirstResponse, VsockMetrics, VsockStats};
+pub use packet::MAX_PKT_PAYLOAD;
+
+/// The host's CID.
+pub const HOST_CID: u64 = 2;
+
+/// Maximum size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Most connections (and pending `CONNECT` handshakes) at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+const NUM_QUEUES: usize = 3;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+
+// Event data of the device's own file descriptors.
+const EV_CTL: u32 = 1;
+const EV_TIMER: u32 = 2;
+const EV_LISTENER: u32 = 3;
+/// Queue `i`'s eventfd is registered with `EV_QUEUE_BASE + i`.
+const EV_QUEUE_BASE: u32 = 10;
+
+/// Why the device could not be created.
+#[derive(Debug, Error)]
+pub enum VsockError {
+    #[error("invalid guest CID {0}: it must be at least 3 and below 2^32 - 1")]
+    InvalidCid(u64),
+    #[error("vsock socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    #[error("vsock socket path {0} exists and is not a Unix socket")]
+    NotASocket(PathBuf),
+    #[error("binding vsock socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("vsock: {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Limits warnings a guest (or a host process) can cause: at most
+/// [`Self::PER_SECOND`] a second, then one summary of how many were
+/// suppressed.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    window: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u32 = 10;
+
+    pub(crate) fn new() -> Self {
+        LogLimiter {
+            window: Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether the next message may be logged.
+    pub(crate) fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                warn!("vsock: {} similar messages suppressed", self.suppressed);
+            }
+            self.window = now;
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        if self.count < Self::PER_SECOND {
+            self.count += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// What `activate()` handed over.
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: [Queue; NUM_QUEUES],
+    interrupt: Arc<dyn InterruptSignal>,
+}
+
+/// The virtio-vsock device. See the [module documentation](self).
+pub struct Vsock {
+    guest_cid: u64,
+    acked_features: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    /// (device, inode) of the socket file we bound, so that `Drop` removes
+    /// only our own.
+    socket_identity: Option<(u64, u64)>,
+    /// Written by `activate()` and `reset()` for the event loop.
+    ctl_evt: EventFd,
+    timer: TimerFd,
+    timer_deadline: Option<Instant>,
+    active: Option<Active>,
+    /// Queue eventfds from `activate()`, until the event loop registers
+    /// them.
+    new_queue_evts: Vec<EventFd>,
+    registered_queue_evts: Vec<EventFd>,
+    /// Registered queue eventfds of a reset device, until the event loop
+    /// unregisters them.
+    stale_queue_evts: Vec<EventFd>,
+    listener_registered: bool,
+    muxer: Muxer,
+    metrics: Arc<VsockMetrics>,
+    /// Guest packets wait until rx buffers drain the RST backlog.
+    tx_stalled: bool,
+    tx_payload: Vec<u8>,
+    rx_scratch: Vec<u8>,
+    limiter: LogLimiter,
+}
+
+impl fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("uds_path", &self.uds_path)
+            .field("active", &self.active.is_some())
+            .field("connections", &self.muxer.conns.len())
+            .field("handshakes", &self.muxer.handshakes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds `path`, replacing a stale socket file that nothing listens on.
+fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
+    let bind_err = |source| VsockError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match UnixListener::bind(path) {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let meta = fs::symlink_metadata(path).map_err(bind_err)?;
+            if !meta.file_type().is_socket() {
+                return Err(VsockError::NotASocket(path.to_owned()));
+            }
+            match connect_nonblocking(path) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    debug!(path = %path.display(), "vsock: removing stale socket");
+                    fs::remove_file(path).map_err(bind_err)?;
+                    UnixListener::bind(path).map_err(bind_err)
+                }
+                // Connected, or a listener with a full backlog: in use.
+                Ok(_) => Err(VsockError::SocketInUse(path.to_owned())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Err(VsockError::SocketInUse(path.to_owned()))
+                }
+                Err(e) => Err(bind_err(e)),
+            }
+        }
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
+impl Vsock {
+    /// Creates the device for a guest with CID `guest_cid`, listening for
+    /// host connections on the Unix socket `uds_path` right away (they
+    /// are accepted once the driver activated the device).
+    ///
+    /// Fails if the CID is reserved (0, 1, 2, or `u32::MAX` and above), if
+    /// `uds_path` is a live socket of another process or not a socket at
+    /// all; a stale socket file is replaced.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+        if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let io_err = |what| move |source| VsockError::Io { what, source };
+        let listener = bind_listener(&uds_path)?;
+        let socket_identity = fs::symlink_metadata(&uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("making the listener non-blocking"))?;
+        let ctl_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| VsockError::Io {
+            what: "creating a timerfd",
+            source: e.into(),
+        })?;
+        let metrics = Arc::new(VsockMetrics::default());
+        debug!(guest_cid, path = %uds_path.display(), "vsock: listening");
+        Ok(Vsock {
+            guest_cid,
+            acked_features: 0,
+            muxer: Muxer::new(guest_cid, uds_path.clone(), metrics.clone()),
+            uds_path,
+            listener,
+            socket_identity,
+            ctl_evt,
+            timer,
+            timer_deadline: None,
+            active: None,
+            new_queue_evts: Vec::new(),
+            registered_queue_evts: Vec::new(),
+            stale_queue_evts: Vec::new(),
+            listener_registered: false,
+            metrics,
+            tx_stalled: false,
+            tx_payload: Vec::new(),
+            rx_scratch: vec![0; MAX_PKT_PAYLOAD],
+            limiter: LogLimiter::new(),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The Unix socket host processes connect to.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// The device's live counters, readable without locking the device.
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> VsockStats {
+        self.metrics.snapshot()
+    }
+
+    /// When the guest first accepted a host-initiated connection (on any
+    /// port; see [`Self::first_response`] for which).
+    pub fn first_response_at(&self) -> Option<Instant> {
+        self.metrics.first_response().map(|r| r.at)
+    }
+
+    /// The guest port and time of the first accepted host-initiated
+    /// connection.
+    pub fn first_response(&self) -> Option<FirstResponse> {
+        self.metrics.first_response()
+    }
+
+    /// When guest `port` (e.g. 1024, the agent's) first accepted a
+    /// host-initiated connection.
+    pub fn first_response_on(&self, port: u32) -> Option<Instant> {
+        self.metrics.first_response_on(port)
+    }
+
+    /// Calls `hook` the first time each guest port (up to 16 distinct
+    /// ports) accepts a host-initiated connection, e.g. to record when the
+    /// agent (port 1024) became ready. It runs on the event loop with the
+    /// device locked: it must not lock the device, nor block.
+    pub fn set_first_response_hook(&mut self, hook: impl FnMut(FirstResponse) + Send + 'static) {
+        self.muxer.response_hook = Some(muxer::ResponseHook(Box::new(hook)));
+    }
+
+    /// Takes the guest's packets off the tx queue. Returns whether used
+    /// buffers were added.
+    fn process_tx(&mut self, now: Instant) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[TXQ];
+        let mut used = false;
+        self.tx_stalled = false;
+        loop {
+            if self.muxer.rx_backlog_full() {
+                self.tx_stalled = true;
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let result = read_tx_packet(mem, chain, &mut self.tx_payload);
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                if self.limiter.allow() {
+                    warn!("vsock: returning a tx buffer: {e}");
+                }
+            } else {
+                used = true;
+            }
+            match result {
+                Ok(hdr) => self.muxer.handle_guest_packet(&hdr, &self.tx_payload, now),
+                Err(e) => {
+                    inc(&self.metrics.tx_dropped);
+                    if self.limiter.allow() {
+                        warn!("vsock: dropping a malformed tx buffer: {e}");
+                    }
+                }
+            }
+        }
+        used
+    }
+
+    /// Gives the guest waiting packets, as rx buffers allow. Returns
+    /// whether used buffers were added.
+    fn process_rx(&mut self, now: Instant) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[RXQ];
+        let mut used = false;
+        while self.muxer.has_pending_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match RxBuffer::new(mem, chain) {
+                Ok(buf) => {
+                    match self.muxer.fill_rx(mem, &buf, &mut self.rx_scratch, now) {
+                        Some(len) => len,
+                        None => {
+                            // Nothing to say after all: keep the buffer.
+                            queue.go_to_previous_position();
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    inc(&self.metrics.rx_bad_buffers);
+                    if self.limiter.allow() {
+                        warn!("vsock: skipping a malformed rx buffer: {e}");
+                    }
+                    0
+                }
+            };
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used = true,
+                Err(e) => {
+                    if self.limiter.allow() {
+                        warn!("vsock: returning an rx buffer: {e}");
+                    }
+                }
+            }
+        }
+        used
+    }
+
+    /// Moves packets both ways until nothing more can move, then
+    /// interrupts the guest if a used ring changed.
+    fn run(&mut self, now: Instant, tx_notified: bool) {
+        if self.active.is_none() {
+            return;
+        }
+        self.muxer.maintain(now);
+        let mut used = false;
+        let mut do_tx = tx_notified || self.tx_stalled;
+        // Bounded: each round either drains the tx queue or stops on a
+        // full RST backlog, which only rx buffers relieve.
+        for _ in 0..8 {
+            if do_tx {
+                used |= self.process_tx(now);
+            }
+            used |= self.process_rx(now);
+            do_tx = self.tx_stalled && !self.muxer.rx_backlog_full();
+            if !do_tx {
+                break;
+            }
+        }
+        if used {
+            if let Some(active) = &self.active {
+                if let Err(e) = active.interrupt.signal_used_queue() {
+                    if self.limiter.allow() {
+                        warn!("vsock: interrupting the guest: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies what `activate()` and `reset()` left for the event loop.
+    fn sync_registrations(&mut self, ops: &mut EventOps<'_>) {
+        for evt in self.stale_queue_evts.drain(..) {
+            let _ = ops.remove(Events::empty(&evt));
+        }
+        if self.active.is_none() {
+            if self.listener_registered {
+                let _ = ops.remove(Events::empty(&self.listener));
+                self.listener_registered = false;
+            }
+            return;
+        }
+        for (i, evt) in self.new_queue_evts.drain(..).enumerate() {
+            let data = EV_QUEUE_BASE + i as u32;
+            if let Err(e) = ops.add(Events::with_data(&evt, data, EventSet::IN)) {
+                error!("vsock: registering queue {i}'s eventfd: {e:?}");
+            }
+            self.registered_queue_evts.push(evt);
+        }
+        if !self.listener_registered {
+            match ops.add(Events::with_data(&self.listener, EV_LISTENER, EventSet::IN)) {
+                Ok(()) => self.listener_registered = true,
+                Err(e) => error!(
+                    path = %self.uds_path.display(),
+                    "vsock: registering the listener: {e:?}"
+                ),
+            }
+        }
+    }
+
+    /// Arms the timer for the earliest connection timeout.
+    fn arm_timer(&mut self, now: Instant) {
+        let next = self.muxer.next_deadline();
+        if next == self.timer_deadline {
+            return;
+        }
+        let result = match next {
+            Some(deadline) => {
+                let wait = deadline
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1));
+                self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(wait)),
+                    TimerSetTimeFlags::empty(),
+                )
+            }
+            None => self.timer.unset(),
+        };
+        match result {
+            Ok(()) => self.timer_deadline = next,
+            Err(e) => error!("vsock: arming the timer: {e}"),
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = self.guest_cid.to_le_bytes();
+        let Ok(offset) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = config.get(offset..) {
+            let n = src.len().min(data.len());
+            if let (Some(dst), Some(src)) = (data.get_mut(..n), src.get(..n)) {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            offset,
+            len = data.len(),
+            "vsock: ignoring a config space write"
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        interrupt: Arc<dyn InterruptSignal>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queue_evts.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queue_evts.len(),
+            });
+        }
+        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
+            return Err(ActivateError::InvalidQueue(i));
+        }
+        let got = queues.len();
+        let queues: [Queue; NUM_QUEUES] =
+            queues.try_into().map_err(|_| ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got,
+            })?;
+        self.ctl_evt.write(1)?;
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        self.new_queue_evts = queue_evts;
+        debug!(guest_cid = self.guest_cid, "vsock: activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        debug!(guest_cid = self.guest_cid, "vsock: reset");
+        self.active = None;
+        self.acked_features = 0;
+        self.new_queue_evts.clear();
+        self.stale_queue_evts
+            .append(&mut self.registered_queue_evts);
+        self.muxer.reset();
+        self.tx_stalled = false;
+        if let Err(e) = self.ctl_evt.write(1) {
+            error!("vsock: signalling the reset to the event loop: {e}");
+        }
+        true
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
+            error!("vsock: registering the control eventfd: {e:?}");
+        }
+        let timer_fd = self.timer.as_fd().as_raw_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(timer_fd, EV_TIMER, EventSet::IN)) {
+            error!("vsock: registering the timer: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
+        let now = Instant::now();
+        let mut tx_notified = false;
+        match events.data() {
+            EV_CTL => {
+                let _ = self.ctl_evt.read();
+                self.sync_registrations(ops);
+                // Work may have been queued before activation finished.
+                tx_notified = true;
+            }
+            EV_TIMER => {
+                let mut buf = [0u8; 8];
+                let _ = nix::unistd::read(self.timer.as_fd(), &mut buf);
+                self.timer_deadline = None;
+            }
+            EV_LISTENER => {
+                if self.active.is_some() {
+                    self.muxer.accept(&self.listener, now);
+                }
+            }
+            EV_HANDSHAKE => self.muxer.handshake_event(events.fd(), now),
+            EV_CONN => self.muxer.conn_event(events.fd(), events.event_set(), now),
+            data if (EV_QUEUE_BASE..EV_QUEUE_BASE + NUM_QUEUES as u32).contains(&data) => {
+                let index = (data - EV_QUEUE_BASE) as usize;
+                if let Some(evt) = self.registered_queue_evts.get(index) {
+                    let _ = evt.read();
+                }
+                tx_notified = index == TXQ;
+            }
+            other => warn!("vsock: event with unknown data {other}"),
+        }
+        self.run(now, tx_notified);
+        self.muxer.sync_epoll(ops);
+        self.arm_timer(now);
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let ours = fs::symlink_metadata(&self.uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.socket_identity {
+            if let Err(e) = fs::remove_file(&self.uds_path) {
+                warn!(path = %self.uds_path.display(), "vsock: removing the socket: {e}");
+            }
+        }
+    }
+}

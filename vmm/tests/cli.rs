@@ -1,0 +1,77 @@
+//! Command-line errors: named clearly, exit status 1 or 2, nothing left
+//! behind. These run natively: they fail before KVM is touched.
+
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure report
+
+use std::process::Command;
+
+fn vmm(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_isola-vmm"))
+        .args(args)
+        .output()
+        .expect("running isola-vmm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_kernel_names_its_path() {
+    let (code, err) = vmm(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("kernel /nonexistent/vmlinux: no such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_initrd_names_its_path() {
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    let (code, err) = vmm(&["--kernel", kernel, "--initrd", "/nonexistent/initrd.img"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/initrd.img"), "{err}");
+}
+
+#[test]
+fn bad_sizes_are_named() {
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    let (code, err) = vmm(&["--kernel", kernel, "--vcpus", "0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--vcpus 0"), "{err}");
+    let (code, err) = vmm(&["--kernel", kernel, "--memory", "8"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--memory 8"), "{err}");
+    let (code, err) = vmm(&["--kernel", kernel, "--vcpus", "many"]);
+    assert_eq!(code, 2, "clap usage error: {err}");
+    assert!(err.contains("--vcpus"), "{err}");
+}
+
+#[test]
+fn missing_kernel_argument_is_a_usage_error() {
+    let (code, err) = vmm(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--kernel"), "{err}");
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = Command::new(env!("CARGO_BIN_EXE_isola-vmm"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--vcpus",
+        "--memory",
+        "--vsock",
+        "--console",
+        "--api-socket",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help");
+    }
+}

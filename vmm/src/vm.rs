@@ -131,6 +131,11 @@ impl Vm {
         vm_fd.create_pit2(pit).context("KVM_CREATE_PIT2")?;
 
         let mem_size = config.memory_bytes();
+        tracing::debug!(
+            phase = "vm created",
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+            "build"
+        );
         let mem = boot::create_memory(mem_size)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
@@ -148,6 +153,11 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
         }
 
+        tracing::debug!(
+            phase = "memory mapped",
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+            "build"
+        );
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(path) => Some(boot::load_initrd(
@@ -159,6 +169,11 @@ impl Vm {
             None => None,
         };
 
+        tracing::debug!(
+            phase = "kernel and initrd loaded",
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+            "build"
+        );
         // Devices.
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
@@ -251,6 +266,11 @@ impl Vm {
             None => boot::configure_linux64(&mem, &kernel.result, cmdline.len(), &e820, initrd)?,
         };
 
+        tracing::debug!(
+            phase = "devices and boot data written",
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+            "build"
+        );
         // vCPUs.
         let shared = VcpuShared::new().context("eventfd")?;
         let pio = Arc::new(pio);
@@ -286,6 +306,11 @@ impl Vm {
                 shared: shared.clone(),
             });
         }
+        tracing::debug!(
+            phase = "vcpus configured",
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+            "build"
+        );
         let boot_kind = match entry {
             BootEntry::Pvh { .. } => "PVH",
             BootEntry::Linux64 { .. } => "bzImage 64-bit",

@@ -75,6 +75,30 @@ pub async fn wait_serving_hybrid(socket: &Path, deadline: Duration) -> Result<He
     Ok(health)
 }
 
+/// Polls the agent through a hybrid vsock socket at a fixed 10 ms interval
+/// (as [`wait_serving_vsock`] does over kernel vsock, so a benchmark
+/// compares the VMMs, not two retry policies).
+pub async fn poll_serving_hybrid(socket: &Path, deadline: Duration) -> Result<HealthClient> {
+    let until = Instant::now() + deadline;
+    loop {
+        let attempt = async {
+            let stream =
+                isola_protocol::hybrid::connect(socket, AGENT_VSOCK_PORT, Duration::from_secs(30))
+                    .await?;
+            let health = HealthClient::new(Client::new(stream.into()));
+            check_serving(&health).await?;
+            anyhow::Ok(health)
+        };
+        match attempt.await {
+            Ok(h) => return Ok(h),
+            Err(e) if Instant::now() >= until => {
+                return Err(e).with_context(|| format!("agent behind {}", socket.display()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 pub async fn wait_serving_vsock(cid: u32, deadline: Duration) -> Result<HealthClient> {
     let until = Instant::now() + deadline;
     loop {

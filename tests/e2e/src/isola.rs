@@ -136,20 +136,7 @@ impl IsolaVm {
 
     /// Waits for the VMM to exit by itself.
     pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
-        let until = Instant::now() + deadline;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.console.drain(Duration::from_secs(2));
-                return Ok(status);
-            }
-            if Instant::now() >= until {
-                bail!(
-                    "isola-vmm still running after {deadline:?}; console:\n{}",
-                    self.console.tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_child_exit(&mut self.child, &mut self.console, "isola-vmm", deadline)
     }
 }
 

@@ -68,6 +68,30 @@ pub fn require_kvm_host() -> Result<String> {
     }
 }
 
+/// Waits for a VMM process to exit by itself, then collects the rest of
+/// its console; `what` names it in the error.
+pub fn wait_child_exit(
+    child: &mut std::process::Child,
+    console: &mut console::Console,
+    what: &str,
+    deadline: Duration,
+) -> Result<std::process::ExitStatus> {
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            console.drain(Duration::from_secs(2));
+            return Ok(status);
+        }
+        if std::time::Instant::now() >= until {
+            bail!(
+                "{what} still running after {deadline:?}; console:\n{}",
+                console.tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A fresh scratch directory for one test, removed on drop.
 #[derive(Debug)]
 pub struct Scratch {

@@ -148,21 +148,7 @@ impl QemuVm {
 
     /// Waits for QEMU to exit by itself.
     pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
-        let until = Instant::now() + deadline;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                // Collect the console's last lines for the test's report.
-                self.console.drain(Duration::from_secs(2));
-                return Ok(status);
-            }
-            if Instant::now() >= until {
-                bail!(
-                    "QEMU still running {deadline:?} after the request; console:\n{}",
-                    self.console.tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_child_exit(&mut self.child, &mut self.console, "QEMU", deadline)
     }
 
     pub fn pid(&self) -> u32 {

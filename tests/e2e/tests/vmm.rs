@@ -59,7 +59,9 @@ fn boot_and_power_off(vcpus: u32, mib: u32) {
     let socket = vm.vsock_socket.clone().unwrap();
     let rt = agent::runtime().unwrap();
     rt.block_on(async {
-        let a = agent::wait_serving_hybrid(&socket, BOOT_DEADLINE).await.unwrap();
+        let a = agent::wait_serving_hybrid(&socket, BOOT_DEADLINE)
+            .await
+            .unwrap();
         let b = agent::dial_hybrid(&socket, BOOT_DEADLINE).await.unwrap();
         let (va, vb) = tokio::join!(agent::version(&a), agent::version(&b));
         let (va, vb) = (va.unwrap(), vb.unwrap());
@@ -72,7 +74,10 @@ fn boot_and_power_off(vcpus: u32, mib: u32) {
     let info = vm.api(Request::Info).unwrap();
     assert_eq!(info["ok"], true, "{info}");
     let agent_ready = info["boot_time_ms"]["agent_ready"].as_u64();
-    assert!(agent_ready.is_some_and(|ms| ms > 0), "no agent_ready in {info}");
+    assert!(
+        agent_ready.is_some_and(|ms| ms > 0),
+        "no agent_ready in {info}"
+    );
     assert_eq!(info["vcpus"], vcpus, "{info}");
     assert_eq!(info["memory_mib"], mib, "{info}");
     assert_eq!(info["pid"], vm.pid(), "{info}");

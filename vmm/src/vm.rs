@@ -100,10 +100,53 @@ impl std::fmt::Debug for Vm {
 }
 
 /// Where one virtio device sits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct VirtioSlot {
     base: u64,
     irq: u32,
+}
+
+impl VirtioSlot {
+    /// The window and IRQ of the `i`th virtio device.
+    fn nth(i: usize) -> Result<VirtioSlot> {
+        let irq = u32::try_from(i)
+            .ok()
+            .and_then(|i| layout::VIRTIO_IRQ_BASE.checked_add(i))
+            .filter(|irq| *irq <= layout::IRQ_MAX);
+        let Some(irq) = irq else {
+            bail!(
+                "too many virtio devices (IRQs {}..={} are free)",
+                layout::VIRTIO_IRQ_BASE,
+                layout::IRQ_MAX
+            );
+        };
+        Ok(VirtioSlot {
+            base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
+            irq,
+        })
+    }
+}
+
+/// The guest's command line: the user's part, the console part, and one
+/// `virtio_mmio.device=SIZE@BASE:IRQ` per device.
+fn kernel_cmdline(config: &VmConfig, slots: &[VirtioSlot]) -> Result<String> {
+    let mut cmdline = format!("{} {}", config.cmdline, config.console_cmdline());
+    for slot in slots {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            layout::VIRTIO_MMIO_SIZE >> 10,
+            slot.base,
+            slot.irq
+        ));
+    }
+    if cmdline.len() >= layout::CMDLINE_MAX {
+        bail!(
+            "the kernel command line with the VMM's additions is {} bytes; at most {} fit",
+            cmdline.len(),
+            layout::CMDLINE_MAX - 1
+        );
+    }
+    Ok(cmdline)
 }
 
 impl Vm {
@@ -213,20 +256,10 @@ impl Vm {
             1,
         )?;
 
-        let mut cmdline = format!("{} {}", config.cmdline, config.console_cmdline());
+        let mut slots = Vec::new();
         let mut subscribers = Vec::new();
         for (i, (device, subscriber)) in virtio.into_iter().enumerate() {
-            let slot = VirtioSlot {
-                base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
-                irq: layout::VIRTIO_IRQ_BASE + i as u32,
-            };
-            if slot.irq > layout::IRQ_MAX {
-                bail!(
-                    "too many virtio devices (IRQs {}..={} are free)",
-                    layout::VIRTIO_IRQ_BASE,
-                    layout::IRQ_MAX
-                );
-            }
+            let slot = VirtioSlot::nth(i)?;
             let transport = MmioTransport::new(device, mem.clone(), irq_evt(slot.irq)?)
                 .context("creating a virtio-mmio transport")?;
             for (q, evt) in transport.queue_evts().iter().enumerate() {
@@ -243,21 +276,10 @@ impl Vm {
                 slot.base,
                 layout::VIRTIO_MMIO_SIZE,
             )?;
-            cmdline.push_str(&format!(
-                " virtio_mmio.device={}K@{:#x}:{}",
-                layout::VIRTIO_MMIO_SIZE >> 10,
-                slot.base,
-                slot.irq
-            ));
+            slots.push(slot);
             subscribers.push(subscriber);
         }
-        if cmdline.len() >= layout::CMDLINE_MAX {
-            bail!(
-                "the kernel command line with the VMM's additions is {} bytes; at most {} fit",
-                cmdline.len(),
-                layout::CMDLINE_MAX - 1
-            );
-        }
+        let cmdline = kernel_cmdline(&config, &slots)?;
         boot::write_cmdline(&mem, &cmdline)?;
         boot::write_mptable(&mem, config.vcpus)?;
         let e820 = layout::e820_map(mem_size);
@@ -625,5 +647,54 @@ impl MutEventSubscriber for Control {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Console;
+
+    fn config(console: Console, cmdline: &str) -> VmConfig {
+        let kernel = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        VmConfig::new(
+            kernel,
+            None,
+            Some(cmdline.into()),
+            1,
+            128,
+            None,
+            3,
+            console,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cmdline_gets_console_and_virtio_devices() {
+        let slots = [VirtioSlot::nth(0).unwrap(), VirtioSlot::nth(1).unwrap()];
+        let line = kernel_cmdline(&config(Console::Stdout, "panic=1"), &slots).unwrap();
+        assert_eq!(
+            line,
+            "panic=1 console=ttyS0 8250.nr_uarts=1 \
+             virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        let off = kernel_cmdline(&config(Console::Off, "panic=1"), &[]).unwrap();
+        assert_eq!(off, "panic=1 8250.nr_uarts=0");
+    }
+
+    #[test]
+    fn cmdline_overflow_is_an_error() {
+        let long = "x".repeat(layout::CMDLINE_MAX - 10);
+        let err = kernel_cmdline(&config(Console::Stdout, &long), &[]).unwrap_err();
+        assert!(err.to_string().contains("at most 2047 fit"), "{err}");
+    }
+
+    #[test]
+    fn virtio_slots_run_out_at_irq_23() {
+        assert_eq!(VirtioSlot::nth(18).unwrap().irq, 23);
+        assert!(VirtioSlot::nth(19).is_err());
+        assert!(VirtioSlot::nth(usize::MAX).is_err());
     }
 }

@@ -1,11 +1,18 @@
 //! boot-demo: boots isola's guest (build/vmlinux + build/initrd.img) under
-//! QEMU microvm, waits for `isola-agent ready`, powers it off, and prints
-//! the time from QEMU's start to ready. Run it on a KVM host:
-//! `make boot-demo` (or `make boot-demo RUNS=5` for a median).
+//! isola-vmm (or QEMU microvm with `--vmm qemu`), waits for
+//! `isola-agent ready`, asks the agent Health.Check and Version over vsock
+//! (isola-vmm only), powers the guest off, and prints the time from the
+//! VMM's start to ready. Run it on a KVM host: `make boot-demo` (or
+//! `make boot-demo RUNS=5` for a median).
 
 use anyhow::{bail, Context, Result};
+use isola_e2e::agent;
+use isola_e2e::isola::{IsolaConfig, IsolaVm};
 use isola_e2e::qemu::{QemuConfig, QemuVm};
 use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, READY, SHUTDOWN_DEADLINE};
+use isola_vmm::api::Request;
+
+const USAGE: &str = "usage: boot-demo [--runs N] [--vmm isola|qemu] [--initrd PATH]";
 
 fn main() {
     if let Err(err) = run() {
@@ -17,6 +24,7 @@ fn main() {
 fn run() -> Result<()> {
     let mut runs = 1usize;
     let mut initrd = None;
+    let mut qemu = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -28,14 +36,17 @@ fn run() -> Result<()> {
                     .filter(|n| (1..=100).contains(n))
                     .with_context(|| format!("--runs: {v:?} is not a number from 1 to 100"))?;
             }
+            "--vmm" => match args.next().as_deref() {
+                Some("isola") => qemu = false,
+                Some("qemu") => qemu = true,
+                other => bail!("--vmm {other:?}: expected isola or qemu ({USAGE})"),
+            },
             "--initrd" => initrd = Some(args.next().context("--initrd needs a path")?),
             "-h" | "--help" => {
-                println!("usage: boot-demo [--runs N] [--initrd PATH]");
+                println!("{USAGE}");
                 return Ok(());
             }
-            other => {
-                bail!("unknown argument {other:?} (usage: boot-demo [--runs N] [--initrd PATH])")
-            }
+            other => bail!("unknown argument {other:?} ({USAGE})"),
         }
     }
     let host = require_kvm_host()?;
@@ -43,30 +54,23 @@ fn run() -> Result<()> {
     if let Some(path) = initrd {
         images.initrd = std::fs::canonicalize(&path).with_context(|| format!("--initrd {path}"))?;
     }
-    let mut config = QemuConfig::new(images);
-    config.echo = false;
-    config.extra_cmdline = "quiet".into();
-
+    let vmm = if qemu { "QEMU microvm" } else { "isola-vmm" };
     let mut times = Vec::with_capacity(runs);
     for i in 1..=runs {
         let scratch = Scratch::new("demo")?;
-        let mut vm = QemuVm::start(&config, &scratch.path)?;
-        let line = vm.console.wait_for(READY, BOOT_DEADLINE)?;
-        let elapsed = vm.started.elapsed();
-        vm.request_power_off()?;
-        let status = vm.wait_exit(SHUTDOWN_DEADLINE)?;
-        if !status.success() {
-            bail!("QEMU exited with {status} after the power-off request");
-        }
+        let (elapsed, line) = if qemu {
+            boot_qemu(&images, &scratch)?
+        } else {
+            boot_isola(&images, &scratch)?
+        };
         println!("boot {i}/{runs}: {} ms to `{line}`", elapsed.as_millis());
         times.push(elapsed);
     }
     times.sort();
     let median = times[times.len() / 2];
     println!(
-        "time to isola-agent ready: {} ms (median of {runs}, QEMU microvm, 1 vCPU, {} MiB, {host} KVM host)",
-        median.as_millis(),
-        config.memory_mib
+        "time to isola-agent ready: {} ms (median of {runs}, {vmm}, 1 vCPU, 256 MiB, {host} KVM host)",
+        median.as_millis()
     );
     if host == "emulated" {
         println!(
@@ -74,4 +78,44 @@ fn run() -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn boot_isola(images: &GuestImages, scratch: &Scratch) -> Result<(std::time::Duration, String)> {
+    let mut config = IsolaConfig::new(images.clone());
+    config.echo = false;
+    config.extra_cmdline = "quiet".into();
+    let mut vm = IsolaVm::start(&config, &scratch.path)?;
+    let line = vm.console.wait_for(READY, BOOT_DEADLINE)?;
+    let elapsed = vm.started.elapsed();
+    let socket = vm.vsock_socket.clone().context("no vsock socket")?;
+    let rt = agent::runtime()?;
+    let version = rt.block_on(async {
+        let health = agent::wait_serving_hybrid(&socket, BOOT_DEADLINE).await?;
+        agent::version(&health).await
+    })?;
+    println!(
+        "agent over hybrid vsock: Health.Check SERVING, version {} (API {})",
+        version.agent_version, version.api_version
+    );
+    vm.api(Request::Shutdown { timeout_ms: None })?;
+    let status = vm.wait_exit(SHUTDOWN_DEADLINE)?;
+    if !status.success() {
+        bail!("isola-vmm exited with {status} after the power-off request");
+    }
+    Ok((elapsed, line))
+}
+
+fn boot_qemu(images: &GuestImages, scratch: &Scratch) -> Result<(std::time::Duration, String)> {
+    let mut config = QemuConfig::new(images.clone());
+    config.echo = false;
+    config.extra_cmdline = "quiet".into();
+    let mut vm = QemuVm::start(&config, &scratch.path)?;
+    let line = vm.console.wait_for(READY, BOOT_DEADLINE)?;
+    let elapsed = vm.started.elapsed();
+    vm.request_power_off()?;
+    let status = vm.wait_exit(SHUTDOWN_DEADLINE)?;
+    if !status.success() {
+        bail!("QEMU exited with {status} after the power-off request");
+    }
+    Ok((elapsed, line))
 }

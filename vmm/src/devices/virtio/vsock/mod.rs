@@ -14,7 +14,7 @@
 //!
 //! # Using it from the VMM
 //!
-//! ```ignore
+//! ```text
 //! let vsock = Arc::new(Mutex::new(Vsock::new(cid, uds_path)?));
 //! event_manager.add_subscriber(vsock.clone()); // runs `init()`
 //! // ... and hand `vsock` to the virtio-mmio transport as its device.

@@ -70,6 +70,7 @@ impl ApiServer {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("api".into())
+            .stack_size(256 << 10)
             .spawn(move || serve(listener, tx, notify))?;
         Ok((
             ApiServer {

@@ -86,7 +86,46 @@ pub fn create_memory(size: u64) -> Result<GuestMemoryMmap, BootError> {
         ranges.push((addr, len as usize, Some(FileOffset::new(f, offset))));
         offset += len;
     }
-    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| BootError::Mmap(e.to_string()))
+    let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|e| BootError::Mmap(e.to_string()))?;
+    advise_hugepages(&mem);
+    Ok(mem)
+}
+
+/// Asks for transparent huge pages on guest RAM: the guest's first touches
+/// then fault 2 MiB at a time instead of 4 KiB, which is most of the
+/// difference in early-boot speed between shared (memfd) and anonymous
+/// guest RAM. For memfd (shmem) mappings the host must allow it
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` set to `advise`,
+/// `within_size` or `always`); otherwise this is a no-op and the VMM says
+/// so once.
+fn advise_hugepages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        // SAFETY: the range is exactly one live mapping owned by `mem`;
+        // MADV_HUGEPAGE changes only how it is backed, not its contents.
+        let rc = unsafe {
+            libc::madvise(
+                host.cast::<libc::c_void>(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(err = %std::io::Error::last_os_error(), "MADV_HUGEPAGE on guest RAM");
+        }
+    }
+    let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    if setting.contains("[never]") || setting.contains("[deny]") {
+        tracing::info!(
+            "host shmem_enabled is {}: guest RAM uses 4 KiB pages, so boots are slower; \
+             set /sys/kernel/mm/transparent_hugepage/shmem_enabled to advise",
+            setting.trim()
+        );
+    }
 }
 
 /// A loaded kernel and how to enter it.

@@ -13,6 +13,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::Bus;
 
+/// vCPU threads run shallow code (exit handling on the buses). A small
+/// stack also keeps it from being backed by a 2 MiB transparent huge page
+/// when it lands on an aligned address, which the default 2 MiB would.
+pub const VCPU_STACK_SIZE: usize = 512 << 10;
+
 /// Real-time signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
@@ -121,6 +126,7 @@ impl Vcpu {
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
+            .stack_size(VCPU_STACK_SIZE)
             .spawn(move || self.run())
     }
 

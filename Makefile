@@ -37,7 +37,7 @@ agent: deps
 	@file $(AGENT) | grep -q 'static' || { echo "make: $(AGENT) is not statically linked" >&2; exit 1; }
 
 kernel: deps
-	guest-kernel/build.sh $(BUILD)/vmlinux
+	guest-kernel/build.sh $(BUILD)/vmlinux $(BUILD)/bzImage
 
 initrd: agent binaries
 	@mkdir -p $(BUILD)

@@ -2,15 +2,18 @@
 # Builds the isola guest kernel (uncompressed ELF vmlinux, PVH-bootable) from
 # Debian's kernel source package, with isola.config merged onto tinyconfig.
 #
-#   guest-kernel/build.sh OUT
+#   guest-kernel/build.sh OUT [BZIMAGE_OUT]
 #
-# OUT becomes a symlink to the cached vmlinux. The cache lives outside the
+# OUT becomes a symlink to the cached vmlinux (the ELF a VMM boots through
+# its PVH entry), BZIMAGE_OUT to the same kernel as a bzImage (for VMMs and
+# tests of the Linux 64-bit boot protocol). The cache lives outside the
 # checkout (ISOLA_CACHE, default ~/.cache/isola) and is keyed by the source
 # package version and the fragment's hash, so a second run costs nothing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: build.sh OUT}
+out=${1:?usage: build.sh OUT [BZIMAGE_OUT]}
+bzout=${2:-}
 cache=${ISOLA_CACHE:-$HOME/.cache/isola}
 fragment=$here/isola.config
 log() { echo "guest-kernel: $*" >&2; }
@@ -44,18 +47,23 @@ done
 
 srcver=$(dpkg-query -W -f='${Version}' "$pkg")
 # Bump RECIPE when a change to this script changes the kernel it produces.
-RECIPE=1
+RECIPE=2
 fraghash=$( (echo "recipe $RECIPE"; cat "$fragment") | sha256sum | cut -c1-12)
 key="${pkg#linux-source-}-$srcver-$fraghash"
 dir=$cache/kernel/$key
 vmlinux=$dir/vmlinux
+bzimage=$dir/bzImage
 
 link_out() {
     mkdir -p "$(dirname "$out")"
     ln -sfn "$vmlinux" "$out"
+    if [ -n "$bzout" ]; then
+        mkdir -p "$(dirname "$bzout")"
+        ln -sfn "$bzimage" "$bzout"
+    fi
 }
 
-if [ -f "$vmlinux" ]; then
+if [ -f "$vmlinux" ] && [ -f "$bzimage" ]; then
     log "cached: $vmlinux ($key)"
     link_out
     exit 0
@@ -99,8 +107,8 @@ if [ ${#dropped[@]} -gt 0 ]; then
     exit 1
 fi
 
-log "compiling vmlinux (make -j$(nproc)); log in $work/build.log"
-if ! make -C "$src" O="$objdir" ARCH=x86_64 -j"$(nproc)" vmlinux >"$work/build.log" 2>&1; then
+log "compiling vmlinux and bzImage (make -j$(nproc)); log in $work/build.log"
+if ! make -C "$src" O="$objdir" ARCH=x86_64 -j"$(nproc)" vmlinux bzImage >"$work/build.log" 2>&1; then
     tail -n 40 "$work/build.log" >&2
     log "kernel build failed; full log in $work/build.log"
     exit 1
@@ -108,6 +116,7 @@ fi
 
 mkdir -p "$dir"
 cp "$objdir/vmlinux" "$vmlinux.tmp"
+cp "$objdir/arch/x86/boot/bzImage" "$bzimage"
 cp "$objdir/.config" "$dir/config"
 mv "$vmlinux.tmp" "$vmlinux"
 rm -rf "$work"

@@ -26,6 +26,10 @@ pub struct Config {
     /// Grace period between SIGTERM and SIGKILL at shutdown, in seconds
     /// (`agent.shutdown_timeout=`).
     pub shutdown_timeout: Duration,
+    /// Guest-physical address of the VMM's boot-timer byte
+    /// (`agent.boot_timer=0xADDR`, added by isola-vmm): the agent writes
+    /// 123 there once it is ready.
+    pub boot_timer: Option<u64>,
     /// `agent.*` keys this agent does not know, kept to be reported.
     pub unknown: Vec<String>,
 }
@@ -36,6 +40,7 @@ impl Default for Config {
             log_level: Level::INFO,
             hostname: DEFAULT_HOSTNAME.to_string(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            boot_timer: None,
             unknown: Vec::new(),
         }
     }
@@ -50,6 +55,8 @@ pub enum ConfigError {
     Hostname(String),
     #[error("agent.shutdown_timeout: {0:?} is not a whole number of seconds from 0 to 3600")]
     ShutdownTimeout(String),
+    #[error("agent.boot_timer: {0:?} is not a hexadecimal address below 2^52 (like 0xd1000000)")]
+    BootTimer(String),
     #[error("{0}: expected agent.KEY=VALUE")]
     MissingValue(String),
 }
@@ -86,6 +93,14 @@ impl Config {
                 "shutdown_timeout" => match value.parse::<u64>() {
                     Ok(secs) if secs <= 3600 => config.shutdown_timeout = Duration::from_secs(secs),
                     _ => errors.push(ConfigError::ShutdownTimeout(value.to_string())),
+                },
+                "boot_timer" => match value
+                    .strip_prefix("0x")
+                    .and_then(|h| u64::from_str_radix(h, 16).ok())
+                    .filter(|a| *a < (1 << 52))
+                {
+                    Some(addr) => config.boot_timer = Some(addr),
+                    None => errors.push(ConfigError::BootTimer(value.to_string())),
                 },
                 _ => config.unknown.push(key.to_string()),
             }
@@ -164,6 +179,17 @@ mod tests {
         assert!(errors.is_empty());
         assert_eq!(config.log_level, Level::WARN);
         assert_eq!(config.unknown, vec!["future_option".to_string()]);
+    }
+
+    #[test]
+    fn boot_timer_address() {
+        let (config, errors) = Config::from_cmdline("agent.boot_timer=0xd1000000");
+        assert!(errors.is_empty());
+        assert_eq!(config.boot_timer, Some(0xd100_0000));
+        let (config, errors) =
+            Config::from_cmdline("agent.boot_timer=1234 agent.boot_timer=0xfffffffffffffff");
+        assert_eq!(config.boot_timer, None);
+        assert_eq!(errors.len(), 2);
     }
 
     #[test]

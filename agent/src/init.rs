@@ -10,6 +10,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use anyhow::{Context, Result};
 use nix::errno::Errno;
 use nix::sys::reboot::{reboot, set_cad_enabled, RebootMode};
@@ -129,4 +131,43 @@ pub fn power_off() -> ! {
     // Only reachable without CAP_SYS_BOOT, which PID 1 always has.
     eprintln!("isola-agent: reboot failed: {err}");
     std::process::abort();
+}
+
+/// The boot timer's "init is ready" value (Firecracker's convention).
+const BOOT_TIMER_MAGIC: u8 = 123;
+
+/// Writes the boot-timer byte at guest-physical `addr` through /dev/mem,
+/// so the VMM can record when the agent became ready.
+pub fn signal_boot_timer(addr: u64) -> Result<()> {
+    use std::os::fd::AsFd;
+    let page = addr & !0xfff;
+    let offset = (addr & 0xfff) as usize;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open("/dev/mem")
+        .context("opening /dev/mem")?;
+    let len = std::num::NonZeroUsize::new(4096).context("page size")?;
+    // SAFETY: a fresh shared mapping of one page of /dev/mem at a
+    // page-aligned offset; nothing else refers to it, and it is unmapped
+    // below.
+    let ptr = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            mem.as_fd(),
+            i64::try_from(page).context("boot timer address")?,
+        )
+    }
+    .with_context(|| format!("mapping the boot timer at {addr:#x}"))?;
+    // SAFETY: offset < 4096, inside the page just mapped; a volatile write
+    // is how MMIO must be touched.
+    unsafe {
+        std::ptr::write_volatile(ptr.as_ptr().cast::<u8>().add(offset), BOOT_TIMER_MAGIC);
+        let _ = nix::sys::mman::munmap(ptr, 4096);
+    }
+    Ok(())
 }

@@ -69,6 +69,7 @@ fn run(started: Instant) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let shutdown_timeout = config.shutdown_timeout;
+    let boot_timer = config.boot_timer;
     runtime.block_on(async move {
         let mut signals = init::InitSignals::install()?;
         // The API listens before the ready line, so a host that saw it can
@@ -80,6 +81,11 @@ fn run(started: Instant) -> Result<()> {
                 None
             }
         };
+        if let Some(addr) = boot_timer {
+            if let Err(err) = init::signal_boot_timer(addr) {
+                tracing::debug!("boot timer not signalled: {err:#}");
+            }
+        }
         println!(
             "isola-agent ready: version={} uptime_ms={} setup_ms={}",
             env!("CARGO_PKG_VERSION"),
@@ -146,11 +152,34 @@ fn state_report(controllers: &[String]) -> Result<String> {
         .context("reading the hostname")?
         .to_string_lossy()
         .into_owned();
+    let cpus = fs::read_to_string("/proc/cpuinfo")
+        .map(|t| t.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0);
+    let mem_total_kib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
     Ok(format!(
-        "state: hostname={hostname} mounts={} cgroup_subtree_control={}",
+        "state: hostname={hostname} cpus={cpus} mem_total_kib={mem_total_kib} mounts={} \
+         cgroup_subtree_control={} crng_ready={}",
         mounts.join(","),
-        controllers.join(",")
+        controllers.join(","),
+        crng_ready()
     ))
+}
+
+/// Whether the kernel's random number generator is seeded: getrandom
+/// without blocking succeeds only then. (Tells whether the guest needs a
+/// virtio-rng device to avoid blocking early.)
+fn crng_ready() -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: getrandom writes at most `len` (1) bytes into the buffer.
+    let n = unsafe { libc::getrandom(byte.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
+    n == 1
 }
 
 fn uptime_ms() -> Option<u64> {

@@ -127,10 +127,16 @@ impl VirtioSlot {
     }
 }
 
-/// The guest's command line: the user's part, the console part, and one
+/// The guest's command line: the user's part, the console part, the
+/// boot-timer address for the agent, and one
 /// `virtio_mmio.device=SIZE@BASE:IRQ` per device.
 fn kernel_cmdline(config: &VmConfig, slots: &[VirtioSlot]) -> Result<String> {
-    let mut cmdline = format!("{} {}", config.cmdline, config.console_cmdline());
+    let mut cmdline = format!(
+        "{} {} agent.boot_timer={:#x}",
+        config.cmdline,
+        config.console_cmdline(),
+        layout::BOOT_TIMER_ADDR
+    );
     for slot in slots {
         cmdline.push_str(&format!(
             " virtio_mmio.device={}K@{:#x}:{}",
@@ -677,11 +683,11 @@ mod tests {
         let line = kernel_cmdline(&config(Console::Stdout, "panic=1"), &slots).unwrap();
         assert_eq!(
             line,
-            "panic=1 console=ttyS0 8250.nr_uarts=1 \
+            "panic=1 console=ttyS0 8250.nr_uarts=1 agent.boot_timer=0xd1000000 \
              virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
         let off = kernel_cmdline(&config(Console::Off, "panic=1"), &[]).unwrap();
-        assert_eq!(off, "panic=1 8250.nr_uarts=0");
+        assert_eq!(off, "panic=1 8250.nr_uarts=0 agent.boot_timer=0xd1000000");
     }
 
     #[test]

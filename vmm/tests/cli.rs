@@ -75,3 +75,23 @@ fn help_documents_every_option() {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
 }
+
+#[test]
+fn pvm_kvm_is_refused_with_a_clear_message() {
+    // Only a PVM host (like the project's development machines) can show
+    // this; elsewhere /dev/kvm may boot guests and the check does not fire.
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!("not a PVM host: nothing to check");
+        return;
+    }
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    let started = std::time::Instant::now();
+    let (code, err) = vmm(&["--kernel", kernel]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("PVM"), "{err}");
+    assert!(err.contains("cannot boot standard guest"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "it must not hang"
+    );
+}

@@ -129,6 +129,20 @@ impl IsolaVm {
         self.child.id()
     }
 
+    /// Waits for `isola-agent ready`; on failure the error also says what
+    /// each of the VMM's threads was doing (kernel wait channel and stack),
+    /// which tells a hung guest (vCPU in KVM_RUN) from a blocked VMM.
+    pub fn wait_ready(&mut self) -> Result<String> {
+        match self.console.wait_for(crate::READY, crate::BOOT_DEADLINE) {
+            Ok(line) => Ok(line),
+            Err(err) => Err(err.context(format!(
+                "isola-vmm threads:\n{}\nVMM log:\n{}",
+                thread_report(self.pid()),
+                self.log().join("\n")
+            ))),
+        }
+    }
+
     /// The VMM's log lines so far.
     pub fn log(&self) -> Vec<String> {
         self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
@@ -147,4 +161,32 @@ impl Drop for IsolaVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// One line per thread of `pid`: name, state, wait channel, top of the
+/// kernel stack.
+pub fn thread_report(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    for task in tasks.flatten() {
+        let p = task.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("?");
+        let stack: Vec<String> = read("stack").lines().take(4).map(str::to_string).collect();
+        out.push_str(&format!(
+            "{} state={} wchan={} stack={:?}\n",
+            read("comm").trim(),
+            state,
+            read("wchan").trim(),
+            stack
+        ));
+    }
+    out
 }

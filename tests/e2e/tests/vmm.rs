@@ -7,11 +7,26 @@ use std::time::Duration;
 
 use isola_e2e::agent;
 use isola_e2e::isola::{IsolaConfig, IsolaVm};
-use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, READY, SHUTDOWN_DEADLINE};
+use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, SHUTDOWN_DEADLINE};
 use isola_vmm::api::Request;
 
 fn config() -> IsolaConfig {
-    IsolaConfig::new(GuestImages::from_build_dir().unwrap())
+    let mut c = IsolaConfig::new(GuestImages::from_build_dir().unwrap());
+    // The agent reports what the tests check; the kernel's own log is not
+    // needed (and replaying it over the emulated UART costs seconds).
+    c.extra_cmdline = "quiet".into();
+    c
+}
+
+/// The agent's `state:` line as key=value pairs.
+fn state_fields(line: &str) -> std::collections::BTreeMap<String, String> {
+    line.split_once("state: ")
+        .map(|(_, s)| s)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Boots, checks the guest saw `vcpus` CPUs and about `mib` of memory, then
@@ -22,38 +37,21 @@ fn boot_and_power_off(vcpus: u32, mib: u32) {
     c.vcpus = vcpus;
     c.memory_mib = mib;
     let mut vm = IsolaVm::start(&c, &scratch.path).unwrap();
-    let smp = vm
-        .console
-        .wait_for("smp: Brought up", BOOT_DEADLINE)
-        .unwrap();
-    let plural = if vcpus == 1 { "CPU" } else { "CPUs" };
-    assert!(smp.contains(&format!("{vcpus} {plural}")), "{smp}");
-    let ready = vm.console.wait_for(READY, BOOT_DEADLINE).unwrap();
+    let state = vm.console.wait_for("state: ", BOOT_DEADLINE).unwrap();
+    let ready = vm.wait_ready().unwrap();
     eprintln!(
         "{vcpus} vCPU / {mib} MiB ready after {:?}: {ready}",
         vm.started.elapsed()
     );
-    let memory = vm
-        .console
-        .seen()
-        .iter()
-        .find(|l| l.contains("Memory: ") && l.contains("available"))
-        .cloned()
-        .unwrap_or_default();
-    // "Memory: 241488K/261752K available": the total is the guest's RAM
-    // minus the holes below 1 MiB.
-    let total_k: u64 = memory
-        .split('/')
-        .nth(1)
-        .and_then(|s| s.split('K').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no memory line: {memory:?}"));
+    let fields = state_fields(&state);
+    assert_eq!(fields["cpus"], vcpus.to_string(), "{state}");
+    // MemTotal: the guest's RAM less what the kernel keeps for itself.
+    let total_kib: u64 = fields["mem_total_kib"].parse().unwrap();
     let want = u64::from(mib) * 1024;
     assert!(
-        total_k <= want && total_k + 4096 >= want,
-        "{memory} for {mib} MiB"
+        total_kib <= want && total_kib >= want * 3 / 4,
+        "{state} for {mib} MiB"
     );
-
     // The agent answers over hybrid vsock: Check is SERVING, Version is
     // the agent's; two connections at once work.
     let socket = vm.vsock_socket.clone().unwrap();
@@ -113,7 +111,7 @@ fn pause_and_resume_keep_the_guest_alive() {
     require_kvm_host().unwrap();
     let scratch = Scratch::new("vmm-pause").unwrap();
     let mut vm = IsolaVm::start(&config(), &scratch.path).unwrap();
-    vm.console.wait_for(READY, BOOT_DEADLINE).unwrap();
+    vm.wait_ready().unwrap();
 
     let paused = vm.api(Request::Pause).unwrap();
     assert_eq!(paused["state"], "paused", "{paused}");
@@ -137,7 +135,7 @@ fn sigterm_stops_the_vm_and_leaves_no_socket() {
     require_kvm_host().unwrap();
     let scratch = Scratch::new("vmm-sigterm").unwrap();
     let mut vm = IsolaVm::start(&config(), &scratch.path).unwrap();
-    vm.console.wait_for(READY, BOOT_DEADLINE).unwrap();
+    vm.wait_ready().unwrap();
     // SAFETY: sending a signal to our own child process.
     let rc = unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
     assert_eq!(rc, 0);
@@ -155,4 +153,35 @@ fn sigterm_stops_the_vm_and_leaves_no_socket() {
         leftovers.is_empty(),
         "left in the scratch dir: {leftovers:?}"
     );
+}
+
+#[test]
+fn boots_a_bzimage_through_the_linux_64bit_entry() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("vmm-bzimage").unwrap();
+    let mut c = config();
+    c.images.kernel = isola_e2e::project_dir().join("build/bzImage");
+    assert!(
+        c.images.kernel.exists(),
+        "build/bzImage missing: run `make`"
+    );
+    let mut vm = IsolaVm::start(&c, &scratch.path).unwrap();
+    vm.wait_ready().unwrap();
+    assert!(
+        vm.log().iter().any(|l| l.contains("bzImage 64-bit")),
+        "not booted as a bzImage: {:?}",
+        vm.log()
+    );
+    let rt = agent::runtime().unwrap();
+    rt.block_on(async {
+        let socket = vm.vsock_socket.clone().unwrap();
+        agent::wait_serving_hybrid(&socket, BOOT_DEADLINE)
+            .await
+            .unwrap();
+    });
+    vm.api(Request::Shutdown {
+        timeout_ms: Some(120_000),
+    })
+    .unwrap();
+    assert!(vm.wait_exit(SHUTDOWN_DEADLINE).unwrap().success());
 }

@@ -156,10 +156,7 @@ impl IsolaVm {
 
 impl Drop for IsolaVm {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::kill_and_reap(&mut self.child);
     }
 }
 

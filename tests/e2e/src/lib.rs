@@ -92,6 +92,26 @@ pub fn wait_child_exit(
     }
 }
 
+/// Kills a VMM process and reaps it, waiting at most 30 s: a process stuck
+/// in the kernel (uninterruptible) must not hang the whole test run.
+pub fn kill_and_reap(child: &mut std::process::Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = child.kill();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "process {} did not exit 30 s after SIGKILL (stuck in the kernel); left behind",
+        child.id()
+    );
+}
+
 /// A fresh scratch directory for one test, removed on drop.
 #[derive(Debug)]
 pub struct Scratch {

@@ -158,10 +158,7 @@ impl QemuVm {
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::kill_and_reap(&mut self.child);
     }
 }
 

@@ -119,8 +119,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Reap(Child);
 impl Drop for Reap {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        isola_e2e::kill_and_reap(&mut self.0);
     }
 }
 

@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::Parser;
 use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
 use isola_vmm::devices::boot_timer::BootTimes;
+use isola_vmm::devices::virtio::rng::Rng;
 use isola_vmm::devices::virtio::vsock::Vsock;
 use isola_vmm::vcpu::GuestExit;
 use isola_vmm::vm::{VirtioEntry, Vm};
@@ -60,6 +61,10 @@ struct Args {
     /// Where the serial console goes: off (no device at all), stdout, or a file.
     #[arg(long, value_name = "off|stdout|FILE", default_value = "stdout")]
     console: String,
+    /// No virtio-rng device (by default the guest gets one, fed from the
+    /// host's getrandom, so its CRNG is seeded early).
+    #[arg(long)]
+    no_rng: bool,
     /// Control API socket (JSON lines: info, pause, resume, shutdown, stop).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -121,6 +126,10 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         });
         let vsock = Arc::new(Mutex::new(vsock));
         virtio.push((vsock.clone(), vsock));
+    }
+    if !args.no_rng {
+        let rng = Arc::new(Mutex::new(Rng::new().context("creating virtio-rng")?));
+        virtio.push((rng.clone(), rng));
     }
     let vm = Vm::build(config, started, boot_times, virtio)?;
     match vm.run()? {

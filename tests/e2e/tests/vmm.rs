@@ -45,6 +45,8 @@ fn boot_and_power_off(vcpus: u32, mib: u32) {
     );
     let fields = state_fields(&state);
     assert_eq!(fields["cpus"], vcpus.to_string(), "{state}");
+    // virtio-rng seeded the guest's CRNG before the agent was ready.
+    assert_eq!(fields["crng_ready"], "true", "{state}");
     // MemTotal: the guest's RAM less what the kernel keeps for itself.
     let total_kib: u64 = fields["mem_total_kib"].parse().unwrap();
     let want = u64::from(mib) * 1024;

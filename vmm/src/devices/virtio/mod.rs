@@ -13,6 +13,7 @@
 //! must not panic the VMM (at worst the device stops serving the guest).
 
 pub mod mmio;
+pub mod rng;
 pub mod vsock;
 
 use std::io;

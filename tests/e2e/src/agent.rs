@@ -33,17 +33,13 @@ pub async fn dial_hybrid(socket: &Path, deadline: Duration) -> Result<HealthClie
     Ok(HealthClient::new(client))
 }
 
-/// Dials the agent over kernel vsock at `cid`, retrying until `deadline`.
-pub async fn dial_vsock(cid: u32, deadline: Duration) -> Result<HealthClient> {
-    let until = Instant::now() + deadline;
+/// Dials the agent over kernel vsock at `cid` (one attempt).
+pub async fn dial_vsock(cid: u32) -> Result<HealthClient> {
     let addr = format!("vsock://{cid}:{AGENT_VSOCK_PORT}");
-    loop {
-        match Client::connect(&addr).await {
-            Ok(c) => return Ok(HealthClient::new(c)),
-            Err(e) if Instant::now() >= until => bail!("dialing {addr}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    let client = Client::connect(&addr)
+        .await
+        .with_context(|| format!("dialing {addr}"))?;
+    Ok(HealthClient::new(client))
 }
 
 /// Health.Check; fails unless the agent answers SERVING.
@@ -102,10 +98,13 @@ pub async fn poll_serving_hybrid(socket: &Path, deadline: Duration) -> Result<He
 pub async fn wait_serving_vsock(cid: u32, deadline: Duration) -> Result<HealthClient> {
     let until = Instant::now() + deadline;
     loop {
-        let left = until.saturating_duration_since(Instant::now());
-        let health = dial_vsock(cid, left).await?;
-        match check_serving(&health).await {
-            Ok(()) => return Ok(health),
+        let attempt = async {
+            let health = dial_vsock(cid).await?;
+            check_serving(&health).await?;
+            anyhow::Ok(health)
+        };
+        match attempt.await {
+            Ok(health) => return Ok(health),
             Err(e) if Instant::now() >= until => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }

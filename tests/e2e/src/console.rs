@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+/// Longest console line kept whole, in bytes.
+const MAX_LINE: u64 = 64 << 10;
+
 /// Lines of a console, as they arrive.
 #[derive(Debug)]
 pub struct Console {
@@ -26,7 +29,9 @@ impl Console {
             let mut buf = Vec::new();
             loop {
                 buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
+                // A guest that never ends a line must not grow this
+                // without bound: longer lines arrive in pieces.
+                match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         let line = String::from_utf8_lossy(&buf)

@@ -68,6 +68,26 @@ pub fn require_kvm_host() -> Result<String> {
     }
 }
 
+/// The agent's `state: k=v ...` console line as key/value pairs.
+pub fn state_fields(line: &str) -> std::collections::BTreeMap<String, String> {
+    line.split_once("state: ")
+        .map(|(_, s)| s)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The value of a `--runs N` argument, from 1 to `max`.
+pub fn parse_runs(value: Option<String>, max: usize) -> Result<usize> {
+    let v = value.ok_or_else(|| anyhow::anyhow!("--runs needs a number"))?;
+    v.parse()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| anyhow::anyhow!("--runs {v:?}: expected a number from 1 to {max}"))
+}
+
 /// Waits for a VMM process to exit by itself, then collects the rest of
 /// its console; `what` names it in the error.
 pub fn wait_child_exit(

@@ -16,8 +16,7 @@ use crate::GuestImages;
 /// The kernel command line every test boot starts from: serial console,
 /// `reboot=k` so a guest reboot ends the VMM, `panic=1` so a dead init does
 /// too, and the i8042 options that skip its slow probing.
-pub const BASE_CMDLINE: &str = "reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux \
-     i8042.nopnp i8042.dumbkbd";
+pub const BASE_CMDLINE: &str = isola_vmm::config::DEFAULT_CMDLINE;
 
 /// How to boot a guest under QEMU microvm.
 #[derive(Debug, Clone)]

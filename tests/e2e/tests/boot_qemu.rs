@@ -7,17 +7,9 @@
 use std::collections::BTreeMap;
 
 use isola_e2e::qemu::{QemuConfig, QemuVm};
-use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, READY, SHUTDOWN_DEADLINE};
-
-/// Parses the agent's `state:` line into its key=value fields.
-fn state_fields(line: &str) -> BTreeMap<String, String> {
-    let state = line.split_once("state: ").map(|(_, s)| s).unwrap_or("");
-    state
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use isola_e2e::{
+    require_kvm_host, state_fields, GuestImages, Scratch, BOOT_DEADLINE, READY, SHUTDOWN_DEADLINE,
+};
 
 #[test]
 fn boots_to_agent_ready_sets_up_the_guest_and_powers_off_on_request() {

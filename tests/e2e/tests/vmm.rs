@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use isola_e2e::agent;
 use isola_e2e::isola::{IsolaConfig, IsolaVm};
-use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, SHUTDOWN_DEADLINE};
+use isola_e2e::{
+    require_kvm_host, state_fields, GuestImages, Scratch, BOOT_DEADLINE, SHUTDOWN_DEADLINE,
+};
 use isola_vmm::api::Request;
 
 fn config() -> IsolaConfig {
@@ -16,17 +18,6 @@ fn config() -> IsolaConfig {
     // needed (and replaying it over the emulated UART costs seconds).
     c.extra_cmdline = "quiet".into();
     c
-}
-
-/// The agent's `state:` line as key=value pairs.
-fn state_fields(line: &str) -> std::collections::BTreeMap<String, String> {
-    line.split_once("state: ")
-        .map(|(_, s)| s)
-        .unwrap_or("")
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Boots, checks the guest saw `vcpus` CPUs and about `mib` of memory, then

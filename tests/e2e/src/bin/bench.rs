@@ -44,14 +44,7 @@ fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--runs" => {
-                let v = args.next().context("--runs needs a number")?;
-                runs = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=50).contains(n))
-                    .with_context(|| format!("--runs {v:?}: expected 1 to 50"))?;
-            }
+            "--runs" => runs = isola_e2e::parse_runs(args.next(), 50)?,
             other => bail!("unknown argument {other:?} (usage: bench [--runs N])"),
         }
     }

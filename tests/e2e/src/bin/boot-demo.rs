@@ -28,14 +28,7 @@ fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--runs" => {
-                let v = args.next().context("--runs needs a number")?;
-                runs = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=100).contains(n))
-                    .with_context(|| format!("--runs: {v:?} is not a number from 1 to 100"))?;
-            }
+            "--runs" => runs = isola_e2e::parse_runs(args.next(), 100)?,
             "--vmm" => match args.next().as_deref() {
                 Some("isola") => qemu = false,
                 Some("qemu") => qemu = true,

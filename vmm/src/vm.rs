@@ -441,10 +441,26 @@ impl Vm {
             "vCPUs running"
         );
 
-        let mut shutdown_deadline: Option<Instant> = None;
+        let mut running = Running {
+            config: &config,
+            shared: &shared,
+            handles: &handles,
+            i8042: &i8042,
+            boot_times: &boot_times,
+            start,
+            startup_cpu,
+            shutdown_deadline: None,
+        };
         let outcome = loop {
+            // Sleep until an event; wake on a clock only while a shutdown
+            // request waits for the guest (an idle VM costs no wake-ups).
+            let timeout_ms = running.shutdown_deadline.map_or(-1, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .clamp(1, i32::MAX as u128) as i32
+            });
             events
-                .run_with_timeout(100)
+                .run_with_timeout(timeout_ms)
                 .context("the VMM event loop failed")?;
             let pending =
                 std::mem::take(&mut control.lock().unwrap_or_else(|p| p.into_inner()).pending);
@@ -466,23 +482,16 @@ impl Vm {
             if let Some((_, calls)) = &api {
                 let mut stop = false;
                 while let Ok(call) = calls.try_recv() {
-                    stop |= handle_call(
-                        call,
-                        &config,
-                        &shared,
-                        &handles,
-                        &i8042,
-                        &boot_times,
-                        start,
-                        startup_cpu,
-                        &mut shutdown_deadline,
-                    );
+                    stop |= running.handle_call(call);
                 }
                 if stop {
                     break GuestExit::PowerOff;
                 }
             }
-            if shutdown_deadline.is_some_and(|d| Instant::now() >= d) {
+            if running
+                .shutdown_deadline
+                .is_some_and(|d| Instant::now() >= d)
+            {
                 tracing::warn!("the guest did not power off in time; stopping it");
                 break GuestExit::PowerOff;
             }
@@ -502,83 +511,97 @@ impl Vm {
     }
 }
 
-/// Executes one API call; true when the VM must stop now.
-#[allow(clippy::too_many_arguments)]
-fn handle_call(
-    call: Call,
-    config: &VmConfig,
-    shared: &VcpuShared,
-    handles: &[JoinHandle<()>],
-    i8042: &Mutex<I8042>,
-    boot_times: &Mutex<BootTimes>,
+/// What the event loop needs to answer API calls about a running VM.
+struct Running<'a> {
+    config: &'a VmConfig,
+    shared: &'a VcpuShared,
+    handles: &'a [JoinHandle<()>],
+    i8042: &'a Mutex<I8042>,
+    boot_times: &'a Mutex<BootTimes>,
     start: Instant,
     startup_cpu: Duration,
-    shutdown_deadline: &mut Option<Instant>,
-) -> bool {
-    use serde_json::json;
-    let mut stop = false;
-    let reply = match call.request {
-        Request::Info => {
-            let times = boot_times.lock().unwrap_or_else(|p| p.into_inner());
-            let state = match shared.run_state() {
-                RunState::Running => "running",
-                RunState::Paused => "paused",
-                RunState::Stopping => "stopping",
-            };
-            json!({
-                "ok": true,
-                "state": state,
-                "pid": std::process::id(),
-                "vcpus": config.vcpus,
-                "memory_mib": config.memory_mib,
-                "uptime_ms": start.elapsed().as_millis() as u64,
-                "startup_cpu_us": startup_cpu.as_micros() as u64,
-                "boot_time_ms": {
-                    "init_ready": times.init_ready.map(|d| d.as_millis() as u64),
-                    "agent_ready": times.agent_ready.map(|d| d.as_millis() as u64),
-                },
-            })
-        }
-        Request::Pause => {
-            shared.set(RunState::Paused);
-            if vcpu::kick_all(handles, shared, Duration::from_secs(5)) {
-                tracing::info!("vCPUs paused");
-                json!({"ok": true, "state": "paused"})
-            } else {
-                shared.set(RunState::Running);
-                json!({"ok": false, "error": "vCPUs did not pause within 5 s"})
+    /// Set by a `shutdown` request: when to stop the guest regardless.
+    shutdown_deadline: Option<Instant>,
+}
+
+impl Running<'_> {
+    /// Executes one API call; true when the VM must stop now.
+    fn handle_call(&mut self, call: Call) -> bool {
+        let Running {
+            config,
+            shared,
+            handles,
+            i8042,
+            boot_times,
+            start,
+            startup_cpu,
+            ..
+        } = *self;
+        use serde_json::json;
+        let mut stop = false;
+        let reply = match call.request {
+            Request::Info => {
+                let times = boot_times.lock().unwrap_or_else(|p| p.into_inner());
+                let state = match shared.run_state() {
+                    RunState::Running => "running",
+                    RunState::Paused => "paused",
+                    RunState::Stopping => "stopping",
+                };
+                json!({
+                    "ok": true,
+                    "state": state,
+                    "pid": std::process::id(),
+                    "vcpus": config.vcpus,
+                    "memory_mib": config.memory_mib,
+                    "uptime_ms": start.elapsed().as_millis() as u64,
+                    "startup_cpu_us": startup_cpu.as_micros() as u64,
+                    "boot_time_ms": {
+                        "init_ready": times.init_ready.map(|d| d.as_millis() as u64),
+                        "agent_ready": times.agent_ready.map(|d| d.as_millis() as u64),
+                    },
+                })
             }
-        }
-        Request::Resume => {
-            shared.set(RunState::Running);
-            tracing::info!("vCPUs resumed");
-            json!({"ok": true, "state": "running"})
-        }
-        Request::Shutdown { timeout_ms } => {
-            if shared.run_state() == RunState::Paused {
-                shared.set(RunState::Running);
+            Request::Pause => {
+                shared.set(RunState::Paused);
+                if vcpu::kick_all(handles, shared, Duration::from_secs(5)) {
+                    tracing::info!("vCPUs paused");
+                    json!({"ok": true, "state": "paused"})
+                } else {
+                    shared.set(RunState::Running);
+                    json!({"ok": false, "error": "vCPUs did not pause within 5 s"})
+                }
             }
-            i8042
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .trigger_ctrl_alt_del();
-            let timeout = timeout_ms
-                .map(Duration::from_millis)
-                .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
-            *shutdown_deadline = Some(Instant::now() + timeout);
-            tracing::info!(
-                timeout_ms = timeout.as_millis() as u64,
-                "asked the guest to power off"
-            );
-            json!({"ok": true, "state": "shutting_down"})
-        }
-        Request::Stop => {
-            stop = true;
-            json!({"ok": true, "state": "stopping"})
-        }
-    };
-    let _ = call.reply.send(reply);
-    stop
+            Request::Resume => {
+                shared.set(RunState::Running);
+                tracing::info!("vCPUs resumed");
+                json!({"ok": true, "state": "running"})
+            }
+            Request::Shutdown { timeout_ms } => {
+                if shared.run_state() == RunState::Paused {
+                    shared.set(RunState::Running);
+                }
+                i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .trigger_ctrl_alt_del();
+                let timeout = timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+                self.shutdown_deadline = Some(Instant::now() + timeout);
+                tracing::info!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "asked the guest to power off"
+                );
+                json!({"ok": true, "state": "shutting_down"})
+            }
+            Request::Stop => {
+                stop = true;
+                json!({"ok": true, "state": "stopping"})
+            }
+        };
+        let _ = call.reply.send(reply);
+        stop
+    }
 }
 
 /// User plus system CPU time of the whole process so far.

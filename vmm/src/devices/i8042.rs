@@ -44,10 +44,9 @@ const KBD_RESET_OK: u8 = 0xaa;
 const BUFFER_MAX: usize = 16;
 
 /// Scan code set 2: Ctrl, Alt, Delete pressed, then released.
-const CTRL_ALT_DEL: [u8; 12] = [
+const CTRL_ALT_DEL: [u8; 11] = [
     0x14, 0x11, 0xe0, 0x71, // make: Ctrl, Alt, E0 Delete
     0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14, // break: Delete, Alt, Ctrl
-    0x00,
 ];
 
 /// The controller's state machine.
@@ -80,8 +79,8 @@ impl I8042 {
 
     /// Queues Ctrl-Alt-Del key presses for the guest.
     pub fn trigger_ctrl_alt_del(&mut self) {
-        for b in &CTRL_ALT_DEL[..11] {
-            self.push(*b);
+        for b in CTRL_ALT_DEL {
+            self.push(b);
         }
     }
 
@@ -226,7 +225,7 @@ mod tests {
         while rd(&mut d, OFS_STATUS) & SB_OUT_FULL != 0 {
             got.push(rd(&mut d, OFS_DATA));
         }
-        assert_eq!(got, CTRL_ALT_DEL[..11]);
+        assert_eq!(got, CTRL_ALT_DEL);
     }
 
     #[test]

@@ -425,12 +425,16 @@ impl Vsock {
     }
 
     /// Moves packets both ways until nothing more can move, then
-    /// interrupts the guest if a used ring changed.
-    fn run(&mut self, now: Instant, tx_notified: bool) {
+    /// interrupts the guest if a used ring changed. `sweep` passes over
+    /// every connection (timeouts, activation); otherwise only the
+    /// connections an event touched were updated, by the muxer itself.
+    fn run(&mut self, now: Instant, tx_notified: bool, sweep: bool) {
         if self.active.is_none() {
             return;
         }
-        self.muxer.maintain(now);
+        if sweep {
+            self.muxer.maintain(now);
+        }
         let mut used = false;
         let mut do_tx = tx_notified || self.tx_stalled;
         // Bounded: each round either drains the tx queue or stops on a
@@ -616,6 +620,7 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
         let now = Instant::now();
         let mut tx_notified = false;
+        let sweep = matches!(events.data(), EV_CTL | EV_TIMER);
         match events.data() {
             EV_CTL => {
                 let _ = self.ctl_evt.read();
@@ -644,7 +649,7 @@ impl MutEventSubscriber for Vsock {
             }
             other => warn!("vsock: event with unknown data {other}"),
         }
-        self.run(now, tx_notified);
+        self.run(now, tx_notified, sweep);
         self.muxer.sync_epoll(ops);
         self.arm_timer(now);
     }

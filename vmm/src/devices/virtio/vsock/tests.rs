@@ -520,7 +520,7 @@ fn connect_line_timeout_and_request_timeout() {
     assert!(h.dev().timer_deadline.is_some());
 
     let later = Instant::now() + HANDSHAKE_TIMEOUT + Duration::from_secs(1);
-    h.dev().run(later, false);
+    h.dev().run(later, false, true); // as the timer would
     h.kick_idle();
     assert_closed(&mut silent);
     assert_closed(&mut unanswered);

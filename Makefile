@@ -18,14 +18,9 @@ INITRD_COMPRESS ?= none
 
 all: binaries kernel initrd
 
-# What `make` needs beyond the Rust toolchain; the guest kernel's build
-# tools come with guest-kernel/build.sh, the KVM host's with tests/kvm-host/.
+# What `make` needs beyond the Rust toolchain (scripts/deps).
 deps:
-	@command -v cargo >/dev/null || { echo "make: cargo is required (install Rust with rustup)" >&2; exit 1; }
-	@missing=(); command -v file >/dev/null || missing+=(file); command -v python3 >/dev/null || missing+=(python3); \
-	if [ $${#missing[@]} -gt 0 ]; then echo "make: installing $${missing[*]}" >&2; \
-	  apt-get update -qq || true; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $${missing[@]} >&2; fi
-	@cargo clippy --version >/dev/null 2>&1 && cargo fmt --version >/dev/null 2>&1 || rustup component add clippy rustfmt
+	@scripts/deps
 
 binaries: deps
 	@echo "make: building host binaries (release)"
@@ -34,7 +29,7 @@ binaries: deps
 agent: deps
 	@echo "make: building isola-agent (static, $(GUEST_TARGET))"
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(GUEST_TARGET) -p isola-agent
-	@file $(AGENT) | grep -q 'static' || { echo "make: $(AGENT) is not statically linked" >&2; exit 1; }
+	@[[ "$$(file -b $(AGENT))" == *static* ]] || { echo "make: $(AGENT) is not statically linked" >&2; exit 1; }
 
 kernel: deps
 	guest-kernel/build.sh $(BUILD)/vmlinux $(BUILD)/bzImage
@@ -46,16 +41,27 @@ initrd: agent binaries
 # Unit tests natively, then the end-to-end suite in one boot of a KVM host.
 test: lint unit-test e2e
 
+# The project's shell scripts: every file under scripts/, guest-kernel/,
+# tests/ and .ci/ whose first line names a shell.
+SHELL_SCRIPTS = $(shell grep -lsE '^\#!.*\b(ba)?sh\b' scripts/* guest-kernel/* tests/*/* .ci/*)
+
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck -x $(SHELL_SCRIPTS) scripts/lib.sh
+	@# Under pipefail, `cmd | grep -q` and `cmd | head` fail with 141 when
+	@# grep/head exit first (scripts/lib.sh): capture the output instead.
+	@if grep -nE '^[^#]*[|][[:space:]]*(grep[[:space:]]+-[a-zA-Z]*q|head)([[:space:]]|$$)' $(SHELL_SCRIPTS) scripts/lib.sh Makefile; then \
+	  echo "lint: a pipe into grep -q or head above; under pipefail it fails with status 141 (capture the output first)" >&2; exit 1; fi
 
 unit-test: deps
+	tests/scripts/kernel-source.sh
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib
 
 e2e: all
 	tests/kvm-host/setup-e2e
+	tests/scripts/kvm-host-boot-failure.sh
 	tests/e2e/run
 
 # Boots the guest under QEMU microvm on a KVM host and prints the time to

@@ -12,35 +12,63 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: build.sh OUT [BZIMAGE_OUT]}
-bzout=${2:-}
-cache=${ISOLA_CACHE:-$HOME/.cache/isola}
-fragment=$here/isola.config
+# shellcheck source=scripts/lib.sh
+. "$here/../scripts/lib.sh"
 log() { echo "guest-kernel: $*" >&2; }
 
-# Newest Debian kernel source the machine's package sources offer, 6.12 first.
-pkg=
-for candidate in linux-source-6.12 linux-source-6.1; do
-    if dpkg-query -W -f='${Status}' "$candidate" 2>/dev/null | grep -q 'install ok installed' ||
-        apt-cache policy "$candidate" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-        pkg=$candidate
-        break
+# The kernel source package to build from, as "PKG VERSION STATE" (STATE:
+# installed or available): an installed linux-source-6.12 or -6.1 first (no
+# download, a stable cache key), else the newest one apt offers, refreshing
+# stale package lists once if none is offered.
+kernel_source() {
+    local candidate version attempt
+    for candidate in linux-source-6.12 linux-source-6.1; do
+        if isola_pkg_installed "$candidate"; then
+            version=$(dpkg-query -W -f='${Version}' "$candidate")
+            echo "$candidate $version installed"
+            return 0
+        fi
+    done
+    for attempt in 1 2; do
+        for candidate in linux-source-6.12 linux-source-6.1; do
+            if version=$(isola_apt_candidate "$candidate"); then
+                echo "$candidate $version available"
+                return 0
+            fi
+        done
+        if [ $attempt -eq 2 ] || isola_apt_lists_fresh; then break; fi
+        isola_apt_update
+    done
+    return 1
+}
+
+if [ "${1:-}" = --print-source ]; then
+    if ! kernel_source; then
+        log "neither linux-source-6.12 nor linux-source-6.1 is installed or available from apt"
+        exit 1
     fi
-done
-if [ -z "$pkg" ]; then
-    log "neither linux-source-6.12 nor linux-source-6.1 is available from apt"
+    exit 0
+fi
+
+out=${1:?usage: build.sh OUT [BZIMAGE_OUT] | build.sh --print-source}
+bzout=${2:-}
+cache=$ISOLA_CACHE
+fragment=$here/isola.config
+
+if ! source_line=$(kernel_source); then
+    log "neither linux-source-6.12 nor linux-source-6.1 is installed or available from apt (sources: /etc/apt/sources.list*)"
     exit 1
 fi
-if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+read -r pkg _ state <<<"$source_line"
+build_tools=(build-essential flex bison bc libelf-dev libssl-dev xz-utils)
+if [ "$state" != installed ]; then
     log "installing $pkg and the kernel build tools"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "$pkg" build-essential flex bison bc libelf-dev libssl-dev xz-utils >&2
+    isola_apt_install "$pkg" "${build_tools[@]}"
 fi
-for tool in flex bison bc gcc make; do
+for tool in flex bison bc gcc make xz; do
     if ! command -v "$tool" >/dev/null; then
-        log "installing kernel build tools"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            build-essential flex bison bc libelf-dev libssl-dev xz-utils >&2
+        log "installing kernel build tools ($tool is missing)"
+        isola_apt_install "${build_tools[@]}"
         break
     fi
 done
@@ -74,10 +102,19 @@ start=$(date +%s)
 work=$dir.work
 rm -rf "$work"
 mkdir -p "$work"
-tarball=$(ls /usr/src/"$pkg".tar.* | head -n1)
-log "unpacking $tarball"
-tar -xf "$tarball" -C "$work"
-src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'linux-source-*' | head -n1)
+tarballs=(/usr/src/"$pkg".tar.*)
+if [ ! -f "${tarballs[0]}" ]; then
+    log "$pkg is installed but /usr/src/$pkg.tar.* is missing"
+    exit 1
+fi
+log "unpacking ${tarballs[0]}"
+tar -xf "${tarballs[0]}" -C "$work"
+srcs=("$work"/linux-source-*/)
+src=${srcs[0]%/}
+if [ ! -d "$src" ]; then
+    log "${tarballs[0]} holds no linux-source-* directory"
+    exit 1
+fi
 objdir=$work/obj
 mkdir -p "$objdir"
 
@@ -107,8 +144,16 @@ if [ ${#dropped[@]} -gt 0 ]; then
     exit 1
 fi
 
-log "compiling vmlinux and bzImage (make -j$(nproc)); log in $work/build.log"
-if ! make -C "$src" O="$objdir" ARCH=x86_64 -j"$(nproc)" vmlinux bzImage >"$work/build.log" 2>&1; then
+# A first build compiles about KERNEL_OBJECTS objects; show how far it is.
+KERNEL_OBJECTS=1200
+kernel_progress() {
+    local objects
+    objects=$(find "$objdir" -name '*.o' -newer "$objdir/.config" | wc -l)
+    echo "$objects of about $KERNEL_OBJECTS objects compiled"
+}
+log "compiling vmlinux and bzImage (make -j$(nproc)); a line every 30 s; log in $work/build.log"
+if ! ISOLA_PROGRESS_FN=kernel_progress isola_with_progress "guest-kernel" --log "$work/build.log" \
+    make -C "$src" O="$objdir" ARCH=x86_64 -j"$(nproc)" vmlinux bzImage; then
     tail -n 40 "$work/build.log" >&2
     log "kernel build failed; full log in $work/build.log"
     exit 1

@@ -1,0 +1,128 @@
+# shellcheck shell=bash
+# Helpers shared by the project's install paths (the Makefile's deps,
+# guest-kernel/build.sh, tests/kvm-host/setup-*). Source it; it sets no
+# shell options of its own.
+#
+# Two rules these helpers keep, because breaking them passed CI on a warm
+# machine and failed on a fresh one:
+#   - never `cmd | grep -q` or `cmd | head` under pipefail: grep/head exit
+#     early, cmd dies of SIGPIPE, and pipefail reports 141. Capture the
+#     output first, then test it.
+#   - a look-up or install against apt's package lists needs lists that
+#     exist and are recent: run `apt-get update` (once) when they are not,
+#     and once more before giving up on an install.
+
+ISOLA_CACHE=${ISOLA_CACHE:-$HOME/.cache/isola}
+# virtiofsd for the emulated KVM host's root file system and for sandboxes:
+# the Rust one, at a version we tested, in the cache (never Debian QEMU 7.2's
+# C virtiofsd, which shares no root file system with virtme-ng).
+ISOLA_VIRTIOFSD_VERSION=1.14.0
+ISOLA_TOOLS=$ISOLA_CACHE/tools
+
+isola_as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -E "$@"; fi
+}
+
+# True when PKG is installed (dpkg's status, not just known).
+isola_pkg_installed() {
+    local status
+    status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) || return 1
+    [ "$status" = "install ok installed" ]
+}
+
+# Prints the candidate version apt would install for PKG; false if none.
+isola_apt_candidate() {
+    local policy version
+    policy=$(apt-cache policy "$1" 2>/dev/null) || return 1
+    version=$(sed -n 's/^ *Candidate: *//p' <<<"$policy")
+    case "$version" in
+    '' | '(none)') return 1 ;;
+    esac
+    echo "$version"
+}
+
+# apt's lists, and our stamp of the last `apt-get update` we ran (apt leaves
+# an unchanged list's mtime alone, so the lists' own age can mislead).
+ISOLA_APT_LISTS=${ISOLA_APT_LISTS:-/var/lib/apt/lists}
+ISOLA_APT_STAMP=${ISOLA_APT_STAMP:-$ISOLA_CACHE/apt-updated}
+
+# True when apt's package lists exist and were refreshed in the last day.
+isola_apt_lists_fresh() {
+    [ -n "$(find "$ISOLA_APT_LISTS" -maxdepth 1 -name '*_Packages*' -print -quit 2>/dev/null)" ] || return 1
+    [ -n "$(find "$ISOLA_APT_LISTS" -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit 2>/dev/null)" ] ||
+        [ -n "$(find "$ISOLA_APT_STAMP" -mmin -1440 -print 2>/dev/null)" ]
+}
+
+# apt-get update, unless one ran in the last minute (several install steps
+# of one `make` share it) or -f forces it.
+isola_apt_update() {
+    if [ "${1:-}" != -f ] && [ -n "$(find "$ISOLA_APT_STAMP" -mmin -1 -print 2>/dev/null)" ]; then return 0; fi
+    echo "isola: refreshing apt's package lists (apt-get update)" >&2
+    if isola_as_root apt-get update -qq >&2; then
+        mkdir -p "$(dirname "$ISOLA_APT_STAMP")" && touch "$ISOLA_APT_STAMP"
+    else
+        echo "isola: warning: apt-get update failed" >&2
+    fi
+}
+
+# apt-get install PKG..., refreshing stale package lists first, and once
+# more if the install fails (lists that name versions the mirror dropped).
+isola_apt_install() {
+    echo "isola: installing $* (apt-get)" >&2
+    isola_apt_lists_fresh || isola_apt_update
+    local cmd=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@")
+    if isola_as_root "${cmd[@]}" >&2; then return 0; fi
+    echo "isola: apt-get install $* failed; refreshing the package lists and trying once more" >&2
+    isola_apt_update -f
+    isola_as_root "${cmd[@]}" >&2
+}
+
+# isola_with_progress LABEL [--log FILE] CMD...
+# Runs CMD (its output into FILE if given), printing "LABEL: still working,
+# N s[, PROGRESS]" on stderr every ISOLA_PROGRESS_EVERY seconds (default 30)
+# while it runs. PROGRESS is what the function named by ISOLA_PROGRESS_FN
+# prints, if set. Returns CMD's status.
+isola_with_progress() {
+    local label=$1 logfile=
+    shift
+    if [ "${1:-}" = --log ]; then
+        logfile=$2
+        shift 2
+    fi
+    local every=${ISOLA_PROGRESS_EVERY:-30} start status=0 ticker
+    start=$(date +%s)
+    (
+        while sleep "$every"; do
+            local extra=
+            if [ -n "${ISOLA_PROGRESS_FN:-}" ]; then extra=", $("$ISOLA_PROGRESS_FN" 2>/dev/null)"; fi
+            echo "$label: still working, $(($(date +%s) - start)) s$extra" >&2
+        done
+    ) &
+    ticker=$!
+    if [ -n "$logfile" ]; then
+        "$@" >"$logfile" 2>&1 || status=$?
+    else
+        "$@" || status=$?
+    fi
+    kill "$ticker" 2>/dev/null
+    wait "$ticker" 2>/dev/null
+    return $status
+}
+
+# Path of the Rust virtiofsd at ISOLA_VIRTIOFSD_VERSION, installing it into
+# the cache (cargo install --locked, about 2 minutes) if missing.
+isola_virtiofsd() {
+    local bin=$ISOLA_TOOLS/bin/virtiofsd version=
+    if [ -x "$bin" ]; then version=$("$bin" --version 2>/dev/null) || version=; fi
+    if [[ "$version" != *" $ISOLA_VIRTIOFSD_VERSION"* ]]; then
+        local need=()
+        command -v pkg-config >/dev/null || need+=(pkg-config)
+        isola_pkg_installed libseccomp-dev || need+=(libseccomp-dev)
+        isola_pkg_installed libcap-ng-dev || need+=(libcap-ng-dev)
+        if [ ${#need[@]} -gt 0 ]; then isola_apt_install "${need[@]}"; fi
+        echo "isola: installing virtiofsd $ISOLA_VIRTIOFSD_VERSION into $ISOLA_TOOLS (cargo install, about 2 minutes)" >&2
+        isola_with_progress "isola: cargo install virtiofsd" \
+            cargo install --locked --quiet --root "$ISOLA_TOOLS" virtiofsd --version "$ISOLA_VIRTIOFSD_VERSION" >&2
+    fi
+    echo "$bin"
+}

@@ -86,7 +86,12 @@ pub struct VmConfig {
     pub vsock: Option<PathBuf>,
     pub vsock_cid: u64,
     pub console: Console,
+    /// Most bytes a console file gets (`--console-limit`); the rest is
+    /// dropped and counted.
+    pub console_limit: u64,
     pub api_socket: Option<PathBuf>,
+    /// Per-thread seccomp filters (`--no-seccomp` turns them off).
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -134,7 +139,9 @@ impl VmConfig {
             vsock,
             vsock_cid,
             console,
+            console_limit: crate::devices::console::DEFAULT_CONSOLE_LIMIT,
             api_socket,
+            seccomp: true,
         };
         // The full line (with what the VMM adds) is checked when it is built;
         // the user's part alone must already fit.

@@ -18,9 +18,9 @@ use clap::Parser;
 use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
 use isola_vmm::devices::boot_timer::BootTimes;
 use isola_vmm::devices::virtio::rng::Rng;
-use isola_vmm::devices::virtio::vsock::Vsock;
+use isola_vmm::devices::virtio::vsock::{Vsock, FD_RESERVE, MAX_CONNECTIONS};
 use isola_vmm::vcpu::GuestExit;
-use isola_vmm::vm::{VirtioEntry, Vm};
+use isola_vmm::vm::{raise_fd_limit, VirtioEntry, Vm};
 
 /// The guest agent's vsock port (isola_protocol::AGENT_VSOCK_PORT): the
 /// first answer the agent gives on it is the "agent ready" boot milestone.
@@ -59,8 +59,13 @@ struct Args {
     #[arg(long, value_name = "CID", default_value_t = 3)]
     vsock_cid: u64,
     /// Where the serial console goes: off (no device at all), stdout, or a file.
+    /// The guest never waits for the console: output that cannot be written
+    /// in time is dropped (and counted in the API's `info` metrics).
     #[arg(long, value_name = "off|stdout|FILE", default_value = "stdout")]
     console: String,
+    /// Most bytes written to a console FILE; the rest is dropped and counted.
+    #[arg(long, value_name = "BYTES", default_value_t = isola_vmm::devices::console::DEFAULT_CONSOLE_LIMIT)]
+    console_limit: u64,
     /// No virtio-rng device (by default the guest gets one, fed from the
     /// host's getrandom, so its CRNG is seeded early).
     #[arg(long)]
@@ -68,10 +73,18 @@ struct Args {
     /// Control API socket (JSON lines: info, pause, resume, shutdown, stop).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// No seccomp filters on the VMM's threads (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() {
     let started = Instant::now();
+    // Before any thread exists: every thread inherits the mask.
+    if let Err(err) = isola_vmm::vm::block_exit_signals() {
+        eprintln!("isola-vmm: error: blocking SIGTERM/SIGINT/SIGHUP: {err}");
+        std::process::exit(1);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -95,7 +108,7 @@ fn main() {
 
 fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     let console: Console = args.console.parse()?;
-    let config = VmConfig::new(
+    let mut config = VmConfig::new(
         args.kernel,
         args.initrd,
         Some(args.cmdline),
@@ -106,11 +119,25 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         console,
         args.api_socket,
     )?;
+    config.console_limit = args.console_limit;
+    config.seccomp = !args.no_seccomp;
     let boot_times = Arc::new(Mutex::new(BootTimes::default()));
     let mut virtio: Vec<VirtioEntry> = Vec::new();
     if let Some(path) = &config.vsock {
         let mut vsock = Vsock::new(config.vsock_cid, path.clone())
             .with_context(|| format!("vsock socket {}", path.display()))?;
+        // Every vsock stream is a host socket: make room for all of them.
+        let want = (MAX_CONNECTIONS + FD_RESERVE) as u64;
+        let soft = raise_fd_limit(want);
+        if soft < want {
+            let max = (soft as usize).saturating_sub(FD_RESERVE).max(16);
+            tracing::warn!(
+                open_file_limit = soft,
+                max_connections = max,
+                "the open-file limit is below what {MAX_CONNECTIONS} vsock streams need; capping them"
+            );
+            vsock.set_max_connections(max);
+        }
         let times = boot_times.clone();
         vsock.set_first_response_hook(move |first| {
             if first.port == AGENT_VSOCK_PORT {

@@ -1,12 +1,21 @@
 //! vCPUs: one thread each, running KVM_RUN and routing exits to the buses.
 //!
 //! The VMM pauses vCPUs by setting the shared run state and kicking each
-//! thread out of KVM_RUN with a signal ([`KICK_SIGNAL`]); a paused thread
+//! thread out of KVM_RUN with a signal ([`kick_signal`]); a paused thread
 //! waits on a condition variable until it is resumed or told to stop.
+//!
+//! A kick is never lost: the signal handler sets the thread's
+//! `kvm_run.immediate_exit`, so a signal that lands between the thread's
+//! look at the run state and its next KVM_RUN makes that KVM_RUN return
+//! at once (as Firecracker does). The thread clears the flag, then looks
+//! at the run state again; the VMM always sets the state before it kicks.
+//! So one kick per thread is enough, and the VMM waits for the threads to
+//! park or exit on a condition variable instead of re-kicking.
 
+use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -42,10 +51,20 @@ pub enum GuestExit {
     Failed(String),
 }
 
+/// The run state and how many vCPU threads are parked (paused) or gone.
+#[derive(Debug, Clone, Copy)]
+struct States {
+    want: RunState,
+    parked: usize,
+    exited: usize,
+}
+
 /// State shared by the VMM and its vCPU threads.
 #[derive(Debug)]
 pub struct VcpuShared {
-    state: Mutex<(RunState, usize)>,
+    state: Mutex<States>,
+    /// Signalled when the wanted state changes (for parked threads) and
+    /// when a thread parks or exits (for the VMM waiting on them).
     changed: Condvar,
     /// Written when a vCPU ends the VM; the reason is in `exit`.
     pub exit_evt: EventFd,
@@ -55,30 +74,70 @@ pub struct VcpuShared {
 impl VcpuShared {
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(VcpuShared {
-            state: Mutex::new((RunState::Running, 0)),
+            state: Mutex::new(States {
+                want: RunState::Running,
+                parked: 0,
+                exited: 0,
+            }),
             changed: Condvar::new(),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             exit: Mutex::new(None),
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (RunState, usize)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, States> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn run_state(&self) -> RunState {
-        self.lock().0
+        self.lock().want
     }
 
     /// Sets the desired state and wakes paused threads.
     pub fn set(&self, state: RunState) {
-        self.lock().0 = state;
+        self.lock().want = state;
         self.changed.notify_all();
     }
 
     /// Number of vCPU threads currently parked in the paused state.
     pub fn paused_count(&self) -> usize {
-        self.lock().1
+        self.lock().parked
+    }
+
+    /// Number of vCPU threads that have returned.
+    pub fn exited_count(&self) -> usize {
+        self.lock().exited
+    }
+
+    /// A vCPU thread is about to return.
+    fn thread_exited(&self) {
+        self.lock().exited += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `total` threads are parked or gone (for a pause) or all
+    /// gone (for a stop), or `until` passes. True when they are.
+    fn wait_settled(&self, total: usize, until: Instant) -> bool {
+        let mut guard = self.lock();
+        loop {
+            let done = match guard.want {
+                RunState::Paused => guard.parked + guard.exited >= total,
+                RunState::Stopping => guard.exited >= total,
+                RunState::Running => true,
+            };
+            if done {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     fn end(&self, why: GuestExit) {
@@ -92,14 +151,15 @@ impl VcpuShared {
     /// Parks the calling vCPU thread while paused; false when stopping.
     fn park_while_paused(&self) -> bool {
         let mut guard = self.lock();
-        if guard.0 == RunState::Paused {
-            guard.1 += 1;
-            while guard.0 == RunState::Paused {
+        if guard.want == RunState::Paused {
+            guard.parked += 1;
+            self.changed.notify_all();
+            while guard.want == RunState::Paused {
                 guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
-            guard.1 -= 1;
+            guard.parked -= 1;
         }
-        guard.0 != RunState::Stopping
+        guard.want != RunState::Stopping
     }
 }
 
@@ -113,9 +173,24 @@ pub struct Vcpu {
     pub shared: Arc<VcpuShared>,
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, while it runs a vCPU.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// Installs the (empty) kick handler once for the process.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work: a thread-local read and a byte store.
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: `flag` points into this thread's vCPU kvm_run mapping,
+        // which the thread keeps alive while the pointer is set (it is
+        // cleared before the VcpuFd is dropped); KVM reads the byte at the
+        // next KVM_RUN.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
+
+/// Installs the kick handler once for the process.
 pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
@@ -131,16 +206,28 @@ impl Vcpu {
     }
 
     fn run(mut self) {
-        // The kick signal must reach this thread even though the VMM blocks
-        // its own signals for the signalfd.
-        // SAFETY: unblocking one signal of this thread's mask with a valid
-        // sigset_t built by libc.
-        unsafe {
-            let mut raw: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut raw);
-            libc::sigaddset(&mut raw, kick_signal());
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw, std::ptr::null_mut());
+        let kvm_run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `kvm_run` is the live mapping of this vCPU's kvm_run
+        // structure; taking a field's address does not access it.
+        let flag = unsafe { std::ptr::addr_of_mut!((*kvm_run).immediate_exit) };
+        IMMEDIATE_EXIT.with(|f| f.set(flag));
+        let shared = self.shared.clone();
+        if let Err(err) = unblock_kick_signal() {
+            // Without the signal this thread could never be paused or
+            // stopped: end the VM instead of running unstoppable.
+            shared.end(GuestExit::Failed(format!(
+                "vCPU {}: unblocking the kick signal: {err}",
+                self.index
+            )));
+        } else {
+            self.run_loop();
         }
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        drop(self);
+        shared.thread_exited();
+    }
+
+    fn run_loop(&mut self) {
         loop {
             match self.shared.run_state() {
                 RunState::Stopping => return,
@@ -180,11 +267,6 @@ impl Vcpu {
                     self.mmio.write(addr, data);
                     None
                 }
-                VcpuExit::Hlt => {
-                    // With the in-kernel LAPIC, HLT only exits when the
-                    // guest halts with interrupts off: it is done.
-                    Some(GuestExit::PowerOff)
-                }
                 VcpuExit::Shutdown => Some(GuestExit::Reset),
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(GuestExit::PowerOff),
@@ -205,8 +287,10 @@ impl Vcpu {
                 }
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked: the loop looks at the run state.
+                // Kicked: clear the flag, then the loop looks at the run
+                // state (set before any kick).
                 self.fd.set_kvm_immediate_exit(0);
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
                 None
             }
             Err(e) => Some(GuestExit::Failed(format!(
@@ -217,32 +301,80 @@ impl Vcpu {
     }
 }
 
-/// Kicks every vCPU thread out of KVM_RUN until they are all parked (for a
-/// pause) or gone (for a stop), or the deadline passes.
+/// The kick signal must reach a vCPU thread even though the VMM blocks
+/// its own signals (for the signalfd) in every thread.
+fn unblock_kick_signal() -> std::io::Result<()> {
+    // SAFETY: a sigset_t initialised by sigemptyset, passed by reference
+    // to pthread_sigmask for the calling thread.
+    let rc = unsafe {
+        let mut raw: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut raw);
+        libc::sigaddset(&mut raw, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Kicks every live vCPU thread out of KVM_RUN once, then waits until they
+/// are all parked (for a pause) or gone (for a stop), or `deadline` passes.
+/// True when they are.
 pub fn kick_all(handles: &[JoinHandle<()>], shared: &VcpuShared, deadline: Duration) -> bool {
-    let until = std::time::Instant::now() + deadline;
-    loop {
-        let live: Vec<&JoinHandle<()>> = handles.iter().filter(|h| !h.is_finished()).collect();
-        let done = match shared.run_state() {
-            RunState::Paused => shared.paused_count() >= live.len(),
-            RunState::Stopping => live.is_empty(),
-            RunState::Running => true,
-        };
-        if done {
-            return true;
+    let until = Instant::now() + deadline;
+    for h in handles.iter().filter(|h| !h.is_finished()) {
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the pthread_t comes from a JoinHandle that has not been
+        // joined, so it names a live (or exiting, not yet reaped) thread.
+        unsafe {
+            libc::pthread_kill(h.as_pthread_t(), kick_signal());
         }
-        if std::time::Instant::now() >= until {
-            return false;
+    }
+    shared.wait_settled(handles.len(), until)
+}
+
+/// The running vCPU threads. Dropping it (on every path out of the VMM's
+/// run, errors included) stops and joins them, so guest memory is never
+/// unmapped under a vCPU still in KVM_RUN.
+#[derive(Debug)]
+pub struct VcpuThreads {
+    pub handles: Vec<JoinHandle<()>>,
+    pub shared: Arc<VcpuShared>,
+}
+
+/// How long stopping the vCPUs may take before the VMM gives up on them.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuThreads {
+    /// Stops every vCPU thread and joins it. If one does not stop within
+    /// [`STOP_TIMEOUT`] the process exits at once: freeing guest memory
+    /// under a running vCPU is not an option.
+    pub fn stop(&mut self) {
+        if self.handles.is_empty() {
+            return;
         }
-        for h in live {
-            use std::os::unix::thread::JoinHandleExt;
-            // SAFETY: the pthread_t comes from a JoinHandle that has not
-            // been joined, so it names a live (or exiting) thread.
-            unsafe {
-                libc::pthread_kill(h.as_pthread_t(), kick_signal());
-            }
+        self.shared.set(RunState::Stopping);
+        if !kick_all(&self.handles, &self.shared, STOP_TIMEOUT) {
+            tracing::error!(
+                running = self.handles.len() - self.shared.exited_count(),
+                "vCPU threads did not stop within {} s; exiting the process",
+                STOP_TIMEOUT.as_secs()
+            );
+            // SAFETY: _exit ends the process without running destructors,
+            // so nothing unmaps guest memory while a vCPU may still use it.
+            unsafe { libc::_exit(1) };
         }
-        std::thread::sleep(Duration::from_millis(5));
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

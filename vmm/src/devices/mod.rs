@@ -3,6 +3,7 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod console;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

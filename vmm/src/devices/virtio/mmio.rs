@@ -2,21 +2,31 @@
 //!
 //! Lives on the MMIO bus at a 4 KiB window per device. Queue notifications
 //! do not come through here: each queue's QueueNotify write is matched by a
-//! KVM ioeventfd (see [`MmioTransport::queue_evts`]) and goes straight to
-//! the device's event loop. Interrupts go out through an irqfd.
+//! KVM ioeventfd (the device's [`VirtioDevice::queue_events`]) and goes
+//! straight to the device's event loop. Interrupts go out through an irqfd.
+//!
+//! Every register write is guest input: bad queue sizes and ring addresses
+//! are refused without touching the queue (virtio-queue's checked
+//! `try_set_*` setters, which do not log), refusals are counted in the
+//! VMM's metrics and logged through a rate limiter, and a failed
+//! activation marks the device FAILED or NEEDS_RESET instead of stopping
+//! anything else.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue::{copy_configured, validate};
 use super::{
     InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING,
 };
 use crate::devices::bus::BusDevice;
+use crate::guest_log::LogLimiter;
+use crate::metrics::{inc, METRICS};
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -62,8 +72,9 @@ impl InterruptSignal for MmioInterrupt {
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
+    /// The queues as the driver configured them; the device gets copies at
+    /// activation, these keep answering register reads (QueueReady).
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
     interrupt: Arc<MmioInterrupt>,
     interrupt_status: Arc<AtomicU32>,
     device_features_sel: u32,
@@ -73,6 +84,7 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    limiter: LogLimiter,
 }
 
 impl MmioTransport {
@@ -84,7 +96,6 @@ impl MmioTransport {
     ) -> std::io::Result<Self> {
         let sizes: Vec<u16> = lock(&device).queue_max_sizes().to_vec();
         let mut queues = Vec::with_capacity(sizes.len());
-        let mut queue_evts = Vec::with_capacity(sizes.len());
         for size in sizes {
             queues.push(Queue::new(size).map_err(|e| {
                 std::io::Error::new(
@@ -92,14 +103,12 @@ impl MmioTransport {
                     format!("queue size {size}: {e:?}"),
                 )
             })?);
-            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
         let interrupt_status = Arc::new(AtomicU32::new(0));
         Ok(MmioTransport {
             device,
             mem,
             queues,
-            queue_evts,
             interrupt: Arc::new(MmioInterrupt {
                 status: interrupt_status.clone(),
                 irqfd,
@@ -112,13 +121,42 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            limiter: LogLimiter::new("virtio-mmio"),
         })
     }
 
-    /// The eventfds to register as KVM ioeventfds on QueueNotify, one per
-    /// queue, with the queue index as datamatch.
-    pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+    /// A write the transport refused: counted, and logged within limits.
+    fn refuse(&mut self, offset: u64, value: u32, why: &str) {
+        inc(&METRICS.mmio_refused_writes);
+        if self.limiter.allow() {
+            tracing::debug!(offset, value, why, "virtio-mmio: refused a register write");
+        }
+    }
+
+    /// Sets half of a queue ring address (`offset` 0x80..=0xa4), refusing
+    /// a misaligned one.
+    fn set_ring_half(&mut self, offset: u64, value: u32) {
+        let Some(q) = self.queues.get_mut(self.queue_sel as usize) else {
+            return self.refuse(offset, value, "no such queue");
+        };
+        let current = match offset & !0x7 {
+            0x80 => q.desc_table(),
+            0x90 => q.avail_ring(),
+            _ => q.used_ring(),
+        };
+        let addr = if offset & 0x4 == 0 {
+            (current & !0xffff_ffff) | u64::from(value)
+        } else {
+            (current & 0xffff_ffff) | (u64::from(value) << 32)
+        };
+        let result = match offset & !0x7 {
+            0x80 => q.try_set_desc_table_address(GuestAddress(addr)),
+            0x90 => q.try_set_avail_ring_address(GuestAddress(addr)),
+            _ => q.try_set_used_ring_address(GuestAddress(addr)),
+        };
+        if result.is_err() {
+            self.refuse(offset, value, "misaligned ring address");
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -170,10 +208,14 @@ impl MmioTransport {
             0x24 => self.driver_features_sel = value,
             0x30 => self.queue_sel = value,
             0x38 if configuring => {
-                if let Some(q) = self.selected_queue() {
-                    // An invalid size (0, > max, not a power of two) leaves
-                    // the queue invalid; activation then fails cleanly.
-                    q.set_size(value.min(u32::from(u16::MAX)) as u16);
+                // An invalid size (0, > max, not a power of two) is refused
+                // and the queue keeps its previous (maximum) size.
+                let ok = match (self.selected_queue(), u16::try_from(value)) {
+                    (Some(q), Ok(size)) => q.try_set_size(size).is_ok(),
+                    _ => false,
+                };
+                if !ok {
+                    self.refuse(offset, value, "invalid queue size");
                 }
             }
             0x44 if configuring => {
@@ -186,20 +228,9 @@ impl MmioTransport {
             }
             0x70 => self.write_status(value),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if configuring => {
-                let (low, high) = if offset & 0x4 == 0 {
-                    (Some(value), None)
-                } else {
-                    (None, Some(value))
-                };
-                if let Some(q) = self.selected_queue() {
-                    match offset & !0x4 {
-                        0x80 => q.set_desc_table_address(low, high),
-                        0x90 => q.set_avail_ring_address(low, high),
-                        _ => q.set_used_ring_address(low, high),
-                    }
-                }
+                self.set_ring_half(offset, value);
             }
-            _ => tracing::debug!(offset, value, "virtio-mmio: ignored register write"),
+            _ => self.refuse(offset, value, "read-only, unknown, or after DRIVER_OK"),
         }
     }
 
@@ -211,7 +242,7 @@ impl MmioTransport {
         let old = self.status;
         // The driver may only add bits (virtio 1.2, 3.1.1).
         if value & old != old {
-            tracing::debug!(old, value, "virtio-mmio: status bits cleared without reset");
+            self.refuse(0x70, value, "status bits cleared without a reset");
             return;
         }
         self.status = value;
@@ -231,37 +262,33 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mem = self.mem.clone();
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&mem) {
-                tracing::warn!(queue = i, "virtio-mmio: driver set up an invalid queue");
-                self.status |= STATUS_FAILED;
-                return;
-            }
-        }
-        // The device takes the configured queues; fresh ones (same maximum
-        // sizes) stand in for them until a reset.
-        let fresh: Result<Vec<Queue>, _> = self
+        let invalid = self
             .queues
             .iter()
-            .map(|q| Queue::new(q.max_size()))
-            .collect();
-        let Ok(fresh) = fresh else {
+            .enumerate()
+            .find_map(|(i, q)| (q.ready()).then(|| validate(q, &mem).err().map(|e| (i, e)))?);
+        if let Some((queue, why)) = invalid {
+            inc(&METRICS.activation_failures);
+            if self.limiter.allow() {
+                tracing::warn!(queue, %why, "virtio-mmio: the driver set up an invalid queue");
+            }
             self.status |= STATUS_FAILED;
             return;
-        };
-        let queues = std::mem::replace(&mut self.queues, fresh);
-        let evts: Result<Vec<EventFd>, _> =
-            self.queue_evts.iter().map(EventFd::try_clone).collect();
-        let result = match evts {
-            Ok(evts) => lock(&self.device)
-                .activate(mem, queues, evts, self.interrupt.clone())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        }
+        // The device works on copies; ours keep answering register reads.
+        let copies: Result<Vec<Queue>, _> = self.queues.iter().map(copy_configured).collect();
+        let result = match copies {
+            Ok(queues) => lock(&self.device).activate(mem, queues, self.interrupt.clone()),
+            Err(e) => Err(super::ActivateError::Io(std::io::Error::other(format!(
+                "{e:?}"
+            )))),
         };
         match result {
             Ok(()) => self.activated = true,
             Err(err) => {
-                tracing::warn!(%err, "virtio-mmio: device activation failed");
+                if self.limiter.allow() {
+                    tracing::warn!(%err, "virtio-mmio: device activation failed");
+                }
                 self.status |= STATUS_NEEDS_RESET;
                 self.config_generation = self.config_generation.wrapping_add(1);
                 let _ = self.interrupt.signal_config_change();
@@ -271,7 +298,9 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.activated && !lock(&self.device).reset() {
-            tracing::warn!("virtio-mmio: device cannot be reset");
+            if self.limiter.allow() {
+                tracing::warn!("virtio-mmio: device cannot be reset");
+            }
             self.status |= STATUS_FAILED;
             return;
         }
@@ -335,6 +364,7 @@ mod tests {
         activated: usize,
         resets: usize,
         config: [u8; 8],
+        evts: Vec<EventFd>,
     }
 
     impl VirtioDevice for Dummy {
@@ -356,14 +386,16 @@ mod tests {
             }
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn queue_events(&self) -> &[EventFd] {
+            &self.evts
+        }
         fn activate(
             &mut self,
             _: GuestMemoryMmap,
             queues: Vec<Queue>,
-            evts: Vec<EventFd>,
             _: Arc<dyn InterruptSignal>,
         ) -> Result<(), ActivateError> {
-            assert_eq!(queues.len(), evts.len());
+            assert_eq!(queues.len(), 2);
             self.activated += 1;
             Ok(())
         }
@@ -377,6 +409,10 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let dev = Arc::new(Mutex::new(Dummy {
             config: [3, 0, 0, 0, 0, 0, 0, 0],
+            evts: vec![
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ],
             ..Default::default()
         }));
         let t = MmioTransport::new(dev.clone(), mem, EventFd::new(libc::EFD_NONBLOCK).unwrap())
@@ -440,9 +476,33 @@ mod tests {
         assert_eq!(dev.lock().unwrap().activated, 1);
         w(&mut t, 0x70, all);
         assert_eq!(dev.lock().unwrap().activated, 1);
+        // QueueReady still reads back what the driver set.
+        w(&mut t, 0x30, 1);
+        assert_eq!(r(&mut t, 0x44), 1);
         w(&mut t, 0x70, 0);
         assert_eq!(dev.lock().unwrap().resets, 1);
         assert_eq!(r(&mut t, 0x70), 0);
+        assert_eq!(r(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn bad_sizes_and_addresses_are_refused_and_counted() {
+        let (mut t, _) = setup();
+        let before = METRICS.mmio_refused_writes.load(Ordering::Relaxed);
+        w(&mut t, 0x30, 0);
+        for size in [0, 3, 17, 65535, 1 << 20] {
+            w(&mut t, 0x38, size);
+        }
+        // The queue keeps its maximum size.
+        assert_eq!(t.queues[0].size(), 16);
+        w(&mut t, 0x80, 0x1001); // descriptor table: 16-byte aligned
+        w(&mut t, 0x90, 0x1001); // avail ring: 2-byte aligned
+        w(&mut t, 0xa0, 0x1002); // used ring: 4-byte aligned
+        assert_eq!(t.queues[0].desc_table(), 0);
+        w(&mut t, 0x84, 0x1); // high halves combine with the low ones
+        assert_eq!(t.queues[0].desc_table(), 1 << 32);
+        let refused = METRICS.mmio_refused_writes.load(Ordering::Relaxed) - before;
+        assert!(refused >= 8, "{refused} writes refused");
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! virtio devices and their MMIO transport.
 //!
 //! A device implements [`VirtioDevice`]: the transport (`mmio.rs`) handles
-//! the virtio-mmio register protocol, builds the queues the driver
-//! configured, registers one ioeventfd per queue with KVM, and calls
+//! the virtio-mmio register protocol and builds the queues the driver
+//! configured; the device manager registers the device's queue eventfds
+//! with KVM as ioeventfds on QueueNotify; the transport calls
 //! [`VirtioDevice::activate`] when the driver sets DRIVER_OK. From then on
-//! the device does its work on the VMM's device event loop (it is also an
+//! the device does its work on the VMM's event loop (it is also an
 //! `event_manager::MutEventSubscriber`) and tells the guest about used
 //! buffers through [`InterruptSignal`] (an irqfd).
+//!
+//! Every device is built on [`lifecycle::DeviceLifecycle`] (activation,
+//! reset, queue eventfds registered once and always drained) and reads its
+//! rings through [`queue`] (direct chains only, every index and buffer
+//! checked, a budget per event).
 //!
 //! Everything a device reads from guest memory is untrusted: descriptor
 //! addresses, lengths and chains are validated, and a malformed request
 //! must not panic the VMM (at worst the device stops serving the guest).
 
+pub mod lifecycle;
 pub mod mmio;
+pub mod queue;
 pub mod rng;
 pub mod vsock;
 
@@ -53,8 +61,8 @@ pub trait InterruptSignal: Send + Sync + std::fmt::Debug {
 pub enum ActivateError {
     #[error("expected {expected} queues, the driver set up {got}")]
     QueueCount { expected: usize, got: usize },
-    #[error("queue {0} is not valid (size, alignment or addresses out of guest memory)")]
-    InvalidQueue(usize),
+    #[error("queue {0} is not valid: {1}")]
+    InvalidQueue(usize, queue::InvalidQueue),
     #[error("the device is already active")]
     AlreadyActive,
     #[error("activating the device: {0}")]
@@ -77,14 +85,17 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (ignored where read-only).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device with the queues the driver configured, the
-    /// eventfds KVM signals when the driver notifies each queue, and the
+    /// One eventfd per queue, for the device's whole life: the device
+    /// manager registers each with KVM as the ioeventfd of QueueNotify
+    /// (data-matched on the queue index); the device keeps them in its
+    /// event loop registration and always drains them.
+    fn queue_events(&self) -> &[EventFd];
+    /// Starts the device with the queues the driver configured and the
     /// interrupt to raise.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
         interrupt: Arc<dyn InterruptSignal>,
     ) -> Result<(), ActivateError>;
     /// The driver reset the device (wrote 0 to Status): drop every queue

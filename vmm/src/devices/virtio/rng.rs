@@ -6,42 +6,87 @@
 //! workload that calls getrandom() early would block. With this device the
 //! kernel's hwrng core seeds it from the host.
 //!
-//! The guest is untrusted: only write-only descriptors are filled, each
-//! request is capped at [`MAX_REQUEST`] bytes, and a bad chain is returned
-//! with nothing written.
+//! The guest is untrusted: only write-only descriptors are filled, chains
+//! are walked by [`super::queue`] (direct only, bounded), each request is
+//! capped at [`MAX_REQUEST`] bytes, at most [`QUEUE_BUDGET`] requests are
+//! served per event, and the bytes handed out are rate-limited
+//! ([`RATE_BYTES_PER_SEC`], bursts of [`BURST_BYTES`]): a guest asking for
+//! entropy without end costs the host a bounded share of one CPU, and the
+//! event loop stays free for everything else.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::lifecycle::{DeviceEvent, DeviceLifecycle};
+use super::queue::{add_used, next_chain, Next, QUEUE_BUDGET};
 use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::guest_log::LogLimiter;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes given for one request (one descriptor chain).
 pub const MAX_REQUEST: u32 = 64 << 10;
+/// Sustained rate of random bytes a guest gets (far above what a kernel
+/// seeding its CRNG asks for: a few hundred bytes).
+pub const RATE_BYTES_PER_SEC: u64 = 1 << 20;
+/// Bytes a guest may take at once before the rate applies.
+pub const BURST_BYTES: u64 = 256 << 10;
 
-const EV_ACTIVATE: u32 = 1;
-const EV_QUEUE: u32 = 2;
+const EV_TIMER: u32 = 1;
 
+/// A token bucket of bytes.
 #[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    queue_evt: EventFd,
-    interrupt: Arc<dyn InterruptSignal>,
+struct Bucket {
+    tokens: u64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(now: Instant) -> Self {
+        Bucket {
+            tokens: BURST_BYTES,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last);
+        let add = (elapsed.as_micros().min(u128::from(u32::MAX)) as u64)
+            .saturating_mul(RATE_BYTES_PER_SEC)
+            / 1_000_000;
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(BURST_BYTES);
+            self.last = now;
+        }
+    }
+
+    /// How long until `n` tokens are there.
+    fn wait_for(&self, n: u64) -> Duration {
+        let missing = n.saturating_sub(self.tokens);
+        Duration::from_micros(missing.saturating_mul(1_000_000) / RATE_BYTES_PER_SEC + 1)
+    }
 }
 
 /// The entropy device.
 #[derive(Debug)]
 pub struct Rng {
-    activate_evt: EventFd,
-    active: Option<Active>,
-    registered: bool,
+    life: DeviceLifecycle,
+    descs: Vec<Descriptor>,
+    buf: Vec<u8>,
+    bucket: Bucket,
+    /// Wakes the device when the bucket has refilled enough.
+    timer: TimerFd,
+    waiting_for_tokens: bool,
+    limiter: LogLimiter,
     /// Bytes given to the guest so far.
     pub bytes_served: u64,
 }
@@ -49,53 +94,119 @@ pub struct Rng {
 impl Rng {
     pub fn new() -> std::io::Result<Rng> {
         Ok(Rng {
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            active: None,
-            registered: false,
+            life: DeviceLifecycle::new("virtio-rng", 1)?,
+            descs: Vec::new(),
+            buf: Vec::new(),
+            bucket: Bucket::new(Instant::now()),
+            timer: TimerFd::new(
+                ClockId::CLOCK_MONOTONIC,
+                TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?,
+            waiting_for_tokens: false,
+            limiter: LogLimiter::new("virtio-rng"),
             bytes_served: 0,
         })
     }
 
-    /// Serves every available request; returns whether any was used.
-    fn process_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+    /// Serves up to [`QUEUE_BUDGET`] requests; returns whether any was
+    /// used. Work left over re-arms the queue (or waits for the rate
+    /// limit's timer).
+    fn process_queue(&mut self, now: Instant) -> bool {
+        let Some(active) = self.life.active_mut() else {
             return false;
         };
-        let mut buf = Vec::new();
+        if self.waiting_for_tokens {
+            return false;
+        }
+        let Some(queue) = active.queues.first_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
         let mut used = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            let mut written: u32 = 0;
-            for desc in chain {
-                if !desc.is_write_only() {
-                    break;
-                }
-                let len = desc.len().min(MAX_REQUEST - written);
-                if len == 0 {
-                    break;
-                }
-                buf.resize(len as usize, 0);
-                if fill_random(&mut buf).is_err()
-                    || active.mem.write_slice(&buf, desc.addr()).is_err()
-                {
-                    break;
-                }
-                written += len;
+        let mut served = 0;
+        loop {
+            if served == QUEUE_BUDGET {
+                self.life.rearm(0);
+                break;
             }
-            if active.queue.add_used(&active.mem, head, written).is_err() {
-                tracing::warn!("virtio-rng: cannot return a buffer; stopping");
+            self.bucket.refill(now);
+            if self.bucket.tokens == 0 {
+                let wait = self.bucket.wait_for(4096);
+                if let Err(err) = self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(wait)),
+                    TimerSetTimeFlags::empty(),
+                ) {
+                    tracing::error!(%err, "virtio-rng: arming the rate-limit timer");
+                } else {
+                    self.waiting_for_tokens = true;
+                }
+                break;
+            }
+            let head = match next_chain(queue, mem, &mut self.descs) {
+                Ok(Next::Empty) => break,
+                Ok(Next::Chain { head, result }) => {
+                    if let Err(err) = result {
+                        if self.limiter.allow() {
+                            tracing::warn!(%err, "virtio-rng: refusing a request");
+                        }
+                    }
+                    head
+                }
+                Err(err) => {
+                    if self.limiter.allow() {
+                        tracing::warn!(%err, "virtio-rng: the request queue is unusable");
+                    }
+                    break;
+                }
+            };
+            served += 1;
+            let written = fill_chain(&self.descs, mem, &mut self.buf, &mut self.bucket.tokens);
+            if add_used(queue, mem, head, written).is_err() {
+                if self.limiter.allow() {
+                    tracing::warn!("virtio-rng: cannot return a buffer; stopping");
+                }
                 break;
             }
             self.bytes_served += u64::from(written);
             used = true;
         }
         if used {
-            if let Err(err) = active.interrupt.signal_used_queue() {
-                tracing::warn!(%err, "virtio-rng: raising the interrupt");
+            if let Some(active) = self.life.active() {
+                active.signal_used(&mut self.limiter, "virtio-rng");
             }
         }
         used
     }
+}
+
+/// Fills the chain's device-writable buffers with random bytes, at most
+/// [`MAX_REQUEST`] and `tokens` of them (taken from `tokens`). Returns the
+/// bytes written.
+fn fill_chain(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    buf: &mut Vec<u8>,
+    tokens: &mut u64,
+) -> u32 {
+    let mut written: u32 = 0;
+    for desc in descs {
+        if !desc.is_write_only() {
+            continue;
+        }
+        let room = (MAX_REQUEST - written).min((*tokens).min(u64::from(u32::MAX)) as u32);
+        let len = desc.len().min(room);
+        if len == 0 {
+            break;
+        }
+        buf.resize(len as usize, 0);
+        if fill_random(buf).is_err() || mem.write_slice(buf, desc.addr()).is_err() {
+            break;
+        }
+        written += len;
+        *tokens -= u64::from(len);
+    }
+    written
 }
 
 fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -132,84 +243,48 @@ impl VirtioDevice for Rng {
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
+    fn queue_events(&self) -> &[EventFd] {
+        self.life.queue_events()
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
-        mut queue_evts: Vec<EventFd>,
+        queues: Vec<Queue>,
         interrupt: Arc<dyn InterruptSignal>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (Some(queue), Some(queue_evt)) = (queues.pop(), queue_evts.pop()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: 0,
-            });
-        };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
-        self.active = Some(Active {
-            mem,
-            queue,
-            queue_evt,
-            interrupt,
-        });
-        self.activate_evt.write(1)?;
-        Ok(())
+        self.life.activate(mem, queues, interrupt)
     }
 
     fn reset(&mut self) -> bool {
-        // The queue eventfd leaves the event loop with the old activation;
-        // a re-activation registers the new one.
-        self.active = None;
+        self.life.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps<'_>) {
-        if let Err(err) = ops.add(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            tracing::error!(?err, "virtio-rng: registering the activate event");
+        self.life.register(ops);
+        let fd = self.timer.as_fd().as_raw_fd();
+        if let Err(err) = ops.add(Events::with_data_raw(fd, EV_TIMER, EventSet::IN)) {
+            tracing::error!(?err, "virtio-rng: registering the timer");
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
-        match events.data() {
-            EV_ACTIVATE => {
-                let _ = self.activate_evt.read();
-                if let Some(active) = &self.active {
-                    let fd = active.queue_evt.as_raw_fd();
-                    if self.registered {
-                        let _ = ops.remove(Events::with_data_raw(fd, EV_QUEUE, EventSet::IN));
-                    }
-                    match ops.add(Events::with_data_raw(fd, EV_QUEUE, EventSet::IN)) {
-                        Ok(()) => self.registered = true,
-                        Err(err) => tracing::error!(?err, "virtio-rng: registering the queue"),
-                    }
-                }
-                self.process_queue();
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        match self.life.event(&events) {
+            DeviceEvent::StateChanged | DeviceEvent::Queue(_) => {}
+            DeviceEvent::Other(EV_TIMER) => {
+                let mut buf = [0u8; 8];
+                let _ = nix::unistd::read(self.timer.as_fd(), &mut buf);
+                self.waiting_for_tokens = false;
             }
-            EV_QUEUE => {
-                if let Some(active) = &self.active {
-                    let _ = active.queue_evt.read();
-                }
-                self.process_queue();
+            DeviceEvent::Other(other) => {
+                tracing::debug!(data = other, "virtio-rng: unknown event");
+                return;
             }
-            _ => {}
         }
+        self.process_queue(Instant::now());
     }
 }
 
@@ -233,10 +308,18 @@ mod tests {
         }
     }
 
-    /// One chain per (addr, len, flags) with a single descriptor each.
-    fn run(descs: &[(u64, u32, u16)]) -> (Rng, GuestMemoryMmap, Vec<u32>, Arc<Irq>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap()
+    }
+
+    /// A ring of `size` entries whose chain `i` is the single descriptor
+    /// `descs[i]`, all made available.
+    fn ring<'a>(
+        mem: &'a GuestMemoryMmap,
+        size: u16,
+        descs: &[(u64, u32, u16)],
+    ) -> MockSplitQueue<'a, GuestMemoryMmap> {
+        let mock = MockSplitQueue::create(mem, GuestAddress(0), size);
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let d = SplitDescriptor::new(addr, len, flags, 0);
             mem.write_obj(
@@ -249,16 +332,35 @@ mod tests {
         }
         mem.write_obj(descs.len() as u16, mock.avail_addr().unchecked_add(2))
             .unwrap();
-        let irq = Arc::new(Irq::default());
+        mock
+    }
+
+    /// An activated device on a ring made by [`ring`].
+    fn active<'a>(
+        mem: &'a GuestMemoryMmap,
+        size: u16,
+        descs: &[(u64, u32, u16)],
+    ) -> (Rng, MockSplitQueue<'a, GuestMemoryMmap>) {
+        let mock = ring(mem, size, descs);
         let mut rng = Rng::new().unwrap();
         rng.activate(
             mem.clone(),
             vec![mock.create_queue().unwrap()],
-            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-            irq.clone(),
+            Arc::new(Irq::default()),
         )
         .unwrap();
-        rng.process_queue();
+        (rng, mock)
+    }
+
+    /// One chain per (addr, len, flags) with a single descriptor each.
+    fn run(descs: &[(u64, u32, u16)]) -> (Rng, GuestMemoryMmap, Vec<u32>, Arc<Irq>) {
+        let mem = mem();
+        let mock = ring(&mem, 16, descs);
+        let irq = Arc::new(Irq::default());
+        let mut rng = Rng::new().unwrap();
+        rng.activate(mem.clone(), vec![mock.create_queue().unwrap()], irq.clone())
+            .unwrap();
+        rng.process_queue(Instant::now());
         let used: Vec<u32> = (0..descs.len() as u64)
             .map(|i| {
                 mem.read_obj::<u32>(mock.used_addr().unchecked_add(4 + 8 * i + 4))
@@ -266,6 +368,83 @@ mod tests {
             })
             .collect();
         (rng, mem, used, irq)
+    }
+
+    #[test]
+    fn reset_then_notify_does_not_spin_the_event_loop() {
+        use event_manager::{EventManager, SubscriberOps};
+        use std::sync::Mutex;
+        let mem = mem();
+        let mock = ring(&mem, 16, &[]);
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let mut events: EventManager<Arc<Mutex<Rng>>> = EventManager::new().unwrap();
+        events.add_subscriber(rng.clone());
+        let notify = rng.lock().unwrap().queue_events()[0].try_clone().unwrap();
+        for round in 0..3 {
+            rng.lock()
+                .unwrap()
+                .activate(
+                    mem.clone(),
+                    vec![mock.create_queue().unwrap()],
+                    Arc::new(Irq::default()),
+                )
+                .unwrap();
+            assert!(rng.lock().unwrap().reset());
+            // The guest notifies the reset device (as a hostile one did).
+            notify.write(1).unwrap();
+            let mut dispatched = 0;
+            while events.run_with_timeout(0).unwrap() > 0 {
+                dispatched += 1;
+                assert!(
+                    dispatched < 10,
+                    "round {round}: the event loop keeps waking up"
+                );
+            }
+            // Nothing is left readable: an idle device costs nothing.
+            assert_eq!(events.run_with_timeout(0).unwrap(), 0);
+        }
+        assert_eq!(rng.lock().unwrap().life.activations(), 3);
+    }
+
+    #[test]
+    fn a_full_ring_is_served_in_budgeted_rounds() {
+        let w = VRING_DESC_F_WRITE as u16;
+        let mem = mem();
+        let descs: Vec<(u64, u32, u16)> = (0..256).map(|_| (0x20000, 16, w)).collect();
+        let (mut rng, _mock) = active(&mem, 256, &descs);
+        let evt = rng.queue_events()[0].try_clone().unwrap();
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            rng.process_queue(Instant::now());
+            // Re-armed while work is left; drained by the event loop.
+            match evt.read() {
+                Ok(_) => assert!(rounds < 10),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(rng.bytes_served, 256 * 16);
+        assert_eq!(rounds, 256 / QUEUE_BUDGET + 1);
+    }
+
+    #[test]
+    fn the_rate_limit_stops_a_greedy_guest() {
+        let w = VRING_DESC_F_WRITE as u16;
+        let mem = mem();
+        // 16 requests of 64 KiB: four times the burst.
+        let descs: Vec<(u64, u32, u16)> = (0..16).map(|_| (0x30000, 64 << 10, w)).collect();
+        let (mut rng, _mock) = active(&mem, 16, &descs);
+        let now = Instant::now();
+        rng.bucket = Bucket::new(now);
+        rng.process_queue(now);
+        assert_eq!(rng.bytes_served, BURST_BYTES);
+        assert!(rng.waiting_for_tokens);
+        // Until the timer fires, notifications do nothing.
+        assert!(!rng.process_queue(now));
+        rng.waiting_for_tokens = false;
+        rng.process_queue(now + Duration::from_millis(100));
+        assert!(rng.bytes_served > BURST_BYTES);
+        assert!(rng.bytes_served <= BURST_BYTES + RATE_BYTES_PER_SEC / 10 + 1);
     }
 
     #[test]
@@ -299,7 +478,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut rng = Rng::new().unwrap();
         let err = rng
-            .activate(mem, vec![], vec![], Arc::new(Irq::default()))
+            .activate(mem, vec![], Arc::new(Irq::default()))
             .unwrap_err();
         assert!(matches!(
             err,

@@ -15,6 +15,8 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -26,6 +28,45 @@ use super::packet::{op, Header, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 /// (`buf_alloc`), and so the most guest data it ever holds for a host
 /// socket that does not read.
 pub const CONN_BUF_ALLOC: u32 = 128 * 1024;
+
+/// The most guest data all of a VM's connections together hold for host
+/// sockets that do not read. Each connection's credit bounds its own share
+/// ([`CONN_BUF_ALLOC`]); without this, 1024 connections could pin 128 MiB.
+pub const HOST_BUFFER_LIMIT: usize = 16 << 20;
+
+/// Bytes buffered for the host across one device's connections.
+#[derive(Debug)]
+pub struct HostBufBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl HostBufBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(HostBufBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes currently buffered.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn fits(&self, more: usize) -> bool {
+        self.used().saturating_add(more) <= self.limit
+    }
+
+    /// Moves the account from `old` to `new` bytes.
+    fn update(&self, old: usize, new: usize) {
+        if new >= old {
+            self.used.fetch_add(new - old, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub(old - new, Ordering::Relaxed);
+        }
+    }
+}
 
 /// A credit update is sent once this many bytes were forwarded to the
 /// host since the guest last heard our `fwd_cnt`.
@@ -71,6 +112,8 @@ pub enum ConnError {
     NotEstablished,
     #[error("guest sent data after shutting down its sending side")]
     DataAfterShutdown,
+    #[error("the VM's host-side buffers are full ({limit} bytes); this stream's host socket does not read")]
+    VmBufferFull { limit: usize },
     #[error("writing to the host socket: {0}")]
     HostWrite(io::Error),
     #[error("reading from the host socket: {0}")]
@@ -120,6 +163,8 @@ pub struct Connection {
     pending: u8,
     /// Bytes for the host that the socket has not taken yet.
     host_buf: VecDeque<u8>,
+    /// Our share of the device-wide account of `host_buf` bytes.
+    share: BudgetShare,
     /// How many bytes at the front of `host_buf` are not guest data (the
     /// `OK <port>\n` line).
     preamble: usize,
@@ -147,7 +192,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(id: u64, key: ConnKey, stream: UnixStream, state: ConnState) -> Self {
+    fn new(
+        id: u64,
+        key: ConnKey,
+        stream: UnixStream,
+        state: ConnState,
+        budget: Arc<HostBufBudget>,
+    ) -> Self {
         Connection {
             id,
             key,
@@ -160,6 +211,10 @@ impl Connection {
             deadline: None,
             pending: 0,
             host_buf: VecDeque::new(),
+            share: BudgetShare {
+                budget,
+                accounted: 0,
+            },
             preamble: 0,
             recv_cnt: Wrapping(0),
             fwd_cnt: Wrapping(0),
@@ -177,8 +232,14 @@ impl Connection {
     }
 
     /// A host-initiated connection: a REQUEST for the guest is pending.
-    pub fn new_local(id: u64, key: ConnKey, stream: UnixStream, now: Instant) -> Self {
-        let mut conn = Connection::new(id, key, stream, ConnState::LocalInit);
+    pub fn new_local(
+        id: u64,
+        key: ConnKey,
+        stream: UnixStream,
+        now: Instant,
+        budget: Arc<HostBufBudget>,
+    ) -> Self {
+        let mut conn = Connection::new(id, key, stream, ConnState::LocalInit, budget);
         conn.pending = PENDING_REQUEST;
         conn.deadline = now.checked_add(REQUEST_TIMEOUT);
         conn
@@ -186,8 +247,14 @@ impl Connection {
 
     /// A guest-initiated connection whose host socket is connected: a
     /// RESPONSE for the guest is pending.
-    pub fn new_peer(id: u64, key: ConnKey, stream: UnixStream, request: &Header) -> Self {
-        let mut conn = Connection::new(id, key, stream, ConnState::Established);
+    pub fn new_peer(
+        id: u64,
+        key: ConnKey,
+        stream: UnixStream,
+        request: &Header,
+        budget: Arc<HostBufBudget>,
+    ) -> Self {
+        let mut conn = Connection::new(id, key, stream, ConnState::Established, budget);
         conn.pending = PENDING_RESPONSE;
         conn.announced = true;
         conn.update_peer_credit(request);
@@ -285,6 +352,7 @@ impl Connection {
         let line = format!("OK {}\n", self.key.local_port);
         self.preamble = line.len();
         self.host_buf.extend(line.as_bytes());
+        self.sync_budget();
         true
     }
 
@@ -334,8 +402,21 @@ impl Connection {
                 }
             }
         }
-        self.host_buf.extend(rest);
+        if !rest.is_empty() {
+            if !self.share.budget.fits(rest.len()) {
+                return Err(ConnError::VmBufferFull {
+                    limit: self.share.budget.limit,
+                });
+            }
+            self.host_buf.extend(rest);
+            self.sync_budget();
+        }
         Ok(())
+    }
+
+    /// Brings the device-wide account in line with `host_buf`.
+    fn sync_budget(&mut self) {
+        self.share.set(self.host_buf.len());
     }
 
     /// Writes what the host socket takes of the pending bytes.
@@ -362,6 +443,7 @@ impl Connection {
         if self.host_buf.is_empty() && self.host_buf.capacity() > SHRINK_ABOVE {
             self.host_buf = VecDeque::new();
         }
+        self.sync_budget();
         Ok(())
     }
 
@@ -507,5 +589,25 @@ impl Connection {
     /// Host-bound bytes not written yet (for tests and stats).
     pub fn host_pending(&self) -> usize {
         self.host_buf.len()
+    }
+}
+
+/// One connection's share of a [`HostBufBudget`], returned when dropped.
+#[derive(Debug)]
+struct BudgetShare {
+    budget: Arc<HostBufBudget>,
+    accounted: usize,
+}
+
+impl BudgetShare {
+    fn set(&mut self, bytes: usize) {
+        self.budget.update(self.accounted, bytes);
+        self.accounted = bytes;
+    }
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.budget.update(self.accounted, 0);
     }
 }

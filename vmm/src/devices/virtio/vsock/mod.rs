@@ -20,12 +20,12 @@
 //! // ... and hand `vsock` to the virtio-mmio transport as its device.
 //! ```
 //!
-//! `init()` registers two file descriptors of the device's own (a control
-//! eventfd and a timer). [`VirtioDevice::activate`] (on a vCPU thread)
-//! keeps the queues and writes the control eventfd; the event loop then
-//! registers the queue eventfds and the listener. [`VirtioDevice::reset`]
-//! drops every connection the same way. Host sockets are registered and
-//! unregistered as connections come and go.
+//! The device is built on the shared [`DeviceLifecycle`]: `init()`
+//! registers its state and queue eventfds (once, for good) and a timer.
+//! [`VirtioDevice::activate`] (on a vCPU thread) keeps the queues; the
+//! event loop then registers the listener. [`VirtioDevice::reset`] drops
+//! every connection and the loop unregisters the listener. Host sockets
+//! are registered and unregistered as connections come and go.
 //!
 //! # Bounds
 //!
@@ -34,9 +34,15 @@
 //! included) exist at once, each buffers at most [`CONN_BUF_ALLOC`]
 //! bytes of guest data for a host socket
 //! that does not read (the credit it advertises; a guest exceeding its
-//! credit is reset), and data from the host is only read when the guest
-//! has credit and an rx buffer for it. A hostile guest can stall its own
-//! vsock, nothing more.
+//! credit is reset) and all of them together at most
+//! [`HOST_BUFFER_LIMIT`] (beyond it the connection that would overflow it
+//! is reset), and data from the host is only read when the guest has
+//! credit and an rx buffer for it. Each queue event serves at most
+//! [`QUEUE_BUDGET`] chains per queue, then re-arms the queue, so a guest
+//! refilling its rings as fast as they drain still leaves the event loop
+//! free for signals, the API and other devices. When the process runs out
+//! of file descriptors, the listener pauses for [`ACCEPT_BACKOFF`] instead
+//! of spinning. A hostile guest can stall its own vsock, nothing more.
 
 mod connection;
 mod handshake;
@@ -62,17 +68,21 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 use tracing::{debug, error, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::lifecycle::{DeviceEvent, DeviceLifecycle};
+use super::queue::{add_used, next_chain, Next, QUEUE_BUDGET};
 use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::guest_log::LogLimiter;
 use metrics::inc;
-use muxer::{connect_nonblocking, Muxer, EV_CONN, EV_HANDSHAKE};
+use muxer::{connect_nonblocking, AcceptOutcome, Muxer, EV_CONN, EV_HANDSHAKE};
 use packet::{read_tx_packet, RxBuffer};
+use virtio_queue::desc::split::Descriptor;
 
-pub use connection::CONN_BUF_ALLOC;
+pub use connection::{HostBufBudget, CONN_BUF_ALLOC, HOST_BUFFER_LIMIT};
 pub use handshake::parse_connect_line;
 pub use metrics::{FirstResponse, VsockMetrics, VsockStats};
 pub use packet::MAX_PKT_PAYLOAD;
@@ -86,16 +96,23 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Most connections (and pending `CONNECT` handshakes) at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// File descriptors the device may need beyond its connections' (the
+/// listener, eventfds, the timer), and what the rest of the VMM needs: the
+/// soft `RLIMIT_NOFILE` should be at least `MAX_CONNECTIONS + FD_RESERVE`.
+pub const FD_RESERVE: usize = 128;
+
+/// How long the listener stops accepting after the process ran out of file
+/// descriptors (or memory) for a new connection.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 const NUM_QUEUES: usize = 3;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 
-// Event data of the device's own file descriptors.
-const EV_CTL: u32 = 1;
+// Event data of the device's own file descriptors (the lifecycle's are
+// above `lifecycle::EV_LIFECYCLE_BASE`).
 const EV_TIMER: u32 = 2;
 const EV_LISTENER: u32 = 3;
-/// Queue `i`'s eventfd is registered with `EV_QUEUE_BASE + i`.
-const EV_QUEUE_BASE: u32 = 10;
 
 /// Why the device could not be created.
 #[derive(Debug, Error)]
@@ -115,56 +132,6 @@ pub enum VsockError {
     },
 }
 
-/// Limits warnings a guest (or a host process) can cause: at most
-/// [`Self::PER_SECOND`] a second, then one summary of how many were
-/// suppressed.
-#[derive(Debug)]
-pub(crate) struct LogLimiter {
-    window: Instant,
-    count: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PER_SECOND: u32 = 10;
-
-    pub(crate) fn new() -> Self {
-        LogLimiter {
-            window: Instant::now(),
-            count: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether the next message may be logged.
-    pub(crate) fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                warn!("vsock: {} similar messages suppressed", self.suppressed);
-            }
-            self.window = now;
-            self.count = 0;
-            self.suppressed = 0;
-        }
-        if self.count < Self::PER_SECOND {
-            self.count += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
-
-/// What `activate()` handed over.
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: [Queue; NUM_QUEUES],
-    interrupt: Arc<dyn InterruptSignal>,
-}
-
 /// The virtio-vsock device. See the [module documentation](self).
 pub struct Vsock {
     guest_cid: u64,
@@ -174,25 +141,20 @@ pub struct Vsock {
     /// (device, inode) of the socket file we bound, so that `Drop` removes
     /// only our own.
     socket_identity: Option<(u64, u64)>,
-    /// Written by `activate()` and `reset()` for the event loop.
-    ctl_evt: EventFd,
+    life: DeviceLifecycle,
     timer: TimerFd,
     timer_deadline: Option<Instant>,
-    active: Option<Active>,
-    /// Queue eventfds from `activate()`, until the event loop registers
-    /// them.
-    new_queue_evts: Vec<EventFd>,
-    registered_queue_evts: Vec<EventFd>,
-    /// Registered queue eventfds of a reset device, until the event loop
-    /// unregisters them.
-    stale_queue_evts: Vec<EventFd>,
     listener_registered: bool,
+    /// Set when accepting failed for lack of file descriptors: the
+    /// listener is out of the epoll set until then.
+    accept_paused_until: Option<Instant>,
     muxer: Muxer,
     metrics: Arc<VsockMetrics>,
     /// Guest packets wait until rx buffers drain the RST backlog.
     tx_stalled: bool,
     tx_payload: Vec<u8>,
     rx_scratch: Vec<u8>,
+    descs: Vec<Descriptor>,
     limiter: LogLimiter,
 }
 
@@ -201,7 +163,7 @@ impl fmt::Debug for Vsock {
         f.debug_struct("Vsock")
             .field("guest_cid", &self.guest_cid)
             .field("uds_path", &self.uds_path)
-            .field("active", &self.active.is_some())
+            .field("active", &self.life.is_active())
             .field("connections", &self.muxer.conns.len())
             .field("handshakes", &self.muxer.handshakes.len())
             .finish_non_exhaustive()
@@ -259,7 +221,8 @@ impl Vsock {
         listener
             .set_nonblocking(true)
             .map_err(io_err("making the listener non-blocking"))?;
-        let ctl_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        let life =
+            DeviceLifecycle::new("vsock", NUM_QUEUES).map_err(io_err("creating eventfds"))?;
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -277,19 +240,17 @@ impl Vsock {
             uds_path,
             listener,
             socket_identity,
-            ctl_evt,
+            life,
             timer,
             timer_deadline: None,
-            active: None,
-            new_queue_evts: Vec::new(),
-            registered_queue_evts: Vec::new(),
-            stale_queue_evts: Vec::new(),
             listener_registered: false,
+            accept_paused_until: None,
             metrics,
             tx_stalled: false,
             tx_payload: Vec::new(),
             rx_scratch: vec![0; MAX_PKT_PAYLOAD],
-            limiter: LogLimiter::new(),
+            descs: Vec::new(),
+            limiter: LogLimiter::new("vsock"),
         })
     }
 
@@ -339,27 +300,63 @@ impl Vsock {
         self.muxer.response_hook = Some(muxer::ResponseHook(Box::new(hook)));
     }
 
-    /// Takes the guest's packets off the tx queue. Returns whether used
-    /// buffers were added.
+    /// Lowers the connection cap below [`MAX_CONNECTIONS`] (for a process
+    /// that may not open that many file descriptors).
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.muxer.set_max_connections(max);
+    }
+
+    /// The connection cap in force.
+    pub fn max_connections(&self) -> usize {
+        self.muxer.max_connections()
+    }
+
+    /// Guest bytes buffered for host sockets that have not read them yet,
+    /// across all connections (at most [`HOST_BUFFER_LIMIT`]).
+    pub fn host_buffered(&self) -> usize {
+        self.muxer.host_buffered()
+    }
+
+    /// Connections waiting for an rx buffer (at most one entry each).
+    pub fn rx_waiting(&self) -> usize {
+        self.muxer.rx_list_len()
+    }
+
+    /// Takes up to [`QUEUE_BUDGET`] of the guest's packets off the tx
+    /// queue (re-arming it if more wait). Returns whether used buffers
+    /// were added.
     fn process_tx(&mut self, now: Instant) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.life.active_mut() else {
+            return false;
+        };
+        let Some(queue) = active.queues.get_mut(TXQ) else {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut active.queues[TXQ];
         let mut used = false;
+        let mut served = 0;
         self.tx_stalled = false;
-        loop {
+        while served < QUEUE_BUDGET {
             if self.muxer.rx_backlog_full() {
                 self.tx_stalled = true;
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+            let (head, walked) = match next_chain(queue, mem, &mut self.descs) {
+                Ok(Next::Empty) => break,
+                Ok(Next::Chain { head, result }) => (head, result),
+                Err(e) => {
+                    if self.limiter.allow() {
+                        warn!("vsock: the tx queue is unusable: {e}");
+                    }
+                    break;
+                }
             };
-            let head = chain.head_index();
-            let result = read_tx_packet(mem, chain, &mut self.tx_payload);
-            if let Err(e) = queue.add_used(mem, head, 0) {
+            let result = match walked {
+                Ok(()) => read_tx_packet(mem, &self.descs, &mut self.tx_payload)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = add_used(queue, mem, head, 0) {
                 if self.limiter.allow() {
                     warn!("vsock: returning a tx buffer: {e}");
                 }
@@ -375,25 +372,48 @@ impl Vsock {
                     }
                 }
             }
+            served += 1;
+        }
+        if served == QUEUE_BUDGET {
+            // More may wait: come back after the other ready events.
+            self.life.rearm(TXQ);
         }
         used
     }
 
-    /// Gives the guest waiting packets, as rx buffers allow. Returns
-    /// whether used buffers were added.
+    /// Gives the guest waiting packets, as rx buffers allow, up to
+    /// [`QUEUE_BUDGET`] of them (re-arming the rx queue if more wait).
+    /// Returns whether used buffers were added.
     fn process_rx(&mut self, now: Instant) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.life.active_mut() else {
+            return false;
+        };
+        let Some(queue) = active.queues.get_mut(RXQ) else {
             return false;
         };
         let mem = &active.mem;
-        let queue = &mut active.queues[RXQ];
         let mut used = false;
+        let mut served = 0;
         while self.muxer.has_pending_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            if served == QUEUE_BUDGET {
+                self.life.rearm(RXQ);
                 break;
+            }
+            let (head, walked) = match next_chain(queue, mem, &mut self.descs) {
+                Ok(Next::Empty) => break,
+                Ok(Next::Chain { head, result }) => (head, result),
+                Err(e) => {
+                    if self.limiter.allow() {
+                        warn!("vsock: the rx queue is unusable: {e}");
+                    }
+                    break;
+                }
             };
-            let head = chain.head_index();
-            let len = match RxBuffer::new(mem, chain) {
+            served += 1;
+            let buf = walked
+                .map_err(|e| e.to_string())
+                .and_then(|()| RxBuffer::new(mem, &self.descs).map_err(|e| e.to_string()));
+            let len = match buf {
                 Ok(buf) => {
                     match self.muxer.fill_rx(mem, &buf, &mut self.rx_scratch, now) {
                         Some(len) => len,
@@ -412,7 +432,7 @@ impl Vsock {
                     0
                 }
             };
-            match queue.add_used(mem, head, len) {
+            match add_used(queue, mem, head, len) {
                 Ok(()) => used = true,
                 Err(e) => {
                     if self.limiter.allow() {
@@ -424,62 +444,45 @@ impl Vsock {
         used
     }
 
-    /// Moves packets both ways until nothing more can move, then
-    /// interrupts the guest if a used ring changed. `sweep` passes over
-    /// every connection (timeouts, activation); otherwise only the
-    /// connections an event touched were updated, by the muxer itself.
+    /// Moves packets both ways within the queues' budgets, then interrupts
+    /// the guest if a used ring changed. `sweep` passes over every
+    /// connection (timeouts, activation); otherwise only the connections
+    /// an event touched were updated, by the muxer itself.
     fn run(&mut self, now: Instant, tx_notified: bool, sweep: bool) {
-        if self.active.is_none() {
+        if !self.life.is_active() {
             return;
         }
         if sweep {
             self.muxer.maintain(now);
         }
         let mut used = false;
-        let mut do_tx = tx_notified || self.tx_stalled;
-        // Bounded: each round either drains the tx queue or stops on a
-        // full RST backlog, which only rx buffers relieve.
-        for _ in 0..8 {
-            if do_tx {
-                used |= self.process_tx(now);
-            }
+        if tx_notified || self.tx_stalled {
+            used |= self.process_tx(now);
+        }
+        used |= self.process_rx(now);
+        // The rx buffers may have relieved a full RST backlog.
+        if self.tx_stalled && !self.muxer.rx_backlog_full() {
+            used |= self.process_tx(now);
             used |= self.process_rx(now);
-            do_tx = self.tx_stalled && !self.muxer.rx_backlog_full();
-            if !do_tx {
-                break;
-            }
         }
         if used {
-            if let Some(active) = &self.active {
-                if let Err(e) = active.interrupt.signal_used_queue() {
-                    if self.limiter.allow() {
-                        warn!("vsock: interrupting the guest: {e}");
-                    }
-                }
+            if let Some(active) = self.life.active() {
+                active.signal_used(&mut self.limiter, "vsock");
             }
         }
     }
 
-    /// Applies what `activate()` and `reset()` left for the event loop.
-    fn sync_registrations(&mut self, ops: &mut EventOps<'_>) {
-        for evt in self.stale_queue_evts.drain(..) {
-            let _ = ops.remove(Events::empty(&evt));
+    /// Keeps the listener in the epoll set exactly while the device is
+    /// active and accepting is not paused.
+    fn sync_listener(&mut self, ops: &mut EventOps<'_>, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
         }
-        if self.active.is_none() {
-            if self.listener_registered {
-                let _ = ops.remove(Events::empty(&self.listener));
-                self.listener_registered = false;
-            }
+        let want = self.life.is_active() && self.accept_paused_until.is_none();
+        if want == self.listener_registered {
             return;
         }
-        for (i, evt) in self.new_queue_evts.drain(..).enumerate() {
-            let data = EV_QUEUE_BASE + i as u32;
-            if let Err(e) = ops.add(Events::with_data(&evt, data, EventSet::IN)) {
-                error!("vsock: registering queue {i}'s eventfd: {e:?}");
-            }
-            self.registered_queue_evts.push(evt);
-        }
-        if !self.listener_registered {
+        if want {
             match ops.add(Events::with_data(&self.listener, EV_LISTENER, EventSet::IN)) {
                 Ok(()) => self.listener_registered = true,
                 Err(e) => error!(
@@ -487,12 +490,18 @@ impl Vsock {
                     "vsock: registering the listener: {e:?}"
                 ),
             }
+        } else {
+            let _ = ops.remove(Events::empty(&self.listener));
+            self.listener_registered = false;
         }
     }
 
     /// Arms the timer for the earliest connection timeout.
     fn arm_timer(&mut self, now: Instant) {
-        let next = self.muxer.next_deadline();
+        let next = match (self.muxer.next_deadline(), self.accept_paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if next == self.timer_deadline {
             return;
         }
@@ -554,63 +563,34 @@ impl VirtioDevice for Vsock {
         );
     }
 
+    fn queue_events(&self) -> &[EventFd] {
+        self.life.queue_events()
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
         interrupt: Arc<dyn InterruptSignal>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queue_evts.len(),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::InvalidQueue(i));
-        }
-        let got = queues.len();
-        let queues: [Queue; NUM_QUEUES] =
-            queues.try_into().map_err(|_| ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got,
-            })?;
-        self.ctl_evt.write(1)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
-        self.new_queue_evts = queue_evts;
+        self.life.activate(mem, queues, interrupt)?;
         debug!(guest_cid = self.guest_cid, "vsock: activated");
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
         debug!(guest_cid = self.guest_cid, "vsock: reset");
-        self.active = None;
+        self.life.reset();
         self.acked_features = 0;
-        self.new_queue_evts.clear();
-        self.stale_queue_evts
-            .append(&mut self.registered_queue_evts);
         self.muxer.reset();
         self.tx_stalled = false;
-        if let Err(e) = self.ctl_evt.write(1) {
-            error!("vsock: signalling the reset to the event loop: {e}");
-        }
         true
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps<'_>) {
-        if let Err(e) = ops.add(Events::with_data(&self.ctl_evt, EV_CTL, EventSet::IN)) {
-            error!("vsock: registering the control eventfd: {e:?}");
-        }
+        self.life.register(ops);
         let timer_fd = self.timer.as_fd().as_raw_fd();
         if let Err(e) = ops.add(Events::with_data_raw(timer_fd, EV_TIMER, EventSet::IN)) {
             error!("vsock: registering the timer: {e:?}");
@@ -620,35 +600,38 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
         let now = Instant::now();
         let mut tx_notified = false;
-        let sweep = matches!(events.data(), EV_CTL | EV_TIMER);
-        match events.data() {
-            EV_CTL => {
-                let _ = self.ctl_evt.read();
-                self.sync_registrations(ops);
+        let mut sweep = false;
+        match self.life.event(&events) {
+            DeviceEvent::StateChanged => {
                 // Work may have been queued before activation finished.
                 tx_notified = true;
+                sweep = true;
             }
-            EV_TIMER => {
+            DeviceEvent::Queue(index) => tx_notified = index == TXQ,
+            DeviceEvent::Other(EV_TIMER) => {
                 let mut buf = [0u8; 8];
                 let _ = nix::unistd::read(self.timer.as_fd(), &mut buf);
                 self.timer_deadline = None;
+                sweep = true;
             }
-            EV_LISTENER => {
-                if self.active.is_some() {
-                    self.muxer.accept(&self.listener, now);
+            DeviceEvent::Other(EV_LISTENER) => {
+                if self.life.is_active() {
+                    if let AcceptOutcome::OutOfResources = self.muxer.accept(&self.listener, now) {
+                        self.accept_paused_until = now.checked_add(ACCEPT_BACKOFF);
+                    }
                 }
             }
-            EV_HANDSHAKE => self.muxer.handshake_event(events.fd(), now),
-            EV_CONN => self.muxer.conn_event(events.fd(), events.event_set(), now),
-            data if (EV_QUEUE_BASE..EV_QUEUE_BASE + NUM_QUEUES as u32).contains(&data) => {
-                let index = (data - EV_QUEUE_BASE) as usize;
-                if let Some(evt) = self.registered_queue_evts.get(index) {
-                    let _ = evt.read();
-                }
-                tx_notified = index == TXQ;
+            DeviceEvent::Other(EV_HANDSHAKE) => self.muxer.handshake_event(events.fd(), now),
+            DeviceEvent::Other(EV_CONN) => {
+                self.muxer.conn_event(events.fd(), events.event_set(), now)
             }
-            other => warn!("vsock: event with unknown data {other}"),
+            DeviceEvent::Other(other) => {
+                if self.limiter.allow() {
+                    warn!("vsock: event with unknown data {other}");
+                }
+            }
         }
+        self.sync_listener(ops, now);
         self.run(now, tx_notified, sweep);
         self.muxer.sync_epoll(ops);
         self.arm_timer(now);

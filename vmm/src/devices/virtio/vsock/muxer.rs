@@ -12,8 +12,15 @@
 //! buffers (round robin), the RSTs for the guest that belong to no
 //! connection, and the bookkeeping of which host sockets are registered
 //! with the event manager.
+//!
+//! No event walks every connection: each event updates the connections it
+//! touches, which join a dirty list that [`Muxer::sync_epoll`] drains, and
+//! timeouts sit in a min-heap; only the timer's sweep looks at them all.
+//! The rx list holds each connection at most once and loses it when the
+//! connection dies, so it never outgrows the connection table.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,11 +35,13 @@ use tracing::{debug, trace, warn};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::connection::{ConnKey, Connection, RxOutcome, Verdict};
+use super::connection::{ConnKey, Connection, HostBufBudget, RxOutcome, Verdict};
 use super::handshake::{Handshake, HandshakeProgress};
 use super::metrics::{add, dec, inc, FirstResponse, VsockMetrics};
 use super::packet::{op, op_name, Header, RxBuffer, VSOCK_TYPE_STREAM};
-use super::{LogLimiter, HOST_CID, MAX_CONNECTIONS};
+use super::{HOST_BUFFER_LIMIT, HOST_CID, MAX_CONNECTIONS};
+use crate::guest_log::LogLimiter;
+use crate::metrics::METRICS;
 
 /// Event data of a host socket still in its `CONNECT` handshake.
 pub(crate) const EV_HANDSHAKE: u32 = 100;
@@ -54,6 +63,23 @@ const RST_QUEUE_HIGH: usize = MAX_RST_QUEUE / 2;
 
 /// Connections accepted per listener event (the rest on the next one).
 const MAX_ACCEPTS_PER_EVENT: usize = 64;
+
+/// What accepting host connections came to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AcceptOutcome {
+    /// Accepted what was there (or a per-event share of it).
+    Done,
+    /// The process (or the system) is out of file descriptors or memory:
+    /// stop accepting for a while instead of spinning on the listener.
+    OutOfResources,
+}
+
+/// Something with a timeout: a connection or a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timed {
+    Conn(ConnKey),
+    Handshake(RawFd),
+}
 
 /// A host socket whose connection is gone but which may still be in the
 /// epoll set: it is removed from there before it is closed, so that its
@@ -84,6 +110,15 @@ pub(crate) struct Muxer {
     rx_ready: VecDeque<ConnKey>,
     rst_queue: VecDeque<Header>,
     graveyard: Vec<Buried>,
+    /// Connections whose epoll interest may have changed since the last
+    /// [`Self::sync_epoll`], and handshakes not registered yet.
+    dirty: Vec<ConnKey>,
+    new_handshakes: Vec<RawFd>,
+    /// Timeouts, earliest first; entries whose owner is gone or moved its
+    /// deadline are skipped (and pruned) lazily.
+    deadlines: BinaryHeap<Reverse<(Instant, Timed)>>,
+    budget: Arc<HostBufBudget>,
+    max_connections: usize,
     next_local_port: u32,
     next_id: u64,
     metrics: Arc<VsockMetrics>,
@@ -116,16 +151,77 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             rst_queue: VecDeque::new(),
             graveyard: Vec::new(),
+            dirty: Vec::new(),
+            new_handshakes: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            budget: HostBufBudget::new(HOST_BUFFER_LIMIT),
+            max_connections: MAX_CONNECTIONS,
             next_local_port: LOCAL_PORT_BASE,
             next_id: 1,
             metrics,
-            limiter: LogLimiter::new(),
+            limiter: LogLimiter::new("vsock"),
             response_hook: None,
         }
     }
 
     fn open_count(&self) -> usize {
         self.conns.len() + self.handshakes.len()
+    }
+
+    /// Lowers the connection cap (never above [`MAX_CONNECTIONS`]), e.g.
+    /// when the process may not open that many file descriptors.
+    pub(crate) fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = max.clamp(1, MAX_CONNECTIONS);
+    }
+
+    pub(crate) fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Replaces the device-wide limit of buffered host bytes (tests).
+    #[cfg(test)]
+    pub(crate) fn set_host_buffer_limit(&mut self, limit: usize) {
+        self.budget = HostBufBudget::new(limit);
+    }
+
+    /// Bytes buffered for host sockets across every connection.
+    pub(crate) fn host_buffered(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// Entries in the rx list (at most one per connection).
+    pub(crate) fn rx_list_len(&self) -> usize {
+        self.rx_ready.len()
+    }
+
+    fn schedule(&mut self, at: Option<Instant>, what: Timed) {
+        if let Some(at) = at {
+            self.deadlines.push(Reverse((at, what)));
+            // Stale entries are dropped lazily; keep them from piling up.
+            if self.deadlines.len() > 4 * self.open_count() + 64 {
+                self.rebuild_deadlines();
+            }
+        }
+    }
+
+    fn rebuild_deadlines(&mut self) {
+        let conns = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| c.deadline().map(|d| Reverse((d, Timed::Conn(*k)))));
+        let handshakes = self
+            .handshakes
+            .iter()
+            .map(|(fd, h)| Reverse((h.deadline, Timed::Handshake(*fd))));
+        self.deadlines = conns.chain(handshakes).collect();
+    }
+
+    /// Whether a heap entry still stands for its owner's deadline.
+    fn current(&self, at: Instant, what: Timed) -> bool {
+        match what {
+            Timed::Conn(key) => self.conns.get(&key).and_then(Connection::deadline) == Some(at),
+            Timed::Handshake(fd) => self.handshakes.get(&fd).map(|h| h.deadline) == Some(at),
+        }
     }
 
     fn next_id(&mut self) -> u64 {
@@ -183,6 +279,9 @@ impl Muxer {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
+        if conn.in_rx_list {
+            self.rx_ready.retain(|k| *k != key);
+        }
         self.fd_to_key.remove(&conn.stream.as_raw_fd());
         if rst && conn.announced {
             let hdr = self.rst_for(key);
@@ -227,32 +326,47 @@ impl Muxer {
     }
 
     /// The earliest timeout of any connection or handshake.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let conns = self.conns.values().filter_map(Connection::deadline);
-        let handshakes = self.handshakes.values().map(|h| h.deadline);
-        conns.chain(handshakes).min()
+    pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, what))) = self.deadlines.peek() {
+            if self.current(at, what) {
+                return Some(at);
+            }
+            self.deadlines.pop();
+        }
+        None
     }
 
     // ---- host side ----
 
     /// Accepts pending host connections on the listener.
-    pub(crate) fn accept(&mut self, listener: &UnixListener, now: Instant) {
+    pub(crate) fn accept(&mut self, listener: &UnixListener, now: Instant) -> AcceptOutcome {
         for _ in 0..MAX_ACCEPTS_PER_EVENT {
             let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return AcceptOutcome::Done,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    let exhausted = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
                     if self.limiter.allow() {
                         warn!("vsock: accepting a host connection: {e}");
                     }
-                    return;
+                    if exhausted {
+                        crate::metrics::inc(&METRICS.fd_exhaustion);
+                        return AcceptOutcome::OutOfResources;
+                    }
+                    return AcceptOutcome::Done;
                 }
             };
-            if self.open_count() >= MAX_CONNECTIONS {
+            if self.open_count() >= self.max_connections {
                 inc(&self.metrics.conns_rejected);
                 if self.limiter.allow() {
-                    warn!("vsock: refusing a host connection: {MAX_CONNECTIONS} connections open");
+                    warn!(
+                        "vsock: refusing a host connection: {} connections open",
+                        self.max_connections
+                    );
                 }
                 continue;
             }
@@ -266,10 +380,13 @@ impl Muxer {
             debug!(conn_id = id, "vsock: host connection accepted");
             self.handshakes
                 .insert(fd, Handshake::new(id, stream, deadline));
+            self.new_handshakes.push(fd);
+            self.schedule(Some(deadline), Timed::Handshake(fd));
             inc(&self.metrics.conns_open);
             // The line may already be there.
             self.handshake_event(fd, now);
         }
+        AcceptOutcome::Done
     }
 
     /// Reads more of a host's `CONNECT` line.
@@ -333,14 +450,16 @@ impl Muxer {
         };
         let fd = hs.stream.as_raw_fd();
         let registered = hs.registered.then_some((EV_HANDSHAKE, EventSet::IN));
-        let mut conn = Connection::new_local(hs.id, key, hs.stream, now);
+        let mut conn = Connection::new_local(hs.id, key, hs.stream, now, self.budget.clone());
         conn.registered = registered;
         debug!(
             conn_id = conn.id,
             local_port, peer_port, "vsock: host connecting to guest port"
         );
+        let deadline = conn.deadline();
         self.fd_to_key.insert(fd, key);
         self.conns.insert(key, conn);
+        self.schedule(deadline, Timed::Conn(key));
         self.maintain_one(key, now);
     }
 
@@ -472,12 +591,12 @@ impl Muxer {
 
     /// A guest REQUEST to host port P: connect to `<uds_path>_P`.
     fn connect_to_host(&mut self, hdr: &Header) {
-        if self.open_count() >= MAX_CONNECTIONS {
+        if self.open_count() >= self.max_connections {
             inc(&self.metrics.conns_rejected);
             if self.limiter.allow() {
                 warn!(
                     port = hdr.dst_port,
-                    "vsock: refusing guest connection: {MAX_CONNECTIONS} connections open"
+                    "vsock: refusing guest connection: {} connections open", self.max_connections
                 );
             }
             self.reply_rst(hdr);
@@ -500,7 +619,7 @@ impl Muxer {
                     path = %path.display(),
                     "vsock: guest connected to host socket"
                 );
-                let conn = Connection::new_peer(id, key, stream, hdr);
+                let conn = Connection::new_peer(id, key, stream, hdr, self.budget.clone());
                 self.fd_to_key.insert(conn.stream.as_raw_fd(), key);
                 self.conns.insert(key, conn);
                 inc(&self.metrics.conns_open);
@@ -509,6 +628,7 @@ impl Muxer {
                     conn.in_rx_list = true;
                     self.rx_ready.push_back(key);
                 }
+                self.dirty.push(key);
             }
             Err(e) => {
                 inc(&self.metrics.conns_rejected);
@@ -529,11 +649,17 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
+        let before = conn.deadline();
         match conn.maintain(now) {
             Verdict::Keep => {
                 if conn.wants_rx() && !conn.in_rx_list {
                     conn.in_rx_list = true;
                     self.rx_ready.push_back(key);
+                }
+                let after = conn.deadline();
+                self.dirty.push(key);
+                if after != before {
+                    self.schedule(after, Timed::Conn(key));
                 }
             }
             Verdict::Kill { reason } => self.kill(key, true, reason),
@@ -550,6 +676,7 @@ impl Muxer {
                         conn.in_rx_list = true;
                         self.rx_ready.push_back(*key);
                     }
+                    self.dirty.push(*key);
                 }
                 Verdict::Kill { reason } => dead.push((*key, reason)),
             }
@@ -557,6 +684,8 @@ impl Muxer {
         for (key, reason) in dead {
             self.kill(key, true, reason);
         }
+        // Deadlines may have moved anywhere: start the heap afresh.
+        self.rebuild_deadlines();
         let expired: Vec<RawFd> = self
             .handshakes
             .iter()
@@ -677,6 +806,9 @@ impl Muxer {
         self.fd_to_key.clear();
         self.rx_ready.clear();
         self.rst_queue.clear();
+        self.dirty.clear();
+        self.new_handshakes.clear();
+        self.deadlines.clear();
     }
 
     /// Brings the event manager's epoll set in line with what each host
@@ -685,11 +817,14 @@ impl Muxer {
         self.empty_graveyard(ops);
 
         let mut failed_handshakes = Vec::new();
-        for (fd, hs) in self.handshakes.iter_mut() {
+        for fd in self.new_handshakes.drain(..) {
+            let Some(hs) = self.handshakes.get_mut(&fd) else {
+                continue;
+            };
             if !hs.registered {
                 match ops.add(Events::with_data(&hs.stream, EV_HANDSHAKE, EventSet::IN)) {
                     Ok(()) => hs.registered = true,
-                    Err(e) => failed_handshakes.push((*fd, e)),
+                    Err(e) => failed_handshakes.push((fd, e)),
                 }
             }
         }
@@ -697,8 +832,14 @@ impl Muxer {
             self.drop_handshake(fd, &format!("registering with epoll: {e}"));
         }
 
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
         let mut failed = Vec::new();
-        for (key, conn) in self.conns.iter_mut() {
+        for key in dirty.drain(..) {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
             let want = conn.interest().map(|set| (EV_CONN, set));
             if want == conn.registered {
                 continue;
@@ -713,9 +854,11 @@ impl Muxer {
             };
             match result {
                 Ok(()) => conn.registered = want,
-                Err(e) => failed.push((*key, e)),
+                Err(e) => failed.push((key, e)),
             }
         }
+        // Keep the allocation for the next event.
+        self.dirty = dirty;
         for (key, e) in failed {
             // Whether it is still registered is unknown: assume it is, so
             // that it is removed (harmlessly failing if it was not).

@@ -13,7 +13,7 @@
 use std::fmt;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
 };
@@ -25,8 +25,8 @@ pub const HDR_SIZE: usize = 44;
 /// (Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 
-/// The most descriptors the device walks in one chain. The queue size
-/// (256) already bounds a direct chain; this also bounds indirect tables.
+/// The most descriptors the device looks at in one chain (the queue size,
+/// 256, already bounds a chain; indirect tables are refused by the walker).
 const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
 /// The only socket type isola supports.
@@ -195,22 +195,18 @@ pub enum PacketError {
 /// `payload` (cleared first). Every descriptor of a tx chain must be
 /// device-readable; the chain must hold the whole header and payload.
 /// Payloads of other operations are ignored.
-pub fn read_tx_packet<M>(
+pub fn read_tx_packet(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<M>,
+    chain: &[Descriptor],
     payload: &mut Vec<u8>,
-) -> Result<Header, PacketError>
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
+) -> Result<Header, PacketError> {
     payload.clear();
     let mut hdr_bytes = [0u8; HDR_SIZE];
     let mut hdr_filled = 0usize;
     let mut header: Option<(Header, usize)> = None;
     let mut seen = 0usize;
 
-    for (count, desc) in chain.enumerate() {
+    for (count, desc) in chain.iter().enumerate() {
         if count >= MAX_CHAIN_DESCRIPTORS {
             return Err(PacketError::TooManyDescriptors);
         }
@@ -281,15 +277,11 @@ impl RxBuffer {
     /// Validates an rx chain. Every descriptor must be device-writable and
     /// inside guest memory (only the first `HDR_SIZE + MAX_PKT_PAYLOAD`
     /// bytes are looked at).
-    pub fn new<M>(mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> Result<Self, PacketError>
-    where
-        M: std::ops::Deref,
-        M::Target: GuestMemory,
-    {
+    pub fn new(mem: &GuestMemoryMmap, chain: &[Descriptor]) -> Result<Self, PacketError> {
         const LIMIT: usize = HDR_SIZE + MAX_PKT_PAYLOAD;
         let mut regions = Vec::new();
         let mut capacity = 0usize;
-        for (count, desc) in chain.enumerate() {
+        for (count, desc) in chain.iter().enumerate() {
             if count >= MAX_CHAIN_DESCRIPTORS {
                 return Err(PacketError::TooManyDescriptors);
             }

@@ -20,7 +20,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 use super::handshake::MAX_LINE;
@@ -189,12 +189,12 @@ fn make_queues(mem: &GuestMemoryMmap) -> (Vec<Queue>, DriverQueue, DriverQueue) 
     (queues, rxq, txq)
 }
 
-fn make_evts() -> (Vec<EventFd>, Vec<EventFd>) {
-    let evts: Vec<EventFd> = (0..3)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect();
-    let kicks = evts.iter().map(|e| e.try_clone().unwrap()).collect();
-    (evts, kicks)
+/// The driver's side of the device's queue eventfds (QueueNotify).
+fn kicks_of(dev: &Vsock) -> Vec<EventFd> {
+    dev.queue_events()
+        .iter()
+        .map(|e| e.try_clone().unwrap())
+        .collect()
 }
 
 impl Harness {
@@ -203,11 +203,10 @@ impl Harness {
         let uds = dir.path().join("vsock.sock");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (queues, rxq, txq) = make_queues(&mem);
-        let (evts, kicks) = make_evts();
         let irq = Arc::new(TestInterrupt::default());
         let mut dev = Vsock::new(GUEST_CID, uds.clone()).unwrap();
-        dev.activate(mem.clone(), queues, evts, irq.clone())
-            .unwrap();
+        let kicks = kicks_of(&dev);
+        dev.activate(mem.clone(), queues, irq.clone()).unwrap();
         let dev = Arc::new(Mutex::new(dev));
         let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
         em.add_subscriber(dev.clone());
@@ -880,13 +879,11 @@ fn device_reset_drops_connections_and_reactivates() {
     h.pump();
 
     let (queues, rxq, txq) = make_queues(&h.mem);
-    let (evts, kicks) = make_evts();
     h.rxq = rxq;
     h.txq = txq;
-    h.kicks = kicks;
     let irq = h.irq.clone();
     let mem = h.mem.clone();
-    h.dev().activate(mem, queues, evts, irq).unwrap();
+    h.dev().activate(mem, queues, irq).unwrap();
     h.pump();
     h.give_rx(1);
     let req = h.recv_one().hdr;
@@ -897,20 +894,18 @@ fn device_reset_drops_connections_and_reactivates() {
 fn activate_checks_its_arguments() {
     let mut h = Harness::new();
     let (queues, _, _) = make_queues(&h.mem);
-    let (evts, _) = make_evts();
     let irq = h.irq.clone();
     let mem = h.mem.clone();
     assert!(matches!(
-        h.dev().activate(mem.clone(), queues, evts, irq.clone()),
+        h.dev().activate(mem.clone(), queues, irq.clone()),
         Err(ActivateError::AlreadyActive)
     ));
     h.dev().reset();
     h.pump();
     let (mut queues, _, _) = make_queues(&h.mem);
     queues.pop();
-    let (evts, _) = make_evts();
     assert!(matches!(
-        h.dev().activate(mem, queues, evts, irq),
+        h.dev().activate(mem, queues, irq),
         Err(ActivateError::QueueCount {
             expected: 3,
             got: 2
@@ -1180,4 +1175,103 @@ fn new_checks_cid_and_socket() {
         Vsock::new(3, dir.path().join("missing/dir/v.sock")),
         Err(VsockError::Bind { .. })
     ));
+}
+
+// ---- bounds a hostile guest runs into ----
+
+#[test]
+fn a_full_tx_queue_is_served_in_budgeted_rounds() {
+    let mut h = Harness::new();
+    let before = crate::metrics::METRICS
+        .queue_budget_exhausted
+        .load(Ordering::Relaxed);
+    // RSTs for streams that do not exist: no reply, no backlog, nothing
+    // that would stop the device early but the budget.
+    for i in 0..200 {
+        h.queue_tx(gpkt(op::RST, 7000 + i, 9), &[]);
+    }
+    let used = run_tx(&mut h);
+    assert_eq!(used.len(), QUEUE_BUDGET);
+    assert!(
+        h.kicks[TXQ].read().is_ok(),
+        "the tx queue is re-armed while work is left"
+    );
+    assert!(
+        crate::metrics::METRICS
+            .queue_budget_exhausted
+            .load(Ordering::Relaxed)
+            > before
+    );
+    // The event loop finishes the rest a budget at a time.
+    h.kicks[TXQ].write(1).unwrap();
+    h.pump();
+    assert_eq!(h.txq.take_used(&h.mem).len(), 200 - QUEUE_BUDGET);
+    assert_eq!(h.stats().tx_packets, 200);
+}
+
+#[test]
+fn request_rst_churn_without_rx_buffers_stays_bounded() {
+    let mut h = Harness::new();
+    let _listener = UnixListener::bind(h.port_path(8000)).unwrap();
+    // The guest never gives rx buffers: every RESPONSE waits, and each
+    // connection is reset right away.
+    for i in 0..3000u32 {
+        let port = 10_000 + (i % 700);
+        h.queue_tx(gpkt(op::REQUEST, port, 8000), &[]);
+        h.queue_tx(gpkt(op::RST, port, 8000), &[]);
+        if i % 100 == 99 {
+            h.kicks[TXQ].write(1).unwrap();
+            h.pump();
+        }
+    }
+    h.kicks[TXQ].write(1).unwrap();
+    h.pump();
+    let dev = h.dev();
+    // (The guest's packets stall once it owes itself 1024 RSTs it does not
+    // take: a few connections may be left open then.)
+    assert!(dev.muxer.conns.len() <= 700);
+    assert!(
+        dev.rx_waiting() <= dev.muxer.conns.len(),
+        "{} rx entries for {} connections: dead ones stayed in the list",
+        dev.rx_waiting(),
+        dev.muxer.conns.len()
+    );
+}
+
+#[test]
+fn host_side_buffering_is_bounded_per_vm() {
+    let mut h = Harness::new();
+    h.dev().muxer.set_host_buffer_limit(300 * 1024);
+    // Four guest streams whose host sockets never read.
+    let mut hosts = Vec::new();
+    for i in 0..4u32 {
+        hosts.push(h.establish_from_guest(5000 + i, 8000 + i));
+    }
+    h.give_rx(64);
+    let data = pattern(MAX_PKT_PAYLOAD, 1);
+    let mut resets = 0;
+    for round in 0..8 {
+        for i in 0..4u32 {
+            h.send(gpkt(op::RW, 5000 + i, 8000 + i), &data);
+        }
+        for p in h.recv() {
+            if p.hdr.op == op::RST {
+                resets += 1;
+            }
+        }
+        h.give_rx(8);
+        let buffered = h.dev().host_buffered();
+        assert!(
+            buffered <= 300 * 1024,
+            "round {round}: {buffered} bytes buffered"
+        );
+    }
+    assert!(
+        resets > 0,
+        "a stream that would overflow the VM's buffers is reset"
+    );
+    // Killed connections give their bytes back.
+    drop(hosts);
+    h.pump();
+    h.kick_idle();
 }

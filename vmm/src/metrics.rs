@@ -1,0 +1,92 @@
+//! Process-wide counters of what the guest made the VMM do (or refuse),
+//! readable without locks and reported by the control API's `info`.
+//!
+//! They exist so that a bounded resource is also a visible one: a log line
+//! dropped by the rate limiter, console bytes dropped at the cap, a queue
+//! whose budget ran out, a chain refused as malformed, all leave a count.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// The VMM's counters (one VM per process).
+#[derive(Debug, Default)]
+pub struct VmmMetrics {
+    /// Guest-triggered log messages the rate limiter dropped.
+    pub guest_logs_suppressed: AtomicU64,
+    /// Console bytes dropped: the console file reached its limit, or the
+    /// console writer could not keep up (the guest never waits for it).
+    pub console_dropped_bytes: AtomicU64,
+    /// Console bytes written out.
+    pub console_bytes: AtomicU64,
+    /// Times a queue's per-event budget ran out with work left (the queue
+    /// is re-armed and served after the other pending events).
+    pub queue_budget_exhausted: AtomicU64,
+    /// Descriptor chains refused as malformed (bad head, loop, indirect,
+    /// outside guest memory, wrong direction).
+    pub invalid_chains: AtomicU64,
+    /// Bad avail indexes read from a driver's ring.
+    pub invalid_avail_index: AtomicU64,
+    /// virtio-mmio writes refused (bad queue size or address, writes after
+    /// DRIVER_OK, unknown registers).
+    pub mmio_refused_writes: AtomicU64,
+    /// Device activations that failed (invalid queues).
+    pub activation_failures: AtomicU64,
+    /// Host connections to the API or vsock sockets refused or delayed
+    /// because the process ran out of file descriptors.
+    pub fd_exhaustion: AtomicU64,
+}
+
+/// The VMM's counters.
+pub static METRICS: VmmMetrics = VmmMetrics {
+    guest_logs_suppressed: AtomicU64::new(0),
+    console_dropped_bytes: AtomicU64::new(0),
+    console_bytes: AtomicU64::new(0),
+    queue_budget_exhausted: AtomicU64::new(0),
+    invalid_chains: AtomicU64::new(0),
+    invalid_avail_index: AtomicU64::new(0),
+    mmio_refused_writes: AtomicU64::new(0),
+    activation_failures: AtomicU64::new(0),
+    fd_exhaustion: AtomicU64::new(0),
+};
+
+/// Adds one to a counter.
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A point-in-time copy of [`VmmMetrics`], as the API reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsSnapshot {
+    pub guest_logs_suppressed: u64,
+    pub console_dropped_bytes: u64,
+    pub console_bytes: u64,
+    pub queue_budget_exhausted: u64,
+    pub invalid_chains: u64,
+    pub invalid_avail_index: u64,
+    pub mmio_refused_writes: u64,
+    pub activation_failures: u64,
+    pub fd_exhaustion: u64,
+}
+
+impl VmmMetrics {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            guest_logs_suppressed: get(&self.guest_logs_suppressed),
+            console_dropped_bytes: get(&self.console_dropped_bytes),
+            console_bytes: get(&self.console_bytes),
+            queue_budget_exhausted: get(&self.queue_budget_exhausted),
+            invalid_chains: get(&self.invalid_chains),
+            invalid_avail_index: get(&self.invalid_avail_index),
+            mmio_refused_writes: get(&self.mmio_refused_writes),
+            activation_failures: get(&self.activation_failures),
+            fd_exhaustion: get(&self.fd_exhaustion),
+        }
+    }
+}

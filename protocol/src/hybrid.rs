@@ -315,7 +315,10 @@ pub async fn dial_agent(
     deadline: Duration,
 ) -> Result<ttrpc::asynchronous::Client> {
     let start = Instant::now();
-    let end = start + deadline;
+    // A deadline too far to represent is as good as none: ~100 years.
+    let end = start
+        .checked_add(deadline)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut delay = FIRST_RETRY_DELAY;
     let mut attempts = 0u32;
     loop {

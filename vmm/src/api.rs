@@ -6,13 +6,21 @@
 //! stopped anyway), `{"action":"stop"}` (immediately). Every request gets
 //! one line back: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //!
-//! An API thread accepts connections and parses requests; the VMM's event
-//! loop executes them (it is woken by an eventfd) and sends the reply back.
+//! An API thread accepts connections; each client is served on a thread
+//! of its own (at most [`MAX_CLIENTS`] at once, each with
+//! [`READ_TIMEOUT`] to send its line), so a client that connects and says
+//! nothing delays nobody. The VMM's event loop executes the parsed
+//! requests (it is woken by an eventfd) and sends the reply back. When the
+//! process runs out of file descriptors, accepting pauses briefly instead
+//! of spinning.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +28,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: u64 = 4096;
+
+/// Clients served at once; more are answered with an error and closed.
+pub const MAX_CLIENTS: usize = 8;
+
+/// How long a client has to send its request line.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long accepting pauses after the process ran out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -56,8 +73,14 @@ impl ApiServer {
     /// Binds `path` and starts the API thread. Calls arrive on the returned
     /// receiver, each announced by a write to `notify`.
     pub fn start(path: &Path, notify: EventFd) -> std::io::Result<(ApiServer, Receiver<Call>)> {
-        if path.exists() {
-            // A live VMM still answers there; a stale file does not.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            // A live VMM still answers there; a stale socket does not.
             if UnixStream::connect(path).is_ok() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
@@ -88,16 +111,55 @@ impl Drop for ApiServer {
 }
 
 fn serve(listener: UnixListener, calls: Sender<Call>, notify: EventFd) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if handle(stream, &calls, &notify).is_err() {
-            // The client went away or the VMM is ending.
+    let Ok(notify) = notify.try_clone().map(Arc::new) else {
+        return;
+    };
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut limiter = crate::guest_log::LogLimiter::new("api");
+    loop {
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    crate::metrics::inc(&crate::metrics::METRICS.fd_exhaustion);
+                }
+                if limiter.allow() {
+                    tracing::warn!("API: accepting a client: {e}");
+                }
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
+            let _ = writeln!(
+                stream,
+                "{}",
+                serde_json::json!({"ok": false, "error": format!("more than {MAX_CLIENTS} API clients at once")})
+            );
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let (calls, notify, done) = (calls.clone(), notify.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("api-client".into())
+            .stack_size(128 << 10)
+            .spawn(move || {
+                // The client went away or the VMM is ending: nothing to do.
+                let _ = handle(stream, &calls, &notify);
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
 fn handle(stream: UnixStream, calls: &Sender<Call>, notify: &EventFd) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream.take(MAX_REQUEST));
     let mut line = String::new();
@@ -199,5 +261,37 @@ mod tests {
         drop(server);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_silent_client_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (_server, calls) = ApiServer::start(&path, notify).unwrap();
+        let answer = std::thread::spawn(move || {
+            while let Ok(c) = calls.recv() {
+                let _ = c.reply.send(serde_json::json!({"ok": true}));
+            }
+        });
+        // Connected, silent.
+        let _silent: Vec<UnixStream> = (0..3)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let started = std::time::Instant::now();
+        let reply = call(&path, &Request::Info, Duration::from_secs(5)).unwrap();
+        assert_eq!(reply["ok"], true);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(answer);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("precious.txt");
+        std::fs::write(&path, "keep me").unwrap();
+        let err = ApiServer::start(&path, EventFd::new(0).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
     }
 }

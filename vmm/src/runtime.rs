@@ -236,8 +236,10 @@ impl EventLoop<'_> {
                 let timeout = timeout_ms
                     .map(Duration::from_millis)
                     .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
-                let now = Instant::now();
-                self.shutdown_deadline = Some(now.checked_add(timeout).unwrap_or(now));
+                // At most a day: any longer is "no timeout" in practice,
+                // and it cannot overflow the clock.
+                let timeout = timeout.min(Duration::from_secs(24 * 3600));
+                self.shutdown_deadline = Some(Instant::now() + timeout);
                 tracing::info!(
                     timeout_ms = timeout.as_millis() as u64,
                     "asked the guest to power off"

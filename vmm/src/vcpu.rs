@@ -391,6 +391,77 @@ mod tests {
         assert_eq!(s.exit_evt.read().unwrap(), 2);
     }
 
+    /// Threads that follow the vCPU loop's protocol without KVM: look at
+    /// the run state, park while paused, leave when stopping.
+    fn fake_vcpus(shared: &Arc<VcpuShared>, n: usize) -> Vec<JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let s = shared.clone();
+                std::thread::spawn(move || {
+                    unblock_kick_signal().unwrap();
+                    loop {
+                        match s.run_state() {
+                            RunState::Stopping => break,
+                            RunState::Paused => {
+                                if !s.park_while_paused() {
+                                    break;
+                                }
+                            }
+                            RunState::Running => std::thread::yield_now(),
+                        }
+                    }
+                    s.thread_exited();
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pause_resume_and_stop_races_settle() {
+        install_kick_handler().unwrap();
+        let shared = VcpuShared::new().unwrap();
+        let mut threads = VcpuThreads {
+            handles: fake_vcpus(&shared, 4),
+            shared: shared.clone(),
+        };
+        for round in 0..200 {
+            shared.set(RunState::Paused);
+            assert!(
+                kick_all(&threads.handles, &shared, Duration::from_secs(5)),
+                "round {round}: not every thread parked"
+            );
+            assert_eq!(shared.paused_count(), 4);
+            shared.set(RunState::Running);
+        }
+        // Stop while paused, and while running: both end every thread.
+        shared.set(RunState::Paused);
+        assert!(kick_all(&threads.handles, &shared, Duration::from_secs(5)));
+        threads.stop();
+        assert!(threads.handles.is_empty());
+        assert_eq!(shared.exited_count(), 4);
+
+        let shared = VcpuShared::new().unwrap();
+        let mut threads = VcpuThreads {
+            handles: fake_vcpus(&shared, 2),
+            shared: shared.clone(),
+        };
+        threads.stop();
+        assert_eq!(shared.exited_count(), 2);
+    }
+
+    #[test]
+    fn dropping_the_guard_stops_the_threads() {
+        install_kick_handler().unwrap();
+        let shared = VcpuShared::new().unwrap();
+        let threads = VcpuThreads {
+            handles: fake_vcpus(&shared, 3),
+            shared: shared.clone(),
+        };
+        drop(threads);
+        assert_eq!(shared.exited_count(), 3);
+        assert_eq!(shared.run_state(), RunState::Stopping);
+    }
+
     #[test]
     fn paused_threads_park_and_resume() {
         let s = VcpuShared::new().unwrap();

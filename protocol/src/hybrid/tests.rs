@@ -377,6 +377,15 @@ async fn dial_fails_fast_on_garbage() {
     assert_eq!(vmm.connections(), 1);
 }
 
+#[tokio::test]
+async fn dial_takes_a_deadline_too_large_to_add() {
+    let (_dir, socket) = scratch();
+    let _vmm = FakeVmm::start(socket.clone(), |_| Action::Answer(b"nope\n"));
+    // `Instant::now() + Duration::MAX` would panic; it must mean "no deadline".
+    let err = dial_error(dial_agent(&socket, 1024, Duration::MAX).await);
+    assert!(matches!(err, Error::Answer { .. }), "{err:?}");
+}
+
 // ------------------------------------------------- end to end over ttrpc
 
 /// The health service as the test's agent serves it.

@@ -72,7 +72,12 @@ pub struct ApiServer {
 impl ApiServer {
     /// Binds `path` and starts the API thread. Calls arrive on the returned
     /// receiver, each announced by a write to `notify`.
-    pub fn start(path: &Path, notify: EventFd) -> std::io::Result<(ApiServer, Receiver<Call>)> {
+    /// With `seccomp`, the API threads run under the API filter.
+    pub fn start(
+        path: &Path,
+        notify: EventFd,
+        seccomp: bool,
+    ) -> std::io::Result<(ApiServer, Receiver<Call>)> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(std::io::Error::new(
@@ -91,10 +96,12 @@ impl ApiServer {
         }
         let listener = UnixListener::bind(path)?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("api".into())
-            .stack_size(256 << 10)
-            .spawn(move || serve(listener, tx, notify))?;
+        crate::seccomp::spawn_filtered(
+            "api",
+            256 << 10,
+            seccomp.then_some(crate::seccomp::ThreadKind::Api),
+            move || serve(listener, tx, notify),
+        )?;
         Ok((
             ApiServer {
                 path: path.to_path_buf(),
@@ -238,9 +245,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let (server, calls) = ApiServer::start(&path, notify.try_clone().unwrap()).unwrap();
+        let (server, calls) = ApiServer::start(&path, notify.try_clone().unwrap(), false).unwrap();
         // A second VMM on the same socket is refused.
-        let err = ApiServer::start(&path, notify.try_clone().unwrap()).unwrap_err();
+        let err = ApiServer::start(&path, notify.try_clone().unwrap(), false).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
         let t = std::thread::spawn(move || {
             let c = calls.recv().unwrap();
@@ -268,7 +275,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let (_server, calls) = ApiServer::start(&path, notify).unwrap();
+        let (_server, calls) = ApiServer::start(&path, notify, false).unwrap();
         let answer = std::thread::spawn(move || {
             while let Ok(c) = calls.recv() {
                 let _ = c.reply.send(serde_json::json!({"ok": true}));
@@ -290,7 +297,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("precious.txt");
         std::fs::write(&path, "keep me").unwrap();
-        let err = ApiServer::start(&path, EventFd::new(0).unwrap()).unwrap_err();
+        let err = ApiServer::start(&path, EventFd::new(0).unwrap(), false).unwrap_err();
         assert!(err.to_string().contains("is not a socket"), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
     }

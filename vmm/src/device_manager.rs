@@ -129,10 +129,15 @@ impl<'a> DeviceManager<'a> {
     }
 
     /// COM1, writing through a console writer thread into `dest` (capped
-    /// at `limit` bytes if given).
-    pub fn add_serial(&mut self, dest: Box<dyn Write + Send>, limit: Option<u64>) -> Result<()> {
+    /// at `limit` bytes if given; the thread filtered if `seccomp`).
+    pub fn add_serial(
+        &mut self,
+        dest: Box<dyn Write + Send>,
+        limit: Option<u64>,
+        seccomp: bool,
+    ) -> Result<()> {
         let (writer, sink): (ConsoleWriter, ConsoleSink) =
-            ConsoleWriter::start(dest, limit).context("starting the console writer")?;
+            ConsoleWriter::start(dest, limit, seccomp).context("starting the console writer")?;
         let serial = SerialConsole::new(self.irqfd(layout::SERIAL_IRQ)?, Box::new(sink));
         self.pio
             .insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;

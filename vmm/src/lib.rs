@@ -17,5 +17,6 @@ pub mod devices;
 pub mod guest_log;
 pub mod metrics;
 pub mod runtime;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -163,6 +163,27 @@ impl VcpuShared {
     }
 }
 
+/// Holds vCPU threads back until the VMM opens it.
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// A vCPU ready to run on its own thread.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -171,6 +192,10 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub shared: Arc<VcpuShared>,
+    /// Install the vCPU seccomp filter before the first KVM_RUN.
+    pub seccomp: bool,
+    /// Opened once every VMM thread has its filter; the guest runs after.
+    pub gate: Option<Arc<Gate>>,
 }
 
 thread_local! {
@@ -212,15 +237,25 @@ impl Vcpu {
         let flag = unsafe { std::ptr::addr_of_mut!((*kvm_run).immediate_exit) };
         IMMEDIATE_EXIT.with(|f| f.set(flag));
         let shared = self.shared.clone();
-        if let Err(err) = unblock_kick_signal() {
-            // Without the signal this thread could never be paused or
-            // stopped: end the VM instead of running unstoppable.
-            shared.end(GuestExit::Failed(format!(
-                "vCPU {}: unblocking the kick signal: {err}",
-                self.index
-            )));
-        } else {
-            self.run_loop();
+        // Without the kick signal this thread could never be paused or
+        // stopped, without its filter it would run unconfined: either
+        // ends the VM instead.
+        let ready = unblock_kick_signal()
+            .map_err(|err| format!("unblocking the kick signal: {err}"))
+            .and_then(|()| {
+                if self.seccomp {
+                    crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu)
+                        .map_err(|err| format!("installing its seccomp filter: {err}"))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Some(gate) = self.gate.take() {
+            gate.wait();
+        }
+        match ready {
+            Ok(()) => self.run_loop(),
+            Err(why) => shared.end(GuestExit::Failed(format!("vCPU {}: {why}", self.index))),
         }
         IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
         drop(self);

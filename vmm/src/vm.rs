@@ -26,6 +26,7 @@ use crate::device_manager::{DeviceManager, Devices, VirtioSlot};
 use crate::devices::boot_timer::{BootTimer, BootTimes};
 use crate::devices::i8042::I8042;
 use crate::runtime::{process_cpu_time, Control, EventLoop, Pending};
+use crate::seccomp;
 use crate::vcpu::{self, GuestExit, Vcpu, VcpuShared, VcpuThreads};
 
 pub use crate::device_manager::VirtioEntry;
@@ -237,7 +238,7 @@ impl Vm {
 
         let mut dm = DeviceManager::new(&vm_fd, mem.clone());
         if let Some((dest, limit)) = console_dest(&config)? {
-            dm.add_serial(dest, limit)?;
+            dm.add_serial(dest, limit, config.seccomp)?;
         }
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
         let i8042 = dm.add_i8042(reset_evt.try_clone().context("eventfd")?)?;
@@ -324,6 +325,9 @@ impl Vm {
             ..
         } = devices;
 
+        if config.seccomp {
+            seccomp::install_violation_handler().context("installing the SIGSYS handler")?;
+        }
         // SIGTERM/SIGINT/SIGHUP arrive on a signalfd; they are blocked in
         // every thread (see `block_exit_signals`).
         let mask = block_exit_signals().context("blocking signals")?;
@@ -333,8 +337,12 @@ impl Vm {
         let api_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
         let api = match &config.api_socket {
             Some(path) => Some(
-                ApiServer::start(path, api_evt.try_clone().context("eventfd")?)
-                    .with_context(|| format!("API socket {}", path.display()))?,
+                ApiServer::start(
+                    path,
+                    api_evt.try_clone().context("eventfd")?,
+                    config.seccomp,
+                )
+                .with_context(|| format!("API socket {}", path.display()))?,
             ),
             None => None,
         };
@@ -351,16 +359,34 @@ impl Vm {
         // Start-up cost: CPU time the process used from exec to here, just
         // before the first KVM_RUN.
         let startup_cpu = process_cpu_time();
+        // The vCPUs wait at the gate until every thread has its filter.
+        let gate = Arc::new(vcpu::Gate::default());
         // From here on the guard stops and joins the vCPUs on every path.
         let mut threads = VcpuThreads {
             handles: Vec::with_capacity(vcpus.len()),
             shared: shared.clone(),
         };
-        for v in vcpus {
-            threads
-                .handles
-                .push(v.spawn().context("starting a vCPU thread")?);
+        let mut ready: Result<()> = Ok(());
+        for mut v in vcpus {
+            v.gate = Some(gate.clone());
+            match v.spawn() {
+                Ok(handle) => threads.handles.push(handle),
+                Err(err) => {
+                    ready = Err(err).context("starting a vCPU thread");
+                    break;
+                }
+            }
         }
+        if ready.is_ok() && config.seccomp {
+            ready = seccomp::install(seccomp::ThreadKind::EventLoop)
+                .context("installing the event loop's seccomp filter");
+        }
+        if ready.is_err() {
+            // The threads leave through the open gate; the guard joins them.
+            shared.set(vcpu::RunState::Stopping);
+        }
+        gate.open();
+        ready?;
         tracing::info!(
             ms = start.elapsed().as_millis() as u64,
             cpu_us = startup_cpu.as_micros() as u64,
@@ -431,6 +457,8 @@ fn create_vcpus(
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
             shared: shared.clone(),
+            seccomp: config.seccomp,
+            gate: None,
         });
     }
     Ok(vcpus)

@@ -72,6 +72,14 @@ fn boot_and_power_off(vcpus: u32, mib: u32) {
     assert_eq!(info["vcpus"], vcpus, "{info}");
     assert_eq!(info["memory_mib"], mib, "{info}");
     assert_eq!(info["pid"], vm.pid(), "{info}");
+    assert!(info["metrics"].is_object(), "no metrics in {info}");
+    // Every thread of the VMM runs under its seccomp filter (mode 2).
+    let threads = seccomp_modes(vm.pid());
+    assert!(threads.len() >= 3 + vcpus as usize, "{threads:?}");
+    assert!(
+        threads.iter().all(|(_, mode)| mode == "2"),
+        "threads without a seccomp filter: {threads:?}"
+    );
 
     let reply = vm
         .api(Request::Shutdown {
@@ -85,6 +93,26 @@ fn boot_and_power_off(vcpus: u32, mib: u32) {
     let status = vm.wait_exit(SHUTDOWN_DEADLINE).unwrap();
     assert!(status.success(), "isola-vmm exited with {status}");
     assert!(!vm.api_socket.exists(), "API socket left behind");
+}
+
+/// (thread name, `Seccomp:` mode) of every thread of process `pid`.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A short-lived API client thread may be gone already.
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:")));
+    }
+    out
 }
 
 #[test]

@@ -84,21 +84,25 @@ pub struct ConsoleWriter {
 }
 
 impl ConsoleWriter {
-    /// Starts the writer for `dest`, capped at `limit` bytes if given.
+    /// Starts the writer for `dest`, capped at `limit` bytes if given,
+    /// with the console seccomp filter if `seccomp`.
     pub fn start(
         dest: Box<dyn Write + Send>,
         limit: Option<u64>,
+        seccomp: bool,
     ) -> io::Result<(ConsoleWriter, ConsoleSink)> {
         let shared = Arc::new(Shared::default());
         let (tx, done) = mpsc::channel();
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("console".into())
-            .stack_size(128 << 10)
-            .spawn(move || {
+        let thread = crate::seccomp::spawn_filtered(
+            "console",
+            128 << 10,
+            seccomp.then_some(crate::seccomp::ThreadKind::Console),
+            move || {
                 drain(&thread_shared, dest, limit);
                 let _ = tx.send(());
-            })?;
+            },
+        )?;
         Ok((
             ConsoleWriter {
                 shared: shared.clone(),
@@ -218,7 +222,8 @@ mod tests {
     #[test]
     fn output_arrives_in_order_and_the_file_is_capped() {
         let out = Collect::default();
-        let (writer, mut sink) = ConsoleWriter::start(Box::new(out.clone()), Some(1000)).unwrap();
+        let (writer, mut sink) =
+            ConsoleWriter::start(Box::new(out.clone()), Some(1000), false).unwrap();
         let before = METRICS.console_dropped_bytes.load(Ordering::Relaxed);
         for i in 0..300u32 {
             sink.write_all(format!("{i:04}\n").as_bytes()).unwrap();
@@ -233,7 +238,8 @@ mod tests {
     #[test]
     fn a_stuck_destination_never_blocks_the_writer_of_bytes() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let (writer, mut sink) = ConsoleWriter::start(Box::new(Stuck(gate.clone())), None).unwrap();
+        let (writer, mut sink) =
+            ConsoleWriter::start(Box::new(Stuck(gate.clone())), None, false).unwrap();
         let start = std::time::Instant::now();
         // Far more than the ring holds: the vCPU side must not wait.
         let line = [b'x'; 1024];

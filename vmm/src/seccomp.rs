@@ -1,0 +1,329 @@
+//! Per-thread seccomp filters (rust-vmm's `seccompiler`).
+//!
+//! Every VMM thread installs the filter of its kind before the guest runs
+//! its first instruction: the vCPU threads before their first `KVM_RUN`
+//! (they then wait at a gate until the main thread has installed its own),
+//! the API and console threads before their creator goes on. Each filter
+//! allows only the system calls its thread makes, `ioctl` only with the
+//! requests that thread issues (`KVM_RUN` on a vCPU thread), `socket` only
+//! for Unix sockets. Anything else traps: the SIGSYS handler writes one
+//! line naming the thread and the system call to stderr and ends the
+//! process with status [`EXIT_SECCOMP`]. `--no-seccomp` turns the filters
+//! off for debugging.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Exit status of a VMM killed by its seccomp filter.
+pub const EXIT_SECCOMP: i32 = 159;
+
+/// The kinds of threads the VMM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread, once it runs the event loop.
+    EventLoop,
+    /// A vCPU thread.
+    Vcpu,
+    /// The API's accept thread and its per-client threads.
+    Api,
+    /// The console writer.
+    Console,
+}
+
+impl ThreadKind {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadKind::EventLoop => "event loop",
+            ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Api => "API",
+            ThreadKind::Console => "console",
+        }
+    }
+}
+
+const KVM_RUN: u64 = 0xae80;
+const FIONBIO: u64 = 0x5421;
+const FIOCLEX: u64 = 0x5451;
+
+thread_local! {
+    static THREAD_KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
+}
+
+/// What every thread does: memory, locks, signals, time, logging to
+/// stderr, closing descriptors, ending.
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_futex,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_gettid,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_restart_syscall,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_yield,
+    libc::SYS_sigaltstack,
+    libc::SYS_write,
+    libc::SYS_writev,
+];
+
+/// The event loop: epoll, eventfds, signalfd, timerfds, the vsock device's
+/// Unix sockets (accept, connect, read, write), kicking vCPU threads,
+/// removing its sockets at exit.
+const EVENT_LOOP: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_getrusage,
+    libc::SYS_getsockopt,
+    libc::SYS_lseek,
+    libc::SYS_lstat,
+    libc::SYS_newfstatat,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_stat,
+    libc::SYS_statx,
+    libc::SYS_tgkill,
+    libc::SYS_timerfd_settime,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// The API threads: accept clients, a thread each (clone and what a new
+/// thread does first), read a line with a timeout, answer, back off.
+const API: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_fcntl,
+    libc::SYS_nanosleep,
+    libc::SYS_prctl,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_rseq,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sendto,
+    libc::SYS_set_robust_list,
+    libc::SYS_setsockopt,
+];
+
+fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        value,
+    )?])
+}
+
+/// The rules of one kind of thread.
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let extra: &[i64] = match kind {
+        ThreadKind::EventLoop => EVENT_LOOP,
+        ThreadKind::Api => API,
+        ThreadKind::Vcpu | ThreadKind::Console => &[],
+    };
+    for nr in COMMON.iter().chain(extra) {
+        rules.insert(*nr, Vec::new());
+    }
+    match kind {
+        ThreadKind::Vcpu => {
+            rules.insert(libc::SYS_ioctl, vec![arg_eq(1, KVM_RUN)?]);
+        }
+        ThreadKind::EventLoop => {
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![arg_eq(1, FIONBIO)?, arg_eq(1, FIOCLEX)?],
+            );
+            rules.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+        }
+        ThreadKind::Api | ThreadKind::Console => {}
+    }
+    Ok(rules)
+}
+
+/// Compiles the filter of `kind` to BPF.
+pub fn program(kind: ThreadKind) -> Result<BpfProgram, seccompiler::Error> {
+    let filter = SeccompFilter::new(
+        rules(kind)?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs the filter of `kind` on the calling thread.
+pub fn install(kind: ThreadKind) -> Result<(), seccompiler::Error> {
+    let prog = program(kind)?;
+    THREAD_KIND.with(|k| k.set(kind.name()));
+    seccompiler::apply_filter(&prog)
+}
+
+/// Spawns a thread that first installs the filter of `kind` (if given),
+/// and returns once it has: the thread never runs its work unfiltered, and
+/// a filter that cannot be installed is the caller's error.
+pub fn spawn_filtered<F>(
+    name: &str,
+    stack_size: usize,
+    kind: Option<ThreadKind>,
+    work: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(stack_size)
+        .spawn(move || {
+            let installed = match kind {
+                Some(kind) => install(kind).map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            let ok = installed.is_ok();
+            let _ = tx.send(installed);
+            if ok {
+                work();
+            }
+        })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(err)) => Err(std::io::Error::other(format!(
+            "installing the seccomp filter of thread {name}: {err}"
+        ))),
+        Err(_) => Err(std::io::Error::other(format!(
+            "thread {name} died at start"
+        ))),
+    }
+}
+
+/// Installs the SIGSYS handler that reports a violation and ends the
+/// process (once, before any filter).
+pub fn install_violation_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Writes `n` in decimal into `buf`, returning the digits.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only write(2) and _exit(2): both allowed by every filter.
+    // SAFETY: for SIGSYS the kernel fills siginfo's `_sigsys` member: the
+    // call address (8 bytes at offset 16), then the syscall number (an int
+    // at offset 24); `info` points at a whole siginfo_t.
+    let nr = unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) };
+    let thread = THREAD_KIND.with(Cell::get);
+    let mut digits = [0u8; 20];
+    let parts: [&[u8]; 5] = [
+        b"isola-vmm: fatal: the ",
+        thread.as_bytes(),
+        b" thread made system call ",
+        decimal(nr.max(0) as u64, &mut digits),
+        b", which its seccomp filter does not allow; stopping (run with --no-seccomp to debug)\n",
+    ];
+    for part in parts {
+        // SAFETY: writing a valid byte slice to stderr.
+        unsafe { libc::write(libc::STDERR_FILENO, part.as_ptr().cast(), part.len()) };
+    }
+    // SAFETY: ends the process at once, without unwinding or destructors.
+    unsafe { libc::_exit(EXIT_SECCOMP) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in [
+            ThreadKind::EventLoop,
+            ThreadKind::Vcpu,
+            ThreadKind::Api,
+            ThreadKind::Console,
+        ] {
+            let prog = program(kind).unwrap();
+            assert!(!prog.is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn decimal_digits() {
+        let mut b = [0u8; 20];
+        assert_eq!(decimal(0, &mut b), b"0");
+        assert_eq!(decimal(231, &mut b), b"231");
+        assert_eq!(decimal(u64::MAX, &mut b), b"18446744073709551615");
+    }
+
+    /// Run by `a_forbidden_call_kills_with_a_clear_line` in a process of
+    /// its own (a filter is for good once installed); a no-op otherwise.
+    #[test]
+    fn forbidden_call_child() {
+        if std::env::var_os("ISOLA_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        install_violation_handler().unwrap();
+        install(ThreadKind::Console).unwrap();
+        // SAFETY: a plain system call the console filter forbids.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+        unreachable!("the filter let getppid through");
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_with_a_clear_line() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::forbidden_call_child",
+                "--nocapture",
+            ])
+            .env("ISOLA_SECCOMP_CHILD", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
+        let nr = libc::SYS_getppid.to_string();
+        assert!(
+            stderr.contains(&format!(
+                "the console thread made system call {nr}, which its seccomp filter does not allow"
+            )),
+            "{stderr}"
+        );
+    }
+}

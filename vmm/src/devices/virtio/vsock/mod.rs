@@ -46,9 +46,12 @@
 
 mod connection;
 mod handshake;
+mod kill;
 mod metrics;
 mod muxer;
 mod packet;
+mod rxq;
+mod table;
 
 #[cfg(test)]
 mod tests;
@@ -164,8 +167,8 @@ impl fmt::Debug for Vsock {
             .field("guest_cid", &self.guest_cid)
             .field("uds_path", &self.uds_path)
             .field("active", &self.life.is_active())
-            .field("connections", &self.muxer.conns.len())
-            .field("handshakes", &self.muxer.handshakes.len())
+            .field("connections", &self.muxer.table.conns.len())
+            .field("handshakes", &self.muxer.table.handshakes.len())
             .finish_non_exhaustive()
     }
 }

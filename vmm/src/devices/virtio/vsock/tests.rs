@@ -659,7 +659,7 @@ fn guest_to_host_buffering_is_bounded_by_credit() {
     }
     {
         let dev = h.dev();
-        let conn = dev.muxer.conns.values().next().unwrap();
+        let conn = dev.muxer.table.conns.values().next().unwrap();
         assert!(conn.host_pending() > 0, "the host socket filled up");
         assert!(conn.host_pending() <= CONN_BUF_ALLOC as usize);
     }
@@ -1226,15 +1226,22 @@ fn request_rst_churn_without_rx_buffers_stays_bounded() {
     }
     h.kicks[TXQ].write(1).unwrap();
     h.pump();
+    h.kick_idle();
     let dev = h.dev();
+    assert_eq!(dev.muxer.buried(), 0, "dead sockets were closed");
+    assert!(
+        dev.muxer.deadline_heap_len() <= 4 * dev.muxer.table.conns.len() + 64,
+        "{} timeout entries",
+        dev.muxer.deadline_heap_len()
+    );
     // (The guest's packets stall once it owes itself 1024 RSTs it does not
     // take: a few connections may be left open then.)
-    assert!(dev.muxer.conns.len() <= 700);
+    assert!(dev.muxer.table.conns.len() <= 700);
     assert!(
-        dev.rx_waiting() <= dev.muxer.conns.len(),
+        dev.rx_waiting() <= dev.muxer.table.conns.len(),
         "{} rx entries for {} connections: dead ones stayed in the list",
         dev.rx_waiting(),
-        dev.muxer.conns.len()
+        dev.muxer.table.conns.len()
     );
 }
 

@@ -14,7 +14,7 @@ ROOTFS_BUILDER := target/release/rootfs-builder
 # `none` (plain cpio) boots faster than gzip: see docs/architecture.md.
 INITRD_COMPRESS ?= none
 
-.PHONY: all binaries agent kernel initrd deps test unit-test lint e2e boot-demo bench clean
+.PHONY: all binaries agent kernel initrd hostile-initrd deps test unit-test lint e2e boot-demo bench clean
 
 all: binaries kernel initrd
 
@@ -24,7 +24,7 @@ deps:
 
 binaries: deps
 	@echo "make: building host binaries (release)"
-	$(CARGO) build --release --workspace --exclude isola-agent --bins
+	$(CARGO) build --release --workspace --exclude isola-agent --exclude isola-hostile --bins
 
 agent: deps
 	@echo "make: building isola-agent (static, $(GUEST_TARGET))"
@@ -37,6 +37,14 @@ kernel: deps
 initrd: agent binaries
 	@mkdir -p $(BUILD)
 	$(ROOTFS_BUILDER) --agent $(AGENT) --output $(BUILD)/initrd.img --compress $(INITRD_COMPRESS)
+
+# A test-only initrd whose init attacks its VMM (tests/hostile): never the
+# product initrd.
+HOSTILE := target/$(GUEST_TARGET)/release/isola-hostile
+hostile-initrd: binaries
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(GUEST_TARGET) -p isola-hostile
+	@mkdir -p $(BUILD)
+	$(ROOTFS_BUILDER) --agent $(HOSTILE) --output $(BUILD)/hostile-initrd.img --compress none
 
 # Unit tests natively, then the end-to-end suite in one boot of a KVM host.
 test: lint unit-test e2e
@@ -59,7 +67,7 @@ unit-test: deps
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib
 
-e2e: all
+e2e: all hostile-initrd
 	tests/kvm-host/setup-e2e
 	tests/scripts/kvm-host-boot-failure.sh
 	tests/e2e/run

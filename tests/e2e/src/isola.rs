@@ -33,6 +33,11 @@ pub struct IsolaConfig {
     pub extra_cmdline: String,
     /// Console on a pipe (read by the test) or off.
     pub console: bool,
+    /// Console into this file, capped at this many bytes (`--console-limit`)
+    /// instead of the pipe.
+    pub console_file: Option<(PathBuf, u64)>,
+    /// Console on a pipe that nobody reads (the VMM must not block on it).
+    pub unread_console: bool,
     pub vsock: bool,
     pub echo: bool,
 }
@@ -45,6 +50,8 @@ impl IsolaConfig {
             memory_mib: 256,
             extra_cmdline: String::new(),
             console: true,
+            console_file: None,
+            unread_console: false,
             vsock: true,
             echo: true,
         }
@@ -60,6 +67,7 @@ pub struct IsolaVm {
     pub vsock_socket: Option<PathBuf>,
     pub started: Instant,
     stderr: Arc<Mutex<Vec<String>>>,
+    _unread_console: Option<std::process::ChildStdout>,
 }
 
 impl IsolaVm {
@@ -79,8 +87,15 @@ impl IsolaVm {
             .arg(config.memory_mib.to_string())
             .arg("--api-socket")
             .arg(&api_socket)
-            .arg("--console")
-            .arg(if config.console { "stdout" } else { "off" });
+            .arg("--console");
+        match &config.console_file {
+            Some((path, limit)) => {
+                cmd.arg(path).arg("--console-limit").arg(limit.to_string());
+            }
+            None => {
+                cmd.arg(if config.console { "stdout" } else { "off" });
+            }
+        }
         if let Some(v) = &vsock_socket {
             cmd.arg("--vsock").arg(v);
         }
@@ -90,6 +105,17 @@ impl IsolaVm {
         let started = Instant::now();
         let mut child = cmd.spawn().context("starting isola-vmm")?;
         let stdout = child.stdout.take().context("isola-vmm stdout")?;
+        // An unread console keeps the pipe open and never reads it; the
+        // pipe is made small (4 KiB) so a guest fills it quickly.
+        let (console_source, unread): (Box<dyn std::io::Read + Send>, _) = if config.unread_console
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: F_SETPIPE_SZ on a pipe we own; failure is harmless.
+            unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+            (Box::new(std::io::empty()), Some(stdout))
+        } else {
+            (Box::new(stdout), None)
+        };
         let stderr = child.stderr.take().context("isola-vmm stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
@@ -103,7 +129,8 @@ impl IsolaVm {
         });
         Ok(IsolaVm {
             child,
-            console: Console::spawn(stdout, config.echo),
+            console: Console::spawn(console_source, config.echo),
+            _unread_console: unread,
             api_socket,
             vsock_socket,
             started,

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod console;
 pub mod isola;
+pub mod procstat;
 pub mod qemu;
 
 use std::path::PathBuf;

@@ -11,13 +11,13 @@
 //! - start-up CPU: isola-vmm's own report of user+system CPU from exec to
 //!   its first KVM_RUN (QEMU does not report it).
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use isola_e2e::agent;
 use isola_e2e::isola::{vmm_binary, TEST_CMDLINE};
+use isola_e2e::procstat::overhead_kib;
 use isola_e2e::qemu::{QemuConfig, QemuVm};
 use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
 
@@ -178,43 +178,4 @@ async fn qemu_once(images: &GuestImages, cid: u32) -> Result<Sample> {
         startup_cpu_us: None,
         vmm_agent_ready_ms: None,
     })
-}
-
-/// RSS of the process minus the RSS of its guest RAM mapping (the mapping
-/// whose size is the guest memory size, up to 4 MiB of alignment more).
-fn overhead_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
-    let smaps = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps"))
-        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let mut total = 0u64;
-    let mut guest = 0u64;
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                let size = b.saturating_sub(a);
-                in_guest = size >= guest_bytes && size <= guest_bytes + (4 << 20);
-                continue;
-            }
-        }
-        if let Some(rest) = line.strip_prefix("Rss:") {
-            let kib: u64 = rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            total += kib;
-            if in_guest {
-                guest += kib;
-            }
-        }
-    }
-    if guest == 0 {
-        bail!(
-            "no guest RAM mapping of {} MiB found in /proc/{pid}/smaps",
-            guest_bytes >> 20
-        );
-    }
-    Ok(total - guest)
 }

@@ -14,7 +14,7 @@ ROOTFS_BUILDER := target/release/rootfs-builder
 # `none` (plain cpio) boots faster than gzip: see docs/architecture.md.
 INITRD_COMPRESS ?= none
 
-.PHONY: all binaries agent kernel initrd hostile-initrd deps test unit-test lint e2e boot-demo bench clean
+.PHONY: all binaries agent kernel initrd hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz clean
 
 all: binaries kernel initrd
 
@@ -84,6 +84,11 @@ boot-demo: all
 bench: all
 	tests/kvm-host/setup-e2e
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
+
+# Every fuzz target for FUZZ_SECONDS (default 60) each; `make test`
+# replays the corpora on stable (unit tests).
+fuzz: deps
+	scripts/fuzz
 
 clean:
 	$(CARGO) clean

@@ -202,4 +202,19 @@ mod tests {
         assert!(!valid_hostname("trailing."));
         assert!(!valid_hostname(&"x".repeat(65)));
     }
+
+    /// The fuzz target's corpus (fuzz/corpus/agent_cmdline) replayed:
+    /// no input may panic the parser.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/agent_cmdline");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let _ = Config::from_cmdline(&String::from_utf8_lossy(&bytes));
+            n += 1;
+        }
+        assert!(n > 0, "{} is empty", dir.display());
+    }
 }

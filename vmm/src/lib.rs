@@ -14,6 +14,8 @@ pub mod boot;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest_log;
 pub mod metrics;
 pub mod runtime;

@@ -49,7 +49,7 @@ mod handshake;
 mod kill;
 mod metrics;
 mod muxer;
-mod packet;
+pub(crate) mod packet;
 mod rxq;
 mod table;
 

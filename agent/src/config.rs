@@ -132,6 +132,46 @@ pub fn valid_hostname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// The fuzz target `agent_cmdline` (fuzz/, which includes this file) and
+/// its corpus replay below: parses `data` as a command line; every option
+/// must be valid or its default, and survive a round trip through its
+/// `agent.*` form.
+#[doc(hidden)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn fuzz_cmdline(data: &[u8]) {
+    let (config, errors) = Config::from_cmdline(&String::from_utf8_lossy(data));
+    for error in &errors {
+        let _ = error.to_string();
+    }
+    assert!(
+        config.hostname == DEFAULT_HOSTNAME || valid_hostname(&config.hostname),
+        "hostname {:?}",
+        config.hostname
+    );
+    assert!(config.shutdown_timeout <= Duration::from_secs(3600));
+    assert!(config.boot_timer.map_or(true, |a| a < 1 << 52));
+    let mut again = format!(
+        "agent.log={} agent.hostname={} agent.shutdown_timeout={}",
+        config.log_level,
+        config.hostname,
+        config.shutdown_timeout.as_secs()
+    );
+    if let Some(addr) = config.boot_timer {
+        again.push_str(&format!(" agent.boot_timer={addr:#x}"));
+    }
+    let (reparsed, errors) = Config::from_cmdline(&again);
+    assert!(errors.is_empty(), "{again}: {errors:?}");
+    let unknown = config.unknown.clone();
+    assert_eq!(
+        Config {
+            unknown,
+            ..reparsed
+        },
+        config,
+        "{again}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,8 +243,7 @@ mod tests {
         assert!(!valid_hostname(&"x".repeat(65)));
     }
 
-    /// The fuzz target's corpus (fuzz/corpus/agent_cmdline) replayed:
-    /// no input may panic the parser.
+    /// The fuzz target's corpus (fuzz/corpus/agent_cmdline) replayed.
     #[test]
     fn fuzz_corpus_replays() {
         let dir =
@@ -212,7 +251,7 @@ mod tests {
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-            let _ = Config::from_cmdline(&String::from_utf8_lossy(&bytes));
+            fuzz_cmdline(&bytes);
             n += 1;
         }
         assert!(n > 0, "{} is empty", dir.display());

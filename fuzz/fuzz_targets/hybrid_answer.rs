@@ -1,5 +1,3 @@
 #![no_main]
-//! The VMM's answer to a host's `CONNECT`, as the host side parses it.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = isola_protocol::hybrid::parse_answer(data);
-});
+//! See `isola_protocol::hybrid::fuzzing::answer`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| isola_protocol::hybrid::fuzzing::answer(data));

@@ -358,5 +358,8 @@ pub async fn dial_agent(
     }
 }
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests;

@@ -112,7 +112,7 @@ impl Rng {
     /// Serves up to [`QUEUE_BUDGET`] requests; returns whether any was
     /// used. Work left over re-arms the queue (or waits for the rate
     /// limit's timer).
-    pub(crate) fn process_queue(&mut self, now: Instant) -> bool {
+    fn process_queue(&mut self, now: Instant) -> bool {
         let Some(active) = self.life.active_mut() else {
             return false;
         };

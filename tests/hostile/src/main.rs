@@ -21,12 +21,17 @@
 //! - `echo PORT`: listens on PORT and echoes every byte.
 //! - `serial-flood SECONDS`: writes to the serial console as fast as it
 //!   can for SECONDS (guest time).
+//! - `raw SECONDS LISTENING-PORT DEAD-PORT`: takes the vsock and rng
+//!   devices from their kernel drivers and attacks them with raw
+//!   virtqueues (see [`raw`]); answers at once, reports on the console.
 
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
+
+mod raw;
 
 /// The control stream's vsock port.
 pub const CONTROL_PORT: u32 = 5000;
@@ -350,6 +355,12 @@ fn run(command: &str) -> String {
         "sink" => serve_port(num(5001) as u32, never_read),
         "echo" => serve_port(num(5002) as u32, echo),
         "serial-flood" => serial_flood(num(5)),
+        "raw" => {
+            let secs = num(8);
+            let ports = (num(6100) as u32, num(6101) as u32);
+            std::thread::spawn(move || raw::run(secs, ports));
+            Ok(format!("started, {secs} s per flood"))
+        }
         other => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("unknown command {other:?}"),

@@ -97,7 +97,7 @@ if [ -f "$vmlinux" ] && [ -f "$bzimage" ]; then
     exit 0
 fi
 
-log "building $key in $dir (about 5-6 minutes on 2 cores)"
+log "building $key in $dir (8 to 25 minutes on 2 cores, depending on what else runs)"
 start=$(date +%s)
 work=$dir.work
 rm -rf "$work"

@@ -46,11 +46,22 @@ isola_apt_candidate() {
 ISOLA_APT_LISTS=${ISOLA_APT_LISTS:-/var/lib/apt/lists}
 ISOLA_APT_STAMP=${ISOLA_APT_STAMP:-$ISOLA_CACHE/apt-updated}
 
-# True when apt's package lists exist and were refreshed in the last day.
+# True when apt's package lists can be trusted: we refreshed them in the
+# last day, or every configured source has a list and one is less than a
+# day old. (debootstrap leaves a fresh list of the main suite and none for
+# -updates and -security: that is not fresh.)
 isola_apt_lists_fresh() {
-    [ -n "$(find "$ISOLA_APT_LISTS" -maxdepth 1 -name '*_Packages*' -print -quit 2>/dev/null)" ] || return 1
-    [ -n "$(find "$ISOLA_APT_LISTS" -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit 2>/dev/null)" ] ||
-        [ -n "$(find "$ISOLA_APT_STAMP" -mmin -1440 -print 2>/dev/null)" ]
+    [ -n "$(find "$ISOLA_APT_STAMP" -mmin -1440 -print 2>/dev/null)" ] && return 0
+    local targets f
+    # shellcheck disable=SC2016 # $(FILENAME) is apt's format field, not ours
+    targets=$(apt-get indextargets --no-release-info --format '$(FILENAME)' \
+        'Identifier: Packages' "Architecture: $(dpkg --print-architecture)" 2>/dev/null) || return 1
+    while IFS= read -r f; do
+        [ -n "$f" ] || continue
+        # A configured source that was never fetched (lists may be .lz4).
+        compgen -G "$ISOLA_APT_LISTS/${f##*/}*" >/dev/null || return 1
+    done <<<"$targets"
+    [ -n "$(find "$ISOLA_APT_LISTS" -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit 2>/dev/null)" ]
 }
 
 # apt-get update, unless one ran in the last minute (several install steps

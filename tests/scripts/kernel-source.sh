@@ -44,6 +44,11 @@ for i in $(seq 1 20000); do echo "     6.1.$i-1 500        500 http://deb.debian
 EOF
 cat >"$tmp/bin/apt-get" <<'EOF'
 #!/usr/bin/env bash
+# indextargets: the list files the configured sources should have.
+if [ "$1" = indextargets ]; then
+    [ -f "$FAKE_STATE/indextargets" ] && cat "$FAKE_STATE/indextargets"
+    exit 0
+fi
 echo "apt-get $*" >>"$FAKE_STATE/apt-get.log"
 [ "$1" = update ] && touch "$FAKE_STATE/updated"
 exit 0
@@ -51,7 +56,8 @@ EOF
 chmod +x "$tmp/bin"/*
 
 # check NAME EXPECTED-OUTPUT EXPECTED-STATUS EXPECTED-APT-UPDATES SETUP...
-# SETUP entries are "dir/pkg=version" or "stale" (apt lists a week old).
+# SETUP entries are "dir/pkg=version", "stale" (apt lists a week old) or
+# "source=NAME" (a configured source whose list file NAME was never fetched).
 check() {
     local name=$1 want=$2 want_status=$3 want_updates=$4
     shift 4
@@ -63,6 +69,12 @@ check() {
     for entry in "$@"; do
         case "$entry" in
         stale) touch -d '7 days ago' "$state/lists"/* ;;
+        source=*)
+            {
+                echo "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages"
+                echo "/var/lib/apt/lists/${entry#source=}"
+            } >>"$state/indextargets"
+            ;;
         *=*) echo "${entry#*=}" >"$state/${entry%%=*}" ;;
         esac
     done
@@ -96,6 +108,11 @@ check stale-lists-updated-once "linux-source-6.1 6.1.172-1 available" 0 1 \
     stale after-update/linux-source-6.1=6.1.172-1
 check none-fresh-lists "" 1 0
 check none-stale-lists "" 1 1 stale
+# debootstrap: the main list is fresh, -security was never fetched.
+check none-source-never-fetched "" 1 1 \
+    source=deb.debian.org_debian-security_dists_bookworm-security_main_binary-amd64_Packages
+check none-every-source-fetched "" 1 0 \
+    source=deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages
 
 echo "this machine: $("$build" --print-source)"
 if [ $failures -gt 0 ]; then

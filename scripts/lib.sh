@@ -5,9 +5,9 @@
 #
 # Two rules these helpers keep, because breaking them passed CI on a warm
 # machine and failed on a fresh one:
-#   - never `cmd | grep -q` or `cmd | head` under pipefail: grep/head exit
-#     early, cmd dies of SIGPIPE, and pipefail reports 141. Capture the
-#     output first, then test it.
+#   - never pipe a command into grep -q or head under pipefail: grep/head
+#     exit early, the command dies of SIGPIPE, and pipefail reports 141.
+#     Capture the output first, then test it (make lint checks this).
 #   - a look-up or install against apt's package lists needs lists that
 #     exist and are recent: run `apt-get update` (once) when they are not,
 #     and once more before giving up on an install.

@@ -2,8 +2,8 @@
 # Tests guest-kernel/build.sh --print-source, the decision "which kernel
 # source package, and is it installed", against fake dpkg-query, apt-cache
 # and apt-get on PATH. apt-cache prints as much as the real one does and
-# more, so a `apt-cache policy | grep -q` under pipefail (status 141, the
-# bug that kept fresh machines from building) fails here.
+# more, so piping `apt-cache policy` into grep -q under pipefail (status
+# 141, the bug that kept fresh machines from building) fails here.
 # Then runs the real one against this machine's apt.
 set -euo pipefail
 project=$(cd "$(dirname "$0")/../.." && pwd)

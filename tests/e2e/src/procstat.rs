@@ -46,22 +46,7 @@ pub fn overhead_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
 
 /// User plus system CPU time of process `pid` so far.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces) start at "state".
-    let rest = stat.rsplit(") ").next().context("malformed stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ") ".
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .context("malformed stat")
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let total = ticks(11)? + ticks(12)?;
-    Ok(Duration::from_millis(total * 1000 / hz))
+    cpu_time_of(Path::new(&format!("/proc/{pid}/stat")))
 }
 
 /// The CPUs' worth process `pid` used over `window` (1.0 = one CPU busy).
@@ -126,9 +111,12 @@ fn thread_times(pid: u32) -> Result<Vec<(String, u32, Duration)>> {
     Ok(out)
 }
 
+/// User plus system CPU time in a `stat` file (a process's or a thread's).
 fn cpu_time_of(stat_path: &Path) -> Result<Duration> {
     let stat = std::fs::read_to_string(stat_path)
         .with_context(|| format!("reading {}", stat_path.display()))?;
+    // Fields after the command (which may hold spaces) start at "state";
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ") ".
     let rest = stat.rsplit(") ").next().context("malformed stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> Result<u64> {

@@ -666,46 +666,46 @@ fn indirect_table(ram: &FreeRam, dir: u16, len: u32) {
 /// buffers (256 MiB of entropy asked per chain).
 fn rng_indirect(dev: &RawDevice, ram: &FreeRam, secs: u64) -> io::Result<String> {
     indirect_table(ram, DESC_F_WRITE, 4096);
-    let (mut rings, status) = dev.setup(ram, 1, 256);
-    check_ok(status)?;
-    let ring = &mut rings[0];
-    let heads: Vec<u16> = (0..ring.size).collect();
-    for i in 0..ring.size as usize {
-        ram.desc(
-            ring.desc,
-            i,
-            ram.addr(layout::INDIRECT),
-            65_535 * 16,
-            DESC_F_INDIRECT,
-            0,
-        );
-    }
-    let t = keep_full(dev, ram, ring, &heads, secs);
-    Ok(t.line(ring, ram, dev.status()))
+    let (ring, t) = rng_keep_full(
+        dev,
+        ram,
+        secs,
+        ram.addr(layout::INDIRECT),
+        65_535 * 16,
+        DESC_F_INDIRECT,
+    )?;
+    Ok(t.line(&ring, ram, dev.status()))
 }
 
 /// The rng with its ring kept full of 64 KiB buffers.
 fn rng_drain(dev: &RawDevice, ram: &FreeRam, secs: u64) -> io::Result<String> {
-    let (mut rings, status) = dev.setup(ram, 1, 256);
-    check_ok(status)?;
-    let ring = &mut rings[0];
-    let heads: Vec<u16> = (0..ring.size).collect();
-    for i in 0..ring.size as usize {
-        ram.desc(
-            ring.desc,
-            i,
-            ram.addr(layout::DATA),
-            65_536,
-            DESC_F_WRITE,
-            0,
-        );
-    }
-    let t = keep_full(dev, ram, ring, &heads, secs);
+    let (ring, t) = rng_keep_full(dev, ram, secs, ram.addr(layout::DATA), 65_536, DESC_F_WRITE)?;
     Ok(format!(
         "{} bytes_asked={}",
-        t.line(ring, ram, dev.status()),
+        t.line(&ring, ram, dev.status()),
         t.consumed * 65_536
     ))
+}
+
+/// Sets the rng up with one ring of 256 whose every slot is the single
+/// descriptor (addr, len, flags), and keeps it full for `secs`.
+fn rng_keep_full(
+    dev: &RawDevice,
+    ram: &FreeRam,
+    secs: u64,
+    addr: u64,
+    len: u32,
+    flags: u16,
+) -> io::Result<(Ring, Tally)> {
+    let (mut rings, status) = dev.setup(ram, 1, 256);
+    check_ok(status)?;
+    let mut ring = rings.swap_remove(0);
+    let heads: Vec<u16> = (0..ring.size).collect();
+    for i in 0..ring.size as usize {
+        ram.desc(ring.desc, i, addr, len, flags, 0);
+    }
+    let t = keep_full(dev, ram, &mut ring, &heads, secs);
+    Ok((ring, t))
 }
 
 fn check_ok(status: u32) -> io::Result<()> {

@@ -169,6 +169,29 @@ pub fn next_chain(
     Ok(Next::Chain { head, result })
 }
 
+/// [`next_chain`] for a device's serving loop: `None` when the ring is
+/// empty or unusable (the latter logged through `limiter`, naming `what`),
+/// else the head (to return with [`add_used`] whatever the walk gave) and
+/// the walk's result.
+pub fn pop(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    descs: &mut Vec<Descriptor>,
+    limiter: &mut crate::guest_log::LogLimiter,
+    what: &str,
+) -> Option<(u16, Result<(), ChainError>)> {
+    match next_chain(queue, mem, descs) {
+        Ok(Next::Empty) => None,
+        Ok(Next::Chain { head, result }) => Some((head, result)),
+        Err(err) => {
+            if limiter.allow() {
+                tracing::warn!(%err, "{what} is unusable");
+            }
+            None
+        }
+    }
+}
+
 /// Walks the direct chain starting at `head` in the descriptor table at
 /// `table` of `size` entries.
 pub fn walk(

@@ -28,7 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::lifecycle::{DeviceEvent, DeviceLifecycle};
-use super::queue::{add_used, next_chain, Next, QUEUE_BUDGET};
+use super::queue::{add_used, pop, QUEUE_BUDGET};
 use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::guest_log::LogLimiter;
 
@@ -143,23 +143,20 @@ impl Rng {
                 }
                 break;
             }
-            let head = match next_chain(queue, mem, &mut self.descs) {
-                Ok(Next::Empty) => break,
-                Ok(Next::Chain { head, result }) => {
-                    if let Err(err) = result {
-                        if self.limiter.allow() {
-                            tracing::warn!(%err, "virtio-rng: refusing a request");
-                        }
-                    }
-                    head
-                }
-                Err(err) => {
-                    if self.limiter.allow() {
-                        tracing::warn!(%err, "virtio-rng: the request queue is unusable");
-                    }
-                    break;
-                }
+            let Some((head, walked)) = pop(
+                queue,
+                mem,
+                &mut self.descs,
+                &mut self.limiter,
+                "the virtio-rng request queue",
+            ) else {
+                break;
             };
+            if let Err(err) = walked {
+                if self.limiter.allow() {
+                    tracing::warn!(%err, "virtio-rng: refusing a request");
+                }
+            }
             served += 1;
             let written = fill_chain(&self.descs, mem, &mut self.buf, &mut self.bucket.tokens);
             if add_used(queue, mem, head, written).is_err() {

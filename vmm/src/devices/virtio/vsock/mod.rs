@@ -77,7 +77,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::lifecycle::{DeviceEvent, DeviceLifecycle};
-use super::queue::{add_used, next_chain, Next, QUEUE_BUDGET};
+use super::queue::{add_used, pop, QUEUE_BUDGET};
 use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::guest_log::LogLimiter;
 use metrics::inc;
@@ -344,15 +344,14 @@ impl Vsock {
                 self.tx_stalled = true;
                 break;
             }
-            let (head, walked) = match next_chain(queue, mem, &mut self.descs) {
-                Ok(Next::Empty) => break,
-                Ok(Next::Chain { head, result }) => (head, result),
-                Err(e) => {
-                    if self.limiter.allow() {
-                        warn!("vsock: the tx queue is unusable: {e}");
-                    }
-                    break;
-                }
+            let Some((head, walked)) = pop(
+                queue,
+                mem,
+                &mut self.descs,
+                &mut self.limiter,
+                "the vsock tx queue",
+            ) else {
+                break;
             };
             let result = match walked {
                 Ok(()) => read_tx_packet(mem, &self.descs, &mut self.tx_payload)
@@ -402,15 +401,14 @@ impl Vsock {
                 self.life.rearm(RXQ);
                 break;
             }
-            let (head, walked) = match next_chain(queue, mem, &mut self.descs) {
-                Ok(Next::Empty) => break,
-                Ok(Next::Chain { head, result }) => (head, result),
-                Err(e) => {
-                    if self.limiter.allow() {
-                        warn!("vsock: the rx queue is unusable: {e}");
-                    }
-                    break;
-                }
+            let Some((head, walked)) = pop(
+                queue,
+                mem,
+                &mut self.descs,
+                &mut self.limiter,
+                "the vsock rx queue",
+            ) else {
+                break;
             };
             served += 1;
             let buf = walked

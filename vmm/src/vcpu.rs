@@ -196,6 +196,8 @@ pub struct Vcpu {
     pub seccomp: bool,
     /// Opened once every VMM thread has its filter; the guest runs after.
     pub gate: Option<Arc<Gate>>,
+    /// For the log lines the guest can cause on this vCPU.
+    pub limiter: crate::guest_log::LogLimiter,
 }
 
 thread_local! {
@@ -317,7 +319,10 @@ impl Vcpu {
                         .into(),
                 )),
                 other => {
-                    tracing::debug!(vcpu = self.index, exit = ?other, "unhandled vCPU exit");
+                    // The guest decides how often this happens: within limits.
+                    if self.limiter.allow() {
+                        tracing::debug!(vcpu = self.index, exit = ?other, "unhandled vCPU exit");
+                    }
                     None
                 }
             },

@@ -459,6 +459,7 @@ fn create_vcpus(
             shared: shared.clone(),
             seccomp: config.seccomp,
             gate: None,
+            limiter: crate::guest_log::LogLimiter::new("vCPU exits"),
         });
     }
     Ok(vcpus)

@@ -183,7 +183,9 @@ impl MmioTransport {
             0x70 => self.status,
             0xfc => self.config_generation,
             _ => {
-                tracing::debug!(offset, "virtio-mmio: read of unknown register");
+                if self.limiter.allow() {
+                    tracing::debug!(offset, "virtio-mmio: read of unknown register");
+                }
                 0
             }
         }

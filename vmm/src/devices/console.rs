@@ -143,7 +143,10 @@ fn drain(shared: &Shared, mut dest: Box<dyn Write + Send>, limit: Option<u64>) {
                 return;
             }
             chunk.clear();
-            chunk.extend(ring.bytes.drain(..));
+            let (front, back) = ring.bytes.as_slices();
+            chunk.extend_from_slice(front);
+            chunk.extend_from_slice(back);
+            ring.bytes.clear();
         }
         let allowed = match limit {
             Some(limit) => {

@@ -50,10 +50,12 @@ fn config() -> IsolaConfig {
 /// The guest's control stream.
 struct Control {
     lines: BufReader<UnixStream>,
+    /// The guest's console file, shown when the stream ends early.
+    console: Option<std::path::PathBuf>,
 }
 
 impl Control {
-    async fn dial(socket: &Path) -> Control {
+    async fn dial(socket: &Path, console: Option<&Path>) -> Control {
         let until = Instant::now() + BOOT_DEADLINE;
         loop {
             match isola_protocol::hybrid::connect(socket, CONTROL_PORT, Duration::from_secs(10))
@@ -62,6 +64,7 @@ impl Control {
                 Ok(stream) => {
                     return Control {
                         lines: BufReader::new(stream),
+                        console: console.map(Path::to_path_buf),
                     }
                 }
                 Err(e) if Instant::now() < until => {
@@ -85,6 +88,15 @@ impl Control {
             .await
             .unwrap_or_else(|_| panic!("{command}: no answer within {ATTACK_DEADLINE:?}"))
             .unwrap();
+        if line.is_empty() {
+            let console = self
+                .console
+                .as_ref()
+                .and_then(|p| std::fs::read(p).ok())
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|| "(no console file)".into());
+            panic!("{command}: the guest closed its control stream (did it crash?); its console:\n{console}");
+        }
         assert!(line.starts_with("done "), "{command}: {line}");
         eprintln!("guest: {}", line.trim_end());
         line
@@ -150,7 +162,7 @@ fn device_registers_vsock_floods_and_the_console_stay_bounded() {
     let mut vm = IsolaVm::start(&c, &scratch.path).unwrap();
     let socket = vm.vsock_socket.clone().unwrap();
     let rt = isola_e2e::agent::runtime().unwrap();
-    let mut control = rt.block_on(Control::dial(&socket));
+    let mut control = rt.block_on(Control::dial(&socket, Some(&console)));
     eprintln!("control stream up after {:?}", vm.started.elapsed());
     // A quiet guest is the baseline.
     assert_cpu_below(&vm, "boot", 0.5);
@@ -260,7 +272,7 @@ fn a_console_nobody_reads_never_blocks_pause_or_stop() {
     let mut vm = IsolaVm::start(&c, &scratch.path).unwrap();
     let socket = vm.vsock_socket.clone().unwrap();
     let rt = isola_e2e::agent::runtime().unwrap();
-    let mut control = rt.block_on(Control::dial(&socket));
+    let mut control = rt.block_on(Control::dial(&socket, None));
     // More than the pipe holds (the harness shrinks it to 4 KiB), with
     // nobody reading it: before, the vCPU blocked in the console write
     // while holding the UART, and pause and stop timed out.
@@ -401,7 +413,7 @@ fn hostile_raw_virtqueues_cost_the_host_a_bounded_share() {
         std::os::unix::net::UnixListener::bind(format!("{}_{listening}", socket.display()))
             .unwrap();
     let rt = isola_e2e::agent::runtime().unwrap();
-    let mut control = rt.block_on(Control::dial(&socket));
+    let mut control = rt.block_on(Control::dial(&socket, None));
     eprintln!("control stream up after {:?}", vm.started.elapsed());
     rt.block_on(control.attack(&format!("raw {RAW_FLOOD_SECS} {listening} {dead}")));
     // The vsock driver goes away: so does this stream.
@@ -460,7 +472,7 @@ fn hostile_raw_virtqueues_cost_the_host_a_bounded_share() {
             // well-behaved host connection works.
             guest_line(&mut vm, "vsock driver bound again");
             let echoed = rt.block_on(async {
-                let mut control = Control::dial(&socket).await;
+                let mut control = Control::dial(&socket, None).await;
                 control.attack("echo 5002").await;
                 let mut s = isola_protocol::hybrid::connect(&socket, 5002, Duration::from_secs(30))
                     .await

@@ -10,7 +10,9 @@
 //! Commands:
 //! - `rng-reset`: resets the virtio-rng device through its MMIO window
 //!   (Status = 0) and notifies its queue: a reset device that is notified
-//!   must cost its VMM nothing.
+//!   must cost its VMM nothing. (This and `bad-queue` first unbind the
+//!   guest's own rng driver, so the guest kernel does not trip over the
+//!   device being sabotaged under it: the VMM is under test, not the guest.)
 //! - `bad-queue N`: N rounds of bad queue sizes and ring addresses on the
 //!   virtio-rng window, each walked to DRIVER_OK (activation must fail,
 //!   quietly).
@@ -155,7 +157,36 @@ fn find_device(id: u32) -> io::Result<Window> {
     ))
 }
 
+/// Unbinds the guest kernel's driver from the virtio device with id `id`,
+/// so the attacks on its registers cannot trip the guest's own kernel;
+/// returns the device's name and the driver it had (None if none).
+fn unbind_driver(id: u32) -> io::Result<(String, Option<std::path::PathBuf>)> {
+    let want = format!("0x{id:04x}");
+    for entry in fs::read_dir("/sys/bus/virtio/devices")? {
+        let path = entry?.path();
+        let dev = fs::read_to_string(path.join("device")).unwrap_or_default();
+        if dev.trim() != want {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let driver = fs::canonicalize(path.join("driver")).ok();
+        if let Some(d) = &driver {
+            fs::write(d.join("unbind"), &name)?;
+        }
+        return Ok((name, driver));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no virtio device {want} in /sys/bus/virtio/devices"),
+    ))
+}
+
 fn rng_reset() -> io::Result<String> {
+    unbind_driver(4)?;
     let rng = find_device(4)?;
     rng.write(reg::STATUS, 0);
     for _ in 0..3 {
@@ -165,6 +196,7 @@ fn rng_reset() -> io::Result<String> {
 }
 
 fn bad_queue(rounds: u32) -> io::Result<String> {
+    unbind_driver(4)?;
     let rng = find_device(4)?;
     let sizes = [0u32, 3, 65535, 1 << 20];
     let addrs = [0xffff_f000u32, 0x1001, 0xdead_beef, 0];

@@ -290,32 +290,12 @@ impl RawDevice {
     /// Finds the device with virtio id `id`, unbinds its kernel driver.
     fn take(id: u32) -> io::Result<RawDevice> {
         let window = super::find_device(id)?;
-        let want = format!("0x{id:04x}");
-        for entry in fs::read_dir("/sys/bus/virtio/devices")? {
-            let path = entry?.path();
-            let dev = fs::read_to_string(path.join("device")).unwrap_or_default();
-            if dev.trim() != want {
-                continue;
-            }
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_string();
-            let driver = fs::canonicalize(path.join("driver")).ok();
-            if let Some(d) = &driver {
-                fs::write(d.join("unbind"), &name)?;
-            }
-            return Ok(RawDevice {
-                name,
-                window,
-                driver,
-            });
-        }
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no virtio device {want} in /sys/bus/virtio/devices"),
-        ))
+        let (name, driver) = super::unbind_driver(id)?;
+        Ok(RawDevice {
+            name,
+            window,
+            driver,
+        })
     }
 
     fn status(&self) -> u32 {

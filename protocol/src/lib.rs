@@ -6,9 +6,14 @@
 //! generated at build time by `ttrpc-codegen`:
 //!
 //! - [`agent`]: the messages (rust-protobuf 3), e.g. [`agent::CheckRequest`];
-//! - [`agent_ttrpc`]: per service, an async client (`HealthClient`), the
-//!   trait a server implements (`Health`) and the function that turns an
-//!   implementation into ttrpc services (`create_health`).
+//! - [`agent_ttrpc`]: per service, an async client (`HealthClient`,
+//!   `AgentClient`), the trait a server implements (`Health`, `Agent`) and
+//!   the function that turns an implementation into ttrpc services
+//!   (`create_health`, `create_agent`);
+//! - [`stream`]: the header of the stdio and log streams, which travel on
+//!   their own vsock connections ([`STREAM_VSOCK_PORT`]), not in RPCs;
+//! - [`status`]: error replies (codes the host maps, messages naming the
+//!   field) and the id rule.
 //!
 //! With the `host` feature (on by default), `hybrid` dials the agent
 //! through a VMM's hybrid-vsock Unix socket (the Firecracker convention).
@@ -68,6 +73,12 @@ pub mod agent_ttrpc {
 
 #[cfg(feature = "host")]
 pub mod hybrid;
+pub mod status;
+pub mod stream;
 
 pub use agent::check_response::ServingStatus;
-pub use agent_ttrpc::{create_health, Health, HealthClient};
+pub use agent_ttrpc::{create_agent, create_health, Agent, AgentClient, Health, HealthClient};
+pub use stream::STREAM_VSOCK_PORT;
+
+/// The fully qualified name of the container service.
+pub const AGENT_SERVICE: &str = "isola.agent.v1.Agent";

@@ -16,6 +16,10 @@ use crate::{project_dir, GuestImages};
 /// The command line tests boot with (the VMM adds console and devices).
 pub use crate::qemu::BASE_CMDLINE as TEST_CMDLINE;
 
+/// How many isola-vmm processes of this test process ended because their
+/// guest reset itself (a reboot or triple fault), as their log says.
+pub static GUEST_RESETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The release binary `make` builds.
 pub fn vmm_binary() -> Result<PathBuf> {
     let path = project_dir().join("target/release/isola-vmm");
@@ -122,6 +126,9 @@ impl IsolaVm {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("vmm| {line}");
+                if line.contains("VM ended exit=Reset") {
+                    GUEST_RESETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 if let Ok(mut l) = log2.lock() {
                     l.push(line);
                 }

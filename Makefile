@@ -62,7 +62,7 @@ lint: deps
 unit-test: deps
 	tests/scripts/kernel-source.sh
 	$(CARGO) test --workspace --exclude isola-e2e
-	$(CARGO) test -p isola-e2e --lib
+	$(CARGO) test -p isola-e2e --lib --bins
 
 e2e: all hostile-initrd
 	tests/kvm-host/setup-e2e
@@ -76,11 +76,13 @@ boot-demo: all
 	$(CARGO) build --release -p isola-e2e --bin boot-demo
 	tests/kvm-host/run target/release/boot-demo --runs $(or $(RUNS),1)
 
-# isola-vmm against QEMU microvm, side by side on a KVM host: boot to agent
-# ready, VMM memory overhead, start-up CPU. RUNS=N (default 5).
+# Side by side on a KVM host, RUNS=N (default 5) each: isola-vmm against
+# QEMU microvm (boot to agent ready, VMM memory overhead, start-up CPU),
+# then `isola run` against runc (start, stdout throughput, virtio-fs read).
 bench: all
 	tests/kvm-host/setup-e2e
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
+	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)
 
 # Every fuzz target for FUZZ_SECONDS (default 60) each; `make test`
 # replays the corpora on stable (unit tests).

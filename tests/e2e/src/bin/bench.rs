@@ -19,7 +19,7 @@ use isola_e2e::agent;
 use isola_e2e::isola::{vmm_binary, TEST_CMDLINE};
 use isola_e2e::procstat::overhead_kib;
 use isola_e2e::qemu::{QemuConfig, QemuVm};
-use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
+use isola_e2e::{median, require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
 
 const MEMORY_MIB: u64 = 256;
 const VCPUS: u32 = 1;
@@ -97,15 +97,6 @@ fn run() -> Result<()> {
     println!("goals: boot ratio <= 0.50, overhead <= 5 MiB, start-up <= 8 CPU ms (on a real host)");
     println!("boot ratio isola-vmm/qemu-microvm = {:.2}", ib / qb);
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 /// Kills the child on drop.

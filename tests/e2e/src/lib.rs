@@ -89,6 +89,20 @@ pub fn parse_runs(value: Option<String>, max: usize) -> Result<usize> {
         .ok_or_else(|| anyhow::anyhow!("--runs {v:?}: expected a number from 1 to {max}"))
 }
 
+/// The command line of a program whose only option is `--runs N`
+/// (default 5, at most 50).
+pub fn runs_from_args(program: &str) -> Result<usize> {
+    let mut runs = 5usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = parse_runs(args.next(), 50)?,
+            other => anyhow::bail!("unknown argument {other:?} (usage: {program} [--runs N])"),
+        }
+    }
+    Ok(runs)
+}
+
 /// Waits for a VMM process to exit by itself, then collects the rest of
 /// its console; `what` names it in the error.
 pub fn wait_child_exit(

@@ -35,14 +35,7 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let mut runs = 5usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => runs = isola_e2e::parse_runs(args.next(), 50)?,
-            other => bail!("unknown argument {other:?} (usage: bench-containers [--runs N])"),
-        }
-    }
+    let runs = isola_e2e::runs_from_args("bench-containers")?;
     let host = require_kvm_host()?;
     let isola = project_dir().join("target/release/isola");
     ensure!(isola.exists(), "{} is missing: run `make`", isola.display());

@@ -14,7 +14,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use isola_e2e::agent;
 use isola_e2e::isola::{vmm_binary, TEST_CMDLINE};
 use isola_e2e::procstat::overhead_kib;
@@ -40,14 +40,7 @@ struct Sample {
 }
 
 fn run() -> Result<()> {
-    let mut runs = 5usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => runs = isola_e2e::parse_runs(args.next(), 50)?,
-            other => bail!("unknown argument {other:?} (usage: bench [--runs N])"),
-        }
-    }
+    let runs = isola_e2e::runs_from_args("bench")?;
     let host = require_kvm_host()?;
     let images = GuestImages::from_build_dir()?;
     let rt = agent::runtime()?;

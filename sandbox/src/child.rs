@@ -1,0 +1,359 @@
+//! The sandbox's helper processes (isola-vmm, virtiofsd), supervised: each
+//! is reaped by a task that publishes its exit status, signalled through a
+//! pidfd (never a pid that may have been reused), and its stderr forwarded
+//! to `tracing` line by line with a bound on the line length.
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use rustix::process::{pidfd_open, pidfd_send_signal, PidfdFlags, Signal};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::watch;
+
+/// Longest log line forwarded; the rest of a longer line is dropped.
+pub const MAX_LOG_LINE: usize = 4096;
+
+/// How a supervised process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Death {
+    /// Which process ("isola-vmm", "virtiofsd").
+    pub process: String,
+    pub pid: u32,
+    /// Its exit status as text ("exit status: 1", "signal: 9 (SIGKILL)"),
+    /// or why waiting for it failed.
+    pub status: String,
+}
+
+impl fmt::Display for Death {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (pid {}) ended: {}",
+            self.process, self.pid, self.status
+        )
+    }
+}
+
+/// A running child process.
+#[derive(Debug)]
+pub struct Supervised {
+    name: String,
+    pid: u32,
+    pidfd: OwnedFd,
+    exit: watch::Receiver<Option<Death>>,
+}
+
+impl Supervised {
+    /// Spawns `cmd` (stdin from /dev/null; stderr forwarded to `tracing`
+    /// with `sandbox` and `name`; stdout too unless the command set it).
+    pub fn spawn(
+        name: &str,
+        sandbox: &str,
+        mut cmd: tokio::process::Command,
+    ) -> std::io::Result<Supervised> {
+        cmd.stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let Some(pid) = child.id() else {
+            return Err(std::io::Error::other(format!("{name} exited at once")));
+        };
+        let pidfd = match rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| std::io::Error::other("pid 0"))
+            .and_then(|p| pidfd_open(p, PidfdFlags::empty()).map_err(std::io::Error::from))
+        {
+            Ok(fd) => fd,
+            Err(err) => {
+                // Not supervised: do not leave it running.
+                let _ = child.start_kill();
+                return Err(err);
+            }
+        };
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(forward_lines(stderr, sandbox.to_string(), name.to_string()));
+        }
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(forward_lines(stdout, sandbox.to_string(), name.to_string()));
+        }
+        let (tx, rx) = watch::channel(None);
+        let process = name.to_string();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => describe(status),
+                Err(err) => format!("waiting for it failed: {err}"),
+            };
+            let _ = tx.send(Some(Death {
+                process,
+                pid,
+                status,
+            }));
+        });
+        Ok(Supervised {
+            name: name.to_string(),
+            pid,
+            pidfd,
+            exit: rx,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How it ended, if it has.
+    pub fn death(&self) -> Option<Death> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits until it has ended.
+    pub async fn ended(&self) -> Death {
+        self.ended_future().await
+    }
+
+    /// A future of its end that borrows nothing (for tasks that must not
+    /// keep the sandbox alive).
+    pub fn ended_future(&self) -> impl std::future::Future<Output = Death> + Send + 'static {
+        let mut rx = self.exit.clone();
+        let (process, pid) = (self.name.clone(), self.pid);
+        async move {
+            loop {
+                if let Some(death) = rx.borrow_and_update().clone() {
+                    return death;
+                }
+                if rx.changed().await.is_err() {
+                    // The reaper is gone (the runtime is shutting down).
+                    return Death {
+                        process,
+                        pid,
+                        status: "not supervised any more".to_string(),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Sends `signal`; a process that has ended already is not an error.
+    pub fn signal(&self, signal: Signal) {
+        match pidfd_send_signal(&self.pidfd, signal) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::SRCH) => {}
+            Err(err) => {
+                tracing::warn!(process = %self.name, pid = self.pid, %err, "signalling failed")
+            }
+        }
+    }
+
+    /// SIGKILL (synchronous, for drop paths).
+    pub fn kill(&self) {
+        self.signal(Signal::KILL);
+    }
+
+    /// Waits up to `grace` for it to end by itself, then kills it and
+    /// waits up to `kill_wait` more. Returns how it ended, or `None` if it
+    /// still did not (stuck in the kernel).
+    pub async fn stop(&self, grace: Duration, kill_wait: Duration) -> Option<Death> {
+        if let Ok(death) = tokio::time::timeout(grace, self.ended()).await {
+            return Some(death);
+        }
+        tracing::warn!(process = %self.name, pid = self.pid, ?grace, "still running; killing it");
+        self.kill();
+        tokio::time::timeout(kill_wait, self.ended()).await.ok()
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => {
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| "?".to_string());
+            format!("killed by signal {sig} ({name})")
+        }
+        _ => status.to_string(),
+    }
+}
+
+/// The first of `children` to end.
+pub async fn first_death(children: &[&Supervised]) -> Death {
+    first_of(children.iter().map(|c| c.ended_future()).collect()).await
+}
+
+/// The output of the first of `futures` to finish (pending forever if
+/// there are none).
+pub async fn first_of<F: std::future::Future>(futures: Vec<F>) -> F::Output {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(move |cx| {
+        for fut in futures.iter_mut() {
+            if let std::task::Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return std::task::Poll::Ready(out);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Reads lines of at most `max` bytes (a longer line is cut there and the
+/// rest of it dropped), so a peer that never sends a newline costs at most
+/// `max` bytes. `None` at EOF.
+#[derive(Debug)]
+pub struct BoundedLines<R> {
+    reader: BufReader<R>,
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> BoundedLines<R> {
+    pub fn new(reader: R, max: usize) -> Self {
+        BoundedLines {
+            reader: BufReader::new(reader),
+            max,
+        }
+    }
+
+    /// The next line without its newline (lossy UTF-8), and whether it was
+    /// cut.
+    pub async fn next_line(&mut self) -> std::io::Result<Option<(String, bool)>> {
+        let mut line = Vec::new();
+        let mut cut = false;
+        loop {
+            let buf = self.reader.fill_buf().await?;
+            if buf.is_empty() {
+                if line.is_empty() && !cut {
+                    return Ok(None);
+                }
+                break;
+            }
+            let (chunk, newline) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..i], Some(i + 1)),
+                None => (buf, None),
+            };
+            let room = self.max.saturating_sub(line.len());
+            if chunk.len() > room {
+                cut = true;
+            }
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let used = newline.unwrap_or(buf.len());
+            self.reader.consume(used);
+            if newline.is_some() {
+                break;
+            }
+        }
+        Ok(Some((String::from_utf8_lossy(&line).into_owned(), cut)))
+    }
+}
+
+/// Forwards a helper's output to `tracing`, a line per event.
+async fn forward_lines<R: AsyncRead + Unpin>(reader: R, sandbox: String, process: String) {
+    let mut lines = BoundedLines::new(reader, MAX_LOG_LINE);
+    while let Ok(Some((line, cut))) = lines.next_line().await {
+        let line = line.trim_end();
+        if !line.is_empty() {
+            tracing::info!(target: "isola_sandbox::helper", sandbox = %sandbox, process = %process, cut, "{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(script);
+        cmd
+    }
+
+    #[tokio::test]
+    async fn the_first_death_names_the_process_and_its_status() {
+        let long = Supervised::spawn("long", "sb", sh("sleep 100")).expect("spawn");
+        let short = Supervised::spawn("short", "sb", sh("exit 3")).expect("spawn");
+        let death = tokio::time::timeout(Duration::from_secs(20), first_death(&[&long, &short]))
+            .await
+            .expect("a child ended");
+        assert_eq!(death.process, "short");
+        assert_eq!(death.status, "exit status 3");
+        assert_eq!(death.pid, short.pid());
+        assert!(long.death().is_none());
+
+        long.kill();
+        let death = tokio::time::timeout(Duration::from_secs(20), long.ended())
+            .await
+            .expect("killed");
+        assert_eq!(death.status, "killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            death.to_string(),
+            format!(
+                "long (pid {}) ended: killed by signal 9 (SIGKILL)",
+                long.pid()
+            )
+        );
+        // Signalling a reaped process is harmless (the pidfd is exact).
+        long.kill();
+    }
+
+    #[tokio::test]
+    async fn stop_waits_then_kills() {
+        let polite = Supervised::spawn("polite", "sb", sh("exit 0")).expect("spawn");
+        let death = polite
+            .stop(Duration::from_secs(20), Duration::from_secs(20))
+            .await
+            .expect("ended");
+        assert_eq!(death.status, "exit status 0");
+
+        let stubborn =
+            Supervised::spawn("stubborn", "sb", sh("trap '' TERM; sleep 100")).expect("spawn");
+        let started = std::time::Instant::now();
+        let death = stubborn
+            .stop(Duration::from_millis(200), Duration::from_secs(20))
+            .await
+            .expect("killed");
+        assert!(death.status.contains("SIGKILL"), "{death}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_supervised_child_does_not_leak_it() {
+        let child = Supervised::spawn("leak", "sb", sh("sleep 100")).expect("spawn");
+        let pid = child.pid();
+        child.kill();
+        drop(child);
+        // The reaper task still reaps it: /proc/PID goes away.
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(std::time::Instant::now() < until, "pid {pid} still there");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_lines_cut_long_lines() {
+        let input: &[u8] = b"short\nthis line is too long\n\nlast without newline";
+        let mut lines = BoundedLines::new(input, 8);
+        let mut got = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("read") {
+            got.push(line);
+        }
+        assert_eq!(
+            got,
+            vec![
+                ("short".to_string(), false),
+                ("this lin".to_string(), true),
+                (String::new(), false),
+                ("last wit".to_string(), true),
+            ]
+        );
+        // Endless input without newline: memory stays bounded by `max`.
+        let endless = tokio::io::repeat(b'x');
+        let mut lines = BoundedLines::new(tokio::io::AsyncReadExt::take(endless, 1 << 20), 16);
+        let (line, cut) = lines.next_line().await.expect("read").expect("line");
+        assert_eq!((line.len(), cut), (16, true));
+    }
+}

@@ -1,0 +1,1411 @@
+//! One sandbox: its run directory and Share, virtiofsd, isola-vmm, the
+//! agent's API, and teardown on every path.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use isola_protocol::agent::{self as pb};
+use isola_protocol::stream::StreamKind;
+use isola_protocol::ttrpc;
+use isola_protocol::{AgentClient, HealthClient, AGENT_VSOCK_PORT};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
+use protobuf::MessageField;
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+
+use crate::child::{first_death, BoundedLines, Death, Supervised};
+use crate::error::{Error, ErrorKind, Result};
+use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
+use crate::spec::{self, Volume};
+use crate::stdio::{self, OutputReader, ProcessIo, StdioRequest, WindowSize};
+
+/// The kernel command line every sandbox boots with (the VMM adds the
+/// console and its devices).
+pub const BASE_CMDLINE: &str =
+    "reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Default run directory root.
+pub const DEFAULT_RUN_ROOT: &str = "/run/isola/sandboxes";
+
+/// How long an ordinary agent call may take.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest agent log line forwarded.
+pub const MAX_AGENT_LOG_LINE: usize = 4096;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// No serial device at all.
+    Off,
+    /// Into this file (capped by the VMM).
+    File(PathBuf),
+}
+
+/// What a sandbox is made of.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The sandbox id (the agent's id rule: 1-64 of `[A-Za-z0-9_.-]`).
+    pub id: String,
+    pub vmm: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to [`BASE_CMDLINE`] (and the agent options).
+    pub kernel_cmdline_extra: String,
+    /// The sandbox's directory is `<run_root>/<id>`.
+    pub run_root: PathBuf,
+    /// The agent's and virtiofsd's log level (error, warn, info, debug, trace).
+    pub log_level: String,
+    /// The guest's hostname; empty: the agent's default.
+    pub hostname: String,
+    pub console: Console,
+    /// How long the guest may take to boot and answer.
+    pub start_timeout: Duration,
+    /// How long `stop` waits for DestroySandbox and for the VMM to exit.
+    pub stop_timeout: Duration,
+}
+
+impl SandboxConfig {
+    /// A config with defaults: 1 vCPU, 256 MiB, /run/isola/sandboxes, log
+    /// level info, console off, 60 s to start, 10 s to stop.
+    pub fn new(
+        id: impl Into<String>,
+        vmm: impl Into<PathBuf>,
+        virtiofsd: impl Into<PathBuf>,
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+    ) -> SandboxConfig {
+        SandboxConfig {
+            id: id.into(),
+            vmm: vmm.into(),
+            virtiofsd: virtiofsd.into(),
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_cmdline_extra: String::new(),
+            run_root: PathBuf::from(DEFAULT_RUN_ROOT),
+            log_level: "info".to_string(),
+            hostname: String::new(),
+            console: Console::Off,
+            start_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The kernel command line: base, agent options, extras.
+    pub fn cmdline(&self) -> String {
+        let mut cmdline = format!("{BASE_CMDLINE} agent.log={}", self.log_level);
+        if !self.hostname.is_empty() {
+            cmdline.push_str(&format!(" agent.hostname={}", self.hostname));
+        }
+        if !self.kernel_cmdline_extra.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(self.kernel_cmdline_extra.trim());
+        }
+        cmdline
+    }
+}
+
+/// The virtiofsd command line serving `layout`'s read-only view.
+pub fn virtiofsd_args(layout: &Layout, log_level: &str) -> Vec<String> {
+    vec![
+        "--socket-path".into(),
+        layout.fs_socket().display().to_string(),
+        "--shared-dir".into(),
+        layout.ro().display().to_string(),
+        "--sandbox".into(),
+        "namespace".into(),
+        "--cache".into(),
+        "auto".into(),
+        "--log-level".into(),
+        virtiofsd_level(log_level).into(),
+    ]
+}
+
+fn virtiofsd_level(level: &str) -> &'static str {
+    match level {
+        "error" => "error",
+        "warn" => "warn",
+        "debug" => "debug",
+        "trace" => "trace",
+        "off" => "off",
+        _ => "info",
+    }
+}
+
+/// The isola-vmm command line for `config` and `layout`.
+pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
+    let console = match &config.console {
+        Console::Off => "off".to_string(),
+        Console::File(path) => path.display().to_string(),
+    };
+    vec![
+        "--kernel".into(),
+        config.kernel.display().to_string(),
+        "--initrd".into(),
+        config.initrd.display().to_string(),
+        "--cmdline".into(),
+        config.cmdline(),
+        "--vcpus".into(),
+        config.vcpus.to_string(),
+        "--memory".into(),
+        config.memory_mib.to_string(),
+        "--vsock".into(),
+        layout.vsock_socket().display().to_string(),
+        "--fs".into(),
+        format!("tag={SHARE_TAG},socket={}", layout.fs_socket().display()),
+        "--api-socket".into(),
+        layout.api_socket().display().to_string(),
+        "--console".into(),
+        console,
+    ]
+}
+
+/// What the agent reports as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A process (a container's init when `exec_id` is empty) exited.
+    Exited {
+        container_id: String,
+        exec_id: String,
+        pid: u32,
+        exit_status: i32,
+        exited_at_ns: u64,
+    },
+    /// A container's cgroup saw an OOM kill.
+    Oom { container_id: String },
+    /// The agent dropped this many events before we asked.
+    Missed(u64),
+    /// The sandbox died (its VMM or virtiofsd ended).
+    SandboxDead { reason: String },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// The shell's convention: the exit code, or 128 + the signal number.
+    pub status: i32,
+    /// The signal that killed it, 0 if it exited.
+    pub signal: u32,
+    pub oom_killed: bool,
+    pub exited_at_ns: u64,
+    pub pid: u32,
+}
+
+/// A new container's or exec's process: its guest pid and stdio.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: u32,
+    pub io: ProcessIo,
+}
+
+/// What a container is made of.
+#[derive(Debug, Clone)]
+pub struct ContainerRequest {
+    pub id: String,
+    /// The OCI spec; bind mount sources are host paths.
+    pub spec: Spec,
+    /// The host directory of the root file system.
+    pub rootfs: PathBuf,
+    /// Host paths shown to the container (bind mounts added to the spec).
+    pub volumes: Vec<Volume>,
+    pub stdio: StdioRequest,
+}
+
+/// Why a sandbox is gone.
+#[derive(Debug, Clone)]
+enum Gone {
+    Died(Death),
+    Stopped,
+}
+
+/// The sandbox's host resources: run dir, mounts, processes. Torn down once
+/// (async on the ordinary paths; synchronously on drop if that never ran).
+#[derive(Debug)]
+struct Resources {
+    sandbox: String,
+    layout: Layout,
+    virtiofsd: Option<Supervised>,
+    vmm: Option<Supervised>,
+    /// Set when the directory was created by us (and so is ours to remove).
+    owns_dir: bool,
+    finished: AtomicBool,
+    teardown_lock: tokio::sync::Mutex<()>,
+}
+
+impl Resources {
+    fn children(&self) -> Vec<&Supervised> {
+        self.vmm.iter().chain(self.virtiofsd.iter()).collect()
+    }
+
+    /// Kill, unmount, remove: no waiting. Idempotent. Returns the failures.
+    fn teardown_now(&self) -> Vec<String> {
+        for child in self.children() {
+            child.kill();
+        }
+        self.release_dir()
+    }
+
+    fn release_dir(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if !self.owns_dir {
+            return errors;
+        }
+        let dir = self.layout.dir();
+        for err in share::unmount_all(dir) {
+            errors.push(format!("unmounting: {err}"));
+        }
+        if let Err(err) = share::remove_dir_safely(dir) {
+            errors.push(format!("removing {}: {err}", dir.display()));
+        }
+        errors
+    }
+
+    /// The VMM gets `grace` to end by itself (after DestroySandbox it
+    /// powers off), virtiofsd 5 s more (it ends with its VMM); then they are
+    /// killed, the mounts undone and the directory removed.
+    async fn teardown(&self, grace: Duration) -> Vec<String> {
+        let _serial = self.teardown_lock.lock().await;
+        if self.finished.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut errors = Vec::new();
+        let kill_wait = Duration::from_secs(10);
+        if let Some(vmm) = &self.vmm {
+            if vmm.stop(grace, kill_wait).await.is_none() {
+                errors.push(format!("isola-vmm (pid {}) did not die", vmm.pid()));
+            }
+        }
+        if let Some(fs) = &self.virtiofsd {
+            if fs.stop(Duration::from_secs(5), kill_wait).await.is_none() {
+                errors.push(format!("virtiofsd (pid {}) did not die", fs.pid()));
+            }
+        }
+        errors.extend(self.release_dir());
+        self.finished.store(true, Ordering::SeqCst);
+        if errors.is_empty() {
+            tracing::info!(sandbox = %self.sandbox, "sandbox cleaned up");
+        } else {
+            tracing::error!(sandbox = %self.sandbox, errors = ?errors, "sandbox clean-up incomplete");
+        }
+        errors
+    }
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        if !self.finished.load(Ordering::SeqCst) {
+            let errors = self.teardown_now();
+            if !errors.is_empty() {
+                tracing::error!(sandbox = %self.sandbox, errors = ?errors, "sandbox clean-up on drop incomplete");
+            }
+        }
+    }
+}
+
+struct Inner {
+    id: String,
+    config: SandboxConfig,
+    resources: Resources,
+    agent: AgentClient,
+    gone: watch::Sender<Option<Gone>>,
+    events: broadcast::Sender<Event>,
+    next_stream: AtomicU64,
+    containers: Mutex<HashSet<String>>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    kernel_release: String,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("id", &self.id)
+            .field("resources", &self.resources)
+            .field("gone", &self.gone.borrow().as_ref().map(gone_text))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
+        }
+        // Resources' own drop kills, unmounts and removes what is left.
+    }
+}
+
+/// A running sandbox. Cheap to clone; the last clone dropped tears it down
+/// (kill, unmount, remove) if `stop` did not.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_duration(timeout)
+}
+
+impl Sandbox {
+    /// Creates the run directory and Share, starts virtiofsd and isola-vmm,
+    /// dials the agent, opens its log stream and creates the sandbox in
+    /// the guest. On failure everything made so far is undone.
+    pub async fn start(config: SandboxConfig) -> Result<Sandbox> {
+        let id = config.id.clone();
+        isola_protocol::status::check_id("sandbox id", &id)
+            .map_err(|e| Error::agent(&id, "checking the config", e))?;
+        for (what, path) in [
+            ("isola-vmm", &config.vmm),
+            ("virtiofsd", &config.virtiofsd),
+            ("kernel", &config.kernel),
+            ("initrd", &config.initrd),
+        ] {
+            if !path.is_file() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    &id,
+                    "checking the config",
+                    format!("the {what} {} does not exist", path.display()),
+                ));
+            }
+        }
+        let layout = Layout::new(config.run_root.join(&id));
+        std::fs::create_dir_all(&config.run_root)
+            .map_err(|e| Error::host(&id, format!("creating {}", config.run_root.display()), e))?;
+        match std::fs::create_dir(layout.dir()) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    &id,
+                    "creating the run directory",
+                    format!(
+                        "{} exists (a sandbox with this id, or one not cleaned up)",
+                        layout.dir().display()
+                    ),
+                ))
+            }
+            Err(err) => {
+                return Err(Error::host(
+                    &id,
+                    format!("creating {}", layout.dir().display()),
+                    err,
+                ))
+            }
+        }
+        let mut resources = Resources {
+            sandbox: id.clone(),
+            layout: layout.clone(),
+            virtiofsd: None,
+            vmm: None,
+            owns_dir: true,
+            finished: AtomicBool::new(false),
+            teardown_lock: tokio::sync::Mutex::new(()),
+        };
+        // From here on, dropping `resources` undoes everything.
+        for dir in [
+            layout.rw().join("containers"),
+            layout.ro(),
+            layout.staging(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::host(&id, format!("creating {}", dir.display()), e))?;
+        }
+        for op in share::plan_share(&layout) {
+            share::apply(&op).map_err(|e| Error::host(&id, "setting up the share", e))?;
+        }
+
+        let mut cmd = tokio::process::Command::new(&config.virtiofsd);
+        cmd.args(virtiofsd_args(&layout, &config.log_level))
+            .stdout(std::process::Stdio::null());
+        let virtiofsd = Supervised::spawn("virtiofsd", &id, cmd)
+            .map_err(|e| Error::host(&id, format!("starting {}", config.virtiofsd.display()), e))?;
+        resources.virtiofsd = Some(virtiofsd);
+        let fs = resources
+            .virtiofsd
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Host, &id, "starting virtiofsd", "not started"))?;
+        wait_for_socket(&layout.fs_socket(), fs, config.start_timeout)
+            .await
+            .map_err(|m| Error::new(ErrorKind::Host, &id, "starting virtiofsd", m))?;
+
+        let mut cmd = tokio::process::Command::new(&config.vmm);
+        cmd.args(vmm_args(&config, &layout))
+            .stdout(std::process::Stdio::piped());
+        let vmm = Supervised::spawn("isola-vmm", &id, cmd)
+            .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e))?;
+        resources.vmm = Some(vmm);
+        let children = resources.children();
+
+        let vsock = layout.vsock_socket();
+        let dial =
+            isola_protocol::hybrid::dial_agent(&vsock, AGENT_VSOCK_PORT, config.start_timeout);
+        let client = tokio::select! {
+            dialed = dial => dialed.map_err(|e| Error::new(ErrorKind::Unavailable, &id, "dialing the agent", e.to_string()))?,
+            death = first_death(&children) => {
+                return Err(Error::new(ErrorKind::Dead, &id, "dialing the agent", death.to_string()));
+            }
+        };
+        let health = HealthClient::new(client.clone());
+        let version = race_death(
+            &children,
+            health.version(ctx(RPC_TIMEOUT), &pb::VersionRequest::new()),
+        )
+        .await
+        .map_err(|d| Error::new(ErrorKind::Dead, &id, "Health.Version", d.to_string()))?
+        .map_err(|e| Error::agent(&id, "Health.Version", e))?;
+        tracing::info!(sandbox = %id, agent_version = %version.agent_version, api_version = version.api_version, "agent answered");
+
+        let mut tasks = Vec::new();
+        match stdio::open_stream(&vsock, StreamKind::Log).await {
+            Ok(stream) => {
+                tasks.push(tokio::spawn(forward_agent_log(stream, id.clone())).abort_handle())
+            }
+            Err(err) => tracing::warn!(sandbox = %id, %err, "no agent log stream"),
+        }
+
+        let agent = AgentClient::new(client);
+        let req = pb::CreateSandboxRequest {
+            sandbox_id: id.clone(),
+            hostname: config.hostname.clone(),
+            share_tag: SHARE_TAG.to_string(),
+            share_mount_point: GUEST_SHARE_DIR.to_string(),
+            stop_timeout_secs: config.stop_timeout.as_secs().clamp(1, 3600) as u32,
+            ..Default::default()
+        };
+        let created = race_death(&children, agent.create_sandbox(ctx(RPC_TIMEOUT), &req))
+            .await
+            .map_err(|d| Error::new(ErrorKind::Dead, &id, "CreateSandbox", d.to_string()))?
+            .map_err(|e| Error::agent(&id, "CreateSandbox", e))?;
+        tracing::info!(sandbox = %id, kernel = %created.kernel_release, dir = %layout.dir().display(), "sandbox started");
+        drop(children);
+
+        let (gone, _) = watch::channel(None);
+        let (events, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            id: id.clone(),
+            config,
+            resources,
+            agent,
+            gone,
+            events,
+            next_stream: AtomicU64::new(1),
+            containers: Mutex::new(HashSet::new()),
+            tasks: Mutex::new(Vec::new()),
+            kernel_release: created.kernel_release,
+        });
+        tasks.push(tokio::spawn(supervise(Arc::downgrade(&inner))).abort_handle());
+        tasks.push(
+            tokio::spawn(event_loop(
+                inner.agent.clone(),
+                inner.events.clone(),
+                inner.gone.subscribe(),
+                id,
+            ))
+            .abort_handle(),
+        );
+        if let Ok(mut slot) = inner.tasks.lock() {
+            slot.extend(tasks);
+        }
+        Ok(Sandbox { inner })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The sandbox's run directory.
+    pub fn dir(&self) -> &Path {
+        self.inner.resources.layout.dir()
+    }
+
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.config
+    }
+
+    /// The guest kernel's release, as the agent reported it.
+    pub fn kernel_release(&self) -> &str {
+        &self.inner.kernel_release
+    }
+
+    /// Pids of the VMM and virtiofsd.
+    pub fn helper_pids(&self) -> Vec<(String, u32)> {
+        self.inner
+            .resources
+            .children()
+            .iter()
+            .map(|c| (c.name().to_string(), c.pid()))
+            .collect()
+    }
+
+    /// Events from now on (exits, OOM kills, the sandbox's death).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Why the sandbox is dead, if it is (stopped or a helper died).
+    pub fn dead(&self) -> Option<String> {
+        self.inner.gone.borrow().as_ref().map(gone_text)
+    }
+
+    /// Waits until the sandbox is dead or stopped; returns why.
+    pub async fn wait_dead(&self) -> String {
+        let mut rx = self.inner.gone.subscribe();
+        loop {
+            if let Some(gone) = rx.borrow_and_update().as_ref() {
+                return gone_text(gone);
+            }
+            if rx.changed().await.is_err() {
+                return "sandbox dropped".to_string();
+            }
+        }
+    }
+
+    /// Waits until the clean-up after a death (or `stop`) has finished.
+    pub async fn wait_cleaned_up(&self) {
+        self.wait_dead().await;
+        let _done = self.inner.resources.teardown_lock.lock().await;
+    }
+
+    fn gone_error(&self, step: &str, gone: &Gone) -> Error {
+        Error::new(ErrorKind::Dead, &self.inner.id, step, gone_text(gone))
+    }
+
+    /// Runs an agent call, failing with the sandbox's death if it dies
+    /// first (or the call failed because it died).
+    async fn call<T>(
+        &self,
+        step: &str,
+        container: Option<&str>,
+        fut: impl Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T> {
+        let name = |err: Error| match container {
+            Some(c) => err.in_container(c),
+            None => err,
+        };
+        let mut gone = self.inner.gone.subscribe();
+        if let Some(g) = gone.borrow_and_update().clone() {
+            return Err(name(self.gone_error(step, &g)));
+        }
+        let result = tokio::select! {
+            result = fut => result,
+            _ = gone.changed() => {
+                let g = gone.borrow().clone().unwrap_or(Gone::Stopped);
+                return Err(name(self.gone_error(step, &g)));
+            }
+        };
+        match result {
+            Ok(value) => Ok(value),
+            Err(err) => {
+                if isola_protocol::status::code(&err).is_none() {
+                    // The connection failed: most likely the sandbox is
+                    // dying; the supervisor says so within moments.
+                    let died = tokio::time::timeout(Duration::from_secs(3), async {
+                        loop {
+                            if let Some(g) = gone.borrow_and_update().clone() {
+                                return Some(g);
+                            }
+                            if gone.changed().await.is_err() {
+                                return None;
+                            }
+                        }
+                    })
+                    .await;
+                    if let Ok(Some(g)) = died {
+                        return Err(name(self.gone_error(step, &g)));
+                    }
+                }
+                Err(name(Error::agent(&self.inner.id, step, err)))
+            }
+        }
+    }
+
+    fn next_stream_id(&self) -> u64 {
+        self.inner.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn open_stdio(&self, cid: &str, req: &StdioRequest) -> Result<(pb::Stdio, ProcessIo)> {
+        stdio::check_request(req).map_err(|m| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                &self.inner.id,
+                "opening stdio",
+                m,
+            )
+            .in_container(cid)
+        })?;
+        let vsock = self.inner.resources.layout.vsock_socket();
+        let (ids, io) = stdio::open(&vsock, req, || self.next_stream_id())
+            .await
+            .map_err(|e| {
+                if let Some(g) = self.inner.gone.borrow().clone() {
+                    return self.gone_error("opening stdio", &g).in_container(cid);
+                }
+                Error::new(
+                    ErrorKind::Unavailable,
+                    &self.inner.id,
+                    "opening stdio",
+                    e.to_string(),
+                )
+                .in_container(cid)
+            })?;
+        let window = req.terminal.unwrap_or(WindowSize { rows: 0, cols: 0 });
+        let stdio = pb::Stdio {
+            stdin: ids.stdin,
+            stdout: ids.stdout,
+            stderr: ids.stderr,
+            terminal: req.terminal.is_some(),
+            rows: u32::from(window.rows),
+            cols: u32::from(window.cols),
+            ..Default::default()
+        };
+        Ok((stdio, io))
+    }
+
+    /// Mounts the container's rootfs and volumes into the Share, opens its
+    /// stdio streams and creates it in the guest (its init exists, not yet
+    /// started). On failure its mounts are undone.
+    pub async fn create_container(&self, req: ContainerRequest) -> Result<Started> {
+        let sid = self.inner.id.clone();
+        let cid = req.id.clone();
+        let invalid = |m: String| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                &sid,
+                "creating the container",
+                m,
+            )
+            .in_container(&cid)
+        };
+        isola_protocol::status::check_id("container id", &cid)
+            .map_err(|e| Error::agent(&sid, "checking the container id", e))?;
+        if let Some(g) = self.inner.gone.borrow().clone() {
+            return Err(self
+                .gone_error("creating the container", &g)
+                .in_container(&cid));
+        }
+        {
+            let mut containers = self.lock_containers();
+            if !containers.insert(cid.clone()) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    &sid,
+                    "creating the container",
+                    format!("container {cid} exists"),
+                )
+                .in_container(&cid));
+            }
+        }
+        let result = self.create_container_inner(req, &invalid).await;
+        if result.is_err() {
+            self.release_container(&cid);
+        }
+        result
+    }
+
+    async fn create_container_inner(
+        &self,
+        req: ContainerRequest,
+        invalid: &dyn Fn(String) -> Error,
+    ) -> Result<Started> {
+        let sid = &self.inner.id;
+        let cid = &req.id;
+        let layout = &self.inner.resources.layout;
+        let mut spec = req.spec;
+        if !req.rootfs.is_dir() {
+            return Err(invalid(format!(
+                "the rootfs {} is not a directory",
+                req.rootfs.display()
+            )));
+        }
+        if !req.volumes.is_empty() {
+            let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
+            mounts.extend(req.volumes.iter().map(Volume::mount));
+        }
+        if let Some(process) = spec.process_mut() {
+            process.set_terminal(Some(req.stdio.terminal.is_some()));
+        }
+        let binds = spec::rewrite(&mut spec, cid).map_err(|e| invalid(format!("oci spec: {e}")))?;
+        for bind in &binds {
+            if !bind.source.exists() {
+                return Err(invalid(format!(
+                    "bind mount source {} does not exist",
+                    bind.source.display()
+                )));
+            }
+        }
+
+        // The rootfs and volumes into the share.
+        let mut ops = share::plan_bind(
+            &req.rootfs,
+            &layout.rootfs(cid),
+            spec::root_readonly(&spec),
+            &layout.staging_for(cid, "rootfs"),
+        );
+        for bind in &binds {
+            ops.extend(share::plan_bind(
+                &bind.source,
+                &layout.volume(cid, bind.index),
+                bind.readonly,
+                &layout.staging_for(cid, &bind.index.to_string()),
+            ));
+        }
+        for op in &ops {
+            share::apply(op)
+                .map_err(|e| Error::host(sid, "mounting into the share", e).in_container(cid))?;
+        }
+        tracing::debug!(sandbox = %sid, container = %cid, mounts = ops.iter().filter(|o| matches!(o, MountOp::Bind { .. })).count(), "container mounted into the share");
+
+        let spec_json = serde_json::to_string(&spec)
+            .map_err(|e| invalid(format!("oci spec does not serialize: {e}")))?;
+        let (stdio, io) = self.open_stdio(cid, &req.stdio).await?;
+        let request = pb::CreateContainerRequest {
+            container_id: cid.clone(),
+            oci_spec_json: spec_json,
+            rootfs: share::guest_rootfs_rel(cid),
+            stdio: MessageField::some(stdio),
+            ..Default::default()
+        };
+        let agent = &self.inner.agent;
+        let resp = self
+            .call(
+                "CreateContainer",
+                Some(cid),
+                agent.create_container(ctx(RPC_TIMEOUT), &request),
+            )
+            .await?;
+        tracing::info!(sandbox = %sid, container = %cid, pid = resp.pid, "container created");
+        Ok(Started { pid: resp.pid, io })
+    }
+
+    fn lock_containers(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        match self.inner.containers.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Undoes a container's mounts and removes its directory of the share.
+    fn release_container(&self, cid: &str) {
+        let layout = &self.inner.resources.layout;
+        let mut errors = Vec::new();
+        for dir in [
+            layout.container(cid),
+            layout.ro().join("containers").join(cid),
+        ] {
+            errors.extend(share::unmount_all(&dir).into_iter().map(|e| e.to_string()));
+        }
+        // A staging mount left by a failure half way through a read-only
+        // bind (staging/<cid>+rootfs, staging/<cid>+<n>).
+        if let Ok(entries) = std::fs::read_dir(layout.staging()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if Layout::is_staging_of(&name, cid) {
+                    errors.extend(
+                        share::unmount_all(&entry.path())
+                            .into_iter()
+                            .map(|e| e.to_string()),
+                    );
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+        if let Err(err) = share::remove_dir_safely(&layout.container(cid)) {
+            errors.push(err.to_string());
+        }
+        if !errors.is_empty() {
+            tracing::error!(sandbox = %self.inner.id, container = %cid, ?errors, "container clean-up incomplete");
+        }
+        self.lock_containers().remove(cid);
+    }
+
+    /// Starts the container's init process.
+    pub async fn start_container(&self, cid: &str) -> Result<()> {
+        let req = pb::StartContainerRequest {
+            container_id: cid.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "StartContainer",
+            Some(cid),
+            self.inner.agent.start_container(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Runs another process in a running container.
+    pub async fn exec(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        process: &Process,
+        stdio: StdioRequest,
+    ) -> Result<Started> {
+        let sid = &self.inner.id;
+        let mut process = process.clone();
+        process.set_terminal(Some(stdio.terminal.is_some()));
+        let process_json = serde_json::to_string(&process).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                sid,
+                "ExecProcess",
+                format!("process: {e}"),
+            )
+            .in_container(cid)
+        })?;
+        let (stdio, io) = self.open_stdio(cid, &stdio).await?;
+        let req = pb::ExecProcessRequest {
+            container_id: cid.to_string(),
+            exec_id: exec_id.to_string(),
+            process_json,
+            stdio: MessageField::some(stdio),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "ExecProcess",
+                Some(cid),
+                self.inner.agent.exec_process(ctx(RPC_TIMEOUT), &req),
+            )
+            .await?;
+        Ok(Started { pid: resp.pid, io })
+    }
+
+    /// Waits for a process (`exec_id` empty: the container's init) to exit.
+    /// The agent answers once its stdout and stderr have carried their
+    /// last byte; read them to EOF (or use [`Sandbox::wait_with_output`]).
+    pub async fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitStatus> {
+        let req = pb::WaitProcessRequest {
+            container_id: cid.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        let resp = self
+            .call(
+                "WaitProcess",
+                Some(cid),
+                self.inner.agent.wait_process(ctx(Duration::ZERO), &req),
+            )
+            .await?;
+        Ok(ExitStatus {
+            status: resp.exit_status,
+            signal: resp.signal,
+            oom_killed: resp.oom_killed,
+            exited_at_ns: resp.exited_at_ns,
+            pid: resp.pid,
+        })
+    }
+
+    /// Copies the process's stdout and stderr to `out` and `err` to their
+    /// EOF while waiting for its exit: nothing it printed is lost, and it
+    /// never blocks on a full stream.
+    pub async fn wait_with_output<O, E>(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        stdout: Option<OutputReader>,
+        stderr: Option<OutputReader>,
+        out: O,
+        err: E,
+    ) -> Result<ExitStatus>
+    where
+        O: tokio::io::AsyncWrite + Unpin,
+        E: tokio::io::AsyncWrite + Unpin,
+    {
+        let copy_out = async {
+            match stdout {
+                Some(r) => stdio::copy_output(r, out).await.1,
+                None => Ok(()),
+            }
+        };
+        let copy_err = async {
+            match stderr {
+                Some(r) => stdio::copy_output(r, err).await.1,
+                None => Ok(()),
+            }
+        };
+        let (status, out_res, err_res) = tokio::join!(self.wait(cid, exec_id), copy_out, copy_err);
+        for (name, res) in [("stdout", out_res), ("stderr", err_res)] {
+            if let Err(e) = res {
+                tracing::debug!(sandbox = %self.inner.id, container = %cid, exec_id, stream = name, error = %e, "output not fully delivered");
+            }
+        }
+        status
+    }
+
+    /// Sends `signal` to a process, or with `all` to every process of the
+    /// container.
+    pub async fn signal(&self, cid: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let req = pb::SignalProcessRequest {
+            container_id: cid.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.call(
+            "SignalProcess",
+            Some(cid),
+            self.inner.agent.signal_process(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn stats(&self, cid: &str) -> Result<pb::StatsContainerResponse> {
+        let req = pb::StatsContainerRequest {
+            container_id: cid.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "StatsContainer",
+            Some(cid),
+            self.inner.agent.stats_container(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+    }
+
+    pub async fn pause(&self, cid: &str) -> Result<()> {
+        let req = pb::PauseContainerRequest {
+            container_id: cid.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "PauseContainer",
+            Some(cid),
+            self.inner.agent.pause_container(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume(&self, cid: &str) -> Result<()> {
+        let req = pb::ResumeContainerRequest {
+            container_id: cid.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "ResumeContainer",
+            Some(cid),
+            self.inner.agent.resume_container(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Changes the container's cgroup limits (fields left out keep theirs).
+    pub async fn update(&self, cid: &str, resources: &LinuxResources) -> Result<()> {
+        let resources_json = serde_json::to_string(resources).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                &self.inner.id,
+                "UpdateContainer",
+                format!("resources: {e}"),
+            )
+            .in_container(cid)
+        })?;
+        let req = pb::UpdateContainerRequest {
+            container_id: cid.to_string(),
+            resources_json,
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainer",
+            Some(cid),
+            self.inner.agent.update_container(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resize_tty(&self, cid: &str, exec_id: &str, size: WindowSize) -> Result<()> {
+        let req = pb::TtyWinResizeRequest {
+            container_id: cid.to_string(),
+            exec_id: exec_id.to_string(),
+            rows: u32::from(size.rows),
+            cols: u32::from(size.cols),
+            ..Default::default()
+        };
+        self.call(
+            "TtyWinResize",
+            Some(cid),
+            self.inner.agent.tty_win_resize(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<()> {
+        let req = pb::CloseStdinRequest {
+            container_id: cid.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "CloseStdin",
+            Some(cid),
+            self.inner.agent.close_stdin(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn list_processes(&self, cid: &str) -> Result<Vec<pb::ProcessInfo>> {
+        let req = pb::ListProcessesRequest {
+            container_id: cid.to_string(),
+            ..Default::default()
+        };
+        self.call(
+            "ListProcesses",
+            Some(cid),
+            self.inner.agent.list_processes(ctx(RPC_TIMEOUT), &req),
+        )
+        .await
+        .map(|r| r.processes)
+    }
+
+    /// Removes a container (`force`: kill it first) and undoes its mounts.
+    pub async fn remove(&self, cid: &str, force: bool) -> Result<()> {
+        let req = pb::RemoveContainerRequest {
+            container_id: cid.to_string(),
+            force,
+            ..Default::default()
+        };
+        self.call(
+            "RemoveContainer",
+            Some(cid),
+            self.inner.agent.remove_container(ctx(RPC_TIMEOUT), &req),
+        )
+        .await?;
+        self.release_container(cid);
+        Ok(())
+    }
+
+    /// Stops the sandbox: DestroySandbox (bounded), the VMM's exit
+    /// (killed after the timeout), virtiofsd's, every mount undone, the
+    /// run directory removed. Safe to call more than once and after death.
+    pub async fn stop(&self) -> Result<()> {
+        let inner = &self.inner;
+        let was_alive = inner.gone.borrow().is_none();
+        if was_alive {
+            inner.gone.send_replace(Some(Gone::Stopped));
+            let req = pb::DestroySandboxRequest::new();
+            let destroy = inner
+                .agent
+                .destroy_sandbox(ctx(inner.config.stop_timeout), &req);
+            let children = inner.resources.children();
+            match tokio::time::timeout(inner.config.stop_timeout, race_death(&children, destroy))
+                .await
+            {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(err))) => {
+                    tracing::warn!(sandbox = %inner.id, error = %isola_protocol::status::message(&err), "DestroySandbox failed")
+                }
+                Ok(Err(death)) => {
+                    tracing::info!(sandbox = %inner.id, %death, "ended during DestroySandbox")
+                }
+                Err(_) => {
+                    tracing::warn!(sandbox = %inner.id, timeout = ?inner.config.stop_timeout, "DestroySandbox did not answer")
+                }
+            }
+        }
+        let errors = inner.resources.teardown(inner.config.stop_timeout).await;
+        if let Ok(tasks) = inner.tasks.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Host,
+                &inner.id,
+                "cleaning up",
+                errors.join("; "),
+            ))
+        }
+    }
+}
+
+fn gone_text(gone: &Gone) -> String {
+    match gone {
+        Gone::Died(death) => format!("the sandbox is dead: {death}"),
+        Gone::Stopped => "the sandbox was stopped".to_string(),
+    }
+}
+
+/// Races `fut` against the first death of `children`.
+async fn race_death<T>(children: &[&Supervised], fut: impl Future<Output = T>) -> Result<T, Death> {
+    tokio::select! {
+        out = fut => Ok(out),
+        death = first_death(children) => Err(death),
+    }
+}
+
+/// Waits for virtiofsd's socket; fails early if it dies.
+async fn wait_for_socket(
+    socket: &Path,
+    owner: &Supervised,
+    timeout: Duration,
+) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        if socket.exists() {
+            return Ok(());
+        }
+        if let Some(death) = owner.death() {
+            return Err(format!("{death} before creating {}", socket.display()));
+        }
+        if tokio::time::Instant::now() >= until {
+            return Err(format!(
+                "{} not created within {timeout:?}",
+                socket.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits for the VMM or virtiofsd to end; unless the sandbox is being
+/// stopped, marks it dead (failing pending calls) and cleans up.
+async fn supervise(inner: Weak<Inner>) {
+    let ended = {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let futures: Vec<_> = strong
+            .resources
+            .children()
+            .iter()
+            .map(|c| c.ended_future())
+            .collect();
+        futures
+    };
+    let death = crate::child::first_of(ended).await;
+    let Some(inner) = inner.upgrade() else { return };
+    let stopping = inner.gone.borrow().is_some();
+    if stopping {
+        return;
+    }
+    tracing::error!(sandbox = %inner.id, %death, "sandbox died");
+    inner.gone.send_replace(Some(Gone::Died(death.clone())));
+    let _ = inner.events.send(Event::SandboxDead {
+        reason: death.to_string(),
+    });
+    inner.resources.teardown(Duration::from_secs(2)).await;
+}
+
+/// Long-polls WaitEvent and publishes each event.
+async fn event_loop(
+    agent: AgentClient,
+    events: broadcast::Sender<Event>,
+    mut gone: watch::Receiver<Option<Gone>>,
+    sandbox: String,
+) {
+    let mut after = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let req = pb::WaitEventRequest {
+            after,
+            ..Default::default()
+        };
+        let resp = tokio::select! {
+            resp = agent.wait_event(ctx(Duration::ZERO), &req) => resp,
+            _ = gone.changed() => return,
+        };
+        match resp {
+            Ok(resp) => {
+                failures = 0;
+                if resp.seq <= after {
+                    tracing::warn!(sandbox = %sandbox, seq = resp.seq, after, "WaitEvent went backwards; ignoring");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                after = resp.seq;
+                if resp.missed > 0 {
+                    let _ = events.send(Event::Missed(resp.missed));
+                }
+                let event = match resp.event {
+                    Some(pb::wait_event_response::Event::Exited(e)) => Event::Exited {
+                        container_id: e.container_id,
+                        exec_id: e.exec_id,
+                        pid: e.pid,
+                        exit_status: e.exit_status,
+                        exited_at_ns: e.exited_at_ns,
+                    },
+                    Some(pb::wait_event_response::Event::Oom(o)) => Event::Oom {
+                        container_id: o.container_id,
+                    },
+                    _ => continue,
+                };
+                tracing::debug!(sandbox = %sandbox, seq = after, ?event, "event");
+                let _ = events.send(event);
+            }
+            Err(err) => {
+                if gone.borrow().is_some() {
+                    return;
+                }
+                failures += 1;
+                let transport = isola_protocol::status::code(&err).is_none();
+                tracing::warn!(sandbox = %sandbox, error = %isola_protocol::status::message(&err), failures, "WaitEvent failed");
+                if failures >= 10 || (transport && failures >= 3) {
+                    tracing::error!(sandbox = %sandbox, "no more events from the agent");
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = gone.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// The agent's log lines into `tracing`, with the sandbox id and the level
+/// the line names.
+async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String) {
+    let mut lines = BoundedLines::new(stream, MAX_AGENT_LOG_LINE);
+    while let Ok(Some((line, cut))) = lines.next_line().await {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        match agent_line_level(line) {
+            tracing::Level::ERROR => {
+                tracing::error!(target: "isola_agent", sandbox = %sandbox, cut, "{line}")
+            }
+            tracing::Level::WARN => {
+                tracing::warn!(target: "isola_agent", sandbox = %sandbox, cut, "{line}")
+            }
+            tracing::Level::DEBUG => {
+                tracing::debug!(target: "isola_agent", sandbox = %sandbox, cut, "{line}")
+            }
+            tracing::Level::TRACE => {
+                tracing::trace!(target: "isola_agent", sandbox = %sandbox, cut, "{line}")
+            }
+            _ => tracing::info!(target: "isola_agent", sandbox = %sandbox, cut, "{line}"),
+        }
+    }
+    tracing::debug!(sandbox = %sandbox, "agent log stream ended");
+}
+
+/// The level a log line names among its first words (INFO if none).
+pub fn agent_line_level(line: &str) -> tracing::Level {
+    for word in line.split_whitespace().take(3) {
+        match word.trim_matches(|c: char| !c.is_ascii_alphabetic()) {
+            "ERROR" => return tracing::Level::ERROR,
+            "WARN" => return tracing::Level::WARN,
+            "INFO" => return tracing::Level::INFO,
+            "DEBUG" => return tracing::Level::DEBUG,
+            "TRACE" => return tracing::Level::TRACE,
+            _ => {}
+        }
+    }
+    tracing::Level::INFO
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SandboxConfig {
+        let mut c = SandboxConfig::new("pod1", "/bin/vmm", "/bin/vfsd", "/k", "/i");
+        c.vcpus = 2;
+        c.memory_mib = 512;
+        c.hostname = "web".into();
+        c.kernel_cmdline_extra = " quiet ".into();
+        c
+    }
+
+    #[test]
+    fn command_lines() {
+        let c = config();
+        let layout = Layout::new("/run/isola/sandboxes/pod1");
+        assert_eq!(
+            c.cmdline(),
+            format!("{BASE_CMDLINE} agent.log=info agent.hostname=web quiet")
+        );
+        let args = vmm_args(&c, &layout);
+        let pairs: Vec<(String, String)> = args
+            .chunks(2)
+            .map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or_default()))
+            .collect();
+        let get = |k: &str| pairs.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("--vcpus"), Some("2"));
+        assert_eq!(get("--memory"), Some("512"));
+        assert_eq!(get("--vsock"), Some("/run/isola/sandboxes/pod1/vsock.sock"));
+        assert_eq!(
+            get("--fs"),
+            Some("tag=isola-share,socket=/run/isola/sandboxes/pod1/fs.sock")
+        );
+        assert_eq!(get("--console"), Some("off"));
+        let fs = virtiofsd_args(&layout, "debug");
+        assert_eq!(
+            fs.join(" "),
+            "--socket-path /run/isola/sandboxes/pod1/fs.sock --shared-dir /run/isola/sandboxes/pod1/ro \
+             --sandbox namespace --cache auto --log-level debug"
+        );
+        assert_eq!(virtiofsd_level("bogus"), "info");
+    }
+
+    #[test]
+    fn agent_log_levels() {
+        assert_eq!(
+            agent_line_level("2026-11-29T01:02:03Z ERROR isola_agent: boom"),
+            tracing::Level::ERROR
+        );
+        assert_eq!(agent_line_level("  WARN x"), tracing::Level::WARN);
+        assert_eq!(agent_line_level("[DEBUG] y"), tracing::Level::DEBUG);
+        assert_eq!(agent_line_level("a b c ERROR late"), tracing::Level::INFO);
+        assert_eq!(agent_line_level(""), tracing::Level::INFO);
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = SandboxConfig::new("bad", "/bin/true", "/bin/true", "/bin/true", "/bin/true");
+        c.run_root = tmp.path().join("root");
+        c.start_timeout = Duration::from_secs(20);
+        // Neither "virtiofsd" creates a socket: start fails, naming it.
+        let err = Sandbox::start(c.clone()).await.expect_err("failed");
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(err.step(), "starting virtiofsd");
+            assert!(err.message().contains("virtiofsd (pid"), "{err}");
+            assert!(err.message().contains("exit status 0"), "{err}");
+        } else {
+            // Without CAP_SYS_ADMIN the share's first mount fails.
+            assert_eq!(err.step(), "setting up the share", "{err}");
+        }
+        assert!(!c.run_root.join("bad").exists(), "run dir left behind");
+
+        // A missing binary is named before anything is made.
+        c.vmm = tmp.path().join("no-vmm");
+        let err = Sandbox::start(c.clone()).await.expect_err("failed");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.message().contains("no-vmm"), "{err}");
+
+        // An existing directory is someone else's: refused and kept.
+        c.vmm = "/bin/true".into();
+        std::fs::create_dir_all(c.run_root.join("bad")).expect("mkdir");
+        let err = Sandbox::start(c.clone()).await.expect_err("failed");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert!(c.run_root.join("bad").exists());
+
+        c.id = "../x".into();
+        let err = Sandbox::start(c).await.expect_err("failed");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+}

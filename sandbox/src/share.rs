@@ -1,0 +1,596 @@
+//! The Share: the directory tree virtiofsd serves to the guest.
+//!
+//! ```text
+//! <dir>/             private bind of itself: nothing below leaks to the host's other mounts
+//!   rw/              shared bind of itself: where the host mounts things
+//!     containers/<cid>/rootfs        the container's rootfs (bind)
+//!     containers/<cid>/volumes/<n>   bind mounts of the spec (bind, read-only ones made so before they appear)
+//!   ro/              recursive bind of rw, slave (mounts made later under rw appear here),
+//!                    read-only at the top only: virtiofsd serves this
+//!   staging/<n>      where a read-only bind is made read-only before it is moved under rw
+//!   fs.sock, vsock.sock, api.sock, console.log
+//! ```
+//!
+//! The guest can write nothing into the share's own directories (the top of
+//! `ro` is read-only), only inside a container's rootfs, and not into a
+//! read-only volume: a remount to read-only does not propagate, so a
+//! read-only bind is made read-only at `staging/` first and then bound
+//! under `rw`, and every propagated copy (under `ro` and in virtiofsd's
+//! mount namespace) is read-only from its birth.
+//!
+//! Mount work is planned as data ([`MountOp`]) by pure functions and done by
+//! [`apply`]; teardown reads `/proc/self/mountinfo` and unmounts deepest
+//! first ([`unmount_order`]).
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// The virtio-fs tag the VMM gives the share.
+pub const SHARE_TAG: &str = "isola-share";
+
+/// Where the agent mounts the share in the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/isola/share";
+
+/// Paths of one sandbox's directory (pure: nothing is touched).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(dir: impl Into<PathBuf>) -> Layout {
+        Layout { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn rw(&self) -> PathBuf {
+        self.dir.join("rw")
+    }
+    pub fn ro(&self) -> PathBuf {
+        self.dir.join("ro")
+    }
+    pub fn staging(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+    pub fn fs_socket(&self) -> PathBuf {
+        self.dir.join("fs.sock")
+    }
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    pub fn console_file(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// `rw/containers/<cid>`: everything of one container.
+    pub fn container(&self, cid: &str) -> PathBuf {
+        self.rw().join("containers").join(cid)
+    }
+    pub fn rootfs(&self, cid: &str) -> PathBuf {
+        self.container(cid).join("rootfs")
+    }
+    pub fn volume(&self, cid: &str, n: usize) -> PathBuf {
+        self.container(cid).join("volumes").join(n.to_string())
+    }
+    /// Where a read-only bind of a container (`what`: "rootfs" or a
+    /// volume's number) is prepared: `staging/<cid>+<what>` (`+` is not in
+    /// ids, so one container's prefix never matches another's).
+    pub fn staging_for(&self, cid: &str, what: &str) -> PathBuf {
+        self.staging().join(format!("{cid}+{what}"))
+    }
+
+    /// Whether a `staging/` entry name belongs to container `cid`.
+    pub fn is_staging_of(name: &str, cid: &str) -> bool {
+        name.strip_prefix(cid)
+            .is_some_and(|rest| rest.starts_with('+'))
+    }
+}
+
+/// The container's rootfs relative to the share's root, as
+/// `CreateContainer.rootfs` wants it.
+pub fn guest_rootfs_rel(cid: &str) -> String {
+    format!("containers/{cid}/rootfs")
+}
+
+/// The guest path of a container's volume `n`.
+pub fn guest_volume(cid: &str, n: usize) -> String {
+    format!("{GUEST_SHARE_DIR}/containers/{cid}/volumes/{n}")
+}
+
+/// One mount system call (or a directory/file it needs), as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountOp {
+    /// Bind `source` on `target` (creating `target` as a directory, or as
+    /// an empty file when `source` is not a directory); `recursive` takes
+    /// the mounts below `source` along.
+    Bind {
+        source: PathBuf,
+        target: PathBuf,
+        recursive: bool,
+    },
+    MakePrivate(PathBuf),
+    MakeShared(PathBuf),
+    MakeSlave(PathBuf),
+    /// Makes the mount at the path read-only (that mount only).
+    RemountReadOnly(PathBuf),
+    /// Unmounts the path, lazily if it is busy.
+    Unmount(PathBuf),
+}
+
+/// The share's skeleton: `<dir>` private, `rw` shared, `ro` its read-only
+/// slave. `rw/containers` and `staging` must exist first.
+pub fn plan_share(layout: &Layout) -> Vec<MountOp> {
+    let dir = layout.dir().to_path_buf();
+    vec![
+        MountOp::Bind {
+            source: dir.clone(),
+            target: dir.clone(),
+            recursive: false,
+        },
+        MountOp::MakePrivate(dir),
+        MountOp::Bind {
+            source: layout.rw(),
+            target: layout.rw(),
+            recursive: false,
+        },
+        MountOp::MakeShared(layout.rw()),
+        MountOp::Bind {
+            source: layout.rw(),
+            target: layout.ro(),
+            recursive: true,
+        },
+        MountOp::MakeSlave(layout.ro()),
+        MountOp::RemountReadOnly(layout.ro()),
+    ]
+}
+
+/// Binds `source` at `target` under `rw`. A read-only bind is made at
+/// `staging` and made read-only there, bound from there onto `target` (a
+/// bind copies the read-only flag, and so does every propagated copy) and
+/// the staging mount removed.
+pub fn plan_bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Vec<MountOp> {
+    if !readonly {
+        return vec![MountOp::Bind {
+            source: source.to_path_buf(),
+            target: target.to_path_buf(),
+            recursive: true,
+        }];
+    }
+    vec![
+        MountOp::Bind {
+            source: source.to_path_buf(),
+            target: staging.to_path_buf(),
+            recursive: true,
+        },
+        MountOp::RemountReadOnly(staging.to_path_buf()),
+        MountOp::Bind {
+            source: staging.to_path_buf(),
+            target: target.to_path_buf(),
+            recursive: false,
+        },
+        MountOp::Unmount(staging.to_path_buf()),
+    ]
+}
+
+/// Does one [`MountOp`]; the error names the operation and the path.
+pub fn apply(op: &MountOp) -> io::Result<()> {
+    let none: Option<&str> = None;
+    let fail = |what: String| {
+        move |errno: nix::errno::Errno| {
+            io::Error::new(
+                io::Error::from(errno).kind(),
+                format!("{what}: {}", errno.desc()),
+            )
+        }
+    };
+    match op {
+        MountOp::Bind {
+            source,
+            target,
+            recursive,
+        } => {
+            let meta = std::fs::metadata(source)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
+            if meta.is_dir() {
+                std::fs::create_dir_all(target)
+            } else {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(target)
+                    .map(drop)
+            }
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", target.display())))?;
+            let mut flags = MsFlags::MS_BIND;
+            if *recursive {
+                flags |= MsFlags::MS_REC;
+            }
+            mount(Some(source.as_path()), target.as_path(), none, flags, none).map_err(fail(
+                format!("bind {} on {}", source.display(), target.display()),
+            ))
+        }
+        MountOp::MakePrivate(path) => propagation(path, MsFlags::MS_PRIVATE, "private"),
+        MountOp::MakeShared(path) => propagation(path, MsFlags::MS_SHARED, "shared"),
+        MountOp::MakeSlave(path) => propagation(path, MsFlags::MS_SLAVE, "slave"),
+        MountOp::RemountReadOnly(path) => mount(
+            none,
+            path.as_path(),
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            none,
+        )
+        .map_err(fail(format!("remount {} read-only", path.display()))),
+        MountOp::Unmount(path) => unmount(path),
+    }
+}
+
+fn propagation(path: &Path, flag: MsFlags, name: &str) -> io::Result<()> {
+    let none: Option<&str> = None;
+    mount(none, path, none, flag, none).map_err(|errno| {
+        io::Error::new(
+            io::Error::from(errno).kind(),
+            format!("make {} {name}: {}", path.display(), errno.desc()),
+        )
+    })
+}
+
+/// Unmounts `path`; lazily (detached now, freed when no longer used) if it
+/// is busy.
+pub fn unmount(path: &Path) -> io::Result<()> {
+    match umount2(path, MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => {
+            tracing::debug!(path = %path.display(), "busy; unmounting lazily");
+            umount2(path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).map_err(|errno| {
+                io::Error::new(
+                    io::Error::from(errno).kind(),
+                    format!("unmount {} (lazily): {}", path.display(), errno.desc()),
+                )
+            })
+        }
+        Err(errno) => Err(io::Error::new(
+            io::Error::from(errno).kind(),
+            format!("unmount {}: {}", path.display(), errno.desc()),
+        )),
+    }
+}
+
+/// A mount point of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u64,
+    pub mount_point: PathBuf,
+}
+
+/// Parses mountinfo text (lines that are not mountinfo are skipped).
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let id = fields.next()?.parse().ok()?;
+            let mount_point = fields.nth(3)?;
+            Some(MountEntry {
+                id,
+                mount_point: PathBuf::from(unescape_octal(mount_point)),
+            })
+        })
+        .collect()
+}
+
+/// Undoes mountinfo's `\NNN` escapes (space, tab, newline, backslash).
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = &bytes[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                if let Ok(byte) = u8::try_from(value) {
+                    out.push(byte);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount points at or below `under`, in the order to unmount them:
+/// deepest first, and of mounts stacked on one point the newest first.
+pub fn unmount_order(entries: &[MountEntry], under: &Path) -> Vec<PathBuf> {
+    let mut below: Vec<&MountEntry> = entries
+        .iter()
+        .filter(|e| e.mount_point.starts_with(under))
+        .collect();
+    below.sort_by(|a, b| {
+        depth(&b.mount_point)
+            .cmp(&depth(&a.mount_point))
+            .then(b.id.cmp(&a.id))
+    });
+    below.into_iter().map(|e| e.mount_point.clone()).collect()
+}
+
+fn depth(path: &Path) -> usize {
+    path.components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .count()
+}
+
+/// The mount points at or below `under` in this mount namespace now.
+pub fn mounts_under(under: &Path) -> io::Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(unmount_order(&parse_mountinfo(&text), under))
+}
+
+/// Unmounts every mount at or below `under`, deepest first (lazily where
+/// busy). Returns the failures; the walk goes on past them.
+pub fn unmount_all(under: &Path) -> Vec<io::Error> {
+    let mut errors = Vec::new();
+    // Each pass unmounts what it sees; a second pass catches mounts that
+    // propagation or a stacked mount revealed. Bounded: a mount that will
+    // not go is reported, not retried forever.
+    for _ in 0..3 {
+        let points = match mounts_under(under) {
+            Ok(points) => points,
+            Err(err) => {
+                errors.push(err);
+                return errors;
+            }
+        };
+        if points.is_empty() {
+            return Vec::new();
+        }
+        errors.clear();
+        for point in points {
+            match unmount(&point) {
+                Ok(()) => {}
+                // Gone already (a propagated unmount took it).
+                Err(err) if err.kind() == io::ErrorKind::InvalidInput => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => errors.push(err),
+            }
+        }
+    }
+    match mounts_under(under) {
+        Ok(left) if left.is_empty() => Vec::new(),
+        Ok(left) => {
+            errors.push(io::Error::other(format!(
+                "still mounted under {}: {}",
+                under.display(),
+                left.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+            errors
+        }
+        Err(err) => {
+            errors.push(err);
+            errors
+        }
+    }
+}
+
+/// Removes `dir` and everything in it, but only once nothing is mounted at
+/// or below it (a recursive removal through a bind mount would delete the
+/// mounted tree: a container's rootfs or a user's volume). Never crosses
+/// into another file system either.
+pub fn remove_dir_safely(dir: &Path) -> io::Result<()> {
+    let left = mounts_under(dir)?;
+    if !left.is_empty() {
+        return Err(io::Error::other(format!(
+            "not removing {}: still mounted: {}",
+            dir.display(),
+            left.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::symlink_metadata(dir) {
+        Ok(meta) => meta.dev(),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    remove_tree(dir, dev)
+}
+
+fn remove_tree(path: &Path, dev: u64) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return std::fs::remove_file(path);
+    }
+    if meta.dev() != dev {
+        return Err(io::Error::other(format!(
+            "not removing {}: another file system",
+            path.display()
+        )));
+    }
+    for entry in std::fs::read_dir(path)? {
+        remove_tree(&entry?.path(), dev)?;
+    }
+    std::fs::remove_dir(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_paths() {
+        let l = Layout::new("/run/isola/sandboxes/pod1");
+        assert_eq!(l.rw(), Path::new("/run/isola/sandboxes/pod1/rw"));
+        assert_eq!(l.ro(), Path::new("/run/isola/sandboxes/pod1/ro"));
+        assert_eq!(
+            l.rootfs("web"),
+            Path::new("/run/isola/sandboxes/pod1/rw/containers/web/rootfs")
+        );
+        assert_eq!(
+            l.volume("web", 2),
+            Path::new("/run/isola/sandboxes/pod1/rw/containers/web/volumes/2")
+        );
+        assert_eq!(
+            l.staging_for("web", "2"),
+            Path::new("/run/isola/sandboxes/pod1/staging/web+2")
+        );
+        assert!(Layout::is_staging_of("web+rootfs", "web"));
+        assert!(!Layout::is_staging_of("web.1+rootfs", "web"));
+        assert!(!Layout::is_staging_of("web", "web"));
+        assert_eq!(guest_rootfs_rel("web"), "containers/web/rootfs");
+        assert_eq!(
+            guest_volume("web", 0),
+            "/run/isola/share/containers/web/volumes/0"
+        );
+    }
+
+    #[test]
+    fn share_plan_is_private_dir_shared_rw_readonly_slave_ro() {
+        let l = Layout::new("/d");
+        let plan = plan_share(&l);
+        let p = PathBuf::from;
+        assert_eq!(
+            plan,
+            vec![
+                MountOp::Bind {
+                    source: p("/d"),
+                    target: p("/d"),
+                    recursive: false
+                },
+                MountOp::MakePrivate(p("/d")),
+                MountOp::Bind {
+                    source: p("/d/rw"),
+                    target: p("/d/rw"),
+                    recursive: false
+                },
+                MountOp::MakeShared(p("/d/rw")),
+                MountOp::Bind {
+                    source: p("/d/rw"),
+                    target: p("/d/ro"),
+                    recursive: true
+                },
+                MountOp::MakeSlave(p("/d/ro")),
+                MountOp::RemountReadOnly(p("/d/ro")),
+            ]
+        );
+    }
+
+    #[test]
+    fn readonly_binds_are_readonly_before_they_reach_rw() {
+        let (src, dst, stage) = (Path::new("/src"), Path::new("/d/rw/v"), Path::new("/d/st"));
+        assert_eq!(
+            plan_bind(src, dst, false, stage),
+            vec![MountOp::Bind {
+                source: src.into(),
+                target: dst.into(),
+                recursive: true
+            }]
+        );
+        let plan = plan_bind(src, dst, true, stage);
+        // The first mount under rw is the bind from the read-only staging
+        // mount, after the remount.
+        let remount = plan
+            .iter()
+            .position(|op| op == &MountOp::RemountReadOnly(stage.into()));
+        let into_rw = plan.iter().position(
+            |op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw")),
+        );
+        assert!(
+            remount.is_some() && into_rw.is_some() && remount < into_rw,
+            "{plan:?}"
+        );
+        assert_eq!(plan.last(), Some(&MountOp::Unmount(stage.into())));
+        assert_eq!(
+            plan.iter()
+                .filter(
+                    |op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw"))
+                )
+                .count(),
+            1
+        );
+    }
+
+    const MOUNTINFO: &str = "\
+22 1 0:21 / /run rw,nosuid shared:5 - tmpfs tmpfs rw
+42 22 0:21 /isola/sandboxes/a /run/isola/sandboxes/a rw - tmpfs tmpfs rw
+43 42 0:21 /isola/sandboxes/a/rw /run/isola/sandboxes/a/rw rw shared:1 - tmpfs tmpfs rw
+44 42 0:21 /isola/sandboxes/a/rw /run/isola/sandboxes/a/ro ro master:1 - tmpfs tmpfs rw
+47 43 254:0 /srv/root /run/isola/sandboxes/a/rw/containers/c1/rootfs rw shared:2 - ext4 /dev/vda rw
+50 44 254:0 /srv/root /run/isola/sandboxes/a/ro/containers/c1/rootfs rw master:2 - ext4 /dev/vda rw
+51 43 254:0 /srv/my\\040dir /run/isola/sandboxes/a/rw/containers/c1/volumes/0\\040x rw - ext4 /dev/vda rw
+60 47 0:5 / /run/isola/sandboxes/a/rw/containers/c1/rootfs rw - tmpfs tmpfs rw
+61 22 0:21 /isola/sandboxes/ab /run/isola/sandboxes/ab rw - tmpfs tmpfs rw
+garbage
+";
+
+    #[test]
+    fn mountinfo_parses_and_unescapes() {
+        let entries = parse_mountinfo(MOUNTINFO);
+        assert_eq!(entries.len(), 9);
+        assert_eq!(
+            entries[6].mount_point,
+            Path::new("/run/isola/sandboxes/a/rw/containers/c1/volumes/0 x")
+        );
+        assert_eq!(unescape_octal("a\\134b\\011"), "a\\b\t");
+        assert_eq!(unescape_octal("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape_octal("\\999"), "\\999");
+    }
+
+    #[test]
+    fn unmount_order_is_deepest_first_newest_first_and_stays_under_the_dir() {
+        let order = unmount_order(
+            &parse_mountinfo(MOUNTINFO),
+            Path::new("/run/isola/sandboxes/a"),
+        );
+        let s: Vec<String> = order.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            s,
+            [
+                "/run/isola/sandboxes/a/rw/containers/c1/volumes/0 x",
+                "/run/isola/sandboxes/a/rw/containers/c1/rootfs", // 60, stacked on 47
+                "/run/isola/sandboxes/a/ro/containers/c1/rootfs",
+                "/run/isola/sandboxes/a/rw/containers/c1/rootfs", // 47
+                "/run/isola/sandboxes/a/ro",
+                "/run/isola/sandboxes/a/rw",
+                "/run/isola/sandboxes/a",
+            ]
+        );
+        // A sibling whose name merely starts the same is not below.
+        assert!(!s.iter().any(|p| p.starts_with("/run/isola/sandboxes/ab")));
+    }
+
+    #[test]
+    fn remove_dir_safely_removes_plain_trees_and_refuses_mount_points() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("sb");
+        std::fs::create_dir_all(dir.join("rw/containers/c/rootfs")).expect("mkdir");
+        std::fs::write(dir.join("rw/containers/c/rootfs/f"), b"x").expect("write");
+        std::os::unix::fs::symlink("/etc", dir.join("link")).expect("symlink");
+        remove_dir_safely(&dir).expect("removed");
+        assert!(!dir.exists());
+        // Removing what is gone is fine.
+        remove_dir_safely(&dir).expect("gone is fine");
+        // A directory with a mount point below it is never removed.
+        let proc_dir = Path::new("/proc");
+        let err = remove_dir_safely(proc_dir).expect_err("refused");
+        assert!(err.to_string().contains("still mounted"), "{err}");
+    }
+}

@@ -14,9 +14,9 @@ ROOTFS_BUILDER := target/release/rootfs-builder
 # `none` (plain cpio) boots faster than gzip: see docs/architecture.md.
 INITRD_COMPRESS ?= none
 
-.PHONY: all binaries agent kernel initrd hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz clean
+.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz clean
 
-all: binaries kernel initrd
+all: binaries kernel initrd virtiofsd
 
 # What `make` needs beyond the Rust toolchain (scripts/deps).
 deps:
@@ -37,6 +37,16 @@ kernel: deps
 initrd: agent binaries
 	@mkdir -p $(BUILD)
 	$(ROOTFS_BUILDER) --agent $(AGENT) --output $(BUILD)/initrd.img --compress $(INITRD_COMPRESS)
+
+# The Rust virtiofsd that sandboxes serve their Share with: cargo install
+# --locked at the pinned version into $ISOLA_CACHE/tools, with its apt
+# dependencies; nothing to do once installed.
+virtiofsd: deps
+	@scripts/virtiofsd >/dev/null
+
+# The busybox root file system of the container tests (tests/rootfs/busybox).
+busybox-rootfs:
+	tests/rootfs/busybox $(BUILD)/busybox-rootfs
 
 # A test-only initrd whose init attacks its VMM (tests/hostile): never the
 # product initrd.
@@ -64,7 +74,7 @@ unit-test: deps
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib --bins
 
-e2e: all hostile-initrd
+e2e: all hostile-initrd busybox-rootfs
 	tests/kvm-host/setup-e2e
 	tests/scripts/kvm-host-boot-failure.sh
 	tests/e2e/run

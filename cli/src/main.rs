@@ -1,0 +1,373 @@
+//! `isola`: the command line over isola's sandbox library.
+//!
+//! `isola run` runs one container in a fresh microVM, relays its stdio and
+//! exits with its status.
+
+mod host;
+mod spec;
+mod tty;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use isola_sandbox::rootfs::{env_path, find_command};
+use isola_sandbox::{ContainerRequest, Sandbox, SandboxConfig, StdioRequest, Volume};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// The status `isola run` exits with when it failed itself (not the
+/// container), as `docker run` does.
+const FAILED: i32 = 125;
+
+/// The id of the one container of an `isola run` sandbox.
+const CONTAINER_ID: &str = "main";
+
+#[derive(Debug, Parser)]
+#[command(name = "isola", version, about = "isola: containers in KVM microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs one container in a fresh microVM and exits with its status
+    /// (128+N when a signal N killed it).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Guest images and helpers: --kernel, --initrd, --vmm, --virtiofsd, or \
+    ISOLA_KERNEL, ISOLA_INITRD, ISOLA_VMM, ISOLA_VIRTIOFSD; by default the project's build \
+    outputs next to this binary (target/release/.. -> build/vmlinux, build/initrd.img), then \
+    /usr/local/share/isola. Exit status: the container's, or 125 when isola failed."
+)]
+struct RunArgs {
+    /// The container's root file system: a directory (a default OCI spec,
+    /// like `runc spec`'s, is built).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "bundle",
+        required_unless_present = "bundle"
+    )]
+    rootfs: Option<PathBuf>,
+    /// An OCI bundle: DIR/config.json and its root.path.
+    #[arg(long, value_name = "DIR")]
+    bundle: Option<PathBuf>,
+    /// A terminal for the process (the host terminal goes raw; window size
+    /// changes follow).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep stdin open and pass it to the process.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// The process's user and group, numeric. Without GID: the user's
+    /// group in the rootfs's /etc/passwd; supplementary groups from its
+    /// /etc/group.
+    #[arg(long, value_name = "UID[:GID]", value_parser = spec::parse_user)]
+    user: Option<(u32, Option<u32>)>,
+    /// An environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = spec::parse_env)]
+    env: Vec<String>,
+    /// The process's working directory.
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// The container's hostname.
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Make the container's root file system read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// A host directory in the container (repeatable); `:ro` makes it
+    /// read-only.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]", value_parser = Volume::parse)]
+    volumes: Vec<Volume>,
+    /// The VM's memory in MiB (the container's limits stay its spec's).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u32,
+    /// The VM's vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    virtiofsd: Option<PathBuf>,
+    /// Where sandbox directories are made.
+    #[arg(long, value_name = "DIR", default_value = isola_sandbox::DEFAULT_RUN_ROOT)]
+    run_root: PathBuf,
+    /// The guest's serial console into this file (for debugging).
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
+    /// The agent's and virtiofsd's log level.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: String,
+    /// Seconds the microVM may take to boot.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    boot_timeout: u64,
+    /// The command and its arguments (default: the bundle's, or `sh`).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISOLA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("isola: error: starting the runtime: {err}");
+            std::process::exit(FAILED);
+        }
+    };
+    let code = match cli.command {
+        Command::Run(args) => match runtime.block_on(run(args)) {
+            Ok(code) => code,
+            Err(err) => {
+                tty::restore();
+                eprintln!("isola: error: {err:#}");
+                FAILED
+            }
+        },
+    };
+    tty::restore();
+    // Not waiting for the runtime: a blocking read of our stdin may still
+    // be pending, and nothing else is.
+    std::process::exit(code);
+}
+
+/// Everything checked on the host before a VM is booted.
+struct Plan {
+    config: SandboxConfig,
+    request: ContainerRequest,
+}
+
+fn plan(args: RunArgs) -> Result<Plan> {
+    let (mut oci, rootfs) = match (&args.bundle, &args.rootfs) {
+        (Some(bundle), _) => spec::load_bundle(bundle)?,
+        (None, Some(rootfs)) => (spec::default_spec(rootfs), rootfs.clone()),
+        (None, None) => bail!("--rootfs or --bundle is required"),
+    };
+    if !rootfs.is_dir() {
+        bail!("the rootfs {} is not a directory", rootfs.display());
+    }
+    let flags = spec::ProcessFlags {
+        args: args.command.clone(),
+        terminal: args.tty,
+        user: args.user,
+        env: args.env.clone(),
+        cwd: args.cwd.clone(),
+        hostname: args.hostname.clone(),
+        read_only: args.read_only,
+    };
+    spec::apply(&mut oci, &rootfs, &flags)?;
+    let process = oci.process().clone().context("the spec has no process")?;
+    let argv = process.args().clone().unwrap_or_default();
+    let Some(command) = argv.first() else {
+        bail!("no command: give one after `--`");
+    };
+    let env = process.env().clone().unwrap_or_default();
+    find_command(
+        &rootfs,
+        command,
+        &process.cwd().display().to_string(),
+        env_path(&env),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let cwd = std::env::current_dir().context("the current directory")?;
+    let volumes = args
+        .volumes
+        .iter()
+        .map(|v| {
+            let host = cwd.join(&v.host);
+            if !host.exists() {
+                bail!("volume {}: {} does not exist", v.guest, host.display());
+            }
+            Ok(Volume { host, ..v.clone() })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let kernel = host::locate("guest kernel", &args.kernel, "ISOLA_KERNEL", || {
+        host::image_candidates(&exe, "vmlinux")
+    })?;
+    let initrd = host::locate("guest initrd", &args.initrd, "ISOLA_INITRD", || {
+        host::image_candidates(&exe, "initrd.img")
+    })?;
+    let vmm = host::locate("isola-vmm", &args.vmm, "ISOLA_VMM", || {
+        host::vmm_candidates(&exe)
+    })?;
+    let virtiofsd = host::locate(
+        "virtiofsd",
+        &args.virtiofsd,
+        "ISOLA_VIRTIOFSD",
+        host::virtiofsd_candidates,
+    )?;
+    host::check_kvm()?;
+
+    let id = sandbox_id();
+    let mut config = SandboxConfig::new(&id, vmm, virtiofsd, kernel, initrd);
+    config.vcpus = args.vcpus;
+    config.memory_mib = args.memory;
+    config.run_root = args.run_root.clone();
+    config.log_level = args.log_level.clone();
+    config.start_timeout = Duration::from_secs(args.boot_timeout.max(1));
+    if let Some(hostname) = oci.hostname().clone() {
+        config.hostname = hostname;
+    }
+    if let Some(console) = &args.console {
+        config.console = isola_sandbox::Console::File(cwd.join(console));
+    }
+    let terminal = args.tty.then(tty::window_size);
+    let request = ContainerRequest {
+        id: CONTAINER_ID.to_string(),
+        spec: oci,
+        rootfs,
+        volumes,
+        stdio: StdioRequest {
+            stdin: args.interactive,
+            stdout: true,
+            stderr: !args.tty,
+            terminal,
+        },
+    };
+    Ok(Plan { config, request })
+}
+
+/// `run-<pid>-<time>`: unique on this host.
+fn sandbox_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("run-{}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+}
+
+async fn run(args: RunArgs) -> Result<i32> {
+    let tty = args.tty;
+    let interactive = args.interactive;
+    let plan = plan(args)?;
+    let mut signals = Signals::new()?;
+
+    // A signal while the VM boots ends the run; dropping the start undoes
+    // what it made.
+    let sandbox = tokio::select! {
+        started = Sandbox::start(plan.config) => started?,
+        sig = signals.next() => bail!("interrupted by signal {sig} while starting"),
+    };
+    let result = run_container(&sandbox, plan.request, tty, interactive, &mut signals).await;
+    if let Err(err) = sandbox.stop().await {
+        tracing::warn!(%err, "stopping the sandbox");
+    }
+    result
+}
+
+async fn run_container(
+    sandbox: &Sandbox,
+    request: ContainerRequest,
+    tty: bool,
+    interactive: bool,
+    signals: &mut Signals,
+) -> Result<i32> {
+    let started = sandbox.create_container(request).await?;
+    let mut io = started.io;
+    // Raw mode only once the container exists, restored on every way out.
+    let _raw = if tty { tty::RawMode::enter() } else { None };
+    sandbox.start_container(CONTAINER_ID).await?;
+
+    if let (true, Some(mut stdin)) = (interactive, io.stdin.take()) {
+        tokio::spawn(async move {
+            let mut host = tokio::io::stdin();
+            if let Err(err) = tokio::io::copy(&mut host, &mut stdin).await {
+                tracing::debug!(%err, "stdin copy ended");
+            }
+            let _ = stdin.shutdown().await;
+        });
+    }
+    let wait = sandbox.wait_with_output(
+        CONTAINER_ID,
+        "",
+        io.stdout.take(),
+        io.stderr.take(),
+        tokio::io::stdout(),
+        tokio::io::stderr(),
+    );
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            status = &mut wait => return Ok(status?.status),
+            sig = signals.next() => {
+                if sig == libc::SIGWINCH {
+                    if tty {
+                        let size = tty::window_size();
+                        if let Err(err) = sandbox.resize_tty(CONTAINER_ID, "", size).await {
+                            tracing::debug!(%err, "resizing the terminal");
+                        }
+                    }
+                } else if let Err(err) = sandbox.signal(CONTAINER_ID, "", sig as u32, false).await {
+                    tracing::warn!(%err, signal = sig, "forwarding a signal");
+                }
+            }
+        }
+    }
+}
+
+/// The signals `isola run` forwards (SIGINT, SIGTERM, SIGHUP, SIGQUIT) and
+/// SIGWINCH.
+struct Signals {
+    streams: Vec<(i32, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        let mut streams = Vec::new();
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGWINCH,
+        ] {
+            streams.push((
+                sig,
+                signal(SignalKind::from_raw(sig))
+                    .with_context(|| format!("handling signal {sig}"))?,
+            ));
+        }
+        Ok(Signals { streams })
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> i32 {
+        let waits: Vec<_> = self
+            .streams
+            .iter_mut()
+            .map(|(sig, stream)| {
+                let sig = *sig;
+                Box::pin(async move {
+                    stream.recv().await;
+                    sig
+                })
+            })
+            .collect();
+        isola_sandbox::child::first_of(waits).await
+    }
+}

@@ -239,6 +239,8 @@ struct Resources {
     owns_dir: bool,
     finished: AtomicBool,
     teardown_lock: tokio::sync::Mutex<()>,
+    /// True once `teardown` has finished.
+    cleaned: watch::Sender<bool>,
 }
 
 impl Resources {
@@ -291,6 +293,7 @@ impl Resources {
         }
         errors.extend(self.release_dir());
         self.finished.store(true, Ordering::SeqCst);
+        self.cleaned.send_replace(true);
         if errors.is_empty() {
             tracing::info!(sandbox = %self.sandbox, "sandbox cleaned up");
         } else {
@@ -411,6 +414,7 @@ impl Sandbox {
             owns_dir: true,
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),
+            cleaned: watch::channel(false).0,
         };
         // From here on, dropping `resources` undoes everything.
         for dir in [
@@ -573,8 +577,12 @@ impl Sandbox {
 
     /// Waits until the clean-up after a death (or `stop`) has finished.
     pub async fn wait_cleaned_up(&self) {
-        self.wait_dead().await;
-        let _done = self.inner.resources.teardown_lock.lock().await;
+        let mut rx = self.inner.resources.cleaned.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     fn gone_error(&self, step: &str, gone: &Gone) -> Error {

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod console;
+pub mod containers;
 pub mod isola;
 pub mod procstat;
 pub mod qemu;

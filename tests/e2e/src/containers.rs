@@ -1,0 +1,303 @@
+//! Helpers for the container tests: the binaries and images `make` builds,
+//! the busybox rootfs, sandbox configs, OCI specs, and output checks.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use isola_sandbox::{ExitStatus, Sandbox, SandboxConfig, StdioRequest};
+use oci_spec::runtime::{Process, Root, Spec};
+
+use crate::{project_dir, GuestImages, BOOT_DEADLINE};
+
+/// The busybox rootfs `make e2e` builds (tests/rootfs/busybox).
+pub fn busybox_rootfs() -> Result<PathBuf> {
+    let rootfs = project_dir().join("build/busybox-rootfs");
+    if !rootfs.join("bin/busybox").exists() {
+        bail!(
+            "{} is missing: run `make e2e` (it builds the busybox rootfs)",
+            rootfs.display()
+        );
+    }
+    Ok(rootfs)
+}
+
+/// `target/release/<name>`, built by `make`.
+pub fn release_binary(name: &str) -> Result<PathBuf> {
+    let path = project_dir().join("target/release").join(name);
+    if !path.exists() {
+        bail!("{} is missing: run `make` first", path.display());
+    }
+    Ok(path)
+}
+
+/// The Rust virtiofsd `make` installs (or $ISOLA_VIRTIOFSD).
+pub fn virtiofsd() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ISOLA_VIRTIOFSD") {
+        return Ok(PathBuf::from(path));
+    }
+    let cache = std::env::var_os("ISOLA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/isola")))
+        .context("neither ISOLA_CACHE nor HOME is set")?;
+    let path = cache.join("tools/bin/virtiofsd");
+    if !path.exists() {
+        bail!("{} is missing: run `make` first", path.display());
+    }
+    Ok(path)
+}
+
+/// A run root of this test process's own under /run/isola (a tmpfs in the
+/// emulated host), so leftovers are easy to see.
+pub fn run_root(test: &str) -> PathBuf {
+    PathBuf::from(format!("/run/isola/e2e-{test}-{}", std::process::id()))
+}
+
+/// Where the consoles of the tests' guests go (the project's build dir is
+/// writable from the emulated host and survives it).
+pub fn console_file(name: &str) -> PathBuf {
+    let dir = project_dir().join("build/e2e-containers");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{name}.console"))
+}
+
+/// A sandbox config for a test: the build's images, 1 vCPU, `memory_mib`,
+/// a console file, generous deadlines for the emulated host.
+pub fn sandbox_config(id: &str, run_root: &Path, memory_mib: u32) -> Result<SandboxConfig> {
+    let images = GuestImages::from_build_dir()?;
+    let mut config = SandboxConfig::new(
+        id,
+        release_binary("isola-vmm")?,
+        virtiofsd()?,
+        images.kernel,
+        images.initrd,
+    );
+    config.memory_mib = memory_mib;
+    config.run_root = run_root.to_path_buf();
+    config.kernel_cmdline_extra = "quiet".to_string();
+    config.console = isola_sandbox::Console::File(console_file(id));
+    config.start_timeout = BOOT_DEADLINE;
+    config.stop_timeout = Duration::from_secs(30);
+    config.hostname = "isola-e2e".to_string();
+    Ok(config)
+}
+
+/// The last lines of a sandbox's console file, for failure messages.
+pub fn console_tail(id: &str, lines: usize) -> String {
+    let text = std::fs::read_to_string(console_file(id)).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A process running `args` with runc's defaults.
+pub fn process(args: &[&str]) -> Process {
+    let mut process = Process::default();
+    process.set_args(Some(args.iter().map(|a| a.to_string()).collect()));
+    process
+}
+
+/// runc's default spec over `rootfs`, read-only unless `writable`, running
+/// `args`.
+pub fn spec(rootfs: &Path, args: &[&str]) -> Spec {
+    let mut spec = Spec::default();
+    let mut root = Root::default();
+    root.set_path(rootfs.to_path_buf()).set_readonly(Some(true));
+    spec.set_root(Some(root));
+    spec.set_hostname(Some("isola-e2e".to_string()));
+    spec.set_process(Some(process(args)));
+    spec
+}
+
+/// Stdout and stderr streams, no stdin.
+pub const OUT_ERR: StdioRequest = StdioRequest {
+    stdin: false,
+    stdout: true,
+    stderr: true,
+    terminal: None,
+};
+
+/// What a finished process printed, and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Execs `process` in `cid`, collects its (small) output, waits for it.
+pub async fn exec_collect(
+    sandbox: &Sandbox,
+    cid: &str,
+    exec_id: &str,
+    process: &Process,
+) -> Result<Finished> {
+    let started = sandbox
+        .exec(cid, exec_id, process, OUT_ERR)
+        .await
+        .with_context(|| format!("exec {exec_id} in {cid}"))?;
+    collect(sandbox, cid, exec_id, started.io).await
+}
+
+/// Waits for a process, collecting its output (bounded: 1 MiB each).
+pub async fn collect(
+    sandbox: &Sandbox,
+    cid: &str,
+    exec_id: &str,
+    mut io: isola_sandbox::ProcessIo,
+) -> Result<Finished> {
+    let mut out = Bounded::new(1 << 20);
+    let mut err = Bounded::new(1 << 20);
+    let status = sandbox
+        .wait_with_output(
+            cid,
+            exec_id,
+            io.stdout.take(),
+            io.stderr.take(),
+            &mut out,
+            &mut err,
+        )
+        .await
+        .with_context(|| format!("waiting for {cid}/{exec_id}"))?;
+    Ok(Finished {
+        status,
+        stdout: String::from_utf8_lossy(&out.data).into_owned(),
+        stderr: String::from_utf8_lossy(&err.data).into_owned(),
+    })
+}
+
+/// A writer that keeps at most `limit` bytes (a test's output buffer must
+/// be bounded too) and counts the rest.
+#[derive(Debug)]
+pub struct Bounded {
+    pub data: Vec<u8>,
+    pub dropped: u64,
+    limit: usize,
+}
+
+impl Bounded {
+    pub fn new(limit: usize) -> Bounded {
+        Bounded {
+            data: Vec::new(),
+            dropped: 0,
+            limit,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let room = self.limit.saturating_sub(self.data.len()).min(buf.len());
+        self.data.extend_from_slice(&buf[..room]);
+        self.dropped += (buf.len() - room) as u64;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Checks a stream against a repeating pattern as it passes (nothing is
+/// kept): `len` bytes seen, the first wrong offset if any.
+#[derive(Debug)]
+pub struct PatternCheck {
+    pattern: Vec<u8>,
+    pub len: u64,
+    pub first_bad: Option<u64>,
+}
+
+impl PatternCheck {
+    pub fn new(pattern: &[u8]) -> PatternCheck {
+        PatternCheck {
+            pattern: pattern.to_vec(),
+            len: 0,
+            first_bad: None,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PatternCheck {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = self.pattern.len() as u64;
+        if self.first_bad.is_none() && n > 0 {
+            for (i, &b) in buf.iter().enumerate() {
+                let at = self.len + i as u64;
+                if self.pattern[(at % n) as usize] != b {
+                    self.first_bad = Some(at);
+                    break;
+                }
+            }
+        }
+        self.len += buf.len() as u64;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Mount points at or below `dir` in this mount namespace.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    isola_sandbox::share::mounts_under(dir).unwrap_or_default()
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Fails unless the sandbox left nothing: no directory, no mount below
+/// the run root, no VMM or virtiofsd process.
+pub fn assert_nothing_left(run_root: &Path, dir: &Path, pids: &[(String, u32)]) -> Result<()> {
+    if dir.exists() {
+        bail!("{} is still there", dir.display());
+    }
+    let mounts = mounts_below(run_root);
+    if !mounts.is_empty() {
+        bail!("mounts left below {}: {mounts:?}", run_root.display());
+    }
+    for (name, pid) in pids {
+        if process_alive(*pid) {
+            bail!("{name} (pid {pid}) still runs");
+        }
+    }
+    Ok(())
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after
+/// `deadline` naming `what`.
+pub async fn poll_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= until {
+            bail!("{what}: not within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

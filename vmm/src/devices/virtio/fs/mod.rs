@@ -190,7 +190,11 @@ impl Fs {
                 return Ok(())
             }
             State::Started { .. } => {
-                tracing::debug!(tag = %self.config.tag, "virtio-fs: stopping the rings");
+                // The guest decides how often: rate-limited like every
+                // guest-triggered line.
+                if self.limiter.allow() {
+                    tracing::debug!(tag = %self.config.tag, "virtio-fs: stopping the rings");
+                }
                 self.state = State::Connected;
                 self.backend.stop()?;
             }
@@ -207,11 +211,13 @@ impl Fs {
             &self.calls,
         )?;
         self.state = State::Started { activation };
-        tracing::info!(
-            tag = %self.config.tag,
-            queues = active.queues.len(),
-            "virtio-fs: the back end runs the queues"
-        );
+        if self.limiter.allow() {
+            tracing::info!(
+                tag = %self.config.tag,
+                queues = active.queues.len(),
+                "virtio-fs: the back end runs the queues"
+            );
+        }
         Ok(())
     }
 

@@ -650,3 +650,21 @@ fn connect_through_a_listener_works() {
     assert_eq!(fs.config().socket, Path::new(&path));
     assert!(fs.backend.socket_fd().as_raw_fd() >= 0);
 }
+
+#[test]
+fn a_guest_cycling_reset_and_activation_stays_served() {
+    let mem = memfd_memory(1 << 20);
+    let mocks = rings(&mem, 2);
+    let (mut fs, end) = device(Fake::new(), share(1)).unwrap();
+    for _ in 0..100 {
+        activate(&mut fs, &mem, &mocks);
+        assert!(fs.reset());
+        fs.sync_state(None);
+    }
+    activate(&mut fs, &mem, &mocks);
+    assert_eq!(fs.state(), State::Started { activation: 101 });
+    // Every cycle: one start and one stop (2 GET_VRING_BASE, RESET_DEVICE).
+    let want = handshake_log().len() + 101 * start_log(2).len() + 100 * 3;
+    assert_eq!(end.log().len(), want);
+    assert!(fs.failure().is_none());
+}

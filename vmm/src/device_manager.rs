@@ -21,6 +21,7 @@ use crate::devices::bus::Bus;
 use crate::devices::console::{ConsoleSink, ConsoleWriter};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_LEN};
+use crate::devices::virtio::lifecycle::FatalSignal;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::VirtioDevice;
 
@@ -78,6 +79,7 @@ pub struct DeviceManager<'a> {
     slots: Vec<VirtioSlot>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     console: Option<ConsoleWriter>,
+    fatal: FatalSignal,
 }
 
 impl std::fmt::Debug for DeviceManager<'_> {
@@ -96,6 +98,8 @@ pub struct Devices {
     /// The console writer thread, if there is a console; dropped after the
     /// vCPUs stopped, it puts out what is left.
     pub console: Option<ConsoleWriter>,
+    /// Raised by a device that cannot go on; the event loop ends the VM.
+    pub fatal: FatalSignal,
 }
 
 impl std::fmt::Debug for Devices {
@@ -107,8 +111,8 @@ impl std::fmt::Debug for Devices {
 }
 
 impl<'a> DeviceManager<'a> {
-    pub fn new(vm_fd: &'a VmFd, mem: GuestMemoryMmap) -> Self {
-        DeviceManager {
+    pub fn new(vm_fd: &'a VmFd, mem: GuestMemoryMmap) -> Result<Self> {
+        Ok(DeviceManager {
             vm_fd,
             mem,
             pio: Bus::new(),
@@ -116,7 +120,8 @@ impl<'a> DeviceManager<'a> {
             slots: Vec::new(),
             subscribers: Vec::new(),
             console: None,
-        }
+            fatal: FatalSignal::new().context("eventfd")?,
+        })
     }
 
     /// An eventfd that raises `irq` in the guest (KVM irqfd).
@@ -162,12 +167,14 @@ impl<'a> DeviceManager<'a> {
     }
 
     /// A virtio device in the next MMIO window, with its IRQ, its queue
-    /// notifications as KVM ioeventfds, and its event subscriber.
+    /// notifications as KVM ioeventfds, the VMM's fatal-error signal, and
+    /// its event subscriber.
     pub fn add_virtio(&mut self, (device, subscriber): VirtioEntry) -> Result<VirtioSlot> {
         let slot = VirtioSlot::nth(self.slots.len())?;
         let notify = IoEventAddress::Mmio(slot.base + NOTIFY_REG_OFFSET);
         {
-            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            dev.set_fatal_signal(self.fatal.clone());
             for (q, evt) in dev.queue_events().iter().enumerate() {
                 self.vm_fd
                     .register_ioevent(evt, &notify, q as u32)
@@ -197,6 +204,7 @@ impl<'a> DeviceManager<'a> {
             mmio: Arc::new(self.mmio),
             subscribers: self.subscribers,
             console: self.console,
+            fatal: self.fatal,
         }
     }
 }

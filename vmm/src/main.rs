@@ -3,6 +3,7 @@
 //! ```text
 //! isola-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N]
 //!           [--memory MIB] [--vsock SOCKET] [--console off|stdout|FILE]
+//!           [--fs tag=TAG,socket=PATH[,queues=N,queue_size=N]]...
 //!           [--api-socket PATH]
 //! ```
 //! Exits 0 when the guest powers off or reboots, or on SIGTERM/SIGINT
@@ -14,9 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
 use isola_vmm::devices::boot_timer::BootTimes;
+use isola_vmm::devices::virtio::fs::config::{check_unique_tags, FsConfig};
+use isola_vmm::devices::virtio::fs::Fs;
 use isola_vmm::devices::virtio::rng::Rng;
 use isola_vmm::devices::virtio::vsock::{Vsock, FD_RESERVE, MAX_CONNECTIONS};
 use isola_vmm::vcpu::GuestExit;
@@ -70,6 +73,14 @@ struct Args {
     /// host's getrandom, so its CRNG is seeded early).
     #[arg(long)]
     no_rng: bool,
+    /// A virtio-fs share served by a vhost-user back end (virtiofsd) listening
+    /// on PATH; the guest mounts it with `mount -t virtiofs TAG DIR`. TAG is 1
+    /// to 36 bytes and unique; queues (request queues, default 1) from 1 to 16;
+    /// queue_size (default 1024) a power of two up to 1024. Repeatable. The
+    /// back end is connected to at start; if it dies, the VMM exits with an
+    /// error naming the tag.
+    #[arg(long, value_name = "tag=TAG,socket=PATH[,queues=N,queue_size=N]")]
+    fs: Vec<FsConfig>,
     /// Control API socket (JSON lines: info, pause, resume, shutdown, stop).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -86,6 +97,11 @@ fn main() {
         std::process::exit(1);
     }
     let args = Args::parse();
+    if let Err(err) = check_unique_tags(&args.fs) {
+        Args::command()
+            .error(clap::error::ErrorKind::ValueValidation, err)
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -157,6 +173,12 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     if !args.no_rng {
         let rng = Arc::new(Mutex::new(Rng::new().context("creating virtio-rng")?));
         virtio.push((rng.clone(), rng));
+    }
+    // Each share's back end is connected to now: one nobody serves is an
+    // error before the VM is built.
+    for share in args.fs {
+        let fs = Arc::new(Mutex::new(Fs::connect(share)?));
+        virtio.push((fs.clone(), fs));
     }
     let vm = Vm::build(config, started, boot_times, virtio)?;
     match vm.run()? {

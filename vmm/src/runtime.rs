@@ -2,7 +2,9 @@
 //!
 //! One epoll loop (event-manager) on the main thread serves every device
 //! subscriber and the VMM's own events ([`Control`]): vCPU exits, the
-//! i8042 reset, API calls and SIGTERM/SIGINT/SIGHUP (through a signalfd).
+//! i8042 reset, API calls, SIGTERM/SIGINT/SIGHUP (through a signalfd) and
+//! a device's fatal error (a vhost-user back end that died), which ends
+//! the VM with that error.
 //! After every round of ready events the loop looks at what is pending, so
 //! a device that keeps its queues busy (it re-arms them after a budget)
 //! cannot keep a stop request waiting.
@@ -22,6 +24,7 @@ use crate::api::{Call, Request};
 use crate::config::VmConfig;
 use crate::devices::boot_timer::BootTimes;
 use crate::devices::i8042::I8042;
+use crate::devices::virtio::lifecycle::FatalSignal;
 use crate::metrics::METRICS;
 use crate::vcpu::{self, GuestExit, RunState, VcpuThreads};
 
@@ -37,15 +40,19 @@ pub struct Pending {
     pub vcpu_exit: bool,
     pub reset: bool,
     pub signal: Option<u32>,
+    /// A device could not go on: why.
+    pub fatal: Option<String>,
 }
 
-/// The VMM's own events: vCPU exits, i8042 reset, API calls, signals.
+/// The VMM's own events: vCPU exits, i8042 reset, API calls, signals,
+/// devices' fatal errors.
 #[derive(Debug)]
 pub struct Control {
     pub exit_evt: EventFd,
     pub reset_evt: EventFd,
     pub api_evt: EventFd,
     pub signal_fd: SignalFd,
+    pub fatal: FatalSignal,
     pub pending: Pending,
 }
 
@@ -53,6 +60,7 @@ const EV_EXIT: u32 = 1;
 const EV_RESET: u32 = 2;
 const EV_API: u32 = 3;
 const EV_SIGNAL: u32 = 4;
+const EV_FATAL: u32 = 5;
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps<'_>) {
@@ -61,6 +69,7 @@ impl MutEventSubscriber for Control {
             (self.reset_evt.as_raw_fd(), EV_RESET),
             (self.api_evt.as_raw_fd(), EV_API),
             (self.signal_fd.as_raw_fd(), EV_SIGNAL),
+            (self.fatal.event_fd().as_raw_fd(), EV_FATAL),
         ] {
             if let Err(err) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 tracing::error!(?err, "registering a VMM event");
@@ -84,6 +93,11 @@ impl MutEventSubscriber for Control {
             EV_SIGNAL => {
                 while let Ok(Some(info)) = self.signal_fd.read_signal() {
                     self.pending.signal = Some(info.ssi_signo);
+                }
+            }
+            EV_FATAL => {
+                if let Some(why) = self.fatal.take() {
+                    self.pending.fatal.get_or_insert(why);
                 }
             }
             _ => {}
@@ -149,6 +163,9 @@ impl EventLoop<'_> {
                     .unwrap_or_else(|p| p.into_inner())
                     .pending,
             );
+            if let Some(why) = pending.fatal {
+                anyhow::bail!("{why}");
+            }
             if pending.reset {
                 return Ok(GuestExit::Reset);
             }

@@ -236,7 +236,7 @@ impl Vm {
         };
         tracing::debug!(phase = "kernel and initrd loaded", ms = ms(start), "build");
 
-        let mut dm = DeviceManager::new(&vm_fd, mem.clone());
+        let mut dm = DeviceManager::new(&vm_fd, mem.clone())?;
         if let Some((dest, limit)) = console_dest(&config)? {
             dm.add_serial(dest, limit, config.seccomp)?;
         }
@@ -322,6 +322,7 @@ impl Vm {
         let Devices {
             subscribers,
             console,
+            fatal,
             ..
         } = devices;
 
@@ -351,6 +352,7 @@ impl Vm {
             reset_evt,
             api_evt,
             signal_fd,
+            fatal,
             pending: Pending::default(),
         }));
         let events = EventLoop::new_manager(control.clone(), subscribers)?;

@@ -71,6 +71,7 @@ fn help_documents_every_option() {
         "--vsock",
         "--console",
         "--api-socket",
+        "--fs",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
@@ -94,4 +95,54 @@ fn pvm_kvm_is_refused_with_a_clear_message() {
         started.elapsed() < std::time::Duration::from_secs(10),
         "it must not hang"
     );
+}
+
+#[test]
+fn bad_fs_values_are_usage_errors_naming_the_field() {
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    for (value, named) in [
+        ("tag=,socket=/s", "tag"),
+        (
+            "tag=0123456789012345678901234567890123456,socket=/s",
+            "1 to 36 bytes",
+        ),
+        ("tag=a", "socket is missing"),
+        ("tag=a,socket=/s,queues=0", "queues=0"),
+        ("tag=a,socket=/s,queue_size=100", "queue_size=100"),
+        ("tag=a,socket=/s,queue_size=4096", "queue_size=4096"),
+        ("tag=a,socket=/s,bogus=1", "unknown field \"bogus\""),
+    ] {
+        let (code, err) = vmm(&["--kernel", kernel, "--fs", value]);
+        assert_eq!(code, 2, "{value}: {err}");
+        assert!(err.contains(named), "{value}: {err}");
+    }
+    let (code, err) = vmm(&[
+        "--kernel",
+        kernel,
+        "--fs",
+        "tag=same,socket=/a",
+        "--fs",
+        "tag=same,socket=/b",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("tag=\"same\" is given more than once"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_fs_socket_nobody_listens_on_is_an_error_at_start() {
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("virtiofsd.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let fs = format!("tag=shared,socket={}", socket.display());
+    let started = std::time::Instant::now();
+    let (code, err) = vmm(&["--kernel", kernel, "--fs", &fs]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("virtio-fs tag=shared"), "{err}");
+    assert!(err.contains(&socket.display().to_string()), "{err}");
+    assert!(err.contains("connecting to the vhost-user socket"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }

@@ -44,6 +44,8 @@ pub struct IsolaConfig {
     pub unread_console: bool,
     pub vsock: bool,
     pub echo: bool,
+    /// More isola-vmm arguments (e.g. `--fs ...`).
+    pub extra_args: Vec<String>,
 }
 
 impl IsolaConfig {
@@ -58,6 +60,7 @@ impl IsolaConfig {
             unread_console: false,
             vsock: true,
             echo: true,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl IsolaVm {
         if let Some(v) = &vsock_socket {
             cmd.arg("--vsock").arg(v);
         }
+        cmd.args(&config.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -185,6 +189,26 @@ impl IsolaVm {
     /// Waits for the VMM to exit by itself.
     pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
         crate::wait_child_exit(&mut self.child, &mut self.console, "isola-vmm", deadline)
+    }
+
+    /// Waits for the VMM to exit by itself; also says how long that took
+    /// from the call (to within 20 ms), before reading the console's rest.
+    pub fn wait_exit_timed(&mut self, deadline: Duration) -> Result<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let took = started.elapsed();
+                self.console.drain(Duration::from_secs(2));
+                return Ok((status, took));
+            }
+            if started.elapsed() >= deadline {
+                bail!(
+                    "isola-vmm still running after {deadline:?}; console:\n{}",
+                    self.console.tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

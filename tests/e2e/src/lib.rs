@@ -57,6 +57,19 @@ impl GuestImages {
         }
         Ok(images)
     }
+
+    /// The guest kernel with the test-only hostile initrd
+    /// (`build/hostile-initrd.img`, `make hostile-initrd`).
+    pub fn hostile() -> Result<GuestImages> {
+        let initrd = project_dir().join("build/hostile-initrd.img");
+        if !initrd.exists() {
+            bail!("{} is missing: run `make hostile-initrd`", initrd.display());
+        }
+        Ok(GuestImages {
+            initrd,
+            ..GuestImages::from_build_dir()?
+        })
+    }
 }
 
 /// Fails unless running on a KVM host prepared by `tests/kvm-host/run`.

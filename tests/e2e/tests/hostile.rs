@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use isola_e2e::isola::{IsolaConfig, IsolaVm};
 use isola_e2e::procstat::{cpu_split, cpu_use, overhead_kib};
-use isola_e2e::{project_dir, require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
+use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
 use isola_vmm::api::Request;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -28,16 +28,7 @@ const WINDOW: Duration = Duration::from_secs(5);
 const ATTACK_DEADLINE: Duration = Duration::from_secs(180);
 
 fn images() -> GuestImages {
-    let initrd = project_dir().join("build/hostile-initrd.img");
-    assert!(
-        initrd.exists(),
-        "{} is missing: run `make hostile-initrd`",
-        initrd.display()
-    );
-    GuestImages {
-        initrd,
-        ..GuestImages::from_build_dir().unwrap()
-    }
+    GuestImages::hostile().unwrap()
 }
 
 fn config() -> IsolaConfig {

@@ -26,6 +26,15 @@
 //! - `raw SECONDS LISTENING-PORT DEAD-PORT`: takes the vsock and rng
 //!   devices from their kernel drivers and attacks them with raw
 //!   virtqueues (see [`raw`]); answers at once, reports on the console.
+//!
+//! Booted with `hostile.virtiofs=TAG` on the kernel command line, it does
+//! not serve the control stream: it mounts the virtio-fs share TAG on
+//! `/mnt` ([`virtiofs`]), prints `hostile: virtiofs read N HEX` (the bytes
+//! of `/mnt/from-host.bin`), writes them reversed to
+//! `/mnt/from-guest.bin`, prints `hostile: virtiofs wrote N`, and then
+//! reboots (`hostile.virtiofs_then=reboot`, the default) or prints
+//! `hostile: virtiofs idle` and stays up (`hostile.virtiofs_then=idle`).
+//! Any failure prints `hostile: virtiofs failed: ...` and reboots.
 
 use std::ffi::CString;
 use std::fs;
@@ -34,6 +43,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 mod raw;
+mod virtiofs;
 
 /// The control stream's vsock port.
 pub const CONTROL_PORT: u32 = 5000;
@@ -55,14 +65,14 @@ mod reg {
     pub const QUEUE_USED_LOW: usize = 0xa0;
 }
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     // The console is stdout (init's stdio is /dev/console).
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "hostile: {msg}");
     let _ = out.flush();
 }
 
-fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
+pub(crate) fn mount(source: &str, target: &str, fstype: &str) -> io::Result<()> {
     let _ = fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let (source, target, fstype) = (c(source)?, c(target)?, c(fstype)?);
@@ -432,6 +442,7 @@ fn main() {
             say(&format!("mounting {target}: {err}"));
         }
     }
+    virtiofs::run_if_asked();
     if let Err(err) = control() {
         say(&format!("control stream failed: {err}"));
     }

@@ -22,7 +22,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events};
 use virtio_queue::Queue;
@@ -71,11 +71,60 @@ pub enum DeviceEvent {
     Other(u32),
 }
 
+/// How a device tells the VMM it cannot go on (its back end died): the
+/// first reason raised is kept and the event loop, woken through the
+/// eventfd, ends the VM with it. Cloned into every device by the device
+/// manager.
+#[derive(Debug, Clone)]
+pub struct FatalSignal {
+    evt: Arc<EventFd>,
+    why: Arc<Mutex<Option<String>>>,
+}
+
+impl FatalSignal {
+    pub fn new() -> io::Result<Self> {
+        Ok(FatalSignal {
+            evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            why: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Reports a fatal device error (the first one wins).
+    pub fn raise(&self, why: String) {
+        self.why
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+        if let Err(err) = self.evt.write(1) {
+            tracing::error!(%err, "signalling a fatal device error to the event loop");
+        }
+    }
+
+    /// The reason raised, if any (drains the eventfd).
+    pub fn take(&self) -> Option<String> {
+        let _ = self.evt.read();
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Whether a reason was raised (and not yet taken).
+    pub fn is_raised(&self) -> bool {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// The eventfd the event loop waits on.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
 /// The shared state machine and fds; see the module documentation.
 #[derive(Debug)]
 pub struct DeviceLifecycle {
     name: &'static str,
     queue_evts: Vec<EventFd>,
+    /// The queues are served by another process (vhost-user): their
+    /// eventfds are never added to the event loop.
+    external_queues: bool,
     state_evt: EventFd,
     active: Option<Activation>,
     activations: u64,
@@ -90,10 +139,21 @@ impl DeviceLifecycle {
         Ok(DeviceLifecycle {
             name,
             queue_evts,
+            external_queues: false,
             state_evt: EventFd::new(EFD_NONBLOCK)?,
             active: None,
             activations: 0,
         })
+    }
+
+    /// A device whose queues a vhost-user back end serves: the queue
+    /// eventfds are still KVM's ioeventfds on QueueNotify, but they go to
+    /// the back end (its kick eventfds), so [`Self::register`] leaves them
+    /// out of the event loop: only the back end reads them.
+    pub fn with_external_queues(name: &'static str, num_queues: usize) -> io::Result<Self> {
+        let mut life = Self::new(name, num_queues)?;
+        life.external_queues = true;
+        Ok(life)
     }
 
     /// One eventfd per queue, for the device's whole life.
@@ -166,10 +226,15 @@ impl DeviceLifecycle {
     }
 
     /// Registers the state and queue eventfds with the event loop (once,
-    /// from the device's `init`).
+    /// from the device's `init`); external queues' eventfds stay out.
     pub fn register(&self, ops: &mut EventOps<'_>) {
+        let queues: &[EventFd] = if self.external_queues {
+            &[]
+        } else {
+            &self.queue_evts
+        };
         let fds = std::iter::once((self.state_evt.as_raw_fd(), EV_STATE)).chain(
-            self.queue_evts
+            queues
                 .iter()
                 .enumerate()
                 .map(|(i, e)| (e.as_raw_fd(), EV_QUEUE_BASE + i as u32)),
@@ -211,5 +276,59 @@ impl DeviceLifecycle {
                 tracing::error!(device = self.name, queue = i, %err, "re-arming a queue");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+    #[derive(Debug)]
+    struct Dev(DeviceLifecycle, Vec<DeviceEvent>);
+
+    impl MutEventSubscriber for Dev {
+        fn init(&mut self, ops: &mut EventOps<'_>) {
+            self.0.register(ops);
+        }
+        fn process(&mut self, events: Events, _: &mut EventOps<'_>) {
+            let e = self.0.event(&events);
+            self.1.push(e);
+        }
+    }
+
+    fn notify_queue(life: DeviceLifecycle) -> Vec<DeviceEvent> {
+        let dev = Arc::new(Mutex::new(Dev(life, Vec::new())));
+        let mut events: EventManager<Arc<Mutex<Dev>>> = EventManager::new().unwrap();
+        events.add_subscriber(dev.clone());
+        dev.lock().unwrap().0.queue_events()[1].write(1).unwrap();
+        while events.run_with_timeout(0).unwrap() > 0 {}
+        let seen = dev.lock().unwrap().1.clone();
+        seen
+    }
+
+    #[test]
+    fn own_queues_are_served_external_ones_are_left_alone() {
+        let own = DeviceLifecycle::new("own", 2).unwrap();
+        assert_eq!(notify_queue(own), vec![DeviceEvent::Queue(1)]);
+        let external = DeviceLifecycle::with_external_queues("vhost-user", 2).unwrap();
+        assert_eq!(external.queue_events().len(), 2);
+        let evt = external.queue_events()[1].try_clone().unwrap();
+        assert_eq!(notify_queue(external), vec![]);
+        // The notification is still there for the back end.
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_first_fatal_reason_wins() {
+        let fatal = FatalSignal::new().unwrap();
+        assert!(!fatal.is_raised());
+        assert_eq!(fatal.take(), None);
+        fatal.clone().raise("first".into());
+        fatal.raise("second".into());
+        assert!(fatal.is_raised());
+        assert_eq!(fatal.event_fd().read().unwrap(), 2);
+        assert_eq!(fatal.take().as_deref(), Some("first"));
+        assert_eq!(fatal.take(), None);
     }
 }

@@ -18,6 +18,7 @@
 //! addresses, lengths and chains are validated, and a malformed request
 //! must not panic the VMM (at worst the device stops serving the guest).
 
+pub mod fs;
 pub mod lifecycle;
 pub mod mmio;
 pub mod queue;
@@ -102,4 +103,8 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// and connection. Returns false if the device cannot be reset, in
     /// which case the transport marks it as needing a reset.
     fn reset(&mut self) -> bool;
+    /// Where to report an error the VM cannot go on with (a vhost-user
+    /// back end that died); the device manager hands every device the
+    /// VMM's one signal. Devices that cannot fail that way ignore it.
+    fn set_fatal_signal(&mut self, _fatal: lifecycle::FatalSignal) {}
 }

@@ -734,6 +734,25 @@ async fn doomed(id: &str, run_root: &Path, privileged: bool) -> Result<Sandbox> 
     Ok(sandbox)
 }
 
+/// Runs one death test on a fresh runtime with its own run root; prints
+/// the guest's console on failure.
+fn death_test<F, Fut>(tag: &str, body: F)
+where
+    F: FnOnce(String, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    require_kvm_host().unwrap();
+    let rt = runtime();
+    let run_root = run_root(tag);
+    let id = format!("e2e-{tag}-{}", std::process::id());
+    let result = rt.block_on(body(id.clone(), run_root.clone()));
+    let _ = std::fs::remove_dir(&run_root);
+    if let Err(err) = result {
+        eprintln!("console:\n{}", console_tail(&id, 40));
+        panic!("{err:#}");
+    }
+}
+
 fn assert_dead_error(err: &isola_sandbox::Error, id: &str, want: &str) -> Result<()> {
     ensure!(err.kind() == ErrorKind::Dead, "{err}");
     ensure!(err.sandbox() == id, "{err}");
@@ -747,11 +766,7 @@ fn assert_dead_error(err: &isola_sandbox::Error, id: &str, want: &str) -> Result
 
 #[test]
 fn a_killed_vmm_kills_the_sandbox_and_leaves_nothing() {
-    require_kvm_host().unwrap();
-    let rt = runtime();
-    let run_root = run_root("vmm-killed");
-    let id = format!("e2e-killed-{}", std::process::id());
-    let result: Result<()> = rt.block_on(async {
+    death_test("killed", |id, run_root| async move {
         let sandbox = doomed(&id, &run_root, false).await?;
         let pids = sandbox.helper_pids();
         let dir = sandbox.dir().to_path_buf();
@@ -782,20 +797,11 @@ fn a_killed_vmm_kills_the_sandbox_and_leaves_nothing() {
         sandbox.stop().await?;
         Ok(())
     });
-    let _ = std::fs::remove_dir(&run_root);
-    if let Err(err) = result {
-        eprintln!("console:\n{}", console_tail(&id, 40));
-        panic!("{err:#}");
-    }
 }
 
 #[test]
 fn a_guest_that_ends_under_the_sandbox_kills_it_and_leaves_nothing() {
-    require_kvm_host().unwrap();
-    let rt = runtime();
-    let run_root = run_root("guest-ends");
-    let id = format!("e2e-reboot-{}", std::process::id());
-    let result: Result<()> = rt.block_on(async {
+    death_test("reboot", |id, run_root| async move {
         // A privileged container in the guest's root pid namespace cannot
         // kill the agent (PID 1 ignores SIGKILL from its own namespace),
         // but it can reboot the guest kernel from under it.
@@ -822,9 +828,4 @@ fn a_guest_that_ends_under_the_sandbox_kills_it_and_leaves_nothing() {
         assert_nothing_left(&run_root, &dir, &pids)?;
         Ok(())
     });
-    let _ = std::fs::remove_dir(&run_root);
-    if let Err(err) = result {
-        eprintln!("console:\n{}", console_tail(&id, 40));
-        panic!("{err:#}");
-    }
 }

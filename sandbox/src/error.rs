@@ -118,6 +118,8 @@ impl Error {
 
     /// The failure of an agent call: a status reply keeps its code and
     /// message; any other ttrpc error means the agent was not reachable.
+    /// (The ttrpc error is not kept as the source: its message is all it
+    /// says, and its Debug form is noise in an error chain.)
     pub fn agent(sandbox: &str, step: impl Into<String>, err: ttrpc::Error) -> Error {
         let (kind, message) = match isola_protocol::status::code(&err) {
             Some(code) => (
@@ -132,10 +134,7 @@ impl Error {
                 ),
             ),
         };
-        Error {
-            source: Some(Box::new(err)),
-            ..Error::new(kind, sandbox, step, message)
-        }
+        Error::new(kind, sandbox, step, message)
     }
 
     /// The same error, naming `container`.

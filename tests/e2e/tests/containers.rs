@@ -696,19 +696,22 @@ async fn many_containers(id: &str, run_root: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------
 // Deaths
 
-/// Starts a sandbox with one sleeping container and a pending wait on it.
+/// Starts a sandbox with one sleeping container, `victim` (privileged if
+/// asked).
 async fn doomed(id: &str, run_root: &Path, privileged: bool) -> Result<Sandbox> {
     let rootfs = busybox_rootfs()?;
     let sandbox = Sandbox::start(sandbox_config(id, run_root, 256)?).await?;
     let mut s = spec(&rootfs, &["sleep", "100000"]);
     if privileged {
-        // Every capability, nothing masked, and the guest's root pid
-        // namespace: what a privileged container of a careless pod has.
+        // CAP_SYS_ADMIN and nothing masked or read-only under /proc: what
+        // a privileged container of a careless pod has. (The agent gives
+        // every container its own pid namespace, so not even this one can
+        // signal the agent.)
         use oci_spec::runtime::Capability;
         if let Some(p) = s.process_mut() {
             let mut c = p.capabilities().clone().unwrap_or_default();
             let mut caps = c.bounding().clone().unwrap_or_default();
-            caps.extend([Capability::SysBoot, Capability::SysAdmin, Capability::Kill]);
+            caps.extend([Capability::SysAdmin, Capability::SysResource]);
             c.set_bounding(Some(caps.clone()))
                 .set_effective(Some(caps.clone()))
                 .set_permitted(Some(caps));
@@ -718,13 +721,6 @@ async fn doomed(id: &str, run_root: &Path, privileged: bool) -> Result<Sandbox> 
             linux
                 .set_masked_paths(Some(Vec::new()))
                 .set_readonly_paths(Some(Vec::new()));
-            let namespaces = linux.namespaces().clone().unwrap_or_default();
-            linux.set_namespaces(Some(
-                namespaces
-                    .into_iter()
-                    .filter(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Pid)
-                    .collect(),
-            ));
         }
     }
     sandbox
@@ -800,32 +796,50 @@ fn a_killed_vmm_kills_the_sandbox_and_leaves_nothing() {
 }
 
 #[test]
-fn a_guest_that_ends_under_the_sandbox_kills_it_and_leaves_nothing() {
-    death_test("reboot", |id, run_root| async move {
-        // A privileged container in the guest's root pid namespace cannot
-        // kill the agent (PID 1 ignores SIGKILL from its own namespace),
-        // but it can reboot the guest kernel from under it.
+fn a_guest_kernel_that_dies_under_the_sandbox_kills_it_and_leaves_nothing() {
+    death_test("panic", |id, run_root| async move {
+        // A privileged container cannot reach the agent (its own pid
+        // namespace), but it can make the guest kernel panic: with
+        // vm.panic_on_oom=2 even an OOM inside a memory cgroup panics, and
+        // with panic=1 the guest reboots, which ends the VMM (status 0).
         let sandbox = doomed(&id, &run_root, true).await?;
+        let rootfs = busybox_rootfs()?;
         let pids = sandbox.helper_pids();
         let dir = sandbox.dir().to_path_buf();
         let waiter = {
             let sandbox = sandbox.clone();
             tokio::spawn(async move { sandbox.wait("victim", "").await })
         };
-        let kill_init =
-            exec_collect(&sandbox, "victim", "kill1", &process(&["kill", "-9", "1"])).await?;
-        ensure!(
-            sandbox.dead().is_none(),
-            "SIGKILL to PID 1 from a container ended the guest: {kill_init:?}"
-        );
-        let reboot = sandbox
-            .exec("victim", "reboot", &process(&["reboot", "-f"]), NO_STDIO)
+        let set = exec_collect(
+            &sandbox,
+            "victim",
+            "sysctl",
+            &process(&[
+                "sh",
+                "-c",
+                "echo 2 > /proc/sys/vm/panic_on_oom && cat /proc/sys/vm/panic_on_oom",
+            ]),
+        )
+        .await?;
+        ensure!(set.status.status == 0 && set.stdout == "2\n", "{set:?}");
+        let oom = with_limits(spec(&rootfs, &["tail", "/dev/zero"]), Some(16 << 20), None);
+        // The guest may die before these answer: their results do not matter.
+        let created = sandbox
+            .create_container(request("oom", oom, &rootfs, NO_STDIO))
             .await;
-        eprintln!("reboot -f exec: {reboot:?}");
+        if created.is_ok() {
+            let started = sandbox.start_container("oom").await;
+            eprintln!("oom container started: {started:?}");
+        }
         let err = tokio::time::timeout(DEADLINE, waiter).await??.unwrap_err();
         assert_dead_error(&err, &id, "exit status 0")?;
         tokio::time::timeout(DEADLINE, sandbox.wait_cleaned_up()).await?;
         assert_nothing_left(&run_root, &dir, &pids)?;
+        ensure!(
+            console_tail(&id, 200).contains("panic"),
+            "the console shows no panic:\n{}",
+            console_tail(&id, 30)
+        );
         Ok(())
     });
 }

@@ -494,6 +494,25 @@ impl Sandbox {
         tracing::info!(sandbox = %id, kernel = %created.kernel_release, dir = %layout.dir().display(), "sandbox started");
         drop(children);
 
+        Ok(Sandbox::assemble(
+            config,
+            resources,
+            agent,
+            created.kernel_release,
+            tasks,
+        ))
+    }
+
+    /// The running sandbox from its parts; starts the supervisor and the
+    /// event loop.
+    fn assemble(
+        config: SandboxConfig,
+        resources: Resources,
+        agent: AgentClient,
+        kernel_release: String,
+        mut tasks: Vec<AbortHandle>,
+    ) -> Sandbox {
+        let id = config.id.clone();
         let (gone, _) = watch::channel(None);
         let (events, _) = broadcast::channel(1024);
         let inner = Arc::new(Inner {
@@ -506,7 +525,7 @@ impl Sandbox {
             next_stream: AtomicU64::new(1),
             containers: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
-            kernel_release: created.kernel_release,
+            kernel_release,
         });
         tasks.push(tokio::spawn(supervise(Arc::downgrade(&inner))).abort_handle());
         tasks.push(
@@ -521,7 +540,7 @@ impl Sandbox {
         if let Ok(mut slot) = inner.tasks.lock() {
             slot.extend(tasks);
         }
-        Ok(Sandbox { inner })
+        Sandbox { inner }
     }
 
     pub fn id(&self) -> &str {
@@ -1415,5 +1434,175 @@ mod tests {
         c.id = "../x".into();
         let err = Sandbox::start(c).await.expect_err("failed");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    /// An agent whose WaitProcess never answers and whose WaitEvent
+    /// reports one OOM, then never answers.
+    struct FakeAgent;
+
+    #[async_trait::async_trait]
+    impl isola_protocol::Agent for FakeAgent {
+        async fn wait_process(
+            &self,
+            _: &ttrpc::r#async::TtrpcContext,
+            _: pb::WaitProcessRequest,
+        ) -> ttrpc::Result<pb::WaitProcessResponse> {
+            std::future::pending().await
+        }
+        async fn wait_event(
+            &self,
+            _: &ttrpc::r#async::TtrpcContext,
+            req: pb::WaitEventRequest,
+        ) -> ttrpc::Result<pb::WaitEventResponse> {
+            if req.after == 0 {
+                let mut resp = pb::WaitEventResponse::new();
+                resp.seq = 1;
+                resp.set_oom(pb::OomKilled {
+                    container_id: "web".into(),
+                    ..Default::default()
+                });
+                return Ok(resp);
+            }
+            std::future::pending().await
+        }
+    }
+
+    fn sh(script: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(script);
+        cmd
+    }
+
+    /// A sandbox whose "VMM" and "virtiofsd" are shell sleeps and whose
+    /// agent is [`FakeAgent`] on a Unix socket.
+    async fn fake_sandbox(tmp: &Path) -> (Sandbox, ttrpc::asynchronous::Server) {
+        let layout = Layout::new(tmp.join("sb"));
+        std::fs::create_dir_all(layout.rw().join("containers")).expect("mkdir");
+        std::fs::write(layout.dir().join("fs.sock"), b"").expect("file");
+        let address = format!("unix://{}", tmp.join("agent.sock").display());
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&address)
+            .expect("bind")
+            .register_service(isola_protocol::create_agent(Arc::new(FakeAgent)));
+        server.start().await.expect("serve");
+        let client = ttrpc::asynchronous::Client::connect(&address)
+            .await
+            .expect("connect");
+        let resources = Resources {
+            sandbox: "fake".into(),
+            layout,
+            virtiofsd: Some(
+                Supervised::spawn("virtiofsd", "fake", sh("sleep 100")).expect("spawn"),
+            ),
+            vmm: Some(Supervised::spawn("isola-vmm", "fake", sh("sleep 100")).expect("spawn")),
+            owns_dir: true,
+            finished: AtomicBool::new(false),
+            teardown_lock: tokio::sync::Mutex::new(()),
+            cleaned: watch::channel(false).0,
+        };
+        let mut config = SandboxConfig::new("fake", "/vmm", "/vfsd", "/k", "/i");
+        config.stop_timeout = Duration::from_secs(5);
+        let sandbox = Sandbox::assemble(
+            config,
+            resources,
+            AgentClient::new(client),
+            "fake".into(),
+            Vec::new(),
+        );
+        (sandbox, server)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_vmm_fails_pending_calls_and_cleans_up() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (sandbox, _server) = fake_sandbox(tmp.path()).await;
+        let mut events = sandbox.events();
+        let dir = sandbox.dir().to_path_buf();
+        let pids = sandbox.helper_pids();
+        let pending = {
+            let sandbox = sandbox.clone();
+            tokio::spawn(async move { sandbox.wait("web", "").await })
+        };
+        // The event loop publishes the agent's events.
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("an event")
+            .expect("received");
+        assert_eq!(
+            event,
+            Event::Oom {
+                container_id: "web".into()
+            }
+        );
+
+        let vmm = pids
+            .iter()
+            .find(|(n, _)| n == "isola-vmm")
+            .map(|(_, p)| *p)
+            .expect("vmm");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(vmm as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill");
+        let err = tokio::time::timeout(Duration::from_secs(20), pending)
+            .await
+            .expect("the pending call ended")
+            .expect("joined")
+            .expect_err("failed");
+        assert_eq!(err.kind(), ErrorKind::Dead);
+        assert_eq!(err.sandbox(), "fake");
+        assert_eq!(err.container(), Some("web"));
+        assert_eq!(
+            err.message(),
+            format!(
+                "the sandbox is dead: isola-vmm (pid {vmm}) ended: killed by signal 9 (SIGKILL)"
+            )
+        );
+        // Later calls fail the same way, at once.
+        let err = sandbox.stats("web").await.expect_err("dead");
+        assert_eq!(err.kind(), ErrorKind::Dead);
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("an event")
+            .expect("received");
+        assert!(matches!(event, Event::SandboxDead { reason } if reason.contains("isola-vmm")));
+
+        tokio::time::timeout(Duration::from_secs(30), sandbox.wait_cleaned_up())
+            .await
+            .expect("cleaned up");
+        assert!(!dir.exists(), "the run dir is left");
+        for (name, pid) in &pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            assert!(
+                stat.is_empty() || stat.contains(") Z"),
+                "{name} {pid} still runs: {stat}"
+            );
+        }
+        // stop after a death: nothing more to do.
+        sandbox.stop().await.expect("stop");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_last_handle_kills_and_removes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (sandbox, _server) = fake_sandbox(tmp.path()).await;
+        let dir = sandbox.dir().to_path_buf();
+        let pids = sandbox.helper_pids();
+        let clone = sandbox.clone();
+        drop(sandbox);
+        assert!(dir.exists(), "a clone still holds it");
+        drop(clone);
+        assert!(!dir.exists(), "dropped, yet the run dir is left");
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        for (name, pid) in &pids {
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "{name} {pid} still there"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }

@@ -47,13 +47,17 @@ pub struct Supervised {
 
 impl Supervised {
     /// Spawns `cmd` (stdin from /dev/null; stderr forwarded to `tracing`
-    /// with `sandbox` and `name`; stdout too unless the command set it).
+    /// with `sandbox` and `name`; stdout too unless the command set it),
+    /// in a process group of its own: a helper that forks (virtiofsd's
+    /// namespace sandbox runs in a child that outlives a killed parent) is
+    /// killed as a group.
     pub fn spawn(
         name: &str,
         sandbox: &str,
         mut cmd: tokio::process::Command,
     ) -> std::io::Result<Supervised> {
-        cmd.stdin(std::process::Stdio::null())
+        cmd.process_group(0)
+            .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn()?;
@@ -149,9 +153,19 @@ impl Supervised {
         }
     }
 
-    /// SIGKILL (synchronous, for drop paths).
+    /// SIGKILL to the process and every process left in its group
+    /// (synchronous, for drop paths too). The group's id is the leader's
+    /// pid, which the kernel does not hand out again while the group has a
+    /// member.
     pub fn kill(&self) {
         self.signal(Signal::KILL);
+        let group = nix::unistd::Pid::from_raw(self.pid as i32);
+        match nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(err) => {
+                tracing::warn!(process = %self.name, pgid = self.pid, %err, "killing the group failed")
+            }
+        }
     }
 
     /// Waits up to `grace` for it to end by itself, then kills it and
@@ -159,6 +173,8 @@ impl Supervised {
     /// still did not (stuck in the kernel).
     pub async fn stop(&self, grace: Duration, kill_wait: Duration) -> Option<Death> {
         if let Ok(death) = tokio::time::timeout(grace, self.ended()).await {
+            // Whatever it forked and left behind goes too.
+            self.kill();
             return Some(death);
         }
         tracing::warn!(process = %self.name, pid = self.pid, ?grace, "still running; killing it");
@@ -297,6 +313,45 @@ mod tests {
         );
         // Signalling a reaped process is harmless (the pidfd is exact).
         long.kill();
+    }
+
+    #[tokio::test]
+    async fn kill_takes_the_whole_group() {
+        // A parent that leaves a child behind when it is killed, as
+        // virtiofsd's namespace sandbox does.
+        let child_pid_file = tempfile::NamedTempFile::new().expect("tempfile");
+        let script = format!(
+            "sleep 100 & echo $! > {}; wait",
+            child_pid_file.path().display()
+        );
+        let parent = Supervised::spawn("forker", "sb", sh(&script)).expect("spawn");
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let child: i32 = loop {
+            if let Ok(pid) = std::fs::read_to_string(child_pid_file.path())
+                .unwrap_or_default()
+                .trim()
+                .parse()
+            {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < until, "no child pid");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        parent.kill();
+        tokio::time::timeout(Duration::from_secs(20), parent.ended())
+            .await
+            .expect("parent ended");
+        while std::path::Path::new(&format!("/proc/{child}")).exists() {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            if stat.contains(") Z") {
+                break; // killed, waiting for init to reap it
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the group's child {child} survived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

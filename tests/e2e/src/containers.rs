@@ -279,8 +279,34 @@ pub fn assert_nothing_left(run_root: &Path, dir: &Path, pids: &[(String, u32)]) 
         if process_alive(*pid) {
             bail!("{name} (pid {pid}) still runs");
         }
+        // Nor anything it forked (each helper leads a process group).
+        let members = group_members(*pid);
+        if !members.is_empty() {
+            bail!("{name}'s process group {pid} still has {members:?}");
+        }
     }
     Ok(())
+}
+
+/// Live processes whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) S ppid pgrp ..."
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            fields.first().is_some_and(|s| *s != "Z" && *s != "X")
+                && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+        })
+        .collect()
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after

@@ -89,7 +89,7 @@ boot-demo: all
 # Side by side on a KVM host, RUNS=N (default 5) each: isola-vmm against
 # QEMU microvm (boot to agent ready, VMM memory overhead, start-up CPU),
 # then `isola run` against runc (start, stdout throughput, virtio-fs read).
-bench: all
+bench: all busybox-rootfs
 	tests/kvm-host/setup-e2e
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)

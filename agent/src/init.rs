@@ -25,7 +25,22 @@ pub fn disable_ctrl_alt_del() -> Result<()> {
     set_cad_enabled(false).context("disabling the Ctrl-Alt-Del reboot")
 }
 
+/// Where reaped statuses go besides the log (the container API's process
+/// table, `service::State::on_reaped`).
+type ExitHook = Box<dyn Fn(WaitStatus) + Send + Sync>;
+static EXIT_HOOK: std::sync::OnceLock<ExitHook> = std::sync::OnceLock::new();
+
+/// Sets the hook every reaped status is given to (once).
+pub fn set_exit_hook(hook: ExitHook) {
+    let _ = EXIT_HOOK.set(hook);
+}
+
 /// Reaps every child that has exited; returns how many.
+///
+/// `waitpid(-1)` takes any child's status: libcontainer's own waits (its
+/// intermediate process, hooks) must never run at the same time. They do
+/// not: the agent has one thread and libcontainer runs on it, inside RPC
+/// handlers, while this runs from the SIGCHLD task (see `service`).
 pub fn reap_exited() -> usize {
     let mut reaped = 0;
     loop {
@@ -34,6 +49,9 @@ pub fn reap_exited() -> usize {
             Ok(status) => {
                 reaped += 1;
                 tracing::debug!(?status, "reaped");
+                if let Some(hook) = EXIT_HOOK.get() {
+                    hook(status);
+                }
             }
             Err(Errno::EINTR) => continue,
             Err(err) => {
@@ -74,12 +92,14 @@ impl InitSignals {
         })
     }
 
-    /// Reaps orphans until a shutdown signal arrives, and returns that
+    /// Reaps orphans until a shutdown signal arrives, or `power_off` is
+    /// notified (DestroySandbox; reported as SIGPWR), and returns that
     /// signal.
-    pub async fn serve_until_shutdown(&mut self) -> Signal {
+    pub async fn serve_until_shutdown(&mut self, power_off: &tokio::sync::Notify) -> Signal {
         loop {
             tokio::select! {
                 _ = self.child.recv() => { reap_exited(); }
+                _ = power_off.notified() => return Signal::SIGPWR,
                 _ = self.term.recv() => return Signal::SIGTERM,
                 _ = self.int.recv() => return Signal::SIGINT,
                 _ = self.pwr.recv() => return Signal::SIGPWR,

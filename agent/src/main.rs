@@ -8,10 +8,20 @@
 //! every process, syncs and reboots, which ends the VMM.
 
 mod cgroups;
+mod cgstats;
 mod config;
+mod events;
+mod executor;
 mod init;
+mod logstream;
 mod mounts;
+mod procs;
 mod rpc;
+mod sandbox;
+mod seccomp;
+mod service;
+mod spec;
+mod streams;
 
 use std::fs;
 use std::path::Path;
@@ -72,9 +82,22 @@ fn run(started: Instant) -> Result<()> {
     let boot_timer = config.boot_timer;
     runtime.block_on(async move {
         let mut signals = init::InitSignals::install()?;
+        // The container service: its process table takes the statuses the
+        // reaper collects.
+        let registry = std::sync::Arc::new(streams::Registry::new(
+            streams::MAX_PENDING,
+            streams::UNCLAIMED_TIMEOUT,
+        ));
+        let state = service::State::new(registry.clone());
+        let hook_state = state.clone();
+        init::set_exit_hook(Box::new(move |status| hook_state.on_reaped(status)));
+        if let Err(err) = streams::listen(registry) {
+            tracing::error!("stdio and log streams unavailable: {err:#}");
+        }
         // The API listens before the ready line, so a host that saw it can
         // dial at once. A guest without vsock still boots, without the API.
-        let api = match rpc::ApiServer::start_vsock(AGENT_VSOCK_PORT).await {
+        let agent = service::AgentService::new(state.clone());
+        let api = match rpc::ApiServer::start_vsock(AGENT_VSOCK_PORT, Some(agent)).await {
             Ok(api) => Some(api),
             Err(err) => {
                 tracing::error!("agent API unavailable: {err:#}");
@@ -92,7 +115,7 @@ fn run(started: Instant) -> Result<()> {
             uptime_ms().unwrap_or(0),
             started.elapsed().as_millis()
         );
-        let signal = signals.serve_until_shutdown().await;
+        let signal = signals.serve_until_shutdown(&state.power_off).await;
         tracing::info!(%signal, "shutting down");
         if let Some(api) = api {
             api.shutdown().await;
@@ -131,8 +154,9 @@ fn ensure_stdio() {
 }
 
 fn init_logging(config: &Config) {
+    // The console and the host's log stream (logstream).
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(logstream::TeeWriter)
         .with_ansi(false)
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::uptime())

@@ -1,8 +1,9 @@
 //! The agent's ttrpc API (`isola.agent.v1`, see the `isola-protocol`
 //! crate), served on vsock so that the host reaches it through the VMM.
 //!
-//! Today it serves `Health`: `Check` answers SERVING as soon as the server
-//! runs, `Version` gives the agent's version and the API version.
+//! It serves `Health` (`Check` answers SERVING as soon as the server runs,
+//! `Version` gives the agent's version and the API version) and, when
+//! given one, the container service `Agent` (`service`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,7 +13,11 @@ use anyhow::{Context, Result};
 use isola_protocol::agent::{CheckRequest, CheckResponse, VersionRequest, VersionResponse};
 use isola_protocol::ttrpc;
 use isola_protocol::ttrpc::asynchronous::{Server, TtrpcContext};
-use isola_protocol::{create_health, Health, ServingStatus, API_VERSION, HEALTH_SERVICE};
+use isola_protocol::{
+    create_agent, create_health, Health, ServingStatus, AGENT_SERVICE, API_VERSION, HEALTH_SERVICE,
+};
+
+use crate::service::AgentService;
 
 /// Longest wait for the server's connections to close at shutdown.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,18 +39,22 @@ impl fmt::Debug for ApiServer {
 impl ApiServer {
     /// Serves the API on vsock `port` of any CID (`VMADDR_CID_ANY`): the
     /// host's connections come to the guest's own CID.
-    pub async fn start_vsock(port: u32) -> Result<ApiServer> {
-        ApiServer::start(&format!("vsock://-1:{port}")).await
+    pub async fn start_vsock(port: u32, agent: Option<AgentService>) -> Result<ApiServer> {
+        ApiServer::start(&format!("vsock://-1:{port}"), agent).await
     }
 
     /// Serves the API at a ttrpc address (`vsock://CID:PORT`,
     /// `unix://PATH`). The socket listens when this returns; connections
     /// are accepted by a task on the current tokio runtime.
-    pub async fn start(address: &str) -> Result<ApiServer> {
+    pub async fn start(address: &str, agent: Option<AgentService>) -> Result<ApiServer> {
+        let has_agent = agent.is_some();
         let mut server = Server::new()
             .bind(address)
             .with_context(|| format!("listening on {address}"))?
-            .register_service(create_health(Arc::new(HealthService)));
+            .register_service(create_health(Arc::new(HealthService { has_agent })));
+        if let Some(agent) = agent {
+            server = server.register_service(create_agent(Arc::new(agent)));
+        }
         server
             .start()
             .await
@@ -74,12 +83,18 @@ impl ApiServer {
 
 /// `isola.agent.v1.Health`.
 #[derive(Debug)]
-struct HealthService;
+struct HealthService {
+    /// Whether `Agent` is served beside it.
+    has_agent: bool,
+}
 
 #[async_trait::async_trait]
 impl Health for HealthService {
     async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {
-        if !req.service.is_empty() && req.service != HEALTH_SERVICE {
+        let known = req.service.is_empty()
+            || req.service == HEALTH_SERVICE
+            || (self.has_agent && req.service == AGENT_SERVICE);
+        if !known {
             return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
                 ttrpc::Code::NOT_FOUND,
                 format!("unknown service {:?}", req.service),
@@ -114,7 +129,7 @@ mod tests {
     async fn serves_health_over_a_socket() {
         let dir = tempfile::tempdir().unwrap();
         let address = format!("unix://{}", dir.path().join("agent.sock").display());
-        let server = ApiServer::start(&address).await.unwrap();
+        let server = ApiServer::start(&address, None).await.unwrap();
         let health = HealthClient::new(Client::connect(&address).await.unwrap());
         let ctx = || context::with_duration(Duration::from_secs(5));
 
@@ -137,7 +152,7 @@ mod tests {
 
         let resp = health.version(ctx(), &VersionRequest::new()).await.unwrap();
         assert_eq!(resp.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(resp.api_version, 1);
+        assert_eq!(resp.api_version, 2);
 
         drop(health);
         server.shutdown().await;
@@ -147,7 +162,7 @@ mod tests {
     async fn shutdown_closes_open_connections() {
         let dir = tempfile::tempdir().unwrap();
         let address = format!("unix://{}", dir.path().join("agent.sock").display());
-        let server = ApiServer::start(&address).await.unwrap();
+        let server = ApiServer::start(&address, None).await.unwrap();
         let health = HealthClient::new(Client::connect(&address).await.unwrap());
         let ctx = || context::with_duration(Duration::from_secs(5));
         health.check(ctx(), &CheckRequest::new()).await.unwrap();
@@ -167,7 +182,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_address_is_an_error() {
-        let err = ApiServer::start("unix:///nonexistent-dir/agent.sock")
+        let err = ApiServer::start("unix:///nonexistent-dir/agent.sock", None)
             .await
             .unwrap_err();
         assert!(

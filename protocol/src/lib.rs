@@ -28,8 +28,9 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// The version of the `isola.agent.v1` API that this crate describes, as
 /// reported by `Health.Version` in `api_version`. Raised when methods or
-/// fields are added to v1.
-pub const API_VERSION: u32 = 1;
+/// fields are added to v1: 1 was `Health` alone, 2 adds the container
+/// service `Agent`.
+pub const API_VERSION: u32 = 2;
 
 /// The fully qualified name of the health service, for
 /// `CheckRequest.service`.

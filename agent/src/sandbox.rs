@@ -1,0 +1,317 @@
+//! The guest side of a sandbox: DNS, the virtio-fs share, the network
+//! namespace every container joins, and the sandbox cgroup.
+//!
+//! Layout in the guest:
+//!
+//! ```text
+//! /run/isola/sandbox/resolv.conf   DNS, a bind-mount source for containers
+//! /run/isola/sandbox/netns         the sandbox's network namespace (nsfs)
+//! /run/isola/share                 the virtio-fs share (default mount point)
+//! /run/isola/containers/<id>/      bundles: config.json, exec-<id>.json,
+//!                                  console sockets
+//! /run/isola/state/<id>/           libcontainer's state
+//! /sys/fs/cgroup/isola/<id>/       each container's cgroup
+//! ```
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::spec::SpecError;
+
+pub const SANDBOX_DIR: &str = "/run/isola/sandbox";
+pub const RESOLV_CONF: &str = "/run/isola/sandbox/resolv.conf";
+pub const NETNS: &str = "/run/isola/sandbox/netns";
+pub const DEFAULT_SHARE: &str = "/run/isola/share";
+pub const BUNDLES: &str = "/run/isola/containers";
+pub const STATE: &str = "/run/isola/state";
+/// The sandbox cgroup, relative to the cgroup root.
+pub const CGROUP_PARENT: &str = "/isola";
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Most nameservers, search domains and options (glibc reads 3, 6, ...;
+/// the bound keeps the file small).
+const MAX_DNS_ENTRIES: usize = 32;
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn dns_word(field: &str, i: usize, word: &str) -> Result<(), SpecError> {
+    if word.is_empty()
+        || word.len() > 253
+        || word.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(err(
+            format!("{field}[{i}]"),
+            format!("{word:?} is not a single word of at most 253 characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// The text of resolv.conf for the request's DNS settings.
+pub fn resolv_conf(
+    nameservers: &[String],
+    searches: &[String],
+    options: &[String],
+) -> Result<String, SpecError> {
+    for (field, list) in [
+        ("dns.nameservers", nameservers),
+        ("dns.searches", searches),
+        ("dns.options", options),
+    ] {
+        if list.len() > MAX_DNS_ENTRIES {
+            return Err(err(field, format!("more than {MAX_DNS_ENTRIES} entries")));
+        }
+    }
+    let mut text = String::new();
+    for (i, ns) in nameservers.iter().enumerate() {
+        let ip: IpAddr = ns.parse().map_err(|_| {
+            err(
+                format!("dns.nameservers[{i}]"),
+                format!("{ns:?} is not an IP address"),
+            )
+        })?;
+        let _ = writeln!(text, "nameserver {ip}");
+    }
+    for (i, s) in searches.iter().enumerate() {
+        dns_word("dns.searches", i, s)?;
+    }
+    if !searches.is_empty() {
+        let _ = writeln!(text, "search {}", searches.join(" "));
+    }
+    for (i, o) in options.iter().enumerate() {
+        dns_word("dns.options", i, o)?;
+    }
+    if !options.is_empty() {
+        let _ = writeln!(text, "options {}", options.join(" "));
+    }
+    Ok(text)
+}
+
+/// The share's mount point: the request's (absolute, no `..`) or the
+/// default.
+pub fn share_mount_point(requested: &str) -> Result<PathBuf, SpecError> {
+    if requested.is_empty() {
+        return Ok(PathBuf::from(DEFAULT_SHARE));
+    }
+    let p = Path::new(requested);
+    if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) || p == Path::new("/")
+    {
+        return Err(err(
+            "share_mount_point",
+            format!("{requested:?} is not an absolute path below /"),
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// A hostname the kernel takes (1 to 64 bytes, no NUL or slash).
+pub fn check_hostname(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            "hostname",
+            format!("{name:?} is not a hostname (1 to 64 of [A-Za-z0-9.-])"),
+        ))
+    }
+}
+
+/// Mounts the virtio-fs `tag` on `mount_point`.
+pub fn mount_share(tag: &str, mount_point: &Path) -> Result<()> {
+    fs::create_dir_all(mount_point)
+        .with_context(|| format!("creating {}", mount_point.display()))?;
+    mount(
+        Some(tag),
+        mount_point,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "mounting virtio-fs tag {tag:?} on {}",
+            mount_point.display()
+        )
+    })
+}
+
+/// Unmounts `path`, lazily if it is busy.
+pub fn unmount(path: &Path) -> Result<()> {
+    match umount2(path, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => umount2(path, MntFlags::MNT_DETACH)
+            .with_context(|| format!("unmounting {} (detached)", path.display())),
+        Err(e) => Err(e).with_context(|| format!("unmounting {}", path.display())),
+    }
+}
+
+/// Creates a network namespace with `lo` up and keeps it by bind-mounting
+/// its nsfs file on `path`. Done on a short-lived thread (a namespace is a
+/// property of a thread), which is joined before returning, so the agent
+/// is single-threaded again afterwards.
+pub fn create_netns(path: &Path) -> Result<()> {
+    fs::write(path, b"").with_context(|| format!("creating {}", path.display()))?;
+    let target = path.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || -> Result<()> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("unshare(CLONE_NEWNET)")?;
+            loopback_up().context("bringing lo up")?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind-mounting the namespace on {}", target.display()))
+        })
+        .context("starting the netns thread")?;
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the netns thread panicked"))?
+}
+
+fn loopback_up() -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS lo");
+    }
+    // SAFETY: the flags member is the one SIOCGIFFLAGS filled.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS lo");
+    }
+    Ok(())
+}
+
+/// Creates the sandbox cgroup and enables every controller the root
+/// enables, so each container's child can use them.
+pub fn create_cgroup(root: &Path, parent: &str) -> Result<PathBuf> {
+    let dir = root.join(parent.trim_start_matches('/'));
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+        .with_context(|| format!("reading {}/cgroup.controllers", dir.display()))?;
+    let request: Vec<String> = controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect();
+    if !request.is_empty() {
+        fs::write(dir.join("cgroup.subtree_control"), request.join(" ")).with_context(|| {
+            format!(
+                "enabling {} in {}/cgroup.subtree_control",
+                request.join(" "),
+                dir.display()
+            )
+        })?;
+    }
+    Ok(dir)
+}
+
+/// The guest kernel's release (uname -r).
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_text_and_errors() {
+        let text = resolv_conf(
+            &["10.0.0.2".into(), "fd00::1".into()],
+            &["svc.cluster.local".into(), "cluster.local".into()],
+            &["ndots:5".into()],
+        )
+        .expect("valid");
+        assert_eq!(
+            text,
+            "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        assert_eq!(resolv_conf(&[], &[], &[]).expect("empty"), "");
+        let e = resolv_conf(&["10.0.0.2".into(), "dns.example".into()], &[], &[])
+            .expect_err("not an address");
+        assert_eq!(e.field, "dns.nameservers[1]");
+        let e = resolv_conf(&[], &["a b".into()], &[]).expect_err("two words");
+        assert_eq!(e.field, "dns.searches[0]");
+        let e = resolv_conf(&[], &[], &["x\nnameserver 1.2.3.4".into()]).expect_err("newline");
+        assert_eq!(e.field, "dns.options[0]");
+    }
+
+    #[test]
+    fn share_mount_points() {
+        assert_eq!(
+            share_mount_point("").expect("default"),
+            PathBuf::from(DEFAULT_SHARE)
+        );
+        assert_eq!(
+            share_mount_point("/mnt/share").expect("absolute"),
+            PathBuf::from("/mnt/share")
+        );
+        for bad in ["relative", "/a/../b", "/"] {
+            assert_eq!(
+                share_mount_point(bad).expect_err(bad).field,
+                "share_mount_point"
+            );
+        }
+    }
+
+    #[test]
+    fn hostnames() {
+        check_hostname("pod-1.example").expect("valid");
+        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+            assert_eq!(check_hostname(bad).expect_err(bad).field, "hostname");
+        }
+    }
+
+    #[test]
+    fn sandbox_cgroup_enables_the_controllers() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("isola");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join("cgroup.controllers"), "cpu memory pids\n").expect("write");
+        let got = create_cgroup(root.path(), "/isola").expect("cgroup");
+        assert_eq!(got, dir);
+        assert_eq!(
+            fs::read_to_string(dir.join("cgroup.subtree_control")).expect("read"),
+            "+cpu +memory +pids"
+        );
+    }
+}

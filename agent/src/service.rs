@@ -1,0 +1,1402 @@
+//! `isola.agent.v1.Agent`: one sandbox, its containers and their
+//! processes, built with youki's libcontainer.
+//!
+//! # One thread
+//!
+//! The agent runs on a current-thread tokio runtime and never starts a
+//! blocking-pool thread; every libcontainer call (create, exec, start,
+//! delete, pause, resume) runs synchronously on that thread, inside the
+//! RPC handler. Two things follow:
+//!
+//! - libcontainer forks (clone3) from the agent: with a single thread no
+//!   lock (malloc, stderr, the log sink) can be held by another thread at
+//!   the fork, so the child cannot deadlock on one;
+//! - libcontainer `waitpid()`s its intermediate process (and hooks) by pid
+//!   while the reaper `waitpid(-1)`s on SIGCHLD: both run on the one
+//!   thread, so the reaper never runs during a libcontainer call and never
+//!   steals a status libcontainer waits for. Statuses of container
+//!   processes that exited during the call wait as zombies until the
+//!   reaper runs, after the pid is registered (`procs::ExitRouter` also
+//!   keeps early exits, should that ever change).
+//!
+//! [`check_single_threaded`] refuses a libcontainer call if another thread
+//! exists (the netns thread of `CreateSandbox` is joined before it
+//! returns).
+//!
+//! The cost: while a container is created, the agent does nothing else
+//! (its streams wait; nothing is lost).
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use isola_protocol::agent::*;
+use isola_protocol::status::{self, check_id, Code};
+use isola_protocol::ttrpc;
+use isola_protocol::ttrpc::asynchronous::TtrpcContext;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::wait::WaitStatus;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::cgstats;
+use crate::events::{Event, Events};
+use crate::executor::IsolaExecutor;
+use crate::procs::{now_ns, ExitInfo, ExitRouter};
+use crate::sandbox;
+use crate::seccomp::Compiled;
+use crate::spec::{self, SpecError};
+use crate::streams::{self, FdIo, Registry, Stream};
+
+/// How long `WaitProcess` waits, after the exit, for the output streams
+/// to close (a grandchild that keeps the pipe open must not hold the
+/// answer forever).
+pub const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+/// How long a forced removal waits for the container's processes to die.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Most containers of a sandbox, and exec processes of a container.
+const MAX_CONTAINERS: usize = 1024;
+const MAX_EXECS: usize = 1024;
+/// Most processes `ListProcesses` answers.
+const MAX_LIST: usize = 1024;
+/// Longest cmdline kept per process.
+const MAX_CMDLINE: usize = 4096;
+
+type RpcResult<T> = ttrpc::Result<T>;
+
+fn invalid(message: impl ToString) -> ttrpc::Error {
+    status::error(Code::INVALID_ARGUMENT, message)
+}
+fn not_found(message: impl ToString) -> ttrpc::Error {
+    status::error(Code::NOT_FOUND, message)
+}
+fn precondition(message: impl ToString) -> ttrpc::Error {
+    status::error(Code::FAILED_PRECONDITION, message)
+}
+fn internal(message: impl ToString) -> ttrpc::Error {
+    status::error(Code::INTERNAL, message)
+}
+
+/// A spec error as an `INVALID_ARGUMENT` under the request field `field`
+/// (`oci_spec_json: process.args: ...`); errors of request fields that
+/// are not inside the JSON (`rootfs`) are named as they are.
+fn spec_error(field: &str, e: SpecError) -> ttrpc::Error {
+    if e.field == "rootfs" || e.field.starts_with("stdio") {
+        invalid(e)
+    } else if e.field.is_empty() {
+        invalid(format!("{field}: {}", e.message))
+    } else {
+        invalid(format!("{field}: {e}"))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Refuses a fork while another thread exists (see the module comment).
+pub fn check_single_threaded(step: &str) -> RpcResult<()> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1);
+    if threads > 1 {
+        return Err(internal(format!(
+            "{step}: the agent has {threads} threads; forking a container now could deadlock"
+        )));
+    }
+    Ok(())
+}
+
+/// What a process's waiters watch.
+#[derive(Debug, Clone, Default)]
+pub struct ProcState {
+    pub exit: Option<ExitInfo>,
+    pub oom_killed: bool,
+    /// Output copies (stdout, stderr, the pty) still running.
+    pub outputs_open: u32,
+}
+
+/// A process the API started: a container's init or an exec.
+#[derive(Debug)]
+pub struct Proc {
+    container_id: String,
+    exec_id: String,
+    pid: u32,
+    cgroup: PathBuf,
+    oom_at_start: u64,
+    state: watch::Sender<ProcState>,
+    stdin_close: Mutex<Option<oneshot::Sender<()>>>,
+    /// The pty master, for TtyWinResize.
+    tty: Option<OwnedFd>,
+}
+
+impl Proc {
+    fn exited(&self) -> bool {
+        self.state.borrow().exit.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct ContainerEntry {
+    id: String,
+    bundle: PathBuf,
+    cgroup: PathBuf,
+    lc: Mutex<Container>,
+    status: Mutex<Status>,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+    seccomp: Option<Arc<Compiled>>,
+    oom_watch: Option<WatchDescriptor>,
+}
+
+#[derive(Debug)]
+struct Sandbox {
+    id: String,
+    share: Option<PathBuf>,
+    stop_timeout: Duration,
+}
+
+/// The inotify instance watching the containers' `memory.events`.
+#[derive(Debug)]
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// The state behind the service (shared with the reaper's hook).
+#[derive(Debug)]
+pub struct State {
+    sandbox: Mutex<Option<Sandbox>>,
+    containers: Mutex<HashMap<String, Arc<ContainerEntry>>>,
+    router: Mutex<ExitRouter<Arc<Proc>>>,
+    events: Events,
+    streams: Arc<Registry<Stream>>,
+    oom: OnceLock<Arc<AsyncFd<InotifyFd>>>,
+    oom_watches: Mutex<HashMap<WatchDescriptor, (String, PathBuf, u64)>>,
+    /// Fired once DestroySandbox answered: the agent powers off.
+    pub power_off: Notify,
+    /// Set by a DestroySandbox in progress or done.
+    destroying: Mutex<bool>,
+}
+
+impl State {
+    pub fn new(streams: Arc<Registry<Stream>>) -> Arc<State> {
+        Arc::new(State {
+            sandbox: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            router: Mutex::new(ExitRouter::default()),
+            events: Events::default(),
+            streams,
+            oom: OnceLock::new(),
+            oom_watches: Mutex::new(HashMap::new()),
+            power_off: Notify::new(),
+            destroying: Mutex::new(false),
+        })
+    }
+
+    /// A status the reaper took: the process it ends, if it is one of ours.
+    pub fn on_reaped(&self, status: WaitStatus) {
+        let Some(info) = ExitInfo::from_wait(status, now_ns()) else {
+            return;
+        };
+        let target = lock(&self.router).on_exit(info);
+        match target {
+            Some(proc) => self.finish(&proc, info),
+            None => tracing::debug!(pid = info.pid, status = info.status, "reaped an orphan"),
+        }
+    }
+
+    /// Records a process's exit and tells its waiters and the event ring.
+    fn finish(&self, proc: &Proc, info: ExitInfo) {
+        let oom = cgstats::oom_kills(&proc.cgroup) > proc.oom_at_start;
+        proc.state.send_modify(|s| {
+            s.exit = Some(info);
+            s.oom_killed = oom;
+        });
+        tracing::info!(
+            container = %proc.container_id,
+            exec = %proc.exec_id,
+            pid = info.pid,
+            exit_status = info.status,
+            oom_killed = oom,
+            "process exited"
+        );
+        self.events.push(Event::Exited {
+            container_id: proc.container_id.clone(),
+            exec_id: proc.exec_id.clone(),
+            pid: info.pid,
+            exit_status: info.status,
+            exited_at_ns: info.exited_at_ns,
+        });
+        if proc.exec_id.is_empty() {
+            if let Some(c) = lock(&self.containers).get(&proc.container_id) {
+                *lock(&c.status) = Status::Stopped;
+            }
+        }
+    }
+
+    /// Registers a started process; finishes it at once if it already
+    /// exited.
+    fn register(&self, proc: Arc<Proc>, mark: u64) {
+        let early = lock(&self.router).register(proc.pid, proc.clone(), mark);
+        if let Err((proc, info)) = early {
+            self.finish(&proc, info);
+        }
+    }
+
+    fn container(&self, id: &str) -> RpcResult<Arc<ContainerEntry>> {
+        check_id("container_id", id)?;
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("container {id:?} not found")))
+    }
+
+    fn process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> RpcResult<(Arc<ContainerEntry>, Arc<Proc>)> {
+        let c = self.container(container_id)?;
+        if exec_id.is_empty() {
+            let init = c.init.clone();
+            return Ok((c, init));
+        }
+        check_id("exec_id", exec_id)?;
+        let proc = lock(&c.execs).get(exec_id).cloned().ok_or_else(|| {
+            not_found(format!(
+                "exec {exec_id:?} not found in container {container_id:?}"
+            ))
+        })?;
+        Ok((c, proc))
+    }
+
+    fn start_oom_watcher(self: &Arc<Self>) -> anyhow::Result<Arc<AsyncFd<InotifyFd>>> {
+        if let Some(w) = self.oom.get() {
+            return Ok(w.clone());
+        }
+        let inotify = InotifyFd(Inotify::init(
+            InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC,
+        )?);
+        // SAFETY: the Inotify owns its descriptor until the AsyncFd drops
+        // it, and always answers the same one.
+        let fd = Arc::new(unsafe { AsyncFd::register(inotify) }?);
+        let _ = self.oom.set(fd.clone());
+        let state = Arc::downgrade(self);
+        let task_fd = fd.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = task_fd.readable().await else {
+                    return;
+                };
+                let events =
+                    match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(Into::into)) {
+                        Ok(Ok(events)) => events,
+                        Ok(Err(err)) => {
+                            tracing::warn!(%err, "reading the OOM watch");
+                            continue;
+                        }
+                        Err(_would_block) => continue,
+                    };
+                let Some(state) = state.upgrade() else { return };
+                for event in events {
+                    state.check_oom(event.wd);
+                }
+            }
+        });
+        Ok(fd)
+    }
+
+    fn check_oom(&self, wd: WatchDescriptor) {
+        let mut watches = lock(&self.oom_watches);
+        let Some((id, cgroup, last)) = watches.get_mut(&wd) else {
+            return;
+        };
+        let now = cgstats::oom_kills(cgroup);
+        if now > *last {
+            *last = now;
+            tracing::warn!(container = %id, oom_kills = now, "OOM kill in the container");
+            let id = id.clone();
+            drop(watches);
+            self.events.push(Event::Oom { container_id: id });
+        }
+    }
+}
+
+/// The service (cheap to clone: an `Arc`).
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    pub state: Arc<State>,
+}
+
+/// The three stdio descriptors a container process gets, and the agent's
+/// ends to copy.
+struct StdioPlan {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    copies: Copies,
+}
+
+#[derive(Default)]
+struct Copies {
+    stdin: Option<(Stream, OwnedFd)>,
+    stdout: Option<(OwnedFd, Stream)>,
+    stderr: Option<(OwnedFd, Stream)>,
+    /// Terminal: (stdin stream, stdout stream) to connect to the master.
+    tty: Option<(Option<Stream>, Option<Stream>)>,
+}
+
+fn dev_null() -> RpcResult<OwnedFd> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| internal(format!("opening /dev/null: {e}")))
+}
+
+impl AgentService {
+    pub fn new(state: Arc<State>) -> AgentService {
+        AgentService { state }
+    }
+
+    /// Checks and claims the streams of a `Stdio` (all or none).
+    fn claim_stdio(&self, stdio: &Stdio) -> RpcResult<StdioPlan> {
+        if stdio.terminal && stdio.stderr != 0 {
+            return Err(invalid("stdio.stderr: must be 0 with a terminal"));
+        }
+        for (field, id) in [
+            ("stdio.stdin", stdio.stdin),
+            ("stdio.stdout", stdio.stdout),
+            ("stdio.stderr", stdio.stderr),
+        ] {
+            if id != 0 && !self.state.streams.contains(id) {
+                return Err(invalid(format!(
+                    "{field}: stream {id} is not open (or was claimed already)"
+                )));
+            }
+        }
+        if stdio.stdin != 0 && (stdio.stdin == stdio.stdout || stdio.stdin == stdio.stderr)
+            || stdio.stdout != 0 && stdio.stdout == stdio.stderr
+        {
+            return Err(invalid(
+                "stdio: a stream serves one direction of one process",
+            ));
+        }
+        let claim = |id: u64| (id != 0).then(|| self.state.streams.claim(id)).flatten();
+        let mut copies = Copies::default();
+        if stdio.terminal {
+            copies.tty = Some((claim(stdio.stdin), claim(stdio.stdout)));
+            return Ok(StdioPlan {
+                stdin: dev_null()?,
+                stdout: dev_null()?,
+                stderr: dev_null()?,
+                copies,
+            });
+        }
+        let pipe = || streams::pipe().map_err(|e| internal(format!("creating a pipe: {e}")));
+        let stdin = match claim(stdio.stdin) {
+            Some(stream) => {
+                let (r, w) = pipe()?;
+                copies.stdin = Some((stream, w));
+                r
+            }
+            None => dev_null()?,
+        };
+        let out = |id: u64| -> RpcResult<(OwnedFd, Option<(OwnedFd, Stream)>)> {
+            match claim(id) {
+                Some(stream) => {
+                    let (r, w) = pipe()?;
+                    Ok((w, Some((r, stream))))
+                }
+                None => Ok((dev_null()?, None)),
+            }
+        };
+        let (stdout, stdout_copy) = out(stdio.stdout)?;
+        let (stderr, stderr_copy) = out(stdio.stderr)?;
+        copies.stdout = stdout_copy;
+        copies.stderr = stderr_copy;
+        Ok(StdioPlan {
+            stdin,
+            stdout,
+            stderr,
+            copies,
+        })
+    }
+
+    /// Starts the copies of a created process and returns its handle.
+    #[allow(clippy::too_many_arguments)]
+    fn start_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        pid: u32,
+        cgroup: &Path,
+        copies: Copies,
+        stdio: &Stdio,
+        console: Option<&std::os::unix::net::UnixListener>,
+    ) -> RpcResult<Arc<Proc>> {
+        let what = if exec_id.is_empty() {
+            format!("container {container_id}")
+        } else {
+            format!("exec {exec_id} of container {container_id}")
+        };
+        let mut outputs: Vec<(FdIo, Option<Stream>)> = Vec::new();
+        let mut stdin_copy: Option<(Stream, FdIo)> = None;
+        let mut tty = None;
+        if let Some((stdin, stdout)) = copies.tty {
+            let console = console.ok_or_else(|| internal(format!("{what}: no console socket")))?;
+            let master = receive_pty_master(console)
+                .map_err(|e| internal(format!("{what}: receiving the pty master: {e}")))?;
+            set_winsize(&master, stdio.rows, stdio.cols)
+                .map_err(|e| internal(format!("{what}: setting the window size: {e}")))?;
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .and_then(FdIo::new)
+                    .map_err(|e| internal(format!("{what}: the pty master: {e}")))
+            };
+            if let Some(s) = stdin {
+                stdin_copy = Some((s, dup(&master)?));
+            }
+            // Always drained, so the process never blocks on a full pty.
+            outputs.push((dup(&master)?, stdout));
+            tty = Some(master);
+        } else {
+            if let Some((s, w)) = copies.stdin {
+                let w = FdIo::new(w).map_err(|e| internal(format!("{what}: stdin pipe: {e}")))?;
+                stdin_copy = Some((s, w));
+            }
+            for (r, s) in [copies.stdout, copies.stderr].into_iter().flatten() {
+                let r = FdIo::new(r).map_err(|e| internal(format!("{what}: output pipe: {e}")))?;
+                outputs.push((r, Some(s)));
+            }
+        }
+        let (state, _) = watch::channel(ProcState {
+            outputs_open: outputs.len() as u32,
+            ..ProcState::default()
+        });
+        let (close_tx, close_rx) = oneshot::channel();
+        let proc = Arc::new(Proc {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            pid,
+            cgroup: cgroup.to_path_buf(),
+            oom_at_start: cgstats::oom_kills(cgroup),
+            state,
+            stdin_close: Mutex::new(stdin_copy.is_some().then_some(close_tx)),
+            tty,
+        });
+        if let Some((stream, pipe)) = stdin_copy {
+            let what = what.clone();
+            tokio::spawn(async move {
+                match streams::copy_in(stream, pipe, close_rx).await {
+                    Ok(n) => tracing::debug!(%what, bytes = n, "stdin closed"),
+                    Err(err) => tracing::debug!(%what, %err, "stdin copy ended"),
+                }
+            });
+        }
+        for (from, to) in outputs {
+            let proc = Arc::downgrade(&proc);
+            let what = what.clone();
+            tokio::spawn(async move {
+                let result = match to {
+                    Some(stream) => streams::copy_out(from, stream).await,
+                    None => streams::copy_out(from, tokio::io::sink()).await,
+                };
+                match result {
+                    Ok(n) => tracing::debug!(%what, bytes = n, "output stream done"),
+                    Err(err) => tracing::warn!(%what, %err, "output copy failed"),
+                }
+                if let Some(proc) = proc.upgrade() {
+                    proc.state
+                        .send_modify(|s| s.outputs_open = s.outputs_open.saturating_sub(1));
+                }
+            });
+        }
+        Ok(proc)
+    }
+
+    fn sandbox_share(&self) -> RpcResult<Option<PathBuf>> {
+        match &*lock(&self.state.sandbox) {
+            Some(s) => Ok(s.share.clone()),
+            None => Err(precondition("no sandbox: CreateSandbox first")),
+        }
+    }
+
+    fn create_container_sync(&self, req: &CreateContainerRequest) -> RpcResult<u32> {
+        let id = req.container_id.as_str();
+        check_id("container_id", id)?;
+        let share = self.sandbox_share()?;
+        if *lock(&self.state.destroying) {
+            return Err(precondition("the sandbox is being destroyed"));
+        }
+        {
+            let containers = lock(&self.state.containers);
+            if containers.contains_key(id) {
+                return Err(status::error(
+                    Code::ALREADY_EXISTS,
+                    format!("container {id:?} already exists"),
+                ));
+            }
+            if containers.len() >= MAX_CONTAINERS {
+                return Err(precondition(format!("{MAX_CONTAINERS} containers already")));
+            }
+        }
+        let parsed =
+            spec::parse_json(&req.oci_spec_json).map_err(|e| spec_error("oci_spec_json", e))?;
+        let owned = [Path::new(sandbox::SANDBOX_DIR)];
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let ctx = spec::Context {
+            container_id: id,
+            share: share.as_deref(),
+            rootfs: &req.rootfs,
+            netns: Path::new(sandbox::NETNS),
+            cgroup_parent: sandbox::CGROUP_PARENT,
+            owned_dirs: &owned,
+            terminal: stdio.terminal,
+        };
+        let prepared = spec::prepare(parsed, &ctx).map_err(|e| spec_error("oci_spec_json", e))?;
+        let bundle = Path::new(sandbox::BUNDLES).join(id);
+        let console = bundle.join("console.sock");
+        let plan = self.claim_stdio(&stdio)?;
+
+        // From here on, failures are the guest's: undo the bundle.
+        let result = self.build_container(id, &bundle, &console, prepared, plan, &stdio);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&bundle);
+            let _ = fs::remove_dir_all(Path::new(sandbox::STATE).join(id));
+        }
+        result
+    }
+
+    fn build_container(
+        &self,
+        id: &str,
+        bundle: &Path,
+        console: &Path,
+        prepared: spec::Prepared,
+        plan: StdioPlan,
+        stdio: &Stdio,
+    ) -> RpcResult<u32> {
+        let step = |what: &str, e: &dyn std::fmt::Display| {
+            internal(format!("container {id}: {what}: {e}"))
+        };
+        fs::create_dir_all(bundle).map_err(|e| step("creating the bundle", &e))?;
+        let config = serde_json::to_vec_pretty(&prepared.spec)
+            .map_err(|e| step("serialising config.json", &e))?;
+        fs::write(bundle.join("config.json"), config)
+            .map_err(|e| step("writing config.json", &e))?;
+        let listener = if stdio.terminal {
+            let l = std::os::unix::net::UnixListener::bind(console)
+                .map_err(|e| step("creating the console socket", &e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| step("creating the console socket", &e))?;
+            Some(l)
+        } else {
+            None
+        };
+        let seccomp = prepared.seccomp.map(Arc::new);
+        let executor = IsolaExecutor {
+            seccomp: seccomp.clone(),
+            close_inherited: true,
+        };
+        check_single_threaded(&format!("container {id}"))?;
+        let mark = lock(&self.state.router).mark();
+        let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+            .with_root_path(sandbox::STATE)
+            .map_err(|e| step("state directory", &e))?
+            .with_executor(executor);
+        if stdio.terminal {
+            builder = builder.with_console_socket(Some(console));
+        } else {
+            builder = builder
+                .with_stdin(plan.stdin)
+                .with_stdout(plan.stdout)
+                .with_stderr(plan.stderr);
+        }
+        let container = builder
+            .as_init(bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| step("creating with libcontainer", &format!("{e:#}")))?;
+        let pid = container
+            .pid()
+            .ok_or_else(|| step("creating", &"libcontainer gave no pid"))?
+            .as_raw() as u32;
+        let cgroup = Path::new(sandbox::CGROUP_ROOT)
+            .join(sandbox::CGROUP_PARENT.trim_start_matches('/'))
+            .join(id);
+        let copies = plan.copies;
+        let init = match self.start_process(id, "", pid, &cgroup, copies, stdio, listener.as_ref())
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(e);
+            }
+        };
+        drop(listener);
+        let oom_watch = self.watch_oom(id, &cgroup);
+        let entry = Arc::new(ContainerEntry {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            cgroup,
+            lc: Mutex::new(container),
+            status: Mutex::new(Status::Created),
+            init: init.clone(),
+            execs: Mutex::new(HashMap::new()),
+            seccomp,
+            oom_watch,
+        });
+        lock(&self.state.containers).insert(id.to_string(), entry);
+        self.state.register(init, mark);
+        tracing::info!(container = id, pid, "container created");
+        Ok(pid)
+    }
+
+    fn watch_oom(&self, id: &str, cgroup: &Path) -> Option<WatchDescriptor> {
+        let watcher = match self.state.start_oom_watcher() {
+            Ok(w) => w,
+            Err(err) => {
+                tracing::warn!(%err, "no OOM watch");
+                return None;
+            }
+        };
+        let events = cgroup.join("memory.events");
+        match watcher
+            .get_ref()
+            .0
+            .add_watch(&events, AddWatchFlags::IN_MODIFY)
+        {
+            Ok(wd) => {
+                lock(&self.state.oom_watches).insert(
+                    wd,
+                    (
+                        id.to_string(),
+                        cgroup.to_path_buf(),
+                        cgstats::oom_kills(cgroup),
+                    ),
+                );
+                Some(wd)
+            }
+            Err(err) => {
+                tracing::warn!(container = id, %err, "cannot watch {}", events.display());
+                None
+            }
+        }
+    }
+
+    fn exec_sync(&self, req: &ExecProcessRequest) -> RpcResult<u32> {
+        let c = self.state.container(&req.container_id)?;
+        check_id("exec_id", &req.exec_id)?;
+        let id = c.id.as_str();
+        if *lock(&c.status) != Status::Running || c.init.exited() {
+            return Err(precondition(format!("container {id} is not running")));
+        }
+        {
+            let execs = lock(&c.execs);
+            if execs.contains_key(&req.exec_id) {
+                return Err(status::error(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {:?} already exists in container {id}", req.exec_id),
+                ));
+            }
+            if execs.len() >= MAX_EXECS {
+                return Err(precondition(format!(
+                    "container {id} has {MAX_EXECS} exec processes already"
+                )));
+            }
+        }
+        let mut process: oci_spec::runtime::Process =
+            spec::parse_json(&req.process_json).map_err(|e| spec_error("process_json", e))?;
+        spec::check_process(&process, "").map_err(|e| spec_error("process_json", e))?;
+        let stdio = req.stdio.clone().unwrap_or_default();
+        process.set_terminal(Some(stdio.terminal));
+        let what = format!("exec {} of container {id}", req.exec_id);
+        let step = |s: &str, e: &dyn std::fmt::Display| internal(format!("{what}: {s}: {e}"));
+        let process_file = c.bundle.join(format!("exec-{}.json", req.exec_id));
+        let console = c.bundle.join(format!("console-{}.sock", req.exec_id));
+        let plan = self.claim_stdio(&stdio)?;
+        let json = serde_json::to_vec(&process).map_err(|e| step("serialising the process", &e))?;
+        fs::write(&process_file, json).map_err(|e| step("writing the process", &e))?;
+        let listener = if stdio.terminal {
+            let _ = fs::remove_file(&console);
+            let l = std::os::unix::net::UnixListener::bind(&console)
+                .map_err(|e| step("creating the console socket", &e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| step("creating the console socket", &e))?;
+            Some(l)
+        } else {
+            None
+        };
+        check_single_threaded(&what)?;
+        let mark = lock(&self.state.router).mark();
+        let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+            .with_root_path(sandbox::STATE)
+            .map_err(|e| step("state directory", &e))?
+            .with_executor(IsolaExecutor {
+                seccomp: c.seccomp.clone(),
+                close_inherited: false,
+            });
+        if stdio.terminal {
+            builder = builder.with_console_socket(Some(&console));
+        } else {
+            builder = builder
+                .with_stdin(plan.stdin)
+                .with_stdout(plan.stdout)
+                .with_stderr(plan.stderr);
+        }
+        let built = builder
+            .as_tenant()
+            .with_detach(true)
+            .with_process(Some(&process_file))
+            .build();
+        let _ = fs::remove_file(&process_file);
+        let pid = built
+            .map_err(|e| step("starting with libcontainer", &format!("{e:#}")))?
+            .as_raw() as u32;
+        let proc = self.start_process(
+            id,
+            &req.exec_id,
+            pid,
+            &c.cgroup,
+            plan.copies,
+            &stdio,
+            listener.as_ref(),
+        );
+        drop(listener);
+        let _ = fs::remove_file(&console);
+        let proc = proc?;
+        lock(&c.execs).insert(req.exec_id.clone(), proc.clone());
+        self.state.register(proc, mark);
+        tracing::info!(container = id, exec = %req.exec_id, pid, "exec started");
+        Ok(pid)
+    }
+
+    /// Pauses (`freeze`) or resumes a container through libcontainer's
+    /// cgroup freezer.
+    fn freeze(&self, container_id: &str, freeze: bool) -> RpcResult<()> {
+        let c = self.state.container(container_id)?;
+        let (from, to, verb) = if freeze {
+            (Status::Running, Status::Paused, "pausing")
+        } else {
+            (Status::Paused, Status::Running, "resuming")
+        };
+        let mut status = lock(&c.status);
+        if *status != from {
+            return Err(precondition(format!(
+                "container {} is {:?}, not {from:?}",
+                c.id, *status
+            )));
+        }
+        let mut lc = lock(&c.lc);
+        let done = if freeze { lc.pause() } else { lc.resume() };
+        done.map_err(|e| internal(format!("container {}: {verb}: {e:#}", c.id)))?;
+        *status = to;
+        Ok(())
+    }
+
+    /// Waits (bounded) for every process of the container to be gone.
+    async fn wait_container_dead(&self, c: &ContainerEntry, timeout: Duration) -> bool {
+        let mut rx = c.init.state.subscribe();
+        let init_done = tokio::time::timeout(timeout, rx.wait_for(|s| s.exit.is_some()))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let until = tokio::time::Instant::now() + timeout;
+        // Exec processes share the cgroup: it empties when all are gone.
+        while cgroup_populated(&c.cgroup) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        init_done && !cgroup_populated(&c.cgroup)
+    }
+
+    /// Removes a container whose processes are gone (or never started).
+    fn delete_container(&self, c: &ContainerEntry) -> RpcResult<()> {
+        let id = &c.id;
+        check_single_threaded(&format!("removing container {id}"))?;
+        lock(&c.lc)
+            .delete(true)
+            .map_err(|e| internal(format!("removing container {id}: deleting: {e:#}")))?;
+        if c.cgroup.exists() {
+            let _ = fs::remove_dir(&c.cgroup);
+        }
+        let _ = fs::remove_dir_all(&c.bundle);
+        if let (Some(wd), Some(w)) = (c.oom_watch, self.state.oom.get()) {
+            let _ = w.get_ref().0.rm_watch(wd);
+            lock(&self.state.oom_watches).remove(&wd);
+        }
+        let mut router = lock(&self.state.router);
+        router.unregister(c.init.pid);
+        for p in lock(&c.execs).values() {
+            if !p.exited() {
+                router.unregister(p.pid);
+            }
+            if let Some(tx) = lock(&p.stdin_close).take() {
+                let _ = tx.send(());
+            }
+        }
+        drop(router);
+        if let Some(tx) = lock(&c.init.stdin_close).take() {
+            let _ = tx.send(());
+        }
+        lock(&self.state.containers).remove(id);
+        tracing::info!(container = %id, "container removed");
+        Ok(())
+    }
+}
+
+fn cgroup_populated(cgroup: &Path) -> bool {
+    fs::read_to_string(cgroup.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l.trim() == "populated 1"))
+        .unwrap_or(false)
+}
+
+fn cgroup_kill(cgroup: &Path) -> std::io::Result<()> {
+    fs::write(cgroup.join("cgroup.kill"), "1")
+}
+
+/// Receives the pty master libcontainer's init sent on the console socket
+/// (it connected and sent it during the build, so the connection waits in
+/// the listener's backlog).
+fn receive_pty_master(listener: &std::os::unix::net::UnixListener) -> anyhow::Result<OwnedFd> {
+    use anyhow::Context as _;
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let (conn, _) = listener
+        .accept()
+        .context("accepting the console connection")?;
+    conn.set_nonblocking(false).context("console connection")?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .context("console connection")?;
+    let mut buf = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("recvmsg")?;
+    for cmsg in msg.cmsgs().context("control messages")? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            let mut fds = fds.into_iter();
+            if let Some(fd) = fds.next() {
+                for extra in fds {
+                    // SAFETY: a descriptor the kernel just installed for
+                    // us; nobody else owns it.
+                    drop(unsafe { OwnedFd::from_raw_fd(extra) });
+                }
+                // SAFETY: as above.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    anyhow::bail!("no descriptor in the console message")
+}
+
+fn set_winsize(master: &OwnedFd, rows: u32, cols: u32) -> std::io::Result<()> {
+    if rows == 0 && cols == 0 {
+        return Ok(());
+    }
+    let ws = libc::winsize {
+        ws_row: rows.min(u16::MAX as u32) as u16,
+        ws_col: cols.min(u16::MAX as u32) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is valid.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn signal_number(signal: u32) -> RpcResult<i32> {
+    // SIGRTMAX on Linux is 64.
+    if signal == 0 || signal > 64 {
+        return Err(invalid(format!(
+            "signal: {signal} is not a signal (1 to 64)"
+        )));
+    }
+    Ok(signal as i32)
+}
+
+fn kill_raw(pid: u32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) with integers; pid > 0 names one process.
+    if unsafe { libc::kill(pid as i32, signal) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn cgroup_pids(cgroup: &Path) -> Vec<u32> {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn cmdline(pid: u32) -> String {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    if let Ok(f) = fs::File::open(format!("/proc/{pid}/cmdline")) {
+        let _ = f.take(MAX_CMDLINE as u64).read_to_end(&mut bytes);
+    }
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    String::from_utf8_lossy(&bytes).replace('\0', " ")
+}
+
+#[async_trait::async_trait]
+impl isola_protocol::Agent for AgentService {
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> RpcResult<CreateSandboxResponse> {
+        check_id("sandbox_id", &req.sandbox_id)?;
+        if let Some(s) = &*lock(&self.state.sandbox) {
+            return Err(precondition(format!(
+                "sandbox {:?} exists already (one sandbox per guest)",
+                s.id
+            )));
+        }
+        if !req.hostname.is_empty() {
+            sandbox::check_hostname(&req.hostname).map_err(invalid)?;
+        }
+        let dns = req.dns.clone().unwrap_or_default();
+        let resolv =
+            sandbox::resolv_conf(&dns.nameservers, &dns.searches, &dns.options).map_err(invalid)?;
+        let mount_point = sandbox::share_mount_point(&req.share_mount_point).map_err(invalid)?;
+        let sid = req.sandbox_id.as_str();
+        let step = |what: &str, e: &dyn std::fmt::Display| {
+            internal(format!("sandbox {sid}: {what}: {e:#}"))
+        };
+        for dir in [sandbox::SANDBOX_DIR, sandbox::BUNDLES, sandbox::STATE] {
+            fs::create_dir_all(dir).map_err(|e| step(&format!("creating {dir}"), &e))?;
+        }
+        if !req.hostname.is_empty() {
+            nix::unistd::sethostname(&req.hostname)
+                .map_err(|e| step("setting the hostname", &e))?;
+        }
+        fs::write(sandbox::RESOLV_CONF, resolv).map_err(|e| step("writing resolv.conf", &e))?;
+        let share = if req.share_tag.is_empty() {
+            None
+        } else {
+            sandbox::mount_share(&req.share_tag, &mount_point)
+                .map_err(|e| step("mounting the share", &e))?;
+            Some(
+                mount_point
+                    .canonicalize()
+                    .map_err(|e| step("resolving the share", &e))?,
+            )
+        };
+        let undo_share = |share: &Option<PathBuf>| {
+            if let Some(p) = share {
+                let _ = sandbox::unmount(p);
+            }
+        };
+        if let Err(e) = sandbox::create_netns(Path::new(sandbox::NETNS)) {
+            undo_share(&share);
+            return Err(step("creating the network namespace", &e));
+        }
+        if let Err(e) =
+            sandbox::create_cgroup(Path::new(sandbox::CGROUP_ROOT), sandbox::CGROUP_PARENT)
+        {
+            undo_share(&share);
+            let _ = sandbox::unmount(Path::new(sandbox::NETNS));
+            return Err(step("creating the sandbox cgroup", &e));
+        }
+        let stop_timeout = Duration::from_secs(match req.stop_timeout_secs {
+            0 => 5,
+            n => u64::from(n.min(3600)),
+        });
+        *lock(&self.state.sandbox) = Some(Sandbox {
+            id: sid.to_string(),
+            share,
+            stop_timeout,
+        });
+        tracing::info!(sandbox = sid, share = %req.share_tag, "sandbox created");
+        let mut resp = CreateSandboxResponse::new();
+        resp.kernel_release = sandbox::kernel_release();
+        Ok(resp)
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: DestroySandboxRequest,
+    ) -> RpcResult<DestroySandboxResponse> {
+        let (share, stop_timeout) = match &*lock(&self.state.sandbox) {
+            Some(s) => (s.share.clone(), s.stop_timeout),
+            None => return Err(precondition("no sandbox: CreateSandbox first")),
+        };
+        *lock(&self.state.destroying) = true;
+        let containers: Vec<Arc<ContainerEntry>> =
+            lock(&self.state.containers).values().cloned().collect();
+        for c in &containers {
+            for pid in cgroup_pids(&c.cgroup) {
+                let _ = kill_raw(pid, libc::SIGTERM);
+            }
+        }
+        for c in &containers {
+            if !self.wait_container_dead(c, stop_timeout).await {
+                tracing::warn!(container = %c.id, "still running after SIGTERM; SIGKILL");
+                let _ = cgroup_kill(&c.cgroup);
+                let _ = self.wait_container_dead(c, KILL_WAIT).await;
+            }
+        }
+        let mut failures = Vec::new();
+        for c in &containers {
+            if let Err(e) = self.delete_container(c) {
+                failures.push(status::message(&e));
+            }
+        }
+        nix::unistd::sync();
+        if let Some(p) = &share {
+            if let Err(e) = sandbox::unmount(p) {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        let _ = sandbox::unmount(Path::new(sandbox::NETNS));
+        if !failures.is_empty() {
+            tracing::error!(?failures, "destroying the sandbox");
+        }
+        // Power off once this answer is on its way: the notified task
+        // yields first, so ttrpc writes the reply before the shutdown
+        // closes the connections.
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            state.power_off.notify_one();
+        });
+        if failures.is_empty() {
+            Ok(DestroySandboxResponse::new())
+        } else {
+            Err(internal(format!(
+                "destroying the sandbox (powering off anyway): {}",
+                failures.join("; ")
+            )))
+        }
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> RpcResult<CreateContainerResponse> {
+        let pid = self.create_container_sync(&req)?;
+        let mut resp = CreateContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> RpcResult<StartContainerResponse> {
+        let c = self.state.container(&req.container_id)?;
+        let mut status = lock(&c.status);
+        if *status != Status::Created || c.init.exited() {
+            return Err(precondition(format!(
+                "container {} is {:?}, not created",
+                c.id, *status
+            )));
+        }
+        check_single_threaded(&format!("starting container {}", c.id))?;
+        lock(&c.lc)
+            .start()
+            .map_err(|e| internal(format!("container {}: starting: {e:#}", c.id)))?;
+        *status = Status::Running;
+        tracing::info!(container = %c.id, "container started");
+        Ok(StartContainerResponse::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> RpcResult<ExecProcessResponse> {
+        let pid = self.exec_sync(&req)?;
+        let mut resp = ExecProcessResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> RpcResult<SignalProcessResponse> {
+        let signal = signal_number(req.signal)?;
+        if req.all {
+            if !req.exec_id.is_empty() {
+                return Err(invalid("exec_id: must be empty with all"));
+            }
+            let c = self.state.container(&req.container_id)?;
+            for pid in cgroup_pids(&c.cgroup) {
+                match kill_raw(pid, signal) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) => {
+                        return Err(internal(format!(
+                            "container {}: signalling pid {pid}: {e}",
+                            c.id
+                        )))
+                    }
+                }
+            }
+            return Ok(SignalProcessResponse::new());
+        }
+        let (c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        // Not reaped yet, so the pid is still this process's (a zombie at
+        // worst, where the signal does nothing).
+        if proc.exited() {
+            return Err(not_found(format!(
+                "process {} of container {} has exited",
+                proc.pid, c.id
+            )));
+        }
+        kill_raw(proc.pid, signal).map_err(|e| {
+            internal(format!(
+                "container {}: signalling pid {}: {e}",
+                c.id, proc.pid
+            ))
+        })?;
+        Ok(SignalProcessResponse::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> RpcResult<WaitProcessResponse> {
+        let (c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        let mut rx = proc.state.subscribe();
+        drop(proc);
+        rx.wait_for(|s| s.exit.is_some())
+            .await
+            .map_err(|_| internal(format!("container {}: the process went away", c.id)))?;
+        if tokio::time::timeout(OUTPUT_GRACE, rx.wait_for(|s| s.outputs_open == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                container = %c.id,
+                exec = %req.exec_id,
+                grace_ms = OUTPUT_GRACE.as_millis() as u64,
+                "output still open after the exit (a child keeps it?); answering the wait"
+            );
+        }
+        let s = rx.borrow().clone();
+        let info = s
+            .exit
+            .ok_or_else(|| internal(format!("container {}: no exit status", c.id)))?;
+        let mut resp = WaitProcessResponse::new();
+        resp.exit_status = info.status;
+        resp.signal = info.signal;
+        resp.exited_at_ns = info.exited_at_ns;
+        resp.oom_killed = s.oom_killed;
+        resp.pid = info.pid;
+        Ok(resp)
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> RpcResult<RemoveContainerResponse> {
+        let c = self.state.container(&req.container_id)?;
+        let status = *lock(&c.status);
+        let alive = !c.init.exited();
+        if alive && status != Status::Created && !req.force {
+            return Err(precondition(format!(
+                "container {} is {status:?}: stop it first or force",
+                c.id
+            )));
+        }
+        if alive || cgroup_populated(&c.cgroup) {
+            cgroup_kill(&c.cgroup)
+                .map_err(|e| internal(format!("container {}: killing (cgroup.kill): {e}", c.id)))?;
+            if !self.wait_container_dead(&c, KILL_WAIT).await {
+                return Err(internal(format!(
+                    "container {}: processes still alive {} s after SIGKILL",
+                    c.id,
+                    KILL_WAIT.as_secs()
+                )));
+            }
+        }
+        self.delete_container(&c)?;
+        Ok(RemoveContainerResponse::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> RpcResult<StatsContainerResponse> {
+        let c = self.state.container(&req.container_id)?;
+        Ok(cgstats::collect(&c.cgroup))
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> RpcResult<PauseContainerResponse> {
+        self.freeze(&req.container_id, true)?;
+        Ok(PauseContainerResponse::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> RpcResult<ResumeContainerResponse> {
+        self.freeze(&req.container_id, false)?;
+        Ok(ResumeContainerResponse::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> RpcResult<UpdateContainerResponse> {
+        let c = self.state.container(&req.container_id)?;
+        let resources: oci_spec::runtime::LinuxResources =
+            spec::parse_json(&req.resources_json).map_err(|e| spec_error("resources_json", e))?;
+        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path: PathBuf::from(sandbox::CGROUP_PARENT).join(&c.id),
+            systemd_cgroup: false,
+            container_name: c.id.clone(),
+        })
+        .map_err(|e| internal(format!("container {}: cgroup manager: {e}", c.id)))?;
+        use libcgroups::common::CgroupManager as _;
+        manager
+            .apply(&libcgroups::common::ControllerOpt {
+                resources: &resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(|e| internal(format!("container {}: writing cgroup limits: {e}", c.id)))?;
+        Ok(UpdateContainerResponse::new())
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> RpcResult<TtyWinResizeResponse> {
+        let (c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        let master = proc.tty.as_ref().ok_or_else(|| {
+            precondition(format!(
+                "process {} of container {} has no terminal",
+                proc.pid, c.id
+            ))
+        })?;
+        set_winsize(master, req.rows, req.cols)
+            .map_err(|e| internal(format!("container {}: TIOCSWINSZ: {e}", c.id)))?;
+        Ok(TtyWinResizeResponse::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> RpcResult<CloseStdinResponse> {
+        let (_c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        if let Some(tx) = lock(&proc.stdin_close).take() {
+            let _ = tx.send(());
+        }
+        Ok(CloseStdinResponse::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> RpcResult<ListProcessesResponse> {
+        let c = self.state.container(&req.container_id)?;
+        let mut by_pid: HashMap<u32, String> = HashMap::new();
+        for (exec_id, p) in lock(&c.execs).iter() {
+            by_pid.insert(p.pid, exec_id.clone());
+        }
+        let mut resp = ListProcessesResponse::new();
+        for pid in cgroup_pids(&c.cgroup).into_iter().take(MAX_LIST) {
+            let mut info = ProcessInfo::new();
+            info.pid = pid;
+            info.exec_id = by_pid.get(&pid).cloned().unwrap_or_default();
+            info.cmdline = cmdline(pid);
+            resp.processes.push(info);
+        }
+        Ok(resp)
+    }
+
+    async fn wait_event(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitEventRequest,
+    ) -> RpcResult<WaitEventResponse> {
+        let got = self.state.events.wait(req.after).await;
+        let mut resp = WaitEventResponse::new();
+        resp.seq = got.seq;
+        resp.missed = got.missed;
+        match got.event {
+            Event::Exited {
+                container_id,
+                exec_id,
+                pid,
+                exit_status,
+                exited_at_ns,
+            } => {
+                let mut e = ProcessExited::new();
+                e.container_id = container_id;
+                e.exec_id = exec_id;
+                e.pid = pid;
+                e.exit_status = exit_status;
+                e.exited_at_ns = exited_at_ns;
+                resp.set_exited(e);
+            }
+            Event::Oom { container_id } => {
+                let mut e = OomKilled::new();
+                e.container_id = container_id;
+                resp.set_oom(e);
+            }
+        }
+        Ok(resp)
+    }
+}

@@ -1,0 +1,500 @@
+//! The OCI runtime spec of a container, as the host sends it, checked and
+//! rewritten for the guest before libcontainer sees it:
+//!
+//! - the root is `rootfs`, a directory of the share (relative, no `..`,
+//!   and still inside the share once symlinks are resolved);
+//! - bind mounts take their sources from the share or from guest paths the
+//!   agent owns (`/run/isola/sandbox/...`), nothing else of the guest;
+//! - namespaces: new mount, pid, ipc and uts (and cgroup or time if the
+//!   spec asks), the sandbox's network namespace by path, never a user
+//!   namespace; paths the spec gives are the host's and are ignored;
+//! - `linux.cgroupsPath` is the container's child of the sandbox cgroup;
+//! - `linux.seccomp` is taken out and compiled (`seccomp`), to be installed
+//!   by the agent's executor;
+//! - `process.terminal` follows the request's `Stdio.terminal`.
+//!
+//! Errors name the field, relative to the request field
+//! (`oci_spec_json: process.args: must not be empty`).
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{
+    LinuxBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Mount, Process, Spec,
+};
+
+use crate::seccomp::{self, Compiled};
+
+/// A wrong field: `field: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Longest spec accepted (the ttrpc message limit is 4 MiB anyway).
+pub const MAX_SPEC_JSON: usize = 1024 * 1024;
+
+/// Parses JSON into `T`; an error names the JSON path of the bad value.
+pub fn parse_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, SpecError> {
+    if json.len() > MAX_SPEC_JSON {
+        return Err(err("", format!("longer than {MAX_SPEC_JSON} bytes")));
+    }
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_path_to_error says "." for the document itself and "?"
+        // where it could not tell.
+        let field = if path == "." || path == "?" {
+            String::new()
+        } else {
+            path
+        };
+        err(field, inner.to_string())
+    })
+}
+
+/// Where a container's pieces live in the guest.
+#[derive(Debug, Clone)]
+pub struct Context<'a> {
+    pub container_id: &'a str,
+    /// The share's mount point, canonical; `None` without a share.
+    pub share: Option<&'a Path>,
+    /// The request's `rootfs`, relative to the share.
+    pub rootfs: &'a str,
+    /// The sandbox's network namespace (a bind-mounted nsfs file).
+    pub netns: &'a Path,
+    /// The sandbox cgroup, relative to the cgroup root (`/isola`).
+    pub cgroup_parent: &'a str,
+    /// Guest directories whose files may be bind-mounted
+    /// (`/run/isola/sandbox`).
+    pub owned_dirs: &'a [&'a Path],
+    pub terminal: bool,
+}
+
+/// A spec ready for libcontainer, and the seccomp filters taken from it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub spec: Spec,
+    pub seccomp: Option<Compiled>,
+}
+
+/// `rel` inside `root`: relative, no `..`, and inside `root` once
+/// resolved (symlinks included). `root` must be canonical.
+pub fn resolve_inside(root: &Path, rel: &str, field: &str) -> Result<PathBuf, SpecError> {
+    if rel.is_empty() {
+        return Err(err(field, "must not be empty"));
+    }
+    let path = Path::new(rel);
+    for c in path.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(err(field, format!("{rel:?} must not contain ..",)))
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(err(field, format!("{rel:?} must be relative to the share")))
+            }
+        }
+    }
+    let joined = root.join(path);
+    let resolved = joined
+        .canonicalize()
+        .map_err(|e| err(field, format!("{}: {e}", joined.display())))?;
+    if !resolved.starts_with(root) {
+        return Err(err(
+            field,
+            format!(
+                "{rel:?} resolves to {}, outside the share",
+                resolved.display()
+            ),
+        ));
+    }
+    Ok(resolved)
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
+}
+
+/// Mount types a container may ask for besides binds.
+const MOUNT_TYPES: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "none",
+];
+
+fn check_mounts(spec: &Spec, ctx: &Context<'_>) -> Result<(), SpecError> {
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let field = format!("mounts[{i}]");
+        if !m.destination().is_absolute() {
+            return Err(err(
+                format!("{field}.destination"),
+                format!("{} is not absolute", m.destination().display()),
+            ));
+        }
+        if is_bind(m) {
+            let Some(source) = m.source() else {
+                return Err(err(
+                    format!("{field}.source"),
+                    "a bind mount needs a source",
+                ));
+            };
+            let resolved = source.canonicalize().map_err(|e| {
+                err(
+                    format!("{field}.source"),
+                    format!("{}: {e}", source.display()),
+                )
+            })?;
+            let allowed = ctx.share.is_some_and(|s| resolved.starts_with(s))
+                || ctx.owned_dirs.iter().any(|d| resolved.starts_with(d));
+            if !allowed {
+                return Err(err(
+                    format!("{field}.source"),
+                    format!(
+                        "{} is neither in the share nor a sandbox file of the agent",
+                        source.display()
+                    ),
+                ));
+            }
+        } else {
+            let typ = m.typ().as_deref().unwrap_or("none");
+            if !MOUNT_TYPES.contains(&typ) {
+                return Err(err(
+                    format!("{field}.type"),
+                    format!("{typ:?} is not supported (only {MOUNT_TYPES:?} and binds)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a process (the spec's or an exec's): args, cwd.
+pub fn check_process(process: &Process, prefix: &str) -> Result<(), SpecError> {
+    let args = process.args().as_deref().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(err(format!("{prefix}args"), "must not be empty"));
+    }
+    if !process.cwd().is_absolute() {
+        return Err(err(
+            format!("{prefix}cwd"),
+            format!("{} is not absolute", process.cwd().display()),
+        ));
+    }
+    Ok(())
+}
+
+fn namespace(typ: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamespace, SpecError> {
+    let mut b = LinuxNamespaceBuilder::default().typ(typ);
+    if let Some(p) = path {
+        b = b.path(p.to_path_buf());
+    }
+    b.build()
+        .map_err(|e| err("linux.namespaces", e.to_string()))
+}
+
+/// Checks and rewrites `spec` for the guest (see the module comment).
+pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError> {
+    if !spec.version().starts_with("1.") {
+        return Err(err(
+            "ociVersion",
+            format!("{:?} is not a 1.x runtime spec", spec.version()),
+        ));
+    }
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| err("process", "missing"))?;
+    check_process(&process, "process.")?;
+    process.set_terminal(Some(ctx.terminal));
+    spec.set_process(Some(process));
+
+    let share = ctx
+        .share
+        .ok_or_else(|| err("rootfs", "the sandbox has no share to take it from"))?;
+    let rootfs = resolve_inside(share, ctx.rootfs, "rootfs")?;
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(rootfs);
+    spec.set_root(Some(root));
+
+    check_mounts(&spec, ctx)?;
+
+    let mut linux = match spec.linux().clone() {
+        Some(l) => l,
+        None => LinuxBuilder::default()
+            .build()
+            .map_err(|e| err("linux", e.to_string()))?,
+    };
+    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+        || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+    {
+        return Err(err(
+            "linux.uidMappings",
+            "user namespaces are not supported",
+        ));
+    }
+    let mut namespaces = vec![
+        namespace(LinuxNamespaceType::Mount, None)?,
+        namespace(LinuxNamespaceType::Pid, None)?,
+        namespace(LinuxNamespaceType::Ipc, None)?,
+        namespace(LinuxNamespaceType::Uts, None)?,
+        namespace(LinuxNamespaceType::Network, Some(ctx.netns))?,
+    ];
+    for (i, ns) in linux.namespaces().iter().flatten().enumerate() {
+        match ns.typ() {
+            LinuxNamespaceType::User => {
+                return Err(err(
+                    format!("linux.namespaces[{i}]"),
+                    "user namespaces are not supported",
+                ))
+            }
+            LinuxNamespaceType::Cgroup | LinuxNamespaceType::Time
+                if !namespaces.iter().any(|n| n.typ() == ns.typ()) =>
+            {
+                namespaces.push(namespace(ns.typ(), None)?);
+            }
+            _ => {}
+        }
+    }
+    linux.set_namespaces(Some(namespaces));
+    linux.set_cgroups_path(Some(
+        PathBuf::from(ctx.cgroup_parent).join(ctx.container_id),
+    ));
+    let seccomp = match linux.seccomp().clone() {
+        Some(profile) => Some(seccomp::compile(&profile)?),
+        None => None,
+    };
+    linux.set_seccomp(None);
+    spec.set_linux(Some(linux));
+    Ok(Prepared { spec, seccomp })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Share {
+        dir: tempfile::TempDir,
+        root: PathBuf,
+    }
+
+    fn share() -> Share {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        std::fs::create_dir_all(root.join("containers/web/rootfs/bin")).expect("rootfs");
+        std::fs::create_dir_all(root.join("containers/web/volumes/0")).expect("volume");
+        Share { dir, root }
+    }
+
+    fn ctx<'a>(share: &'a Share, owned: &'a [&'a Path]) -> Context<'a> {
+        Context {
+            container_id: "web",
+            share: Some(&share.root),
+            rootfs: "containers/web/rootfs",
+            netns: Path::new("/run/isola/sandbox/netns"),
+            cgroup_parent: "/isola",
+            owned_dirs: owned,
+            terminal: false,
+        }
+    }
+
+    const MINIMAL: &str = r#"{"ociVersion":"1.0.2","process":{"args":["echo","hi"],"cwd":"/","user":{"uid":0,"gid":0}},
+        "root":{"path":"ignored"}}"#;
+
+    fn spec(json: &str) -> Spec {
+        parse_json(json).expect("spec JSON")
+    }
+
+    #[test]
+    fn bad_json_names_the_field() {
+        let e = parse_json::<Spec>(r#"{"ociVersion":"1.0.2","process":{"args":"echo"}}"#)
+            .expect_err("args is not a list");
+        assert_eq!(e.field, "process.args", "{e}");
+        let e = parse_json::<Spec>(
+            r#"{"ociVersion":"1.0.2","process":{"args":["a"],"cwd":"/","user":{"uid":-1}}}"#,
+        )
+        .expect_err("negative uid");
+        assert_eq!(e.field, "process.user.uid", "{e}");
+        let e = parse_json::<Spec>("{not json").expect_err("garbage");
+        assert!(e.field.is_empty(), "{e}");
+    }
+
+    #[test]
+    fn namespaces_cgroup_root_and_terminal_are_set() {
+        let s = share();
+        let mut c = ctx(&s, &[]);
+        c.terminal = true;
+        let json = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "linux":{"namespaces":[{"type":"network","path":"/var/run/netns/host-thing"},{"type":"cgroup"},{"type":"pid"}],
+                     "cgroupsPath":"/kubepods/whatever"}}"#;
+        let p = prepare(spec(json), &c).expect("prepared");
+        let linux = p.spec.linux().as_ref().expect("linux");
+        let ns = linux.namespaces().as_ref().expect("namespaces");
+        let types: Vec<_> = ns.iter().map(|n| n.typ()).collect();
+        assert_eq!(
+            types,
+            vec![
+                LinuxNamespaceType::Mount,
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Uts,
+                LinuxNamespaceType::Network,
+                LinuxNamespaceType::Cgroup
+            ]
+        );
+        let net = ns
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+            .expect("net");
+        assert_eq!(
+            net.path().as_deref(),
+            Some(Path::new("/run/isola/sandbox/netns"))
+        );
+        assert!(ns
+            .iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Network)
+            .all(|n| n.path().is_none()));
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/isola/web"))
+        );
+        assert_eq!(
+            p.spec.root().as_ref().map(|r| r.path().clone()),
+            Some(s.root.join("containers/web/rootfs"))
+        );
+        assert_eq!(
+            p.spec.process().as_ref().and_then(|p| p.terminal()),
+            Some(true)
+        );
+        assert!(p.seccomp.is_none());
+    }
+
+    #[test]
+    fn rootfs_must_stay_inside_the_share() {
+        let s = share();
+        std::os::unix::fs::symlink("/etc", s.root.join("containers/escape")).expect("symlink");
+        std::os::unix::fs::symlink("../../..", s.root.join("containers/web/up")).expect("symlink");
+        for (rootfs, why) in [
+            ("../outside", "must not contain .."),
+            ("containers/web/../../x", "must not contain .."),
+            ("/etc", "must be relative"),
+            ("containers/escape", "outside the share"),
+            ("containers/web/up", "outside the share"),
+            ("containers/nope", "No such file"),
+            ("", "must not be empty"),
+        ] {
+            let s2 = &s;
+            let mut c = ctx(s2, &[]);
+            c.rootfs = rootfs;
+            let e = prepare(spec(MINIMAL), &c).expect_err(rootfs);
+            assert_eq!(e.field, "rootfs", "{rootfs}: {e}");
+            assert!(e.message.contains(why), "{rootfs}: {e}");
+        }
+        drop(s.dir);
+    }
+
+    #[test]
+    fn bind_sources_come_from_the_share_or_the_sandbox() {
+        let s = share();
+        let owned_dir = tempfile::tempdir().expect("owned");
+        let owned = owned_dir.path().canonicalize().expect("canonical");
+        std::fs::write(owned.join("resolv.conf"), "nameserver 10.0.0.1\n").expect("write");
+        let owned_dirs = [owned.as_path()];
+        let c = ctx(&s, &owned_dirs);
+        let ok = format!(
+            r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+               "mounts":[{{"destination":"/proc","type":"proc","source":"proc"}},
+                         {{"destination":"/data","type":"bind","source":"{}","options":["rbind","rw"]}},
+                         {{"destination":"/etc/resolv.conf","type":"none","source":"{}","options":["bind","ro"]}}]}}"#,
+            s.root.join("containers/web/volumes/0").display(),
+            owned.join("resolv.conf").display()
+        );
+        prepare(spec(&ok), &c).expect("allowed binds");
+        for (mounts, field) in [
+            (
+                r#"[{"destination":"/x","type":"bind","source":"/etc","options":["rbind"]}]"#,
+                "mounts[0].source",
+            ),
+            (
+                r#"[{"destination":"/x","type":"bind","options":["rbind"]}]"#,
+                "mounts[0].source",
+            ),
+            (
+                r#"[{"destination":"x","type":"tmpfs","source":"tmpfs"}]"#,
+                "mounts[0].destination",
+            ),
+            (
+                r#"[{"destination":"/x","type":"ext4","source":"/dev/vda"}]"#,
+                "mounts[0].type",
+            ),
+        ] {
+            let json = format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},"mounts":{mounts}}}"#
+            );
+            let e = prepare(spec(&json), &c).expect_err(mounts);
+            assert_eq!(e.field, field, "{mounts}: {e}");
+        }
+    }
+
+    #[test]
+    fn process_and_namespace_errors_name_the_field() {
+        let s = share();
+        let c = ctx(&s, &[]);
+        for (json, field) in [
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+                "process.args",
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"rel","user":{"uid":0,"gid":0}}}"#,
+                "process.cwd",
+            ),
+            (r#"{"ociVersion":"1.0.2"}"#, "process"),
+            (
+                r#"{"ociVersion":"0.9","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+                "ociVersion",
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"linux":{"namespaces":[{"type":"user"}]}}"#,
+                "linux.namespaces[0]",
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"linux":{"seccomp":{"defaultAction":"SCMP_ACT_NOTIFY"}}}"#,
+                "linux.seccomp.defaultAction",
+            ),
+        ] {
+            let e = prepare(spec(json), &c).expect_err(json);
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn seccomp_is_taken_out_and_compiled() {
+        let s = share();
+        let c = ctx(&s, &[]);
+        let json = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "linux":{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"}]}}}"#;
+        let p = prepare(spec(json), &c).expect("prepared");
+        assert!(p.spec.linux().as_ref().expect("linux").seccomp().is_none());
+        assert_eq!(p.seccomp.expect("compiled").filters.len(), 1);
+    }
+}

@@ -11,6 +11,7 @@ pub mod console;
 pub mod isola;
 pub mod procstat;
 pub mod qemu;
+pub mod virtiofsd;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -177,7 +177,7 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     // Each share's back end is connected to now: one nobody serves is an
     // error before the VM is built.
     for share in args.fs {
-        let fs = Arc::new(Mutex::new(Fs::connect(share)?));
+        let fs = Arc::new(Mutex::new(Fs::connect(share, config.seccomp)?));
         virtio.push((fs.clone(), fs));
     }
     let vm = Vm::build(config, started, boot_times, virtio)?;

@@ -3,7 +3,8 @@
 //! Every VMM thread installs the filter of its kind before the guest runs
 //! its first instruction: the vCPU threads before their first `KVM_RUN`
 //! (they then wait at a gate until the main thread has installed its own),
-//! the API and console threads before their creator goes on. Each filter
+//! the API, console and vhost-user watchdog threads before their creator
+//! goes on. Each filter
 //! allows only the system calls its thread makes, `ioctl` only with the
 //! requests that thread issues (`KVM_RUN` on a vCPU thread), `socket` only
 //! for Unix sockets. Anything else traps: the SIGSYS handler writes one
@@ -33,6 +34,8 @@ pub enum ThreadKind {
     Api,
     /// The console writer.
     Console,
+    /// A vhost-user connection's request watchdog (virtio-fs).
+    Watchdog,
 }
 
 impl ThreadKind {
@@ -42,6 +45,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
             ThreadKind::Console => "console",
+            ThreadKind::Watchdog => "vhost-user watchdog",
         }
     }
 }
@@ -130,6 +134,10 @@ const API: &[i64] = &[
     libc::SYS_setsockopt,
 ];
 
+/// The vhost-user watchdog: waits on a condition variable (futex, with a
+/// timeout) and shuts down a socket whose request took too long.
+const WATCHDOG: &[i64] = &[libc::SYS_shutdown];
+
 fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
     SeccompRule::new(vec![SeccompCondition::new(
         index,
@@ -145,6 +153,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     let extra: &[i64] = match kind {
         ThreadKind::EventLoop => EVENT_LOOP,
         ThreadKind::Api => API,
+        ThreadKind::Watchdog => WATCHDOG,
         ThreadKind::Vcpu | ThreadKind::Console => &[],
     };
     for nr in COMMON.iter().chain(extra) {
@@ -161,7 +170,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             );
             rules.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
         }
-        ThreadKind::Api | ThreadKind::Console => {}
+        ThreadKind::Api | ThreadKind::Console | ThreadKind::Watchdog => {}
     }
     Ok(rules)
 }
@@ -277,6 +286,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Api,
             ThreadKind::Console,
+            ThreadKind::Watchdog,
         ] {
             let prog = program(kind).unwrap();
             assert!(!prog.is_empty(), "{kind:?}");

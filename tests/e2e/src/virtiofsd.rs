@@ -82,11 +82,18 @@ impl Virtiofsd {
         fsd
     }
 
-    /// kill -9 of virtiofsd and the processes its sandbox forked.
-    pub fn kill9(&mut self) {
+    /// Sends `signal` to virtiofsd and the processes its sandbox forked.
+    pub fn signal_group(&self, signal: libc::c_int) {
         let pgid = self.child.id() as i32;
         // SAFETY: kill(2) on the process group we created; no pointers.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        unsafe { libc::kill(-pgid, signal) };
+    }
+
+    /// kill -9 of virtiofsd and the processes its sandbox forked (also
+    /// ends a stopped one).
+    pub fn kill9(&mut self) {
+        self.signal_group(libc::SIGKILL);
+        self.signal_group(libc::SIGCONT);
         let _ = self.child.wait();
     }
 }

@@ -11,6 +11,15 @@
 //! - `killing_virtiofsd_ends_the_vmm_with_an_error_naming_the_tag`: kill -9
 //!   of virtiofsd (its whole process group: the sandbox forks) while the
 //!   guest runs ends the VMM with status 1 within seconds, naming the tag.
+//! - A SIGSTOPped virtiofsd (alive, silent) never hangs the VMM:
+//!   `a_stopped_virtiofsd_at_start_ends_the_vmm_at_the_deadline` (the
+//!   handshake waits; SIGTERM then is held until the start fails),
+//!   `a_virtiofsd_stopped_before_activation_ends_the_vmm_at_the_deadline`
+//!   (the event loop waits on SET_FEATURES; SIGTERM sent while it waits
+//!   ends the VMM at the deadline), and
+//!   `a_virtiofsd_stopped_under_guest_reads_leaves_the_vmm_responsive`
+//!   (the guest waits on its reads; the API answers and SIGTERM stops the
+//!   VM at once: kicks go straight to virtiofsd, the VMM waits on nothing).
 
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
 
@@ -20,6 +29,8 @@ use std::time::{Duration, Instant};
 use isola_e2e::isola::{IsolaConfig, IsolaVm};
 use isola_e2e::virtiofsd::Virtiofsd;
 use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
+use isola_vmm::api::Request;
+use isola_vmm::devices::virtio::fs::frontend::REPLY_DEADLINE;
 
 const TAG: &str = "e2eshare";
 /// How long the VMM may take to notice a dead back end and exit (the
@@ -43,13 +54,23 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A shared directory with the host's file, virtiofsd on it, and a VM
-/// whose guest mounts it and then does `then` (reboot or idle).
+/// whose guest mounts it and then does `then` (reboot, idle, readloop).
 fn boot(scratch: &Scratch, then: &str) -> (Virtiofsd, IsolaVm, PathBuf) {
+    boot_with(scratch, then, |_| {})
+}
+
+/// [`boot`], with `before_vmm` done to virtiofsd before the VMM starts.
+fn boot_with(
+    scratch: &Scratch,
+    then: &str,
+    before_vmm: impl FnOnce(&Virtiofsd),
+) -> (Virtiofsd, IsolaVm, PathBuf) {
     let shared = scratch.path.join("share");
     std::fs::create_dir_all(&shared).unwrap();
     std::fs::write(shared.join("from-host.bin"), host_content()).unwrap();
     let socket = scratch.path.join("virtiofsd.sock");
     let fsd = Virtiofsd::start(&socket, &shared);
+    before_vmm(&fsd);
     let mut config = IsolaConfig::new(images());
     config.memory_mib = 256;
     config.vsock = false;
@@ -158,4 +179,150 @@ fn killing_virtiofsd_ends_the_vmm_with_an_error_naming_the_tag() {
         "{:#?}",
         vm.log()
     );
+}
+
+/// How much later than the deadline the VMM may end (the emulated host is
+/// slow: starting, tearing down, the stderr reader).
+const DEADLINE_MARGIN: Duration = Duration::from_secs(15);
+
+/// The VMM's `isola-vmm: error:` line, once its stderr reader has it.
+fn error_line(vm: &IsolaVm) -> String {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = vm.log();
+        if let Some(l) = log.iter().find(|l| l.starts_with("isola-vmm: error:")) {
+            return l.clone();
+        }
+        assert!(Instant::now() < until, "no error line:\n{}", log.join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The error a silent back end ends the VMM with: the tag, the request,
+/// the deadline.
+fn assert_no_answer_error(vm: &IsolaVm, request: &str) {
+    let error = error_line(vm);
+    assert!(error.contains(&format!("virtio-fs tag={TAG}")), "{error}");
+    let secs = REPLY_DEADLINE.as_secs_f64();
+    assert!(
+        error.contains(&format!(
+            "did not answer vhost-user {request} within {secs} s"
+        )),
+        "{error}"
+    );
+}
+
+/// The system call the VMM's main thread (the event loop) is in, from
+/// /proc/PID/syscall (its first field; `running` if on a CPU).
+fn main_thread_syscall(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn sigterm(vm: &IsolaVm) {
+    // SAFETY: kill(2) on our child; no pointers.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+}
+
+#[test]
+fn a_stopped_virtiofsd_at_start_ends_the_vmm_at_the_deadline() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("virtiofs-stopped-start").unwrap();
+    let started = Instant::now();
+    // The socket accepts (the kernel completes the connection), nobody
+    // answers the handshake.
+    let (_fsd, mut vm, _shared) =
+        boot_with(&scratch, "idle", |fsd| fsd.signal_group(libc::SIGSTOP));
+    std::thread::sleep(Duration::from_secs(1));
+    // Held (blocked, as at every start) until the start fails: no effect
+    // but that it must not make anything wait longer.
+    sigterm(&vm);
+    let (status, _) = vm
+        .wait_exit_timed(REPLY_DEADLINE + DEADLINE_MARGIN)
+        .unwrap_or_else(|e| panic!("{e:#}\nVMM log:\n{}", vm.log().join("\n")));
+    let took = started.elapsed();
+    eprintln!("isola-vmm exited {took:?} after it started, virtiofsd stopped: {status}");
+    assert_eq!(status.code(), Some(1), "{:#?}", vm.log());
+    assert!(took >= REPLY_DEADLINE, "took {took:?}");
+    // Without REPLY_ACK yet, SET_OWNER is not answered: GET_FEATURES is
+    // the first request that waits.
+    assert_no_answer_error(&vm, "GET_FEATURES");
+}
+
+#[test]
+fn a_virtiofsd_stopped_before_activation_ends_the_vmm_at_the_deadline() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("virtiofs-stopped-activation").unwrap();
+    let (fsd, mut vm, _shared) = boot(&scratch, "idle");
+    // "VM built" comes after the handshake, seconds before the guest's
+    // driver probes the device (the kernel boots first).
+    let until = Instant::now() + BOOT_DEADLINE;
+    while !vm.log().iter().any(|l| l.contains("VM built")) {
+        assert!(Instant::now() < until, "{:#?}", vm.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fsd.signal_group(libc::SIGSTOP);
+    // The driver's DRIVER_OK: the event loop sends SET_FEATURES and waits
+    // in recvmsg (47) for the acknowledgement.
+    let until = Instant::now() + BOOT_DEADLINE;
+    loop {
+        let call = main_thread_syscall(vm.pid());
+        if call == "47" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the event loop never waited on the back end (now in {call:?}):\n{}",
+            vm.log().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let blocked = Instant::now();
+    sigterm(&vm);
+    let (status, _) = vm
+        .wait_exit_timed(REPLY_DEADLINE + DEADLINE_MARGIN)
+        .unwrap_or_else(|e| panic!("{e:#}\nVMM log:\n{}", vm.log().join("\n")));
+    let took = blocked.elapsed();
+    eprintln!("isola-vmm exited {took:?} after SIGTERM, its event loop blocked: {status}");
+    // The deadline ends the wait; the back end's failure is the VMM's
+    // error (it comes first), SIGTERM or not.
+    assert_eq!(status.code(), Some(1), "{:#?}", vm.log());
+    assert!(took < REPLY_DEADLINE + DEADLINE_MARGIN, "took {took:?}");
+    assert_no_answer_error(&vm, "SET_FEATURES");
+}
+
+#[test]
+fn a_virtiofsd_stopped_under_guest_reads_leaves_the_vmm_responsive() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("virtiofs-stopped-reads").unwrap();
+    let (fsd, mut vm, shared) = boot(&scratch, "readloop");
+    check_read_and_write(&mut vm, &shared);
+    guest_says(&mut vm, "looping");
+    std::thread::sleep(Duration::from_millis(500));
+    fsd.signal_group(libc::SIGSTOP);
+    // Longer than the deadline: the guest's reads wait on virtiofsd, the
+    // VMM on nothing (no vhost-user request is out).
+    std::thread::sleep(REPLY_DEADLINE + Duration::from_secs(1));
+    let asked = Instant::now();
+    let info = vm.api(Request::Info).unwrap();
+    let answered = asked.elapsed();
+    eprintln!("API info answered in {answered:?} with virtiofsd stopped: {info}");
+    assert!(answered < Duration::from_secs(5), "{answered:?}");
+    let call = main_thread_syscall(vm.pid());
+    assert_ne!(call, "47", "the event loop waits on the back end");
+    let asked = Instant::now();
+    sigterm(&vm);
+    let (status, _) = vm.wait_exit_timed(Duration::from_secs(30)).unwrap();
+    let took = asked.elapsed();
+    eprintln!("isola-vmm exited {took:?} after SIGTERM, virtiofsd stopped: {status}");
+    assert!(
+        status.success(),
+        "SIGTERM stops the VM: {status}\n{:#?}",
+        vm.log()
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
 }

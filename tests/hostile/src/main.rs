@@ -33,7 +33,9 @@
 //! of `/mnt/from-host.bin`), writes them reversed to
 //! `/mnt/from-guest.bin`, prints `hostile: virtiofs wrote N`, and then
 //! reboots (`hostile.virtiofs_then=reboot`, the default) or prints
-//! `hostile: virtiofs idle` and stays up (`hostile.virtiofs_then=idle`).
+//! `hostile: virtiofs idle` and stays up (`hostile.virtiofs_then=idle`),
+//! or prints `hostile: virtiofs looping` and reads the file again and
+//! again (`hostile.virtiofs_then=readloop`).
 //! Any failure prints `hostile: virtiofs failed: ...` and reboots.
 
 use std::ffi::CString;

@@ -1,6 +1,8 @@
 //! `hostile.virtiofs=TAG`: mount a virtio-fs share, read what the host put
 //! there, write something back, report on the console (see the crate
-//! documentation for the lines), then reboot or idle.
+//! documentation for the lines), then reboot, idle, or read the host's
+//! file again and again (`readloop`: each read opens the file, a FUSE
+//! request the back end must answer).
 
 use std::fs;
 use std::io::{self, Write};
@@ -68,6 +70,16 @@ pub fn run_if_asked() {
     if let Err(err) = exercise(&tag) {
         say(&format!("virtiofs failed: {err}"));
         reboot();
+    }
+    if then == "readloop" {
+        say("virtiofs looping");
+        let path = format!("{MOUNT_POINT}/from-host.bin");
+        loop {
+            if let Err(err) = fs::read(&path) {
+                say(&format!("virtiofs failed: {err}"));
+                reboot();
+            }
+        }
     }
     if then != "idle" {
         reboot();

@@ -24,11 +24,14 @@
 //!
 //! Every request is synchronous: the front end waits for the reply (or,
 //! with REPLY_ACK, the acknowledgement). A back end that dies mid-request
-//! closes the socket, which ends the wait with an error.
+//! closes the socket, which ends the wait with an error; one that stays
+//! alive but does not answer within [`REPLY_DEADLINE`] has its socket shut
+//! down by the connection's [`Watchdog`], which ends the wait too.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::socket::MsgFlags;
 use thiserror::Error;
@@ -42,6 +45,17 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::VIRTIO_F_VERSION_1;
+use super::watchdog::Watchdog;
+
+/// How long the back end may take to answer one vhost-user request before
+/// the VMM gives up on it (and the VM). Every request the front end sends
+/// is control-plane work that virtiofsd answers at once (it takes no file
+/// system I/O: the memory table is an mmap, a ring stop takes the ring's
+/// lock); the longest wait is GET_VRING_BASE behind a FUSE request in
+/// flight. A back end silent this long is stopped or wedged, and while a
+/// request waits the event loop waits too: SIGTERM and the API are served
+/// at most this late.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 
 /// VIRTIO_RING_F_INDIRECT_DESC and VIRTIO_RING_F_EVENT_IDX: the back end
 /// reads the rings, so these are between the driver and the back end.
@@ -85,16 +99,21 @@ pub enum FrontendError {
     Unsolicited(usize),
     #[error("the vhost-user socket failed: {0}")]
     Socket(std::io::Error),
-}
-
-/// Names a failed request.
-fn req<T>(request: &'static str, result: vhost::Result<T>) -> Result<T, FrontendError> {
-    result.map_err(|source| FrontendError::Request { request, source })
+    #[error(
+        "the back end did not answer vhost-user {request} within {} s (is virtiofsd stopped or hung?)",
+        .deadline.as_secs_f64()
+    )]
+    NoAnswer {
+        request: &'static str,
+        deadline: Duration,
+    },
 }
 
 /// A connected vhost-user back end for one virtio-fs device.
 pub struct Backend {
     frontend: Frontend,
+    /// Shuts the socket down when a request is not answered in time.
+    watchdog: Watchdog,
     /// The same socket, to look at it without taking a message.
     probe: UnixStream,
     socket: PathBuf,
@@ -118,40 +137,62 @@ impl std::fmt::Debug for Backend {
 
 impl Backend {
     /// Connects to the back end listening on `socket` and negotiates what
-    /// can be before the guest drives the device.
-    pub fn connect(socket: &Path, num_queues: usize) -> Result<Backend, FrontendError> {
+    /// can be before the guest drives the device. Each request may take
+    /// [`REPLY_DEADLINE`]; the watchdog thread is filtered if `seccomp`.
+    pub fn connect(
+        socket: &Path,
+        num_queues: usize,
+        seccomp: bool,
+    ) -> Result<Backend, FrontendError> {
         let stream = UnixStream::connect(socket).map_err(FrontendError::Connect)?;
-        Backend::handshake(stream, socket, num_queues)
+        Backend::handshake(stream, socket, num_queues, REPLY_DEADLINE, seccomp)
     }
 
-    /// The handshake on a connected stream (tests use a socket pair).
+    /// The handshake on a connected stream (tests use a socket pair and a
+    /// short `deadline`).
     pub fn handshake(
         stream: UnixStream,
         socket: &Path,
         num_queues: usize,
+        deadline: Duration,
+        seccomp: bool,
     ) -> Result<Backend, FrontendError> {
         let probe = stream.try_clone().map_err(FrontendError::Socket)?;
-        let mut frontend = Frontend::from_stream(stream, num_queues as u64);
-        req("SET_OWNER", frontend.set_owner())?;
-        let features = req("GET_FEATURES", frontend.get_features())?;
+        let watched = stream.try_clone().map_err(FrontendError::Socket)?;
+        let watchdog =
+            Watchdog::start(watched, deadline, seccomp).map_err(FrontendError::Socket)?;
+        let mut backend = Backend {
+            frontend: Frontend::from_stream(stream, num_queues as u64),
+            watchdog,
+            probe,
+            socket: socket.to_path_buf(),
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            num_queues,
+        };
+        backend.request("SET_OWNER", |f| f.set_owner())?;
+        let features = backend.request("GET_FEATURES", |f| f.get_features())?;
         if features & VIRTIO_F_VERSION_1 == 0 {
             return Err(FrontendError::NoVersion1(features));
         }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = req("GET_PROTOCOL_FEATURES", frontend.get_protocol_features())?;
-            protocol = offered & wanted_protocol_features();
-            req(
-                "SET_PROTOCOL_FEATURES",
-                frontend.set_protocol_features(protocol),
-            )?;
+        backend.features = features;
+        if backend.uses_protocol_features() {
+            let offered =
+                backend.request("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+            let protocol = offered & wanted_protocol_features();
+            backend.request("SET_PROTOCOL_FEATURES", |f| {
+                f.set_protocol_features(protocol)
+            })?;
+            backend.protocol = protocol;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every request from here on is acknowledged: a back end
                 // refusing one is an error here, not a silent stall.
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                backend
+                    .frontend
+                    .set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
             if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                let have = req("GET_QUEUE_NUM", frontend.get_queue_num())?;
+                let have = backend.request("GET_QUEUE_NUM", |f| f.get_queue_num())?;
                 if have < num_queues as u64 {
                     return Err(FrontendError::TooFewQueues {
                         have,
@@ -160,14 +201,27 @@ impl Backend {
                 }
             }
         }
-        Ok(Backend {
-            frontend,
-            probe,
-            socket: socket.to_path_buf(),
-            features,
-            protocol,
-            num_queues,
-        })
+        Ok(backend)
+    }
+
+    /// Sends one request (and waits for its reply or acknowledgement)
+    /// under the deadline; names it if it fails.
+    fn request<T>(
+        &mut self,
+        request: &'static str,
+        send: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, FrontendError> {
+        self.watchdog.arm();
+        let result = send(&mut self.frontend);
+        if self.watchdog.disarm() {
+            // The socket was shut down under the request: whatever it
+            // returned, the back end did not answer in time.
+            return Err(FrontendError::NoAnswer {
+                request,
+                deadline: self.watchdog.deadline(),
+            });
+        }
+        result.map_err(|source| FrontendError::Request { request, source })
     }
 
     /// The virtio features the guest is offered.
@@ -216,9 +270,9 @@ impl Backend {
             // Keeps SET_VRING_ENABLE (rings start disabled) and REPLY_ACK.
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
-        req("SET_FEATURES", self.frontend.set_features(features))?;
+        self.request("SET_FEATURES", |f| f.set_features(features))?;
         let regions = memory_regions(mem)?;
-        req("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+        self.request("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
         for (i, queue) in queues.iter().enumerate() {
             let config = VringConfigData {
                 queue_max_size: queue.max_size(),
@@ -229,21 +283,17 @@ impl Backend {
                 avail_ring_addr: host_address(mem, queue.avail_ring(), i)?,
                 log_addr: None,
             };
-            req(
-                "SET_VRING_NUM",
-                self.frontend.set_vring_num(i, queue.size()),
-            )?;
-            req(
-                "SET_VRING_BASE",
-                self.frontend.set_vring_base(i, queue.next_avail()),
-            )?;
-            req("SET_VRING_ADDR", self.frontend.set_vring_addr(i, &config))?;
+            self.request("SET_VRING_NUM", |f| f.set_vring_num(i, queue.size()))?;
+            self.request("SET_VRING_BASE", |f| {
+                f.set_vring_base(i, queue.next_avail())
+            })?;
+            self.request("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
             if let (Some(kick), Some(call)) = (kicks.get(i), calls.get(i)) {
-                req("SET_VRING_KICK", self.frontend.set_vring_kick(i, kick))?;
-                req("SET_VRING_CALL", self.frontend.set_vring_call(i, call))?;
+                self.request("SET_VRING_KICK", |f| f.set_vring_kick(i, kick))?;
+                self.request("SET_VRING_CALL", |f| f.set_vring_call(i, call))?;
             }
             if self.uses_protocol_features() {
-                req("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, true))?;
+                self.request("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
             }
         }
         Ok(())
@@ -253,13 +303,13 @@ impl Backend {
     /// supports it, resets its state, so a new activation starts afresh.
     pub fn stop(&mut self) -> Result<(), FrontendError> {
         for i in 0..self.num_queues {
-            req("GET_VRING_BASE", self.frontend.get_vring_base(i))?;
+            self.request("GET_VRING_BASE", |f| f.get_vring_base(i))?;
         }
         if self
             .protocol
             .contains(VhostUserProtocolFeatures::RESET_DEVICE)
         {
-            req("RESET_DEVICE", self.frontend.reset_device())?;
+            self.request("RESET_DEVICE", |f| f.reset_device())?;
         }
         Ok(())
     }

@@ -28,10 +28,11 @@
 //! activation, in the event loop) → connected (after a driver reset: the
 //! rings are stopped and the back end reset) → ..., or failed for good.
 //! The back end dying (its socket closes or turns readable outside a
-//! request) or refusing a request fails the device: it logs one error
-//! naming the tag and the socket and raises the VMM's fatal signal, so
-//! the VMM ends with that error rather than leave the guest waiting on a
-//! share that will never answer.
+//! request), refusing a request or leaving one unanswered past the
+//! deadline ([`frontend::REPLY_DEADLINE`], kept by a watchdog thread)
+//! fails the device: it logs one error naming the tag and the socket and
+//! raises the VMM's fatal signal, so the VMM ends with that error rather
+//! than leave the guest waiting on a share that will never answer.
 //!
 //! A reset is handled in the event loop after the vCPU's register write
 //! returns, so the back end may finish requests in flight in the short
@@ -42,6 +43,7 @@ pub mod config;
 pub mod frontend;
 #[cfg(test)]
 mod tests;
+mod watchdog;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -93,9 +95,10 @@ pub struct Fs {
 
 impl Fs {
     /// Connects to the share's back end (an error if nobody listens) and
-    /// negotiates with it.
-    pub fn connect(config: FsConfig) -> Result<Fs, FsError> {
-        let backend = Backend::connect(&config.socket, config.num_queues())
+    /// negotiates with it; the request watchdog's thread runs under its
+    /// seccomp filter if `seccomp`.
+    pub fn connect(config: FsConfig, seccomp: bool) -> Result<Fs, FsError> {
+        let backend = Backend::connect(&config.socket, config.num_queues(), seccomp)
             .map_err(|source| FsError::new(&config, source))?;
         Fs::with_backend(config, backend).map_err(|(config, e)| FsError::new(&config, e))
     }

@@ -10,9 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use vhost::vhost_user::message::*;
@@ -24,7 +25,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{FsConfig, TAG_LEN};
-use super::frontend::{Backend, FrontendError, GUEST_FEATURES};
+use super::frontend::{Backend, FrontendError, GUEST_FEATURES, REPLY_DEADLINE};
+use super::watchdog::Watchdog;
 use super::*;
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
@@ -40,6 +42,9 @@ struct Fake {
     queues: u64,
     /// Answer this request with an error.
     refuse: Option<&'static str>,
+    /// Take this request and answer nothing until the sender goes (a
+    /// back end that is alive but stopped).
+    stall: Option<(&'static str, Receiver<()>)>,
     log: Vec<String>,
     mem: Vec<VhostUserMemoryRegion>,
     mem_files: Vec<File>,
@@ -77,6 +82,13 @@ impl Fake {
         });
         if self.refuse == Some(request) {
             return Err(VuError::InvalidOperation("refused by the test"));
+        }
+        if let Some((stalled, gate)) = &self.stall {
+            if *stalled == request {
+                // Blocks until the test drops the sender.
+                let _ = gate.recv();
+                return Err(VuError::InvalidOperation("released by the test"));
+            }
         }
         Ok(())
     }
@@ -267,9 +279,20 @@ fn share(queues: u16) -> FsConfig {
 
 /// A device connected to a fake back end.
 fn device(fake: Fake, config: FsConfig) -> Result<(Fs, FakeEnd), FrontendError> {
+    device_with_deadline(fake, config, REPLY_DEADLINE, false)
+}
+
+/// A device whose requests may take `deadline`, its watchdog thread under
+/// its seccomp filter if `seccomp` (the filter binds that thread only).
+fn device_with_deadline(
+    fake: Fake,
+    config: FsConfig,
+    deadline: Duration,
+    seccomp: bool,
+) -> Result<(Fs, FakeEnd), FrontendError> {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let end = FakeEnd::serve(fake, theirs);
-    let backend = Backend::handshake(ours, &config.socket, config.num_queues())?;
+    let backend = Backend::handshake(ours, &config.socket, config.num_queues(), deadline, seccomp)?;
     let fs = Fs::with_backend(config, backend).map_err(|(_, e)| e)?;
     Ok((fs, end))
 }
@@ -620,12 +643,12 @@ fn nobody_listening_is_a_clear_error_at_connect() {
     let config: FsConfig = format!("tag=data,socket={}", path.display())
         .parse()
         .unwrap();
-    let err = Fs::connect(config).unwrap_err().to_string();
+    let err = Fs::connect(config, false).unwrap_err().to_string();
     assert!(err.contains("tag=data"), "{err}");
     assert!(err.contains(&path.display().to_string()), "{err}");
     assert!(err.contains("connecting to the vhost-user socket"), "{err}");
     let missing: FsConfig = "tag=x,socket=/nonexistent/fs.sock".parse().unwrap();
-    let err = Fs::connect(missing).unwrap_err().to_string();
+    let err = Fs::connect(missing, false).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/fs.sock"), "{err}");
 }
 
@@ -644,7 +667,7 @@ fn connect_through_a_listener_works() {
     let config: FsConfig = format!("tag=data,socket={}", path.display())
         .parse()
         .unwrap();
-    let fs = Fs::connect(config).unwrap();
+    let fs = Fs::connect(config, false).unwrap();
     let end = server.join().unwrap();
     assert_eq!(end.log(), handshake_log());
     assert_eq!(fs.config().socket, Path::new(&path));
@@ -667,4 +690,149 @@ fn a_guest_cycling_reset_and_activation_stays_served() {
     let want = handshake_log().len() + 101 * start_log(2).len() + 100 * 3;
     assert_eq!(end.log().len(), want);
     assert!(fs.failure().is_none());
+}
+
+/// A fake back end that takes `request` and then answers nothing; the
+/// sender releases it.
+fn stalling(request: &'static str) -> (Fake, Sender<()>) {
+    let (release, gate) = mpsc::channel();
+    let mut fake = Fake::new();
+    fake.stall = Some((request, gate));
+    (fake, release)
+}
+
+/// A device (with its fatal signal) whose back end goes silent at
+/// `request`; the sender releases the back end.
+fn stalled_device(
+    request: &'static str,
+    deadline: Duration,
+    seccomp: bool,
+) -> (Fs, FatalSignal, Sender<()>, FakeEnd) {
+    let (fake, release) = stalling(request);
+    let (mut fs, end) = device_with_deadline(fake, share(1), deadline, seccomp).unwrap();
+    let fatal = FatalSignal::new().unwrap();
+    fs.set_fatal_signal(fatal.clone());
+    (fs, fatal, release, end)
+}
+
+/// Generous: the deadline plus scheduling on a loaded machine.
+const SLACK: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_back_end_that_stops_answering_fails_the_device_at_the_deadline() {
+    let mem = memfd_memory(1 << 20);
+    let mocks = rings(&mem, 2);
+    let deadline = Duration::from_millis(300);
+    // The watchdog thread under its seccomp filter: a system call the
+    // filter lacks would kill this test process.
+    let (mut fs, fatal, release, _end) = stalled_device("SET_MEM_TABLE", deadline, true);
+    let started = Instant::now();
+    // The event loop's start blocks on SET_MEM_TABLE until the watchdog
+    // shuts the socket down.
+    activate(&mut fs, &mem, &mocks);
+    let took = started.elapsed();
+    assert_eq!(fs.state(), State::Failed);
+    assert!(
+        took >= deadline,
+        "failed after {took:?}, before the deadline"
+    );
+    assert!(took < deadline + SLACK, "took {took:?}");
+    let why = fatal.take().unwrap();
+    assert!(why.contains("tag=myshare"), "{why}");
+    assert!(
+        why.contains("did not answer vhost-user SET_MEM_TABLE within 0.3 s"),
+        "{why}"
+    );
+    assert_eq!(fs.failure(), Some(why.as_str()));
+    // Failed for good: a reset sends nothing (no second wait).
+    let again = Instant::now();
+    assert!(fs.reset());
+    fs.sync_state(None);
+    assert!(again.elapsed() < deadline, "{:?}", again.elapsed());
+    drop(release);
+}
+
+#[test]
+fn a_stalled_request_in_the_event_loop_returns_to_the_loop() {
+    let mem = memfd_memory(1 << 20);
+    let mocks = rings(&mem, 2);
+    let deadline = Duration::from_millis(200);
+    let (fs, fatal, release, _end) = stalled_device("SET_FEATURES", deadline, false);
+    let fs = Arc::new(Mutex::new(fs));
+    let mut events: EventManager<Arc<Mutex<Fs>>> = EventManager::new().unwrap();
+    events.add_subscriber(fs.clone());
+    {
+        let mut dev = fs.lock().unwrap();
+        dev.set_acked_features(VIRTIO_F_VERSION_1);
+        let queues = mocks.iter().map(|m| m.create_queue().unwrap()).collect();
+        dev.activate(mem.clone(), queues, Arc::new(Irq::default()))
+            .unwrap();
+    }
+    let started = Instant::now();
+    events.run_with_timeout(1000).unwrap();
+    let took = started.elapsed();
+    assert!(took < deadline + SLACK, "took {took:?}");
+    assert_eq!(fs.lock().unwrap().state(), State::Failed);
+    assert!(fatal.is_raised());
+    let why = fatal.take().unwrap();
+    assert!(why.contains("SET_FEATURES within 0.2 s"), "{why}");
+    // The shut-down socket left the loop: it does not spin.
+    assert_eq!(events.run_with_timeout(0).unwrap(), 0);
+    drop(release);
+}
+
+#[test]
+fn a_back_end_silent_during_the_handshake_is_an_error_at_connect() {
+    let (fake, release) = stalling("GET_FEATURES");
+    let deadline = Duration::from_millis(200);
+    let started = Instant::now();
+    let err = device_with_deadline(fake, share(1), deadline, false).unwrap_err();
+    assert!(started.elapsed() < deadline + SLACK);
+    assert!(
+        matches!(
+            err,
+            FrontendError::NoAnswer {
+                request: "GET_FEATURES",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(release);
+}
+
+#[test]
+fn the_deadline_is_per_request_not_per_connection() {
+    // Requests that each take a fraction of the deadline, together many
+    // times it: the watchdog never fires.
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    let deadline = Duration::from_millis(500);
+    let watchdog = Watchdog::start(ours.try_clone().unwrap(), deadline, true).unwrap();
+    let started = Instant::now();
+    for _ in 0..40 {
+        watchdog.arm();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!watchdog.disarm(), "fired after {:?}", started.elapsed());
+    }
+    assert!(started.elapsed() > deadline);
+    // Idle (disarmed) for longer than the deadline: nothing fires either.
+    std::thread::sleep(deadline + Duration::from_millis(100));
+    assert!(!watchdog.disarm());
+    let mut byte = [0u8; 1];
+    ours.set_nonblocking(true).unwrap();
+    let peek = std::io::Read::read(&mut &ours, &mut byte);
+    assert!(
+        matches!(&peek, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the socket is still open: {peek:?}"
+    );
+    // One request left unanswered: the socket is shut down, a reader sees
+    // end of file.
+    watchdog.arm();
+    let until = Instant::now() + SLACK;
+    ours.set_nonblocking(false).unwrap();
+    ours.set_read_timeout(Some(SLACK)).unwrap();
+    let n = std::io::Read::read(&mut &ours, &mut byte).unwrap();
+    assert_eq!(n, 0);
+    assert!(Instant::now() < until);
+    assert!(watchdog.disarm());
 }

@@ -131,7 +131,21 @@ pub fn sink() -> &'static LogSink {
     SINK.get_or_init(|| LogSink::new(CAPACITY))
 }
 
-/// A `tracing_subscriber` writer: stderr and the sink.
+/// The console, as a close-on-exec duplicate of the agent's stderr.
+/// libcontainer logs from the processes it forks, after it pointed their
+/// fd 2 at the container's stderr: through this descriptor those lines
+/// reach the console, never the container's stderr stream.
+static CONSOLE: OnceLock<std::fs::File> = OnceLock::new();
+
+/// Takes the duplicate of stderr the log writes to (call once, early).
+pub fn capture_console() {
+    use std::os::fd::AsFd;
+    if let Ok(fd) = io::stderr().as_fd().try_clone_to_owned() {
+        let _ = CONSOLE.set(std::fs::File::from(fd));
+    }
+}
+
+/// A `tracing_subscriber` writer: the console and the sink.
 #[derive(Debug, Clone, Copy)]
 pub struct TeeWriter;
 
@@ -140,12 +154,15 @@ impl Write for TeeWriter {
         sink().push(buf);
         // The console may be gone (`--console off`): the sink still gets
         // the line.
-        let _ = io::stderr().write_all(buf);
+        let _ = match CONSOLE.get() {
+            Some(mut console) => console.write_all(buf),
+            None => io::stderr().write_all(buf),
+        };
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        io::stderr().flush()
+        Ok(())
     }
 }
 

@@ -154,13 +154,25 @@ fn ensure_stdio() {
 }
 
 fn init_logging(config: &Config) {
+    logstream::capture_console();
+    // libcontainer warns about things the agent does itself (seccomp) and
+    // logs every step at debug: only its errors, unless the agent's level
+    // is debug or trace.
+    let level = LevelFilter::from_level(config.log_level);
+    let quiet = if level <= LevelFilter::INFO {
+        ",libcontainer=error,libcgroups=error"
+    } else {
+        ""
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level}{quiet}"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.to_string()));
     // The console and the host's log stream (logstream).
     tracing_subscriber::fmt()
         .with_writer(logstream::TeeWriter)
+        .with_env_filter(filter)
         .with_ansi(false)
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::uptime())
-        .with_max_level(LevelFilter::from_level(config.log_level))
         .init();
 }
 

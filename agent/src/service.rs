@@ -641,6 +641,11 @@ impl AgentService {
         }
         let container = builder
             .as_init(bundle)
+            // The guest's root is the initramfs, which pivot_root(2)
+            // cannot move away from (EINVAL): libcontainer moves the
+            // rootfs onto / in the container's mount namespace and
+            // chroots there instead (runc's --no-pivot).
+            .with_no_pivot(true)
             .with_systemd(false)
             .with_detach(true)
             .build()
@@ -1398,5 +1403,179 @@ impl isola_protocol::Agent for AgentService {
             }
         }
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use isola_protocol::ttrpc::asynchronous::Client;
+    use isola_protocol::AgentClient;
+    use nix::unistd::Pid;
+
+    use super::*;
+    use crate::rpc::ApiServer;
+
+    fn ctx() -> isola_protocol::ttrpc::context::Context {
+        isola_protocol::ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64)
+    }
+
+    fn state() -> Arc<State> {
+        State::new(Arc::new(Registry::new(4, streams::UNCLAIMED_TIMEOUT)))
+    }
+
+    fn expect(result: RpcResult<impl std::fmt::Debug>, code: Code, prefix: &str) {
+        let err = result.expect_err(prefix);
+        assert_eq!(status::code(&err), Some(code), "{}", status::message(&err));
+        assert!(
+            status::message(&err).starts_with(prefix),
+            "{:?} does not start with {prefix:?}",
+            status::message(&err)
+        );
+    }
+
+    #[test]
+    fn spec_errors_name_the_request_field() {
+        let e = |field: &str| SpecError {
+            field: field.into(),
+            message: "bad".into(),
+        };
+        let msg = |err: ttrpc::Error| (status::code(&err), status::message(&err));
+        assert_eq!(
+            msg(spec_error("oci_spec_json", e("process.args"))),
+            (
+                Some(Code::INVALID_ARGUMENT),
+                "oci_spec_json: process.args: bad".into()
+            )
+        );
+        assert_eq!(
+            msg(spec_error("oci_spec_json", e(""))).1,
+            "oci_spec_json: bad"
+        );
+        assert_eq!(
+            msg(spec_error("oci_spec_json", e("rootfs"))).1,
+            "rootfs: bad"
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_over_the_wire() {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix://{}", dir.path().join("agent.sock").display());
+        let server = ApiServer::start(&address, Some(AgentService::new(state())))
+            .await
+            .unwrap();
+        let agent = AgentClient::new(Client::connect(&address).await.unwrap());
+
+        let mut create = CreateContainerRequest::new();
+        create.container_id = "web".into();
+        expect(
+            agent.create_container(ctx(), &create).await,
+            Code::FAILED_PRECONDITION,
+            "no sandbox",
+        );
+        create.container_id = "../web".into();
+        expect(
+            agent.create_container(ctx(), &create).await,
+            Code::INVALID_ARGUMENT,
+            "container_id: ",
+        );
+        let mut wait = WaitProcessRequest::new();
+        wait.container_id = "web".into();
+        expect(
+            agent.wait_process(ctx(), &wait).await,
+            Code::NOT_FOUND,
+            "container \"web\" not found",
+        );
+        let mut sig = SignalProcessRequest::new();
+        sig.container_id = "web".into();
+        expect(
+            agent.signal_process(ctx(), &sig).await,
+            Code::INVALID_ARGUMENT,
+            "signal: 0",
+        );
+        sig.signal = 9;
+        sig.all = true;
+        sig.exec_id = "e1".into();
+        expect(
+            agent.signal_process(ctx(), &sig).await,
+            Code::INVALID_ARGUMENT,
+            "exec_id: must be empty with all",
+        );
+        let mut sb = CreateSandboxRequest::new();
+        sb.sandbox_id = "sb".into();
+        sb.hostname = "a b".into();
+        expect(
+            agent.create_sandbox(ctx(), &sb).await,
+            Code::INVALID_ARGUMENT,
+            "hostname: ",
+        );
+        sb.hostname = String::new();
+        let mut dns = Dns::new();
+        dns.nameservers = vec!["resolver".into()];
+        sb.dns = Some(dns).into();
+        expect(
+            agent.create_sandbox(ctx(), &sb).await,
+            Code::INVALID_ARGUMENT,
+            "dns.nameservers[0]: ",
+        );
+        expect(
+            agent
+                .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+                .await,
+            Code::FAILED_PRECONDITION,
+            "no sandbox",
+        );
+        drop(agent);
+        server.shutdown().await;
+    }
+
+    fn proc(pid: u32, exec_id: &str) -> Arc<Proc> {
+        let (state, _) = watch::channel(ProcState::default());
+        Arc::new(Proc {
+            container_id: "web".into(),
+            exec_id: exec_id.into(),
+            pid,
+            cgroup: PathBuf::from("/nonexistent"),
+            oom_at_start: 0,
+            state,
+            stdin_close: Mutex::new(None),
+            tty: None,
+        })
+    }
+
+    #[test]
+    fn reaped_statuses_reach_their_process_and_the_event_ring() {
+        let state = state();
+        let exec = proc(4242, "e1");
+        let mark = lock(&state.router).mark();
+        state.register(exec.clone(), mark);
+        state.on_reaped(WaitStatus::Exited(Pid::from_raw(999), 0));
+        assert!(state.events.get(0).is_none(), "an orphan is no event");
+        state.on_reaped(WaitStatus::Signaled(
+            Pid::from_raw(4242),
+            nix::sys::signal::Signal::SIGTERM,
+            false,
+        ));
+        let exit = exec.state.borrow().exit.expect("exited");
+        assert_eq!((exit.status, exit.signal), (143, 15));
+        let event = state.events.get(0).expect("event");
+        assert_eq!(
+            event.event,
+            Event::Exited {
+                container_id: "web".into(),
+                exec_id: "e1".into(),
+                pid: 4242,
+                exit_status: 143,
+                exited_at_ns: exit.exited_at_ns,
+            }
+        );
+
+        // Reaped before it was registered: finished at registration.
+        let mark = lock(&state.router).mark();
+        state.on_reaped(WaitStatus::Exited(Pid::from_raw(5151), 7));
+        let early = proc(5151, "e2");
+        state.register(early.clone(), mark);
+        assert_eq!(early.state.borrow().exit.map(|e| e.status), Some(7));
+        assert_eq!(state.events.get(1).map(|e| e.seq), Some(2));
     }
 }

@@ -12,6 +12,7 @@ pub mod containers;
 pub mod isola;
 pub mod procstat;
 pub mod qemu;
+pub mod virtiofsd;
 
 use std::path::PathBuf;
 use std::time::Duration;

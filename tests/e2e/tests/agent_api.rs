@@ -1,0 +1,368 @@
+//! The container API of the agent (`isola.agent.v1.Agent`) in a real
+//! guest: the product initrd under isola-vmm, a busybox rootfs in a
+//! virtio-fs share served by virtiofsd, the API and the stdio streams over
+//! the VMM's hybrid vsock socket.
+//!
+//! `agent_runs_a_container_and_an_exec_in_a_real_guest`: CreateSandbox;
+//! a container whose init prints its hostname, is refused `mkdir` by its
+//! seccomp profile, writes to stderr and then sleeps; its stdout and
+//! stderr streams; an exec that copies its stdin stream to stdout and
+//! exits 0 (WaitProcess answers after the stream's EOF); SIGKILL of the
+//! init (exit 137); stats; a bad spec and an unknown stream
+//! (INVALID_ARGUMENT naming the field); WaitEvent; RemoveContainer;
+//! DestroySandbox, after which the VMM exits 0. The agent's log stream
+//! carries its log lines.
+
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure report
+
+use std::path::Path;
+use std::time::Instant;
+
+use isola_e2e::agent::RPC_TIMEOUT;
+use isola_e2e::isola::{IsolaConfig, IsolaVm};
+use isola_e2e::virtiofsd::Virtiofsd;
+use isola_e2e::{require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE, SHUTDOWN_DEADLINE};
+use isola_protocol::agent::*;
+use isola_protocol::status::{self, Code};
+use isola_protocol::stream::{self, StreamKind};
+use isola_protocol::{AgentClient, AGENT_VSOCK_PORT, STREAM_VSOCK_PORT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+const TAG: &str = "sandboxshare";
+const CONTAINER: &str = "c1";
+
+fn ctx() -> isola_protocol::ttrpc::context::Context {
+    isola_protocol::ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+/// A busybox rootfs at `share/containers/<id>/rootfs`: Debian's static
+/// busybox and a link per applet.
+fn busybox_rootfs(share: &Path, id: &str) {
+    let rootfs = share.join("containers").join(id).join("rootfs");
+    for dir in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+        }
+    }
+}
+
+/// Opens a stream to the agent and sends its header; the agent's answer.
+async fn open_stream(vsock: &Path, kind: StreamKind) -> UnixStream {
+    let mut conn = isola_protocol::hybrid::connect(vsock, STREAM_VSOCK_PORT, RPC_TIMEOUT)
+        .await
+        .unwrap();
+    conn.write_all(kind.header().as_bytes()).await.unwrap();
+    let answer = stream::read_line(&mut conn).await.unwrap().unwrap();
+    stream::parse_answer(&answer).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    conn
+}
+
+/// Reads until `needle` was seen (or EOF / the deadline); everything read.
+async fn read_until(conn: &mut UnixStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let until = Instant::now() + BOOT_DEADLINE;
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let left = until.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn read_to_eof(mut conn: UnixStream) -> String {
+    let mut got = Vec::new();
+    tokio::time::timeout(BOOT_DEADLINE, conn.read_to_end(&mut got))
+        .await
+        .expect("the agent closes an output stream after the last byte")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn spec_json() -> String {
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": ["sh", "-c",
+                "echo hello from $(hostname); mkdir /tmp/x 2>/dev/null || echo mkdir-denied; echo oops >&2; exec sleep 1000"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "web",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}
+        ],
+        "linux": {
+            "resources": {"memory": {"limit": 134217728}, "pids": {"limit": 64}},
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+            }
+        }
+    })
+    .to_string()
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    result: Result<T, isola_protocol::ttrpc::Error>,
+    code: Code,
+    prefix: &str,
+) {
+    let err = result.expect_err(prefix);
+    assert_eq!(status::code(&err), Some(code), "{}", status::message(&err));
+    assert!(
+        status::message(&err).starts_with(prefix),
+        "{:?} does not start with {prefix:?}",
+        status::message(&err)
+    );
+}
+
+#[test]
+fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("agent-api").unwrap();
+    let share = scratch.path.join("share");
+    busybox_rootfs(&share, CONTAINER);
+    let fs_socket = scratch.path.join("virtiofsd.sock");
+    let _fsd = Virtiofsd::start(&fs_socket, &share);
+    let mut config = IsolaConfig::new(GuestImages::from_build_dir().unwrap());
+    config.memory_mib = 512;
+    config.extra_args = vec![
+        "--fs".into(),
+        format!("tag={TAG},socket={},queue_size=256", fs_socket.display()),
+    ];
+    let mut vm = IsolaVm::start(&config, &scratch.path).unwrap();
+    let ready = vm.wait_ready().unwrap();
+    eprintln!("boot: {ready}");
+    let vsock = vm.vsock_socket.clone().unwrap();
+
+    let rt = isola_e2e::agent::runtime().unwrap();
+    rt.block_on(async {
+        let client = isola_protocol::hybrid::dial_agent(&vsock, AGENT_VSOCK_PORT, BOOT_DEADLINE)
+            .await
+            .unwrap();
+        let agent = AgentClient::new(client);
+        let mut log = open_stream(&vsock, StreamKind::Log).await;
+
+        // Before a sandbox: FAILED_PRECONDITION.
+        let mut req = CreateContainerRequest::new();
+        req.container_id = CONTAINER.into();
+        expect_code(
+            agent.create_container(ctx(), &req).await,
+            Code::FAILED_PRECONDITION,
+            "no sandbox",
+        );
+
+        let mut sb = CreateSandboxRequest::new();
+        sb.sandbox_id = "sb1".into();
+        sb.hostname = "pod1".into();
+        sb.share_tag = TAG.into();
+        let mut dns = Dns::new();
+        dns.nameservers = vec!["10.0.0.53".into()];
+        sb.dns = Some(dns).into();
+        let resp = agent.create_sandbox(ctx(), &sb).await.unwrap();
+        assert!(!resp.kernel_release.is_empty());
+        expect_code(
+            agent.create_sandbox(ctx(), &sb).await,
+            Code::FAILED_PRECONDITION,
+            "sandbox \"sb1\" exists already",
+        );
+
+        // A bad spec and an unknown stream are INVALID_ARGUMENT naming
+        // the field.
+        let mut bad = CreateContainerRequest::new();
+        bad.container_id = "bad".into();
+        bad.rootfs = format!("containers/{CONTAINER}/rootfs");
+        bad.oci_spec_json = r#"{"ociVersion":"1.0.2","process":{"args":"sh"}}"#.into();
+        expect_code(
+            agent.create_container(ctx(), &bad).await,
+            Code::INVALID_ARGUMENT,
+            "oci_spec_json: process.args",
+        );
+        bad.oci_spec_json = spec_json();
+        let mut stdio = Stdio::new();
+        stdio.stdout = 999;
+        bad.stdio = Some(stdio).into();
+        expect_code(
+            agent.create_container(ctx(), &bad).await,
+            Code::INVALID_ARGUMENT,
+            "stdio.stdout",
+        );
+        bad.stdio = None.into();
+        bad.rootfs = "../outside".into();
+        expect_code(
+            agent.create_container(ctx(), &bad).await,
+            Code::INVALID_ARGUMENT,
+            "rootfs",
+        );
+
+        // The container: stdout and stderr streams.
+        let mut stdout = open_stream(&vsock, StreamKind::Stdio(1)).await;
+        let stderr = open_stream(&vsock, StreamKind::Stdio(2)).await;
+        req.oci_spec_json = spec_json();
+        req.rootfs = format!("containers/{CONTAINER}/rootfs");
+        let mut stdio = Stdio::new();
+        stdio.stdout = 1;
+        stdio.stderr = 2;
+        req.stdio = Some(stdio).into();
+        let started = Instant::now();
+        let created = match agent.create_container(ctx(), &req).await {
+            Ok(created) => created,
+            // libcontainer's child logs to the container's stderr.
+            Err(err) => panic!(
+                "{}\ncontainer stderr:\n{}",
+                status::message(&err),
+                read_to_eof(stderr).await
+            ),
+        };
+        assert!(created.pid > 1);
+        expect_code(
+            agent.create_container(ctx(), &req).await,
+            Code::ALREADY_EXISTS,
+            "container \"c1\" already exists",
+        );
+        let mut start = StartContainerRequest::new();
+        start.container_id = CONTAINER.into();
+        agent.start_container(ctx(), &start).await.unwrap();
+        expect_code(
+            agent.start_container(ctx(), &start).await,
+            Code::FAILED_PRECONDITION,
+            "container c1 is Running",
+        );
+        let out = read_until(&mut stdout, "mkdir-denied").await;
+        eprintln!("create+start to output: {:?}", started.elapsed());
+        assert!(out.contains("hello from web"), "{out:?}");
+        assert!(
+            out.contains("mkdir-denied"),
+            "seccomp refused mkdir: {out:?}"
+        );
+
+        // An exec: stdin stream to stdout stream.
+        let mut exec_in = open_stream(&vsock, StreamKind::Stdio(3)).await;
+        let exec_out = open_stream(&vsock, StreamKind::Stdio(4)).await;
+        let mut exec = ExecProcessRequest::new();
+        exec.container_id = CONTAINER.into();
+        exec.exec_id = "e1".into();
+        exec.process_json = serde_json::json!({
+            "args": ["sh", "-c", "echo exec-out; cat; echo done"],
+            "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+        })
+        .to_string();
+        let mut estdio = Stdio::new();
+        estdio.stdin = 3;
+        estdio.stdout = 4;
+        exec.stdio = Some(estdio).into();
+        let epid = agent.exec_process(ctx(), &exec).await.unwrap().pid;
+        assert!(epid > 1);
+        exec_in.write_all(b"ping\n").await.unwrap();
+        exec_in.shutdown().await.unwrap();
+        let mut wait = WaitProcessRequest::new();
+        wait.container_id = CONTAINER.into();
+        wait.exec_id = "e1".into();
+        let (waited, exec_text) =
+            tokio::join!(agent.wait_process(ctx(), &wait), read_to_eof(exec_out));
+        let waited = waited.unwrap();
+        assert_eq!(
+            (waited.exit_status, waited.signal, waited.pid),
+            (0, 0, epid)
+        );
+        assert_eq!(exec_text, "exec-out\nping\ndone\n");
+
+        let mut list = ListProcessesRequest::new();
+        list.container_id = CONTAINER.into();
+        let procs = agent.list_processes(ctx(), &list).await.unwrap();
+        assert!(
+            procs
+                .processes
+                .iter()
+                .any(|p| p.cmdline.starts_with("sleep 1000")),
+            "{:?}",
+            procs.processes
+        );
+
+        let mut stats = StatsContainerRequest::new();
+        stats.container_id = CONTAINER.into();
+        let stats = agent.stats_container(ctx(), &stats).await.unwrap();
+        assert!(stats.memory.usage_bytes > 0);
+        assert_eq!(stats.memory.limit_bytes, 134217728);
+        assert_eq!(stats.pids.limit, 64);
+
+        // Removing a running container without force is refused.
+        let mut rm = RemoveContainerRequest::new();
+        rm.container_id = CONTAINER.into();
+        expect_code(
+            agent.remove_container(ctx(), &rm).await,
+            Code::FAILED_PRECONDITION,
+            "container c1 is Running",
+        );
+
+        // SIGKILL of the init: 137, and its streams close.
+        let mut sig = SignalProcessRequest::new();
+        sig.container_id = CONTAINER.into();
+        sig.signal = 9;
+        agent.signal_process(ctx(), &sig).await.unwrap();
+        wait.exec_id = String::new();
+        let (waited, rest, err_text) = tokio::join!(
+            agent.wait_process(ctx(), &wait),
+            read_to_eof(stdout),
+            read_to_eof(stderr)
+        );
+        let waited = waited.unwrap();
+        assert_eq!((waited.exit_status, waited.signal), (137, 9));
+        assert!(waited.exited_at_ns > 0);
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(err_text, "oops\n");
+        // A waiter after the exit gets the same answer.
+        assert_eq!(
+            agent.wait_process(ctx(), &wait).await.unwrap().exit_status,
+            137
+        );
+
+        // Two exits in the event ring, in order.
+        let mut ev = WaitEventRequest::new();
+        let first = agent.wait_event(ctx(), &ev).await.unwrap();
+        assert_eq!((first.seq, first.missed), (1, 0));
+        assert_eq!(first.exited().exec_id, "e1");
+        ev.after = first.seq;
+        let second = agent.wait_event(ctx(), &ev).await.unwrap();
+        assert_eq!(second.exited().exit_status, 137);
+
+        agent.remove_container(ctx(), &rm).await.unwrap();
+        expect_code(
+            agent.remove_container(ctx(), &rm).await,
+            Code::NOT_FOUND,
+            "container \"c1\" not found",
+        );
+
+        let logged = read_until(&mut log, "container removed").await;
+        assert!(logged.contains("sandbox created"), "{logged}");
+
+        agent
+            .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+            .await
+            .unwrap();
+    });
+    let status = vm.wait_exit(SHUTDOWN_DEADLINE).unwrap();
+    assert!(status.success(), "{status}: {}", vm.log().join("\n"));
+}

@@ -125,6 +125,10 @@ pub fn virtiofsd_args(layout: &Layout, log_level: &str) -> Vec<String> {
         "namespace".into(),
         "--cache".into(),
         "auto".into(),
+        // Container rootfs and volumes are mounts inside the share: the
+        // guest must see them as mounts of their own (own st_dev, own
+        // inode space), or inodes of two file systems collide.
+        "--announce-submounts".into(),
         "--log-level".into(),
         virtiofsd_level(log_level).into(),
     ]

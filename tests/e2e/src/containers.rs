@@ -12,16 +12,51 @@ use oci_spec::runtime::{Process, Root, Spec};
 
 use crate::{project_dir, GuestImages, BOOT_DEADLINE};
 
-/// The busybox rootfs `make e2e` builds (tests/rootfs/busybox).
+/// The busybox rootfs `make e2e` builds (tests/rootfs/busybox), as the
+/// container tests use it: in an emulated KVM host, a copy on a local file
+/// system (its /var/tmp tmpfs), made once per test process. The project
+/// directory there is itself a virtio-fs mount of the outer machine, and a
+/// virtiofsd serving a tree that lives on virtio-fs fails some requests
+/// with ESTALE (libcontainer's mknod of /dev/null, for one): nested shares
+/// are a property of the test rig, not what a host runs containers from.
 pub fn busybox_rootfs() -> Result<PathBuf> {
-    let rootfs = project_dir().join("build/busybox-rootfs");
-    if !rootfs.join("bin/busybox").exists() {
+    static LOCAL: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    let built = project_dir().join("build/busybox-rootfs");
+    if !built.join("bin/busybox").exists() {
         bail!(
             "{} is missing: run `make e2e` (it builds the busybox rootfs)",
-            rootfs.display()
+            built.display()
         );
     }
-    Ok(rootfs)
+    if std::env::var("ISOLA_KVM_HOST").as_deref() != Ok("emulated") {
+        return Ok(built);
+    }
+    LOCAL
+        .get_or_init(|| {
+            let dir = PathBuf::from(format!("/var/tmp/isola-e2e-rootfs-{}", std::process::id()));
+            let copy = dir.join("busybox-rootfs");
+            let copied = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    std::process::Command::new("cp")
+                        .arg("-a")
+                        .arg(&built)
+                        .arg(&dir)
+                        .status()
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|status| {
+                    if status.success() {
+                        Ok(copy)
+                    } else {
+                        Err(format!("cp exited with {status}"))
+                    }
+                });
+            copied.map_err(|e| format!("copying {} to {}: {e}", built.display(), dir.display()))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 /// `target/release/<name>`, built by `make`.

@@ -39,12 +39,7 @@ fn run() -> Result<()> {
     let host = require_kvm_host()?;
     let isola = project_dir().join("target/release/isola");
     ensure!(isola.exists(), "{} is missing: run `make`", isola.display());
-    let rootfs = project_dir().join("build/busybox-rootfs");
-    ensure!(
-        rootfs.join("bin/busybox").exists(),
-        "{} is missing: run `make e2e` (it builds the busybox rootfs)",
-        rootfs.display()
-    );
+    let rootfs = isola_e2e::containers::busybox_rootfs()?;
     which("runc").context("runc is not installed (tests/kvm-host/setup-e2e installs it)")?;
     let scratch = Scratch::new("bench-containers")?;
     let runc = Runc::new(&scratch.path, &rootfs)?;

@@ -766,6 +766,15 @@ impl Sandbox {
         if let Some(process) = spec.process_mut() {
             process.set_terminal(Some(req.stdio.terminal.is_some()));
         }
+        if spec::root_readonly(&spec) {
+            // The rootfs reaches the guest read-only, so the mount points
+            // its mounts need are made now, on the host, as runc makes them
+            // before it remounts a root read-only.
+            create_mount_points(&req.rootfs, &spec).map_err(|e| {
+                Error::host(sid, "creating mount points in the read-only rootfs", e)
+                    .in_container(cid)
+            })?;
+        }
         let binds = spec::rewrite(&mut spec, cid).map_err(|e| invalid(format!("oci spec: {e}")))?;
         for bind in &binds {
             if !bind.source.exists() {
@@ -1348,6 +1357,35 @@ pub fn agent_line_level(line: &str) -> tracing::Level {
     tracing::Level::INFO
 }
 
+/// Creates in `rootfs` (resolved as the container sees it, symlinks kept
+/// inside it) every mount destination of `spec` that does not exist: a
+/// directory, or an empty file for a bind mount of a host file.
+fn create_mount_points(rootfs: &Path, spec: &oci_spec::runtime::Spec) -> std::io::Result<()> {
+    for mount in spec.mounts().iter().flatten() {
+        let file_source = mount.source().as_ref().is_some_and(|s| s.is_file());
+        let parts: Vec<_> = mount.destination().components().collect();
+        // One component at a time, so every directory on the way is
+        // resolved (and made) inside the rootfs.
+        let mut seen = PathBuf::from("/");
+        for (i, part) in parts.iter().enumerate() {
+            seen.push(part);
+            let target = crate::rootfs::resolve_in_root(rootfs, &seen)?;
+            if std::fs::symlink_metadata(&target).is_ok() {
+                continue;
+            }
+            if i + 1 == parts.len() && file_source {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&target)?;
+            } else {
+                std::fs::create_dir(&target)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1387,7 +1425,7 @@ mod tests {
         assert_eq!(
             fs.join(" "),
             "--socket-path /run/isola/sandboxes/pod1/fs.sock --shared-dir /run/isola/sandboxes/pod1/ro \
-             --sandbox namespace --cache auto --log-level debug"
+             --sandbox namespace --cache auto --announce-submounts --log-level debug"
         );
         assert_eq!(virtiofsd_level("bogus"), "info");
     }
@@ -1608,5 +1646,31 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+
+    #[test]
+    fn mount_points_are_made_inside_a_read_only_rootfs() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let host = tempfile::tempdir().expect("tempdir");
+        std::fs::write(host.path().join("file"), b"x").expect("file");
+        std::fs::create_dir_all(root.path().join("etc")).expect("etc");
+        // A link that would leave the rootfs stays inside it.
+        std::os::unix::fs::symlink("/../../outside", root.path().join("escape")).expect("link");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": [
+                {"destination": "/data/deep", "type": "bind", "source": host.path(), "options": ["rbind"]},
+                {"destination": "/etc/one", "type": "bind", "source": host.path().join("file"), "options": ["rbind"]},
+                {"destination": "/escape/x", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/etc", "type": "tmpfs", "source": "tmpfs"}
+            ]
+        }))
+        .expect("spec");
+        super::create_mount_points(root.path(), &spec).expect("mount points");
+        assert!(root.path().join("data/deep").is_dir());
+        assert!(root.path().join("etc/one").is_file());
+        assert!(root.path().join("outside/x").is_dir());
+        assert!(!Path::new("/outside").exists());
     }
 }

@@ -22,6 +22,7 @@ mod seccomp;
 mod service;
 mod spec;
 mod streams;
+mod switchroot;
 
 use std::fs;
 use std::path::Path;
@@ -45,13 +46,15 @@ fn main() {
     }
     let started = Instant::now();
     ensure_stdio();
-    if let Err(err) = run(started) {
+    // Before anything is mounted; on success this re-executes /init.
+    let root = switchroot::at_boot();
+    if let Err(err) = run(started, root) {
         eprintln!("isola-agent: fatal: {err:#}");
         init::power_off();
     }
 }
 
-fn run(started: Instant) -> Result<()> {
+fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
     // Nothing can be logged before /proc (for the command line) and /dev
     // exist; the kernel gave us /dev/console as stdio from the initrd.
     mounts::mount_base().context("mounting the base file systems")?;
@@ -65,6 +68,16 @@ fn run(started: Instant) -> Result<()> {
         tracing::warn!("unknown option agent.{key} ignored");
     }
     tracing::debug!(?config, "options");
+    // Whether containers can pivot_root is the kernel's word, whatever the
+    // switch reported: the mount on / must not be the initramfs.
+    let pivot = match fs::read_to_string("/proc/self/mountinfo") {
+        Ok(text) => !switchroot::root_is_initramfs(&text),
+        Err(err) => {
+            tracing::error!("reading /proc/self/mountinfo: {err}");
+            false
+        }
+    };
+    root.log(pivot);
 
     sethostname(&config.hostname)
         .with_context(|| format!("setting the hostname to {}", config.hostname))?;
@@ -88,7 +101,7 @@ fn run(started: Instant) -> Result<()> {
             streams::MAX_PENDING,
             streams::UNCLAIMED_TIMEOUT,
         ));
-        let state = service::State::new(registry.clone());
+        let state = service::State::new(registry.clone(), pivot);
         let hook_state = state.clone();
         init::set_exit_hook(Box::new(move |status| hook_state.on_reaped(status)));
         if let Err(err) = streams::listen(registry) {

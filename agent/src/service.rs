@@ -201,10 +201,13 @@ pub struct State {
     pub power_off: Notify,
     /// Set by a DestroySandbox in progress or done.
     destroying: Mutex<bool>,
+    /// Whether containers are built with pivot_root (the agent left the
+    /// initramfs at boot) rather than libcontainer's no_pivot.
+    pivot_root: bool,
 }
 
 impl State {
-    pub fn new(streams: Arc<Registry<Stream>>) -> Arc<State> {
+    pub fn new(streams: Arc<Registry<Stream>>, pivot_root: bool) -> Arc<State> {
         Arc::new(State {
             sandbox: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
@@ -215,6 +218,7 @@ impl State {
             oom_watches: Mutex::new(HashMap::new()),
             power_off: Notify::new(),
             destroying: Mutex::new(false),
+            pivot_root,
         })
     }
 
@@ -641,11 +645,12 @@ impl AgentService {
         }
         let container = builder
             .as_init(bundle)
-            // The guest's root is the initramfs, which pivot_root(2)
-            // cannot move away from (EINVAL): libcontainer moves the
-            // rootfs onto / in the container's mount namespace and
-            // chroots there instead (runc's --no-pivot).
-            .with_no_pivot(true)
+            // pivot_root(2), so the guest's tree is unmounted from the
+            // container's mount namespace. Only if the agent could not
+            // leave the initramfs at boot (pivot_root cannot, EINVAL):
+            // libcontainer moves the rootfs onto / and chroots there
+            // instead (runc's --no-pivot).
+            .with_no_pivot(!self.state.pivot_root)
             .with_systemd(false)
             .with_detach(true)
             .build()
@@ -1420,7 +1425,7 @@ mod tests {
     }
 
     fn state() -> Arc<State> {
-        State::new(Arc::new(Registry::new(4, streams::UNCLAIMED_TIMEOUT)))
+        State::new(Arc::new(Registry::new(4, streams::UNCLAIMED_TIMEOUT)), true)
     }
 
     fn expect(result: RpcResult<impl std::fmt::Debug>, code: Code, prefix: &str) {

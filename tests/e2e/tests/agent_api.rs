@@ -7,7 +7,10 @@
 //! a container whose init prints its hostname, is refused `mkdir` by its
 //! seccomp profile, writes to stderr and then sleeps; its stdout and
 //! stderr streams; an exec that copies its stdin stream to stdout and
-//! exits 0 (WaitProcess answers after the stream's EOF); SIGKILL of the
+//! exits 0 (WaitProcess answers after the stream's EOF); execs that find
+//! none of the guest's tree (pivot_root), climb out of a chroot into the
+//! chroot, and with CAP_SYS_ADMIN detach their root to find the empty
+//! rootfs beneath (no /init); SIGKILL of the
 //! init (exit 137); stats; a bad spec and an unknown stream
 //! (INVALID_ARGUMENT naming the field); WaitEvent; RemoveContainer;
 //! DestroySandbox, after which the VMM exits 0. The agent's log stream
@@ -122,6 +125,56 @@ fn spec_json() -> String {
         }
     })
     .to_string()
+}
+
+/// Docker's default capability set.
+const DOCKER_DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Runs `sh -c script` as exec `exec_id` of the container with these
+/// capabilities, its stdout and stderr on stream `stream_id`; its exit
+/// status and output.
+async fn run_exec(
+    agent: &AgentClient,
+    vsock: &Path,
+    exec_id: &str,
+    stream_id: u64,
+    script: &str,
+    caps: &[&str],
+) -> (i32, String) {
+    let out = open_stream(vsock, StreamKind::Stdio(stream_id)).await;
+    let mut exec = ExecProcessRequest::new();
+    exec.container_id = CONTAINER.into();
+    exec.exec_id = exec_id.into();
+    exec.process_json = serde_json::json!({
+        "args": ["sh", "-c", format!("exec 2>&1; {script}")],
+        "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps}
+    })
+    .to_string();
+    let mut stdio = Stdio::new();
+    stdio.stdout = stream_id;
+    exec.stdio = Some(stdio).into();
+    agent.exec_process(ctx(), &exec).await.unwrap();
+    let mut wait = WaitProcessRequest::new();
+    wait.container_id = CONTAINER.into();
+    wait.exec_id = exec_id.into();
+    let (waited, text) = tokio::join!(agent.wait_process(ctx(), &wait), read_to_eof(out));
+    (waited.unwrap().exit_status, text)
 }
 
 fn expect_code<T: std::fmt::Debug>(
@@ -289,6 +342,74 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
         );
         assert_eq!(exec_text, "exec-out\nping\ndone\n");
 
+        // The guest's tree is not in the container's mount namespace: the
+        // agent left the initramfs at boot, so libcontainer pivot_root'ed
+        // and unmounted the guest's root. Docker's default capabilities
+        // (CAP_SYS_CHROOT among them): no /run/isola, / is the one root
+        // in mountinfo, and a chroot climbed out of ends in the chroot.
+        let (status, text) = run_exec(
+            &agent,
+            &vsock,
+            "isolation",
+            5,
+            &[
+                "ls /run/isola 2>&1 || echo no-run-isola",
+                "awk '$5 == \"/\"' /proc/self/mountinfo | wc -l",
+                "grep -c ' - rootfs ' /proc/self/mountinfo",
+                "cd / && chroot /bin /busybox sh -c 'cd ../../..; pwd; /busybox ls -d proc busybox'",
+                "echo end",
+            ]
+            .join("; "),
+            DOCKER_DEFAULT_CAPS,
+        )
+        .await;
+        assert_eq!(status, 0, "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "ls: /run/isola: No such file or directory",
+                "no-run-isola",
+                "1",
+                "0",
+                "/",
+                "ls: proc: No such file or directory",
+                "busybox",
+                "end",
+            ],
+            "{text}"
+        );
+        // With CAP_SYS_ADMIN a process can detach its root (as under
+        // runc), uncovering the bottom of its mount namespace, which the
+        // next exec enters. After pivot_root that is the kernel's empty
+        // rootfs: the agent's binary (/init) is not there. (With no_pivot
+        // it was the guest's whole tree, /init and /run/isola included.)
+        let mut all_caps = DOCKER_DEFAULT_CAPS.to_vec();
+        all_caps.push("CAP_SYS_ADMIN");
+        let (status, text) = run_exec(
+            &agent,
+            &vsock,
+            "umount",
+            6,
+            "umount -l / && echo unmounted",
+            &all_caps,
+        )
+        .await;
+        assert_eq!((status, text.as_str()), (0, "unmounted\n"));
+        let mut beneath = ExecProcessRequest::new();
+        beneath.container_id = CONTAINER.into();
+        beneath.exec_id = "beneath".into();
+        beneath.process_json = serde_json::json!({
+            "args": ["/init"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": all_caps, "effective": all_caps, "permitted": all_caps}
+        })
+        .to_string();
+        let err = agent
+            .exec_process(ctx(), &beneath)
+            .await
+            .expect_err("/init (the agent) found beneath the container's root");
+        eprintln!("exec of /init beneath the root: {}", status::message(&err));
+
         let mut list = ListProcessesRequest::new();
         list.container_id = CONTAINER.into();
         let procs = agent.list_processes(ctx(), &list).await.unwrap();
@@ -339,14 +460,19 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
             137
         );
 
-        // Two exits in the event ring, in order.
+        // The exits in the event ring, in order.
         let mut ev = WaitEventRequest::new();
         let first = agent.wait_event(ctx(), &ev).await.unwrap();
         assert_eq!((first.seq, first.missed), (1, 0));
         assert_eq!(first.exited().exec_id, "e1");
         ev.after = first.seq;
-        let second = agent.wait_event(ctx(), &ev).await.unwrap();
-        assert_eq!(second.exited().exit_status, 137);
+        for exec_id in ["isolation", "umount"] {
+            let next = agent.wait_event(ctx(), &ev).await.unwrap();
+            assert_eq!(next.exited().exec_id, exec_id);
+            ev.after = next.seq;
+        }
+        let last = agent.wait_event(ctx(), &ev).await.unwrap();
+        assert_eq!(last.exited().exit_status, 137);
 
         agent.remove_container(ctx(), &rm).await.unwrap();
         expect_code(

@@ -1362,7 +1362,13 @@ pub fn agent_line_level(line: &str) -> tracing::Level {
 /// directory, or an empty file for a bind mount of a host file.
 fn create_mount_points(rootfs: &Path, spec: &oci_spec::runtime::Spec) -> std::io::Result<()> {
     for mount in spec.mounts().iter().flatten() {
-        let file_source = mount.source().as_ref().is_some_and(|s| s.is_file());
+        // Only a bind mount's source is a host path (a tmpfs's "tmpfs" is
+        // not, and must not be looked up relative to our working directory).
+        let file_source = spec::is_bind(mount)
+            && mount
+                .source()
+                .as_ref()
+                .is_some_and(|s| s.is_absolute() && s.is_file());
         let parts: Vec<_> = mount.destination().components().collect();
         // One component at a time, so every directory on the way is
         // resolved (and made) inside the rootfs.

@@ -96,7 +96,7 @@ pub struct SpecError {
     pub problem: String,
 }
 
-fn is_bind(mount: &Mount) -> bool {
+pub(crate) fn is_bind(mount: &Mount) -> bool {
     mount.typ().as_deref() == Some("bind")
         || mount
             .options()

@@ -262,7 +262,9 @@ impl<R: AsyncRead + Unpin> BoundedLines<R> {
                 break;
             }
         }
-        Ok(Some((String::from_utf8_lossy(&line).into_owned(), cut)))
+        let line = String::from_utf8(line)
+            .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned());
+        Ok(Some((line, cut)))
     }
 }
 

@@ -122,16 +122,10 @@ impl Error {
     /// says, and its Debug form is noise in an error chain.)
     pub fn agent(sandbox: &str, step: impl Into<String>, err: ttrpc::Error) -> Error {
         let (kind, message) = match isola_protocol::status::code(&err) {
-            Some(code) => (
-                ErrorKind::from_code(code),
-                isola_protocol::status::message(&err),
-            ),
+            Some(code) => (ErrorKind::from_code(code), agent_message(&err)),
             None => (
                 ErrorKind::Unavailable,
-                format!(
-                    "agent connection: {}",
-                    isola_protocol::status::message(&err)
-                ),
+                format!("agent connection: {}", agent_message(&err)),
             ),
         };
         Error::new(kind, sandbox, step, message)
@@ -163,6 +157,25 @@ impl Error {
     pub fn message(&self) -> &str {
         &self.message
     }
+}
+
+/// Longest agent error message kept (the guest chooses its text).
+pub const MAX_AGENT_MESSAGE: usize = 4096;
+
+/// An agent error's message, cut at [`MAX_AGENT_MESSAGE`] bytes: the guest
+/// is not trusted to keep it short, and it ends up in errors and logs.
+pub fn agent_message(err: &ttrpc::Error) -> String {
+    let mut message = isola_protocol::status::message(err);
+    if message.len() > MAX_AGENT_MESSAGE {
+        let mut end = MAX_AGENT_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = message.len() - end;
+        message.truncate(end);
+        message.push_str(&format!("... ({cut} bytes cut)"));
+    }
+    message
 }
 
 impl fmt::Display for Error {
@@ -206,6 +219,20 @@ mod tests {
             assert_eq!(err.kind(), kind, "{code:?}");
             assert_eq!(err.message(), "why");
         }
+    }
+
+    #[test]
+    fn long_agent_messages_are_cut() {
+        let long = "é".repeat(MAX_AGENT_MESSAGE);
+        let err = Error::agent("sb", "starting", status::error(Code::INTERNAL, &long));
+        let kept = MAX_AGENT_MESSAGE / 2 * 2;
+        assert!(err.message().starts_with(&long[..kept]));
+        assert!(
+            err.message()
+                .ends_with(&format!("... ({} bytes cut)", long.len() - kept)),
+            "{}",
+            &err.message()[kept..]
+        );
     }
 
     #[test]

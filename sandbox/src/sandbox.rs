@@ -1151,7 +1151,7 @@ impl Sandbox {
             {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(err))) => {
-                    tracing::warn!(sandbox = %inner.id, error = %isola_protocol::status::message(&err), "DestroySandbox failed")
+                    tracing::warn!(sandbox = %inner.id, error = %crate::error::agent_message(&err), "DestroySandbox failed")
                 }
                 Ok(Err(death)) => {
                     tracing::info!(sandbox = %inner.id, %death, "ended during DestroySandbox")
@@ -1300,7 +1300,7 @@ async fn event_loop(
                 }
                 failures += 1;
                 let transport = isola_protocol::status::code(&err).is_none();
-                tracing::warn!(sandbox = %sandbox, error = %isola_protocol::status::message(&err), failures, "WaitEvent failed");
+                tracing::warn!(sandbox = %sandbox, error = %crate::error::agent_message(&err), failures, "WaitEvent failed");
                 if failures >= 10 || (transport && failures >= 3) {
                     tracing::error!(sandbox = %sandbox, "no more events from the agent");
                     return;

@@ -104,7 +104,7 @@ pub fn sandbox_config(id: &str, run_root: &Path, memory_mib: u32) -> Result<Sand
     let images = GuestImages::from_build_dir()?;
     let mut config = SandboxConfig::new(
         id,
-        release_binary("isola-vmm")?,
+        crate::isola::vmm_binary()?,
         virtiofsd()?,
         images.kernel,
         images.initrd,

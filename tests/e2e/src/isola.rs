@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use isola_vmm::api::{self, Request};
 
 use crate::console::Console;
-use crate::{project_dir, GuestImages};
+use crate::GuestImages;
 
 /// The command line tests boot with (the VMM adds console and devices).
 pub use crate::qemu::BASE_CMDLINE as TEST_CMDLINE;
@@ -22,11 +22,7 @@ pub static GUEST_RESETS: std::sync::atomic::AtomicUsize = std::sync::atomic::Ato
 
 /// The release binary `make` builds.
 pub fn vmm_binary() -> Result<PathBuf> {
-    let path = project_dir().join("target/release/isola-vmm");
-    if !path.exists() {
-        bail!("{} is missing: run `make` first", path.display());
-    }
-    Ok(path)
+    crate::containers::release_binary("isola-vmm")
 }
 
 #[derive(Debug, Clone)]

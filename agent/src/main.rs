@@ -35,6 +35,15 @@ use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::Config;
 
+/// Locks `m`, taking the data of a poisoned mutex as it is: a panic
+/// elsewhere must not take the agent's tables (PID 1's) with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 fn main() {
     if getpid().as_raw() != 1 {
         eprintln!(

@@ -101,20 +101,14 @@ impl Events {
 
     /// Adds an event and wakes the waiters; returns its number.
     pub fn push(&self, event: Event) -> u64 {
-        let seq = match self.ring.lock() {
-            Ok(mut ring) => ring.push(event),
-            Err(poisoned) => poisoned.into_inner().push(event),
-        };
+        let seq = crate::lock(&self.ring).push(event);
         self.notify.notify_waiters();
         seq
     }
 
     /// The first event numbered above `after`, now.
     pub fn get(&self, after: u64) -> Option<Numbered> {
-        match self.ring.lock() {
-            Ok(ring) => ring.after(after),
-            Err(poisoned) => poisoned.into_inner().after(after),
-        }
+        crate::lock(&self.ring).after(after)
     }
 
     /// Waits for the first event numbered above `after`.

@@ -35,6 +35,15 @@ use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::Config;
 
+/// Locks `m`, taking the data of a poisoned mutex as it is: a panic
+/// elsewhere must not take the agent's tables (PID 1's) with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 fn main() {
     if getpid().as_raw() != 1 {
         eprintln!(
@@ -70,8 +79,10 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
     tracing::debug!(?config, "options");
     // Whether containers can pivot_root is the kernel's word, whatever the
     // switch reported: the mount on / must not be the initramfs.
-    let pivot = match fs::read_to_string("/proc/self/mountinfo") {
-        Ok(text) => !switchroot::root_is_initramfs(&text),
+    // Read once: the state report below lists the same mounts.
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo");
+    let pivot = match &mountinfo {
+        Ok(text) => !switchroot::root_is_initramfs(text),
         Err(err) => {
             tracing::error!("reading /proc/self/mountinfo: {err}");
             false
@@ -85,7 +96,8 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
         .context("enabling cgroup v2 controllers")?;
     init::disable_ctrl_alt_del()?;
 
-    tracing::info!("{}", state_report(&controllers)?);
+    let mountinfo = mountinfo.context("reading /proc/self/mountinfo")?;
+    tracing::info!("{}", state_report(&mountinfo, &controllers)?);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -189,11 +201,10 @@ fn init_logging(config: &Config) {
         .init();
 }
 
-/// One line describing what the agent set up, read back from the kernel.
-fn state_report(controllers: &[String]) -> Result<String> {
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let mounts: Vec<String> = mounts::parse_mountinfo(&mountinfo)
+/// One line describing what the agent set up, read back from the kernel
+/// (`mountinfo` is `/proc/self/mountinfo`).
+fn state_report(mountinfo: &str, controllers: &[String]) -> Result<String> {
+    let mounts: Vec<String> = mounts::parse_mountinfo(mountinfo)
         .into_iter()
         .map(|m| format!("{}:{}", m.target, m.fstype))
         .collect();

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use isola_protocol::agent::*;
@@ -48,6 +48,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::cgstats;
 use crate::events::{Event, Events};
 use crate::executor::IsolaExecutor;
+use crate::lock;
 use crate::procs::{now_ns, ExitInfo, ExitRouter};
 use crate::sandbox;
 use crate::seccomp::Compiled;
@@ -93,13 +94,6 @@ fn spec_error(field: &str, e: SpecError) -> ttrpc::Error {
         invalid(format!("{field}: {}", e.message))
     } else {
         invalid(format!("{field}: {e}"))
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -70,10 +70,7 @@ impl<S> Registry<S> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending<S>>> {
-        match self.pending.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::lock(&self.pending)
     }
 
     /// Reserves `id` (before answering `ok`).

@@ -57,7 +57,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::config::{FsConfig, CONFIG_SPACE_LEN};
 use self::frontend::{Backend, FrontendError};
 use super::lifecycle::{DeviceEvent, DeviceLifecycle, FatalSignal};
-use super::{device_type, ActivateError, InterruptSignal, VirtioDevice};
+use super::{device_type, read_config_space, ActivateError, InterruptSignal, VirtioDevice};
 use crate::guest_log::LogLimiter;
 
 /// Event data of the back end's socket; call eventfd `i` is
@@ -300,14 +300,7 @@ impl VirtioDevice for Fs {
         self.acked_features = features & self.backend.guest_features();
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config_space.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config_space, offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // Read-only (virtio 1.2, 5.11.4).

@@ -141,6 +141,14 @@ impl Window {
     }
 }
 
+/// The value of `key=` on the kernel command line `cmdline`.
+pub(crate) fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
 /// The virtio-mmio windows the kernel command line declares.
 fn windows() -> Vec<u64> {
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();

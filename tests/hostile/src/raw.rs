@@ -187,15 +187,12 @@ impl Drop for FreeRam {
 /// The `mem=` limit of the kernel command line, in bytes.
 fn mem_limit() -> io::Result<u64> {
     let cmdline = fs::read_to_string("/proc/cmdline")?;
-    let value = cmdline
-        .split_whitespace()
-        .find_map(|a| a.strip_prefix("mem="))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "no mem= on the kernel command line: no free RAM",
-            )
-        })?;
+    let value = super::cmdline_value(&cmdline, "mem").ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no mem= on the kernel command line: no free RAM",
+        )
+    })?;
     let (num, unit) = value.split_at(
         value
             .find(|c: char| !c.is_ascii_digit())

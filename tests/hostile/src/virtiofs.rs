@@ -8,20 +8,12 @@ use std::fs;
 use std::io::{self, Write};
 use std::time::Duration;
 
-use crate::{mount, say};
+use crate::{cmdline_value, mount, say};
 
 /// Where the share is mounted.
 const MOUNT_POINT: &str = "/mnt";
 /// Most bytes of the host's file read (a test file, a few hundred bytes).
 const MAX_READ: u64 = 64 << 10;
-
-/// The value of `key=` on the kernel command line.
-fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
-    cmdline
-        .split_whitespace()
-        .find_map(|arg| arg.strip_prefix(key)?.strip_prefix('='))
-        .map(str::to_string)
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

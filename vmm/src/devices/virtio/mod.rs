@@ -57,6 +57,20 @@ pub trait InterruptSignal: Send + Sync + std::fmt::Debug {
     fn signal_config_change(&self) -> io::Result<()>;
 }
 
+/// Copies the bytes of a device configuration space `space` at the
+/// guest-given `offset` into `data`; whatever lies outside `space` (any
+/// part of the read, or all of it) reads as zero.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|o| space.get(o..))
+        .unwrap_or_default();
+    for (dst, src) in data.iter_mut().zip(src) {
+        *dst = *src;
+    }
+}
+
 /// Why a device could not be activated.
 #[derive(Debug, Error)]
 pub enum ActivateError {

@@ -229,11 +229,6 @@ impl Backend {
         self.features & GUEST_FEATURES
     }
 
-    /// The socket's path, for messages.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// The socket, for the event loop to watch.
     pub fn socket_fd(&self) -> std::os::fd::RawFd {
         self.probe.as_raw_fd()

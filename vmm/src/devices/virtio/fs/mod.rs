@@ -57,7 +57,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::config::{FsConfig, CONFIG_SPACE_LEN};
 use self::frontend::{Backend, FrontendError};
 use super::lifecycle::{DeviceEvent, DeviceLifecycle, FatalSignal};
-use super::{device_type, ActivateError, InterruptSignal, VirtioDevice};
+use super::{device_type, read_config_space, ActivateError, InterruptSignal, VirtioDevice};
 use crate::guest_log::LogLimiter;
 
 /// Event data of the back end's socket; call eventfd `i` is
@@ -100,26 +100,21 @@ impl Fs {
     pub fn connect(config: FsConfig, seccomp: bool) -> Result<Fs, FsError> {
         let backend = Backend::connect(&config.socket, config.num_queues(), seccomp)
             .map_err(|source| FsError::new(&config, source))?;
-        Fs::with_backend(config, backend).map_err(|(config, e)| FsError::new(&config, e))
+        Fs::with_backend(config, backend)
     }
 
     /// The device on an already connected back end.
-    pub fn with_backend(
-        config: FsConfig,
-        backend: Backend,
-    ) -> Result<Fs, (FsConfig, FrontendError)> {
+    pub fn with_backend(config: FsConfig, backend: Backend) -> Result<Fs, FsError> {
         let n = config.num_queues();
-        let events = (|| {
+        let eventfds = || -> std::io::Result<_> {
             let life = DeviceLifecycle::with_external_queues("virtio-fs", n)?;
             let calls = (0..n)
                 .map(|_| EventFd::new(EFD_NONBLOCK))
                 .collect::<std::io::Result<Vec<_>>>()?;
-            Ok::<_, std::io::Error>((life, calls))
-        })();
-        let (life, calls) = match events {
-            Ok(v) => v,
-            Err(e) => return Err((config, FrontendError::Socket(e))),
+            Ok((life, calls))
         };
+        let (life, calls) =
+            eventfds().map_err(|e| FsError::new(&config, FrontendError::Socket(e)))?;
         Ok(Fs {
             config_space: config.config_space(),
             queue_sizes: vec![config.queue_size; n],
@@ -154,17 +149,14 @@ impl Fs {
             return;
         }
         self.state = State::Failed;
-        let message = format!(
-            "virtio-fs tag={} socket={}: {why}",
-            self.config.tag,
-            self.config.socket.display()
-        );
+        let err = FsError::new(&self.config, why);
         tracing::error!(
-            tag = %self.config.tag,
-            socket = %self.config.socket.display(),
-            error = %why,
+            tag = %err.tag,
+            socket = %err.socket,
+            error = %err.error,
             "virtio-fs back end failed; stopping the VM"
         );
+        let message = err.to_string();
         if let Some(ops) = ops {
             // A closed socket stays readable: out of the loop, or it spins.
             let fd = self.backend.socket_fd();
@@ -300,14 +292,7 @@ impl VirtioDevice for Fs {
         self.acked_features = features & self.backend.guest_features();
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config_space.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config_space, offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // Read-only (virtio 1.2, 5.11.4).

@@ -293,7 +293,7 @@ fn device_with_deadline(
     let (ours, theirs) = UnixStream::pair().unwrap();
     let end = FakeEnd::serve(fake, theirs);
     let backend = Backend::handshake(ours, &config.socket, config.num_queues(), deadline, seccomp)?;
-    let fs = Fs::with_backend(config, backend).map_err(|(_, e)| e)?;
+    let fs = Fs::with_backend(config, backend).map_err(|e| e.error)?;
     Ok((fs, end))
 }
 

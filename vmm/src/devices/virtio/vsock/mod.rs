@@ -78,7 +78,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::lifecycle::{DeviceEvent, DeviceLifecycle};
 use super::queue::{add_used, pop, QUEUE_BUDGET};
-use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    device_type, read_config_space, ActivateError, InterruptSignal, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use crate::guest_log::LogLimiter;
 use metrics::inc;
 use muxer::{connect_nonblocking, AcceptOutcome, Muxer, EV_CONN, EV_HANDSHAKE};
@@ -543,17 +546,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.guest_cid.to_le_bytes();
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(offset..) {
-            let n = src.len().min(data.len());
-            if let (Some(dst), Some(src)) = (data.get_mut(..n), src.get(..n)) {
-                dst.copy_from_slice(src);
-            }
-        }
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

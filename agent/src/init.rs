@@ -141,8 +141,15 @@ pub async fn terminate_all(grace: Duration) {
     }
 }
 
-/// Syncs file systems and reboots the guest; with `reboot=k` the VMM exits.
+/// Lets the console tty send what it holds, syncs file systems and reboots
+/// the guest; with `reboot=k` the VMM exits. (A reboot drops what the tty
+/// still buffers: the last lines, a fatal error's among them.)
 pub fn power_off() -> ! {
+    use std::os::fd::AsFd;
+    for fd in [std::io::stdout().as_fd(), std::io::stderr().as_fd()] {
+        // ENOTTY when the console is off (stdio is /dev/null): nothing to wait for.
+        let _ = nix::sys::termios::tcdrain(fd);
+    }
     sync();
     let err = match reboot(RebootMode::RB_AUTOBOOT) {
         Ok(never) => match never {},

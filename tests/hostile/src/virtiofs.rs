@@ -40,9 +40,12 @@ fn exercise(tag: &str) -> io::Result<()> {
 }
 
 fn reboot() -> ! {
-    // SAFETY: sync(2) and reboot(2) take no pointers; as PID 1 with
-    // CAP_SYS_BOOT the reboot ends the VM (reboot=k: the VMM exits 0).
+    // SAFETY: tcdrain(3), sync(2) and reboot(2) take no pointers; as PID 1
+    // with CAP_SYS_BOOT the reboot ends the VM (reboot=k: the VMM exits 0).
+    // tcdrain first: what `say` wrote may still sit in the console tty's
+    // buffer, and a reboot drops it (a result line was once cut short).
     unsafe {
+        libc::tcdrain(libc::STDOUT_FILENO);
         libc::sync();
         libc::reboot(libc::RB_AUTOBOOT);
     }

@@ -453,7 +453,8 @@ fn hostile_raw_virtqueues_cost_the_host_a_bounded_share_once() {
     let mut control = rt.block_on(Control::dial(&socket, None));
     eprintln!("control stream up after {:?}", vm.started.elapsed());
     rt.block_on(control.attack(&format!("raw {RAW_FLOOD_SECS} {listening} {dead}")));
-    // The vsock driver goes away: so does this stream.
+    // The guest starts the attack when this stream closes (its vsock
+    // driver goes away).
     drop(control);
 
     let mut f = Findings::default();

@@ -25,7 +25,8 @@
 //!   can for SECONDS (guest time).
 //! - `raw SECONDS LISTENING-PORT DEAD-PORT`: takes the vsock and rng
 //!   devices from their kernel drivers and attacks them with raw
-//!   virtqueues (see [`raw`]); answers at once, reports on the console.
+//!   virtqueues (see [`raw`]); answers at once, starts once the host has
+//!   closed the control stream, reports on the console.
 //!
 //! Booted with `hostile.virtiofs=TAG` on the kernel command line, it does
 //! not serve the control stream: it mounts the virtio-fs share TAG on
@@ -391,7 +392,12 @@ fn serial_flood(seconds: u64) -> io::Result<String> {
     Ok(format!("{bytes} bytes"))
 }
 
-fn run(command: &str) -> String {
+/// An attack that must wait until the host has closed the control stream
+/// (the raw one takes the vsock device from its driver: started at once,
+/// it could cut the stream before the reply reached the host).
+type Deferred = Option<Box<dyn FnOnce() + Send>>;
+
+fn run(command: &str, deferred: &mut Deferred) -> String {
     let mut words = command.split_whitespace();
     let name = words.next().unwrap_or("");
     let mut num =
@@ -410,8 +416,10 @@ fn run(command: &str) -> String {
         "raw" => {
             let secs = num(8);
             let ports = (num(6100) as u32, num(6101) as u32);
-            std::thread::spawn(move || raw::run(secs, ports));
-            Ok(format!("started, {secs} s per flood"))
+            *deferred = Some(Box::new(move || raw::run(secs, ports)));
+            Ok(format!(
+                "starts when this stream closes, {secs} s per flood"
+            ))
         }
         other => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -430,14 +438,19 @@ fn control() -> io::Result<()> {
     loop {
         let conn = vsock_accept(&listener)?;
         let mut writer = conn.try_clone()?;
+        let mut deferred: Deferred = None;
         for line in BufReader::new(conn).lines() {
             let Ok(line) = line else { break };
             say(&format!("running {line}"));
-            let reply = run(&line);
+            let reply = run(&line, &mut deferred);
             say(&reply);
             if writeln!(writer, "{reply}").is_err() {
                 break;
             }
+        }
+        drop(writer);
+        if let Some(attack) = deferred {
+            std::thread::spawn(attack);
         }
     }
 }

@@ -13,9 +13,10 @@
 //! full as fast as the vCPU can refill them. Then it resets the device and
 //! binds the kernel's driver again, so the guest's vsock works after.
 //!
-//! `raw SECONDS LISTENING-PORT DEAD-PORT` on the control stream starts
-//! [`run`] on a thread and answers at once (the control stream dies when
-//! the vsock driver goes). Every phase prints `hostile: raw <phase>
+//! `raw SECONDS LISTENING-PORT DEAD-PORT` on the control stream answers
+//! at once and starts [`run`] on a thread when the host closes that
+//! stream (it would die anyway when the vsock driver goes, maybe before
+//! the answer left). Every phase prints `hostile: raw <phase>
 //! start` and `hostile: raw <phase> done <detail>` on the console;
 //! `hostile: raw vsock driver bound again` says the guest's vsock works
 //! again, and `hostile: raw finished` ends the run.

@@ -304,7 +304,14 @@ impl Vcpu {
                     self.mmio.write(addr, data);
                     None
                 }
-                VcpuExit::Shutdown => Some(GuestExit::Reset),
+                VcpuExit::Shutdown => {
+                    // Once per VM: the VM ends with it.
+                    tracing::warn!(
+                        vcpu = self.index,
+                        "the guest triple-faulted (its kernel crashed): the VM ends as on a reset"
+                    );
+                    Some(GuestExit::Reset)
+                }
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(GuestExit::PowerOff),
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(GuestExit::Reset),

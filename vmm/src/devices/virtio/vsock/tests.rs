@@ -633,6 +633,34 @@ fn host_to_guest_respects_guest_credit() {
     assert_eq!(got, data);
 }
 
+/// An rx buffer that arrives after the host socket was drained finds it
+/// empty (the read would block): the socket must then be polled again, or
+/// later host data never reaches the guest.
+#[test]
+fn host_data_after_a_drained_socket_still_reaches_the_guest() {
+    let mut h = Harness::new();
+    let (mut host, _local) = h.establish_from_host(1024, 1 << 20);
+    for (round, chunk) in [b"first".as_slice(), b"second", b"third"]
+        .iter()
+        .enumerate()
+    {
+        host.write_all(chunk).unwrap();
+        h.pump();
+        // One buffer: the data, and the device still thinks the socket
+        // readable.
+        h.give_rx(1);
+        let pkt = h.recv_one();
+        assert_eq!(
+            (pkt.hdr.op, pkt.data.as_slice()),
+            (op::RW, *chunk),
+            "round {round}"
+        );
+        // Another: the read would block, nothing to send, buffer kept.
+        h.give_rx(1);
+        assert!(h.recv().is_empty(), "round {round}");
+    }
+}
+
 #[test]
 fn guest_to_host_buffering_is_bounded_by_credit() {
     let mut h = Harness::new();

@@ -369,6 +369,9 @@ impl Muxer {
                 payload_len,
             } = outcome
             else {
+                // Its state changed all the same (a read that would block
+                // means the host socket must be polled again).
+                self.maintain_one(key, now);
                 continue;
             };
             let mut hdr = Header {

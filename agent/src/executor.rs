@@ -118,6 +118,21 @@ fn close_inherited_streams() {
     }
 }
 
+/// Gives the process the signal state a freshly started program expects:
+/// every disposition default and nothing blocked. exec(2) keeps ignored
+/// signals and the mask, and the agent (a Rust program) ignores SIGPIPE,
+/// so without this `yes | head` would see EPIPE instead of dying quietly.
+fn default_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
+        // SAFETY: installs SIG_DFL, no handler function; this process is
+        // single-threaded and about to exec.
+        let _ = unsafe { sigaction(sig, &dfl) };
+    }
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
 impl Executor for IsolaExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         let args = args(spec).ok_or(ExecutorError::InvalidArg)?;
@@ -130,6 +145,7 @@ impl Executor for IsolaExecutor {
             .map(|a| CString::new(a.as_bytes()))
             .collect::<Result<_, _>>()
             .map_err(|_| ExecutorError::InvalidArg)?;
+        default_signals();
         if let Some(compiled) = &self.seccomp {
             seccomp::install_all(compiled).map_err(|e| {
                 ExecutorError::Other(format!("installing the seccomp filters: {e}"))

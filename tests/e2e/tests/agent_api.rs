@@ -357,6 +357,12 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
                 "awk '$5 == \"/\"' /proc/self/mountinfo | wc -l",
                 "grep -c ' - rootfs ' /proc/self/mountinfo",
                 "cd / && chroot /bin /busybox sh -c 'cd ../../..; pwd; /busybox ls -d proc busybox'",
+                // Default signal state (the agent ignores SIGPIPE): yes
+                // dies of SIGPIPE quietly, and sh passes nothing ignored
+                // or blocked on (it keeps what it was started with
+                // ignored; it ignores SIGQUIT itself, hence /proc/self).
+                "yes | head -c 2",
+                "grep -E '^Sig(Blk|Ign)' /proc/self/status",
                 "echo end",
             ]
             .join("; "),
@@ -375,6 +381,9 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
                 "/",
                 "ls: proc: No such file or directory",
                 "busybox",
+                "y",
+                "SigBlk:\t0000000000000000",
+                "SigIgn:\t0000000000000000",
                 "end",
             ],
             "{text}"

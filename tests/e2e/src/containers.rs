@@ -98,6 +98,19 @@ pub fn console_file(name: &str) -> PathBuf {
     dir.join(format!("{name}.console"))
 }
 
+/// Sends the sandbox library's logs (the helpers' output among them:
+/// isola-vmm's and virtiofsd's lines, the agent's log stream) to the
+/// test's captured output, shown when it fails. `ISOLA_E2E_LOG` sets the
+/// filter (default `info`). Once per process; later calls do nothing.
+pub fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ISOLA_E2E_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A sandbox config for a test: the build's images, 1 vCPU, `memory_mib`,
 /// a console file, generous deadlines for the emulated host.
 pub fn sandbox_config(id: &str, run_root: &Path, memory_mib: u32) -> Result<SandboxConfig> {

@@ -51,6 +51,11 @@ impl ThreadKind {
 }
 
 const KVM_RUN: u64 = 0xae80;
+/// `_IOR(KVMIO, 0x81, struct kvm_regs)` and `_IOR(KVMIO, 0x83, struct
+/// kvm_sregs)`: a vCPU reads its own registers to log where a guest that
+/// triple-faulted was.
+const KVM_GET_REGS: u64 = 0x8090_ae81;
+const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const FIONBIO: u64 = 0x5421;
 const FIOCLEX: u64 = 0x5451;
 
@@ -161,7 +166,14 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     }
     match kind {
         ThreadKind::Vcpu => {
-            rules.insert(libc::SYS_ioctl, vec![arg_eq(1, KVM_RUN)?]);
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![
+                    arg_eq(1, KVM_RUN)?,
+                    arg_eq(1, KVM_GET_REGS)?,
+                    arg_eq(1, KVM_GET_SREGS)?,
+                ],
+            );
         }
         ThreadKind::EventLoop => {
             rules.insert(
@@ -278,6 +290,20 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_register_ioctls_are_the_kernel_numbers() {
+        // _IOR: direction read (2) << 30 | size << 16 | type << 8 | nr.
+        let ior = |nr: u64, size: usize| (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
+        assert_eq!(
+            KVM_GET_REGS,
+            ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>())
+        );
+        assert_eq!(
+            KVM_GET_SREGS,
+            ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
+        );
+    }
 
     #[test]
     fn every_filter_compiles() {

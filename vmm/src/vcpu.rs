@@ -305,9 +305,20 @@ impl Vcpu {
                     None
                 }
                 VcpuExit::Shutdown => {
-                    // Once per VM: the VM ends with it.
+                    // Once per VM: the VM ends with it. Where the guest
+                    // was, for a post-mortem against its System.map (on
+                    // Intel; AMD's KVM resets the vCPU on a shutdown
+                    // intercept, so there these are the reset values).
+                    let regs = self.fd.get_regs().ok();
+                    let sregs = self.fd.get_sregs().ok();
                     tracing::warn!(
                         vcpu = self.index,
+                        rip = regs.map(|r| format!("{:#x}", r.rip)),
+                        rsp = regs.map(|r| format!("{:#x}", r.rsp)),
+                        cr2 = sregs.map(|s| format!("{:#x}", s.cr2)),
+                        cr3 = sregs.map(|s| format!("{:#x}", s.cr3)),
+                        idt = sregs.map(|s| format!("{:#x}+{:#x}", s.idt.base, s.idt.limit)),
+                        tr = sregs.map(|s| format!("{:#x}", s.tr.base)),
                         "the guest triple-faulted (its kernel crashed): the VM ends as on a reset"
                     );
                     Some(GuestExit::Reset)

@@ -1219,22 +1219,35 @@ async fn wait_for_socket(
     }
 }
 
+/// How long a virtiofsd death waits for the VMM's, which it may only echo.
+const VMM_DEATH_GRACE: Duration = Duration::from_secs(1);
+
 /// Waits for the VMM or virtiofsd to end; unless the sandbox is being
 /// stopped, marks it dead (failing pending calls) and cleans up.
 async fn supervise(inner: Weak<Inner>) {
-    let ended = {
+    let (ended, vmm_ended) = {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let futures: Vec<_> = strong
-            .resources
-            .children()
+        let children = strong.resources.children();
+        let futures: Vec<_> = children.iter().map(|c| c.ended_future()).collect();
+        let vmm = children
             .iter()
-            .map(|c| c.ended_future())
-            .collect();
-        futures
+            .find(|c| c.name() == "isola-vmm")
+            .map(|c| c.ended_future());
+        (futures, vmm)
     };
-    let death = crate::child::first_of(ended).await;
+    let mut death = crate::child::first_of(ended).await;
+    if death.process != "isola-vmm" {
+        // virtiofsd also ends (status 0) when its client, the VMM, goes
+        // away, and may be reaped first: if the VMM ends right after, it
+        // is the cause to report.
+        if let Some(vmm) = vmm_ended {
+            if let Ok(vmm_death) = tokio::time::timeout(VMM_DEATH_GRACE, vmm).await {
+                death = vmm_death;
+            }
+        }
+    }
     let Some(inner) = inner.upgrade() else { return };
     let stopping = inner.gone.borrow().is_some();
     if stopping {
@@ -1485,8 +1498,11 @@ mod tests {
     }
 
     /// An agent whose WaitProcess never answers and whose WaitEvent
-    /// reports one OOM, then never answers.
-    struct FakeAgent;
+    /// reports one OOM once `release` is notified (so a test can subscribe
+    /// first), then never answers.
+    struct FakeAgent {
+        release: Arc<tokio::sync::Notify>,
+    }
 
     #[async_trait::async_trait]
     impl isola_protocol::Agent for FakeAgent {
@@ -1503,6 +1519,7 @@ mod tests {
             req: pb::WaitEventRequest,
         ) -> ttrpc::Result<pb::WaitEventResponse> {
             if req.after == 0 {
+                self.release.notified().await;
                 let mut resp = pb::WaitEventResponse::new();
                 resp.seq = 1;
                 resp.set_oom(pb::OomKilled {
@@ -1523,7 +1540,14 @@ mod tests {
 
     /// A sandbox whose "VMM" and "virtiofsd" are shell sleeps and whose
     /// agent is [`FakeAgent`] on a Unix socket.
-    async fn fake_sandbox(tmp: &Path) -> (Sandbox, ttrpc::asynchronous::Server) {
+    async fn fake_sandbox(
+        tmp: &Path,
+    ) -> (
+        Sandbox,
+        ttrpc::asynchronous::Server,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let release = Arc::new(tokio::sync::Notify::new());
         let layout = Layout::new(tmp.join("sb"));
         std::fs::create_dir_all(layout.rw().join("containers")).expect("mkdir");
         std::fs::write(layout.dir().join("fs.sock"), b"").expect("file");
@@ -1531,7 +1555,9 @@ mod tests {
         let mut server = ttrpc::asynchronous::Server::new()
             .bind(&address)
             .expect("bind")
-            .register_service(isola_protocol::create_agent(Arc::new(FakeAgent)));
+            .register_service(isola_protocol::create_agent(Arc::new(FakeAgent {
+                release: release.clone(),
+            })));
         server.start().await.expect("serve");
         let client = ttrpc::asynchronous::Client::connect(&address)
             .await
@@ -1557,14 +1583,80 @@ mod tests {
             "fake".into(),
             Vec::new(),
         );
-        (sandbox, server)
+        (sandbox, server, release)
+    }
+
+    fn kill9(pids: &[(String, u32)], name: &str) -> u32 {
+        let pid = pids
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .expect("pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill");
+        pid
+    }
+
+    async fn dead_reason(sandbox: &Sandbox) -> String {
+        let mut events = sandbox.events();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .expect("an event")
+                .expect("received")
+            {
+                Event::SandboxDead { reason } => return reason,
+                _ => continue,
+            }
+        }
+    }
+
+    /// virtiofsd ends when the VMM does and may be reaped first: the VMM
+    /// is still the death reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_virtiofsd_that_ends_with_the_vmm_does_not_hide_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (sandbox, _server, _release) = fake_sandbox(tmp.path()).await;
+        let pids = sandbox.helper_pids();
+        let reason = {
+            let dead = dead_reason(&sandbox);
+            kill9(&pids, "virtiofsd");
+            let vmm = kill9(&pids, "isola-vmm");
+            let reason = dead.await;
+            assert!(
+                reason.starts_with(&format!("isola-vmm (pid {vmm})")),
+                "{reason}"
+            );
+            reason
+        };
+        let err = sandbox.stats("web").await.expect_err("dead");
+        assert!(err.message().contains(&reason), "{err}");
+    }
+
+    /// virtiofsd dying alone is the death reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_virtiofsd_death_alone_is_reported_as_such() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (sandbox, _server, _release) = fake_sandbox(tmp.path()).await;
+        let pids = sandbox.helper_pids();
+        let dead = dead_reason(&sandbox);
+        let vfsd = kill9(&pids, "virtiofsd");
+        let reason = dead.await;
+        assert!(
+            reason.starts_with(&format!("virtiofsd (pid {vfsd})")),
+            "{reason}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_vmm_fails_pending_calls_and_cleans_up() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (sandbox, _server) = fake_sandbox(tmp.path()).await;
+        let (sandbox, _server, release) = fake_sandbox(tmp.path()).await;
         let mut events = sandbox.events();
+        release.notify_one();
         let dir = sandbox.dir().to_path_buf();
         let pids = sandbox.helper_pids();
         let pending = {
@@ -1634,7 +1726,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_last_handle_kills_and_removes() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (sandbox, _server) = fake_sandbox(tmp.path()).await;
+        let (sandbox, _server, _release) = fake_sandbox(tmp.path()).await;
         let dir = sandbox.dir().to_path_buf();
         let pids = sandbox.helper_pids();
         let clone = sandbox.clone();

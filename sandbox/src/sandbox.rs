@@ -1675,16 +1675,7 @@ mod tests {
             }
         );
 
-        let vmm = pids
-            .iter()
-            .find(|(n, _)| n == "isola-vmm")
-            .map(|(_, p)| *p)
-            .expect("vmm");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(vmm as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill");
+        let vmm = kill9(&pids, "isola-vmm");
         let err = tokio::time::timeout(Duration::from_secs(20), pending)
             .await
             .expect("the pending call ended")

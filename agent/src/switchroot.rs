@@ -345,15 +345,29 @@ mod tests {
         symlink("../init", root.join("etc/link")).unwrap();
     }
 
-    #[test]
-    fn copies_the_tree_with_modes_and_skips_the_new_root() {
-        let base = scratch("copy");
+    /// A scratch dir holding an [`initramfs_like`] `root` with an empty
+    /// `root/newroot`: (scratch dir, root, new root, root's device).
+    fn root_with_new_root(
+        name: &str,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::path::PathBuf,
+        u64,
+    ) {
+        let base = scratch(name);
         let root = base.join("root");
         fs::create_dir(&root).unwrap();
         initramfs_like(&root);
         let new_root = root.join("newroot");
         fs::create_dir(&new_root).unwrap();
         let dev = fs::symlink_metadata(&root).unwrap().dev();
+        (base, root, new_root, dev)
+    }
+
+    #[test]
+    fn copies_the_tree_with_modes_and_skips_the_new_root() {
+        let (base, root, new_root, dev) = root_with_new_root("copy");
 
         assert_eq!(tree_bytes(&root, dev, &new_root).unwrap(), 3005);
         assert_eq!(copy_tree(&root, &new_root, dev, &new_root).unwrap(), 3005);
@@ -401,14 +415,8 @@ mod tests {
 
     #[test]
     fn removes_everything_but_the_new_root_and_other_devices() {
-        let base = scratch("remove");
-        let root = base.join("root");
-        fs::create_dir(&root).unwrap();
-        initramfs_like(&root);
-        let new_root = root.join("newroot");
-        fs::create_dir(&new_root).unwrap();
+        let (base, root, new_root, dev) = root_with_new_root("remove");
         fs::write(new_root.join("kept"), b"x").unwrap();
-        let dev = fs::symlink_metadata(&root).unwrap().dev();
 
         assert_eq!(remove_tree(&root, dev, &new_root), 0);
         let left: Vec<_> = fs::read_dir(&root)

@@ -197,9 +197,32 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// The first of `children` to end.
-pub async fn first_death(children: &[&Supervised]) -> Death {
-    first_of(children.iter().map(|c| c.ended_future()).collect()).await
+/// How long another child's death waits for the leader's, which it may
+/// only echo.
+pub const LEADER_GRACE: Duration = Duration::from_secs(1);
+
+/// What ended `children`, the first of which (the VMM) the others serve:
+/// the first to end, unless that is another child and the leader ends
+/// within [`LEADER_GRACE`] after it (virtiofsd ends, status 0, when its
+/// client the VMM goes, and may be reaped first). Borrows nothing.
+pub fn first_death(
+    children: &[&Supervised],
+) -> impl std::future::Future<Output = Death> + Send + 'static {
+    let ended: Vec<_> = children.iter().map(|c| c.ended_future()).collect();
+    let leader = children
+        .first()
+        .map(|c| (c.name().to_string(), c.ended_future()));
+    async move {
+        let first = first_of(ended).await;
+        match leader {
+            Some((name, leader)) if first.process != name => {
+                tokio::time::timeout(LEADER_GRACE, leader)
+                    .await
+                    .unwrap_or(first)
+            }
+            _ => first,
+        }
+    }
 }
 
 /// The output of the first of `futures` to finish (pending forever if

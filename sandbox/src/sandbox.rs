@@ -1219,35 +1219,17 @@ async fn wait_for_socket(
     }
 }
 
-/// How long a virtiofsd death waits for the VMM's, which it may only echo.
-const VMM_DEATH_GRACE: Duration = Duration::from_secs(1);
-
 /// Waits for the VMM or virtiofsd to end; unless the sandbox is being
 /// stopped, marks it dead (failing pending calls) and cleans up.
 async fn supervise(inner: Weak<Inner>) {
-    let (ended, vmm_ended) = {
+    let ended = {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let children = strong.resources.children();
-        let futures: Vec<_> = children.iter().map(|c| c.ended_future()).collect();
-        let vmm = children
-            .iter()
-            .find(|c| c.name() == "isola-vmm")
-            .map(|c| c.ended_future());
-        (futures, vmm)
+        let ended = first_death(&strong.resources.children());
+        ended
     };
-    let mut death = crate::child::first_of(ended).await;
-    if death.process != "isola-vmm" {
-        // virtiofsd also ends (status 0) when its client, the VMM, goes
-        // away, and may be reaped first: if the VMM ends right after, it
-        // is the cause to report.
-        if let Some(vmm) = vmm_ended {
-            if let Ok(vmm_death) = tokio::time::timeout(VMM_DEATH_GRACE, vmm).await {
-                death = vmm_death;
-            }
-        }
-    }
+    let death = ended.await;
     let Some(inner) = inner.upgrade() else { return };
     let stopping = inner.gone.borrow().is_some();
     if stopping {

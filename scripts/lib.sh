@@ -137,3 +137,88 @@ isola_virtiofsd() {
     fi
     echo "$bin"
 }
+
+# The QEMU that emulates the KVM host (tests/kvm-host/run), installing it
+# into the cache if missing; prints the path of a qemu-system-x86_64 to
+# give virtme-ng. Debian bookworm's QEMU 7.2 does not apply the SVM
+# intercept of XSETBV to a nested guest: the guest's XCR0 changes behind
+# KVM's back, so every guest kernel finds its XSAVE sizes inconsistent
+# (a WARNING at boot, XSAVE disabled) and about one boot in a few dozen
+# hangs right there. QEMU 10 intercepts it (tested). Where the system QEMU
+# is older than that, the one from the release's backports is unpacked
+# into the cache (the machine's own QEMU stays as it is).
+ISOLA_QEMU_MIN_MAJOR=10
+isola_emulator_qemu() {
+    local system version major
+    system=$(command -v qemu-system-x86_64 2>/dev/null) || system=
+    if [ -n "$system" ]; then
+        version=$("$system" --version 2>/dev/null) || version=
+        major=$(sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p' <<<"$version")
+        if [ -n "$major" ] && [ "$major" -ge "$ISOLA_QEMU_MIN_MAJOR" ]; then
+            echo "$system"
+            return 0
+        fi
+    fi
+    local codename
+    codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}") || codename=
+    if [ -z "$codename" ]; then
+        echo "isola: no QEMU >= $ISOLA_QEMU_MIN_MAJOR and no Debian release to fetch one from" >&2
+        return 1
+    fi
+    local dir=$ISOLA_TOOLS/qemu-$codename-backports
+    if [ -x "$dir/bin/qemu-system-x86_64" ] && "$dir/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
+        echo "$dir/bin/qemu-system-x86_64"
+        return 0
+    fi
+    echo "isola: fetching QEMU from $codename-backports into $dir (the system's is ${major:-missing}, older than $ISOLA_QEMU_MIN_MAJOR)" >&2
+    # A private apt state that knows only the backports suite: the
+    # machine's sources, lists and caches are left alone.
+    local apt=$ISOLA_CACHE/apt-$codename-backports
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg signed=
+    [ -r "$keyring" ] && signed=" [signed-by=$keyring]"
+    echo "deb$signed http://deb.debian.org/debian $codename-backports main" >"$apt/sources.list"
+    local opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=-
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
+    isola_as_root apt-get "${opts[@]}" update -qq >&2 || {
+        echo "isola: apt-get update of $codename-backports failed" >&2
+        return 1
+    }
+    local tmp
+    tmp=$(mktemp -d)
+    local pkg
+    for pkg in qemu-system-x86 qemu-system-common qemu-system-data seabios; do
+        (cd "$tmp" && isola_as_root apt-get "${opts[@]}" download -qq "$pkg/$codename-backports" >&2) || {
+            echo "isola: cannot download $pkg from $codename-backports" >&2
+            rm -rf "$tmp"
+            return 1
+        }
+    done
+    # Its libraries come from the release itself: install those missing.
+    local depends name need=()
+    depends=$(dpkg-deb -f "$tmp"/qemu-system-x86_*.deb Depends)
+    while IFS= read -r name; do
+        case "$name" in '' | qemu-* | seabios | ipxe-qemu) continue ;; esac
+        isola_pkg_installed "$name" || need+=("$name")
+    done < <(tr ',' '\n' <<<"$depends" | sed 's/|.*//; s/(.*//; s/[[:space:]]//g')
+    if [ ${#need[@]} -gt 0 ]; then isola_apt_install "${need[@]}"; fi
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new/bin"
+    local deb
+    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$dir.new/root"; done
+    rm -rf "$tmp"
+    # Its firmware and option ROMs first, before the system QEMU's.
+    cat >"$dir.new/bin/qemu-system-x86_64" <<WRAPPER
+#!/bin/sh
+exec "$dir/root/usr/bin/qemu-system-x86_64" -L "$dir/root/usr/share/qemu" -L "$dir/root/usr/share/seabios" "\$@"
+WRAPPER
+    chmod +x "$dir.new/bin/qemu-system-x86_64"
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+    if ! version=$("$dir/bin/qemu-system-x86_64" --version 2>&1); then
+        echo "isola: the QEMU unpacked into $dir does not run: $version" >&2
+        return 1
+    fi
+    echo "isola: ${version%%$'\n'*}" >&2
+    echo "$dir/bin/qemu-system-x86_64"
+}

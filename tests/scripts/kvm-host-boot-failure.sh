@@ -22,6 +22,13 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/tools/bin"
 ln -s "$(dirname "$venv")" "$tmp/tools/$(basename "$(dirname "$venv")")"
+# The emulator too, when it lives in the cache (not the system's).
+qemu=$(isola_emulator_qemu)
+case "$qemu" in "$ISOLA_TOOLS"/*)
+    qemu_dir=${qemu%/bin/*}
+    ln -s "$qemu_dir" "$tmp/tools/$(basename "$qemu_dir")"
+    ;;
+esac
 cat >"$tmp/tools/bin/virtiofsd" <<FAKE
 #!/bin/sh
 [ "\$1" = --version ] && { echo "virtiofsd $ISOLA_VIRTIOFSD_VERSION"; exit 0; }

@@ -78,10 +78,11 @@ unit-test: deps
 e2e: all hostile-initrd busybox-rootfs
 	tests/kvm-host/setup-e2e
 	tests/scripts/kvm-host-boot-failure.sh
-	tests/e2e/run
-	# Streams 100 MiB of stdout: in an emulated host only with one CPU
-	# (docs/architecture.md, "KVM host for tests").
-	ISOLA_KVM_HOST_CPUS=1 tests/e2e/run one_sandbox_runs_many_containers --ignored
+	# An emulated KVM host has 1 CPU (with 2, nested guests crash now and
+	# then), the hostile guest's floods get 2 (with 1 they starve the host's
+	# heartbeat); docs/architecture.md, "KVM host for tests".
+	E2E_EXCEPT=hostile tests/e2e/run --include-ignored
+	ISOLA_KVM_HOST_CPUS=2 E2E_ONLY=hostile tests/e2e/run
 
 # Boots the guest under QEMU microvm on a KVM host and prints the time to
 # `isola-agent ready`.

@@ -238,7 +238,7 @@ const NO_STDIO: StdioRequest = StdioRequest {
 };
 
 #[test]
-#[ignore = "`make e2e` runs it on its own in a 1-CPU emulated KVM host: with 2 emulated CPUs the guest kernel sometimes triple-faults or locks up while it streams the 100 MiB (QEMU 7.2 and 10 alike, never with 1 CPU; see docs/architecture.md); `ISOLA_KVM_HOST_CPUS=1 tests/e2e/run one_sandbox_runs_many_containers --ignored`"]
+#[ignore = "streams 100 MiB, and with 2 emulated CPUs the guest kernel sometimes triple-faults or locks up doing so (see docs/architecture.md); `make e2e` runs it, in a 1-CPU emulated KVM host; alone: `tests/e2e/run one_sandbox_runs_many_containers --ignored`"]
 fn one_sandbox_runs_many_containers() {
     require_kvm_host().unwrap();
     let rt = runtime();

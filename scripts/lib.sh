@@ -186,14 +186,12 @@ isola_emulator_qemu() {
     }
     local tmp
     tmp=$(mktemp -d)
-    local pkg
-    for pkg in qemu-system-x86 qemu-system-common qemu-system-data seabios; do
-        (cd "$tmp" && isola_as_root apt-get "${opts[@]}" download -qq "$pkg/$codename-backports" >&2) || {
-            echo "isola: cannot download $pkg from $codename-backports" >&2
-            rm -rf "$tmp"
-            return 1
-        }
-    done
+    local pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
+    (cd "$tmp" && isola_as_root apt-get "${opts[@]}" download -qq "${pkgs[@]/%//$codename-backports}" >&2) || {
+        echo "isola: cannot download ${pkgs[*]} from $codename-backports" >&2
+        rm -rf "$tmp"
+        return 1
+    }
     # Its libraries come from the release itself: install those missing.
     local depends name need=()
     depends=$(dpkg-deb -f "$tmp"/qemu-system-x86_*.deb Depends)

@@ -1226,8 +1226,7 @@ async fn supervise(inner: Weak<Inner>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let ended = first_death(&strong.resources.children());
-        ended
+        first_death(&strong.resources.children())
     };
     let death = ended.await;
     let Some(inner) = inner.upgrade() else { return };

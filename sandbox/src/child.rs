@@ -201,6 +201,61 @@ fn describe(status: ExitStatus) -> String {
 /// only echo.
 pub const LEADER_GRACE: Duration = Duration::from_secs(1);
 
+/// Prepares a helper's command: it is killed when the thread that spawned
+/// it dies (a shim killed with SIGKILL takes its VM with it), and with
+/// `cgroup` it joins that host cgroup (v2) before it runs, so everything it
+/// allocates is charged there from its first page.
+pub fn confine(
+    cmd: &mut tokio::process::Command,
+    cgroup: Option<&std::path::Path>,
+) -> std::io::Result<()> {
+    let procs = match cgroup {
+        Some(dir) => {
+            let path = dir.join("cgroup.procs");
+            if !path.is_file() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} is not a cgroup v2 directory", dir.display()),
+                ));
+            }
+            Some(
+                std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                    .map_err(|_| std::io::Error::other("a cgroup path with a NUL byte"))?,
+            )
+        }
+        None => None,
+    };
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only async-signal-safe functions (prctl, getppid, open, write, close)
+    // on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: do not outlive it.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent died"));
+            }
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// What ended `children`, the first of which (the VMM) the others serve:
 /// the first to end, unless that is another child and the leader ends
 /// within [`LEADER_GRACE`] after it (virtiofsd ends, status 0, when its

@@ -10,6 +10,7 @@
 //! Stream (one direction of stdio), Share (the virtio-fs tree).
 
 pub mod child;
+pub mod config;
 pub mod error;
 pub mod rootfs;
 mod sandbox;

@@ -17,7 +17,7 @@ use protobuf::MessageField;
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
-use crate::child::{first_death, BoundedLines, Death, Supervised};
+use crate::child::{self, first_death, BoundedLines, Death, Supervised};
 use crate::error::{Error, ErrorKind, Result};
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::spec::{self, Volume};
@@ -70,6 +70,12 @@ pub struct SandboxConfig {
     pub start_timeout: Duration,
     /// How long `stop` waits for DestroySandbox and for the VMM to exit.
     pub stop_timeout: Duration,
+    /// virtiofsd's `--cache` mode: never, metadata, auto or always.
+    pub virtiofs_cache: String,
+    /// A host cgroup (v2 directory) that isola-vmm and virtiofsd are
+    /// started in, so the host charges the VM's memory and CPU to it.
+    /// It must exist.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -97,6 +103,8 @@ impl SandboxConfig {
             console: Console::Off,
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
+            virtiofs_cache: "auto".to_string(),
+            cgroup: None,
         }
     }
 
@@ -114,8 +122,9 @@ impl SandboxConfig {
     }
 }
 
-/// The virtiofsd command line serving `layout`'s read-only view.
-pub fn virtiofsd_args(layout: &Layout, log_level: &str) -> Vec<String> {
+/// The virtiofsd command line serving `layout`'s read-only view with cache
+/// mode `cache`.
+pub fn virtiofsd_args(layout: &Layout, log_level: &str, cache: &str) -> Vec<String> {
     vec![
         "--socket-path".into(),
         layout.fs_socket().display().to_string(),
@@ -124,7 +133,7 @@ pub fn virtiofsd_args(layout: &Layout, log_level: &str) -> Vec<String> {
         "--sandbox".into(),
         "namespace".into(),
         "--cache".into(),
-        "auto".into(),
+        cache.into(),
         // Container rootfs and volumes are mounts inside the share: the
         // guest must see them as mounts of their own (own st_dev, own
         // inode space), or inodes of two file systems collide.
@@ -434,8 +443,14 @@ impl Sandbox {
         }
 
         let mut cmd = tokio::process::Command::new(&config.virtiofsd);
-        cmd.args(virtiofsd_args(&layout, &config.log_level))
-            .stdout(std::process::Stdio::null());
+        cmd.args(virtiofsd_args(
+            &layout,
+            &config.log_level,
+            &config.virtiofs_cache,
+        ))
+        .stdout(std::process::Stdio::null());
+        child::confine(&mut cmd, config.cgroup.as_deref())
+            .map_err(|e| Error::host(&id, "preparing virtiofsd's cgroup", e))?;
         let virtiofsd = Supervised::spawn("virtiofsd", &id, cmd)
             .map_err(|e| Error::host(&id, format!("starting {}", config.virtiofsd.display()), e))?;
         resources.virtiofsd = Some(virtiofsd);
@@ -450,6 +465,8 @@ impl Sandbox {
         let mut cmd = tokio::process::Command::new(&config.vmm);
         cmd.args(vmm_args(&config, &layout))
             .stdout(std::process::Stdio::piped());
+        child::confine(&mut cmd, config.cgroup.as_deref())
+            .map_err(|e| Error::host(&id, "preparing isola-vmm's cgroup", e))?;
         let vmm = Supervised::spawn("isola-vmm", &id, cmd)
             .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e))?;
         resources.vmm = Some(vmm);
@@ -747,7 +764,7 @@ impl Sandbox {
     async fn create_container_inner(
         &self,
         req: ContainerRequest,
-        invalid: &dyn Fn(String) -> Error,
+        invalid: &(dyn Fn(String) -> Error + Sync),
     ) -> Result<Started> {
         let sid = &self.inner.id;
         let cid = &req.id;
@@ -1421,7 +1438,7 @@ mod tests {
             Some("tag=isola-share,socket=/run/isola/sandboxes/pod1/fs.sock")
         );
         assert_eq!(get("--console"), Some("off"));
-        let fs = virtiofsd_args(&layout, "debug");
+        let fs = virtiofsd_args(&layout, "debug", "auto");
         assert_eq!(
             fs.join(" "),
             "--socket-path /run/isola/sandboxes/pod1/fs.sock --shared-dir /run/isola/sandboxes/pod1/ro \

@@ -85,7 +85,7 @@ async fn share_layout_propagates_into_virtiofsd_namespace() {
     }
 
     let mut cmd = tokio::process::Command::new(&virtiofsd);
-    cmd.args(isola_sandbox::virtiofsd_args(&layout, "info"))
+    cmd.args(isola_sandbox::virtiofsd_args(&layout, "info", "auto"))
         .stdout(std::process::Stdio::null());
     let fs = Supervised::spawn("virtiofsd", "test", cmd).expect("virtiofsd");
     let pid = fs.pid();

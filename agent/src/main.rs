@@ -134,9 +134,14 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
                 tracing::debug!("boot timer not signalled: {err:#}");
             }
         }
+        // The version is part of the literal, so that `isola check` finds
+        // `isola-agent ready: version=X ` in the initrd's /init.
         println!(
-            "isola-agent ready: version={} uptime_ms={} setup_ms={}",
-            env!("CARGO_PKG_VERSION"),
+            concat!(
+                "isola-agent ready: version=",
+                env!("CARGO_PKG_VERSION"),
+                " uptime_ms={} setup_ms={}"
+            ),
             uptime_ms().unwrap_or(0),
             started.elapsed().as_millis()
         );

@@ -21,23 +21,39 @@ pub fn kvm_problem(dev: &Path, sys_module: &Path, cpuinfo: &str) -> Option<Strin
             dev.display()
         ));
     }
-    if sys_module.join("kvm_pvm").exists() {
+    if is_pvm(sys_module) {
         return Some(format!(
             "{} is PVM (kvm_pvm), which boots only PVM guest kernels, not isola's",
             dev.display()
         ));
     }
-    let flags = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(|l| l.split_whitespace());
-    if !flags.into_iter().any(|f| f == "vmx" || f == "svm") {
+    if cpu_virt_flag(cpuinfo).is_none() {
         return Some(format!(
             "{} exists but the CPU shows neither vmx nor svm",
             dev.display()
         ));
     }
     None
+}
+
+/// The hardware virtualization flag of `/proc/cpuinfo`'s `flags` lines:
+/// `vmx` (Intel VT-x) or `svm` (AMD-V), if the CPU shows one.
+pub fn cpu_virt_flag(cpuinfo: &str) -> Option<&'static str> {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .find_map(|f| match f {
+            "vmx" => Some("vmx"),
+            "svm" => Some("svm"),
+            _ => None,
+        })
+}
+
+/// Whether `/dev/kvm` is PVM's (the module `kvm_pvm` is loaded, under
+/// `sys_module`, normally `/sys/module`).
+pub fn is_pvm(sys_module: &Path) -> bool {
+    sys_module.join("kvm_pvm").exists()
 }
 
 /// Checks this host's KVM.
@@ -161,7 +177,8 @@ pub fn virtiofsd_candidates() -> Vec<PathBuf> {
     list
 }
 
-fn on_path(name: &str) -> Vec<PathBuf> {
+/// `name` in every directory of `PATH`, in order (existing or not).
+pub fn on_path(name: &str) -> Vec<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).map(|d| d.join(name)).collect()
 }

@@ -1,8 +1,10 @@
 //! `isola`: the command line over isola's sandbox library.
 //!
 //! `isola run` runs one container in a fresh microVM, relays its stdio and
-//! exits with its status.
+//! exits with its status; `isola check` says whether this host can run
+//! isola and what to fix.
 
+mod check;
 mod host;
 mod spec;
 mod tty;
@@ -35,7 +37,27 @@ struct Cli {
 enum Command {
     /// Runs one container in a fresh microVM and exits with its status
     /// (128+N when a signal N killed it).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Checks that this host can run isola: one line per check, `ok` or
+    /// `FAIL` with the fix.
+    ///
+    /// KVM (hardware virtualization, not PVM), /dev/kvm, /dev/net/tun,
+    /// transparent huge pages, the config, isola-vmm, the guest kernel and
+    /// initrd (and that the initrd's agent is isola-vmm's version),
+    /// virtiofsd, containerd and the shim. Exits 0 only when every check
+    /// passes.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The config file (default: $ISOLA_CONFIG, else
+    /// /etc/isola/config.toml, else the built-in defaults).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// containerd's socket.
+    #[arg(long, value_name = "PATH", default_value = check::DEFAULT_CONTAINERD_ADDRESS)]
+    containerd_address: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +141,14 @@ struct RunArgs {
 
 fn main() {
     let cli = Cli::parse();
+    let args = match cli.command {
+        Command::Run(args) => *args,
+        // No runtime, no logging: one line per check on stdout.
+        Command::Check(args) => std::process::exit(check::run(&check::Options {
+            config: args.config,
+            containerd_address: args.containerd_address,
+        })),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -138,15 +168,13 @@ fn main() {
             std::process::exit(FAILED);
         }
     };
-    let code = match cli.command {
-        Command::Run(args) => match runtime.block_on(run(args)) {
-            Ok(code) => code,
-            Err(err) => {
-                tty::restore();
-                eprintln!("isola: error: {err:#}");
-                FAILED
-            }
-        },
+    let code = match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(err) => {
+            tty::restore();
+            eprintln!("isola: error: {err:#}");
+            FAILED
+        }
     };
     tty::restore();
     // Not waiting for the runtime: a blocking read of our stdin may still

@@ -1,0 +1,231 @@
+//! The binary's `delete` action: containerd runs it in the bundle of a
+//! container whose shim is gone (killed, crashed) to clean up after it.
+//! The VM and virtiofsd die with their shim (they get SIGKILL when it
+//! dies); whatever is left of them, the sandbox's mounts, run directory,
+//! host cgroup, the container's rootfs mount and the shim's socket is
+//! removed here.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use isola_sandbox::share;
+
+use crate::grouping;
+use crate::host_cgroup;
+use crate::service::unmount_rootfs;
+
+/// What the delete action did, for its log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub sandbox: String,
+    pub killed: Vec<u32>,
+    pub removed_run_dir: bool,
+}
+
+/// Cleans up container `id` of the bundle `bundle`, whose sandboxes live
+/// under `run_root`.
+pub fn delete(bundle: &Path, id: &str, run_root: &Path) -> Report {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
+    let annotations = spec.as_ref().and_then(|s| s.annotations().clone());
+    let sandbox = grouping::sandbox_id(id, annotations.as_ref());
+    let mut report = Report {
+        sandbox: sandbox.clone(),
+        ..Default::default()
+    };
+    unmount_rootfs(&bundle.join("rootfs"));
+    if sandbox == id && isola_protocol_id_ok(&sandbox) {
+        let run_dir = run_root.join(&sandbox);
+        report.killed = kill_helpers(&run_dir);
+        if run_dir.exists() {
+            let errors = share::unmount_all(&run_dir);
+            for err in &errors {
+                tracing::warn!(sandbox = %sandbox, %err, "unmounting");
+            }
+            match share::remove_dir_safely(&run_dir) {
+                Ok(()) => report.removed_run_dir = true,
+                Err(err) => {
+                    tracing::warn!(sandbox = %sandbox, dir = %run_dir.display(), %err, "run directory not removed")
+                }
+            }
+        }
+        if let Some(path) = spec
+            .as_ref()
+            .and_then(|s| s.linux().as_ref())
+            .and_then(|l| l.cgroups_path().clone())
+        {
+            let root = Path::new(host_cgroup::CGROUP_ROOT);
+            if let Ok(dir) = host_cgroup::resolve(root, &path.to_string_lossy()) {
+                // Only an empty cgroup can go; one with processes stays.
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    remove_stale_socket(bundle);
+    report
+}
+
+/// Sandbox ids come from containerd; one that could climb out of the run
+/// root is never used as a path.
+fn isola_protocol_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+        && id != "."
+        && id != ".."
+}
+
+/// The processes whose command line names the sandbox's run directory
+/// (isola-vmm, virtiofsd and its sandboxed child): SIGKILL, then wait until
+/// they are gone (bounded).
+fn kill_helpers(run_dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", run_dir.display());
+    let pids = processes_naming(&needle);
+    for &pid in &pids {
+        tracing::info!(pid, dir = %run_dir.display(), "killing a helper left by a dead shim");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pids
+}
+
+fn processes_naming(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text: Vec<u8> = cmdline
+            .iter()
+            .map(|&b| if b == 0 { b' ' } else { b })
+            .collect();
+        if String::from_utf8_lossy(&text).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Alive and not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// The shim's socket (named in the bundle's `address` file) if nothing
+/// listens on it any more.
+fn remove_stale_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let path = PathBuf::from(address.trim().trim_start_matches("unix://"));
+    if !path.is_absolute() {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(&path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    if is_socket && std::os::unix::net::UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_are_not_single_path_components_are_refused() {
+        assert!(isola_protocol_id_ok("c1"));
+        assert!(isola_protocol_id_ok("a.b-c_d"));
+        assert!(!isola_protocol_id_ok(".."));
+        assert!(!isola_protocol_id_ok("a/b"));
+        assert!(!isola_protocol_id_ok(""));
+        assert!(!isola_protocol_id_ok(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn helpers_naming_the_run_dir_are_killed_and_the_dir_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = tempfile::tempdir().expect("tempdir");
+        let run_dir = root.path().join("sb1");
+        std::fs::create_dir_all(run_dir.join("rw")).expect("mkdir");
+        let sock = format!("{}/vsock.sock", run_dir.display());
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "exec sleep 100 \"$0\"", &sock])
+            .spawn()
+            .expect("spawn");
+        // Until it has exec'd, its command line is this test's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !processes_naming(&sock).contains(&child.id()) {
+            assert!(Instant::now() < deadline, "the helper never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let report = delete(bundle.path(), "sb1", root.path());
+        assert!(report.killed.contains(&child.id()), "{:?}", report.killed);
+        assert!(report.removed_run_dir);
+        assert!(!run_dir.exists());
+        let status = child.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+    }
+
+    #[test]
+    fn a_pod_container_leaves_its_sandbox_alone() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("pod1")).expect("mkdir");
+        std::fs::write(
+            bundle.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+        )
+        .expect("write");
+        let report = delete(bundle.path(), "c1", root.path());
+        assert_eq!(report.sandbox, "pod1");
+        assert!(!report.removed_run_dir);
+        assert!(root.path().join("pod1").exists());
+    }
+
+    #[test]
+    fn a_stale_socket_is_removed() {
+        let bundle = tempfile::tempdir().expect("tempdir");
+        let sock = bundle.path().join("shim.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+        std::fs::write(
+            bundle.path().join("address"),
+            format!("unix://{}", sock.display()),
+        )
+        .expect("write");
+        remove_stale_socket(bundle.path());
+        assert!(!sock.exists());
+    }
+}

@@ -15,7 +15,11 @@ ROOTFS_BUILDER := target/release/rootfs-builder
 # `none` (plain cpio) boots faster than gzip: see docs/architecture.md.
 INITRD_COMPRESS ?= none
 
-.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz clean
+# Where `make install` puts isola (DESTDIR stages it elsewhere).
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz install uninstall demo clean
 
 all: binaries kernel initrd virtiofsd
 
@@ -49,6 +53,13 @@ virtiofsd: deps
 busybox-rootfs:
 	tests/rootfs/busybox $(BUILD)/busybox-rootfs
 
+# The busybox OCI image (docker.io/library/busybox:latest) for `ctr image
+# import`: built from Debian's busybox-static without a registry,
+# byte-for-byte reproducible (tests/images/busybox-oci); a stamp beside it
+# skips a build already done.
+busybox-image:
+	tests/images/busybox-oci $(BUILD)/images/busybox.tar
+
 # A test-only initrd whose init attacks its VMM (tests/hostile): never the
 # product initrd.
 HOSTILE := target/$(GUEST_TARGET)/release/isola-hostile
@@ -56,6 +67,23 @@ hostile-initrd: binaries
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(GUEST_TARGET) -p isola-hostile
 	@mkdir -p $(BUILD)
 	$(ROOTFS_BUILDER) --agent $(HOSTILE) --output $(BUILD)/hostile-initrd.img --compress none
+
+# The binaries, guest images, virtiofsd and configs into DESTDIR/PREFIX
+# and /etc/isola (scripts/install: an existing /etc/isola/config.toml is
+# never overwritten).
+install: all
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install install
+
+# Removes what `make install` installed (an admin's config stays).
+uninstall:
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install uninstall
+
+# `ctr run` of a busybox container in an isola microVM on a KVM host,
+# through containerd (scripts/demo): staged under build/demo, or installed
+# into PREFIX with INSTALL=1.
+demo: all busybox-image
+	tests/kvm-host/setup-e2e
+	PREFIX='$(PREFIX)' INSTALL='$(INSTALL)' scripts/demo
 
 # Unit tests natively, then the end-to-end suite in one boot of a KVM host.
 test: lint unit-test e2e

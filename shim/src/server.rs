@@ -68,7 +68,8 @@ async fn serve_inner(flags: &Flags) -> Result<(), String> {
     tokio::spawn(log_signals());
     exit.wait().await;
     tracing::info!("shutting down");
-    let _ = server.shutdown().await;
+    // Bounded: a client holding its connection must not keep us alive.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server.shutdown()).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

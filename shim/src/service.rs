@@ -997,17 +997,23 @@ impl Task for Service {
         if !self.containers().is_empty() {
             return Ok(Empty::new());
         }
-        let running = self.shared.sandbox.lock().await.take();
-        if let Some(running) = running {
-            tracing::info!(sandbox = %running.sandbox.id(), "no containers left: stopping the sandbox VM");
-            if let Err(err) = running.sandbox.stop().await {
-                tracing::warn!(sandbox = %running.sandbox.id(), %err, "stopping the sandbox");
+        // In a task of its own: containerd may give up on this call (and
+        // drop it) while the VM stops; the shim must exit all the same.
+        let this = self.clone();
+        let stopping = tokio::spawn(async move {
+            let running = this.shared.sandbox.lock().await.take();
+            if let Some(running) = running {
+                tracing::info!(sandbox = %running.sandbox.id(), "no containers left: stopping the sandbox VM");
+                if let Err(err) = running.sandbox.stop().await {
+                    tracing::warn!(sandbox = %running.sandbox.id(), %err, "stopping the sandbox");
+                }
+                if let Some(cg) = &running.cgroup {
+                    cg.remove();
+                }
             }
-            if let Some(cg) = &running.cgroup {
-                cg.remove();
-            }
-        }
-        self.shared.exit.signal();
+            this.shared.exit.signal();
+        });
+        let _ = stopping.await;
         Ok(Empty::new())
     }
 }

@@ -53,12 +53,18 @@ virtiofsd: deps
 busybox-rootfs:
 	tests/rootfs/busybox $(BUILD)/busybox-rootfs
 
-# The busybox OCI image (docker.io/library/busybox:latest) for `ctr image
-# import`: built from Debian's busybox-static without a registry,
-# byte-for-byte reproducible (tests/images/busybox-oci); a stamp beside it
-# skips a build already done.
+# The busybox OCI images for `ctr image import`, built from Debian's
+# busybox-static without a registry, byte-for-byte reproducible
+# (tests/images/busybox-oci); a stamp beside each skips a build already
+# done. busybox.tar is docker.io/library/busybox:latest; busybox-user.tar,
+# docker.io/library/busybox-user:latest, has User, WorkingDir and one more
+# Env in its config, for the shim's tests that env, cwd and user come from
+# the image.
 busybox-image:
 	tests/images/busybox-oci $(BUILD)/images/busybox.tar
+	tests/images/busybox-oci --name docker.io/library/busybox-user:latest \
+		--user 1000:1000 --workdir /home/user --env GREETING=hello-from-image \
+		$(BUILD)/images/busybox-user.tar
 
 # A test-only initrd whose init attacks its VMM (tests/hostile): never the
 # product initrd.
@@ -103,7 +109,7 @@ unit-test: deps
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib --bins
 
-e2e: all hostile-initrd busybox-rootfs
+e2e: all hostile-initrd busybox-rootfs busybox-image
 	tests/kvm-host/setup-e2e
 	tests/scripts/kvm-host-boot-failure.sh
 	# An emulated KVM host has 1 CPU (with 2, nested guests crash now and

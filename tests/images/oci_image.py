@@ -3,14 +3,20 @@ deterministically: the same inputs give the same bytes, so the same digests.
 
 Called by tests/images/busybox-oci (read it first):
 
-    /usr/bin/python3 oci_image.py --busybox PATH --name REF --out OUT.tar
+    /usr/bin/python3 oci_image.py --busybox PATH --name REF \
+        [--user U] [--workdir DIR] [--env K=V]... --out OUT.tar
 
 The layer: PATH as /bin/busybox, a symlink per applet (`busybox
 --list-full`, except `busybox` itself: that link would replace the binary),
 /etc/passwd and /etc/group (root, user 1000:1000, nobody), /tmp and
 /var/tmp (1777), /root, /home/user (owned by 1000:1000). Every tar entry is
 sorted by name, with mtime 0 and no user or group names; gzip without a
-timestamp or file name. The image's config: PATH, Cmd ["sh"], amd64/linux.
+timestamp or file name. The image's config: PATH, Cmd ["sh"], amd64/linux;
+--user and --workdir add User and WorkingDir, each --env K=V is appended
+to Env after PATH in the order given (--env PATH=... replaces PATH's value
+in place; a name given twice is an error). Without them the config is
+byte for byte what it was before they existed (its keys are sorted, and
+absent ones are not written).
 The index names the image twice: `io.containerd.image.name` = REF (what
 `ctr image import` names it) and `org.opencontainers.image.ref.name` = its
 tag (the OCI layout's own name).
@@ -149,14 +155,50 @@ def tag_of(ref):
     return last.split(":", 1)[1] if ":" in last else "latest"
 
 
+def image_env(extra):
+    """The config's Env: PATH, then EXTRA (["K=V", ...]) in order."""
+    env = [PATH_ENV]
+    seen = set()
+    for item in extra:
+        key, sep, _ = item.partition("=")
+        if not key or not sep or "\n" in item:
+            raise SystemExit(f"oci_image: --env {item!r}: not K=V")
+        if key in seen:
+            raise SystemExit(f"oci_image: --env {key} given twice")
+        seen.add(key)
+        if key == "PATH":
+            env[0] = item
+        else:
+            env.append(item)
+    return env
+
+
+def image_config(args):
+    """The config's `config` object: Env and Cmd, User and WorkingDir when given."""
+    config = {"Env": image_env(args.env), "Cmd": ["sh"]}
+    if args.user is not None:
+        if not args.user or "\n" in args.user:
+            raise SystemExit(f"oci_image: --user {args.user!r}: empty or holds a newline")
+        config["User"] = args.user
+    if args.workdir is not None:
+        if not args.workdir.startswith("/") or "\n" in args.workdir:
+            raise SystemExit(f"oci_image: --workdir {args.workdir!r}: not an absolute path")
+        config["WorkingDir"] = args.workdir
+    return config
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--busybox", required=True)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--user")
+    parser.add_argument("--workdir")
+    parser.add_argument("--env", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if not is_static_elf(args.busybox):
         raise SystemExit(f"oci_image: {args.busybox} is not a static 64-bit ELF executable")
+    config_object = image_config(args)
 
     layer_tar, applets = layer(args.busybox)
     layer_gz = gzip_bytes(layer_tar)
@@ -165,7 +207,7 @@ def main():
             "architecture": "amd64",
             "os": "linux",
             "created": "1970-01-01T00:00:00Z",
-            "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
+            "config": config_object,
             "rootfs": {"type": "layers", "diff_ids": [digest(layer_tar)]},
             "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "isola tests/images/busybox-oci"}],
         }

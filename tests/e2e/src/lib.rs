@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod console;
+pub mod containerd;
 pub mod containers;
 pub mod isola;
 pub mod procstat;

@@ -1,0 +1,368 @@
+//! A private containerd (Debian's 1.6, `tests/containerd/start`) with the
+//! isola shim of this build, for the shim's end-to-end tests: `ctr` runs
+//! with deadlines, a pty for `-t`, and checks that a sandbox left nothing
+//! behind (processes, mounts, run directory, shim sockets).
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::containers::{release_binary, virtiofsd};
+use crate::project_dir;
+
+/// Deadline of one `ctr` command (a VM boot in the emulated host included).
+pub const CTR_DEADLINE: Duration = Duration::from_secs(240);
+
+/// The busybox image (`make busybox-image`).
+pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
+/// The same with User 1000:1000, WorkingDir /home/user, Env GREETING.
+pub const BUSYBOX_USER: &str = "docker.io/library/busybox-user:latest";
+/// The runtime name containerd knows the shim by.
+pub const RUNTIME: &str = "io.containerd.isola.v2";
+
+/// One private containerd for the whole test binary.
+#[derive(Debug)]
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    /// The sandboxes' run root (the isola config's `runtime.run_root`).
+    pub run_root: PathBuf,
+}
+
+static SHARED: OnceLock<Containerd> = OnceLock::new();
+
+extern "C" fn stop_at_exit() {
+    if let Some(c) = SHARED.get() {
+        let _ = c.stop();
+    }
+}
+
+impl Containerd {
+    /// The test binary's containerd, started (with the images imported) on
+    /// first use and stopped when the binary exits.
+    pub fn shared() -> &'static Containerd {
+        SHARED.get_or_init(|| {
+            let c = Containerd::start(Path::new("/run/isola-e2e-containerd"))
+                .expect("starting containerd");
+            // SAFETY: registers a plain extern "C" function with no
+            // arguments, run once at process exit.
+            unsafe {
+                libc::atexit(stop_at_exit);
+            }
+            c
+        })
+    }
+
+    fn start(dir: &Path) -> Result<Containerd> {
+        let project = project_dir();
+        let run_root = dir.join("sandboxes");
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("isola.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hypervisor]\nvmm = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+                 [virtiofs]\nvirtiofsd = \"{}\"\n[runtime]\nrun_root = \"{}\"\nlog_level = \"info\"\n\
+                 start_timeout_secs = 180\n",
+                release_binary("isola-vmm")?.display(),
+                project.join("build/vmlinux").display(),
+                project.join("build/initrd.img").display(),
+                virtiofsd()?.display(),
+                run_root.display(),
+            ),
+        )?;
+        release_binary("containerd-shim-isola-v2")?;
+        let status = Command::new(project.join("tests/containerd/start"))
+            .arg(dir)
+            .env("ISOLA_CONFIG", &config)
+            .env("ISOLA_SHIM_DIR", project.join("target/release"))
+            .status()
+            .context("running tests/containerd/start")?;
+        ensure!(status.success(), "tests/containerd/start failed: {status}");
+        let c = Containerd {
+            dir: dir.to_path_buf(),
+            sock: dir.join("containerd.sock"),
+            run_root,
+        };
+        for image in ["busybox.tar", "busybox-user.tar"] {
+            let tar = project.join("build/images").join(image);
+            ensure!(
+                tar.exists(),
+                "{} is missing: run `make busybox-image`",
+                tar.display()
+            );
+            let out = c.ctr(&["image", "import", &tar.to_string_lossy()])?;
+            ensure!(
+                out.status.success(),
+                "importing {image}: {}",
+                text(&out.stderr)
+            );
+        }
+        Ok(c)
+    }
+
+    /// Restarts containerd alone (its shims keep running), as an admin's
+    /// `systemctl restart containerd` does.
+    pub fn restart(&self) -> Result<()> {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("containerd.pid"))?
+            .trim()
+            .parse()?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            ensure!(
+                Instant::now() < deadline,
+                "containerd (pid {pid}) did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let project = project_dir();
+        let status = Command::new(project.join("tests/containerd/start"))
+            .arg(&self.dir)
+            .env("ISOLA_CONFIG", self.dir.join("isola.toml"))
+            .env("ISOLA_SHIM_DIR", project.join("target/release"))
+            .status()?;
+        ensure!(status.success(), "restarting containerd failed: {status}");
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<()> {
+        let status = Command::new(project_dir().join("tests/containerd/stop"))
+            .arg(&self.dir)
+            .status()?;
+        ensure!(status.success(), "tests/containerd/stop: {status}");
+        Ok(())
+    }
+
+    /// `ctr --address SOCK ARGS`.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&self.sock).args(args);
+        cmd
+    }
+
+    /// Runs `ctr ARGS` to its end (deadline [`CTR_DEADLINE`]).
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        let child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning ctr")?;
+        wait_output(child, CTR_DEADLINE).with_context(|| format!("ctr {}", args.join(" ")))
+    }
+
+    /// `ctr run --rm --runtime isola IMAGE ID ARGS...`: status, stdout, stderr.
+    pub fn run_rm(&self, image: &str, id: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["run", "--rm", "--runtime", RUNTIME, image, id];
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
+    /// `ctr ARGS` with its stdio on a pty (for `-t`): its status and all it
+    /// printed.
+    pub fn ctr_on_pty(&self, args: &[&str]) -> Result<(i32, String)> {
+        let pty = nix::pty::openpty(None, None)?;
+        let slave = std::fs::File::from(pty.slave);
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::from(slave.try_clone()?))
+            .stdout(Stdio::from(slave.try_clone()?))
+            .stderr(Stdio::from(slave))
+            .spawn()?;
+        let mut master = std::fs::File::from(pty.master);
+        let fd = master.as_raw_fd();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 4096];
+            // EIO once the last slave fd closes (ctr exited).
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+            all
+        });
+        let status = wait_status(&mut child, CTR_DEADLINE)?;
+        let _ = fd;
+        let out = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("pty reader panicked"))?;
+        Ok((status, String::from_utf8_lossy(&out).into_owned()))
+    }
+
+    /// The STATUS column of `ctr task ls` for `id` (None: no task).
+    pub fn task_status(&self, id: &str) -> Result<Option<String>> {
+        let out = self.ctr(&["task", "ls"])?;
+        ensure!(out.status.success(), "ctr task ls: {}", text(&out.stderr));
+        Ok(text(&out.stdout).lines().find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.last().unwrap_or(&"").to_string())
+        }))
+    }
+
+    /// Waits until `id`'s task has `status`.
+    pub fn wait_status(&self, id: &str, status: &str) -> Result<()> {
+        let deadline = Instant::now() + CTR_DEADLINE;
+        loop {
+            let now = self.task_status(id)?;
+            if now.as_deref() == Some(status) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "task {id} is {now:?}, not {status}, after {CTR_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The processes whose command line names sandbox `id`'s run
+    /// directory (its isola-vmm, virtiofsd).
+    pub fn helpers(&self, id: &str) -> Vec<(u32, String)> {
+        processes_containing(&format!("{}/", self.run_root.join(id).display()))
+    }
+
+    /// The shim serving container `id`.
+    pub fn shim_pid(&self, id: &str) -> Option<u32> {
+        processes_containing("containerd-shim-isola-v2")
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains(&format!(" -id {id} ")))
+            .map(|(pid, _)| pid)
+    }
+
+    /// Waits (bounded) until sandbox `id` left nothing: no helper process,
+    /// no shim, no run directory, no mount naming it, no dead shim socket.
+    pub fn assert_clean(&self, id: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let problems = self.leftovers(id);
+            if problems.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = self.log();
+                let tag = format!(" id={id} ");
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&tag)).collect();
+                let tail = &lines[lines.len().saturating_sub(30)..];
+                bail!(
+                    "sandbox {id} left: {problems:#?}\nits shim's log (last lines):\n{}",
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn leftovers(&self, id: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (pid, cmd) in self.helpers(id) {
+            problems.push(format!("process {pid}: {cmd}"));
+        }
+        if let Some(pid) = self.shim_pid(id) {
+            problems.push(format!("shim {pid}"));
+        }
+        let run_dir = self.run_root.join(id);
+        if run_dir.exists() {
+            problems.push(format!("{} exists", run_dir.display()));
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let bundle = format!("/io.containerd.runtime.v2.task/default/{id}/");
+        for line in mountinfo.lines() {
+            if line.contains(&format!("{}/", run_dir.display())) || line.contains(&bundle) {
+                problems.push(format!("mount: {line}"));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir("/run/containerd/s") {
+            for entry in entries.flatten() {
+                if std::os::unix::net::UnixStream::connect(entry.path()).is_err() {
+                    problems.push(format!("dead shim socket {}", entry.path().display()));
+                }
+            }
+        }
+        problems
+    }
+
+    /// containerd's log (the shims' logs are in it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+}
+
+/// Every process (not this one) whose command line contains `needle`.
+pub fn processes_containing(needle: &str) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) && crate::containers::process_alive(pid) {
+            found.push((pid, cmd));
+        }
+    }
+    found
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Waits for `child` (killed at the deadline), collecting its output.
+pub fn wait_output(child: Child, deadline: Duration) -> Result<Output> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
+            bail!("still running after {deadline:?}: killed")
+        }
+    }
+}
+
+fn wait_status(child: &mut Child, deadline: Duration) -> Result<i32> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.code().unwrap_or(-1));
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            bail!("still running after {deadline:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The exit status of an Output (-1 if killed by a signal).
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}

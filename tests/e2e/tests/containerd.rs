@@ -139,6 +139,17 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()?;
     c.wait_status(id, "RUNNING")?;
+    // isola-vmm and virtiofsd run in the host cgroup containerd gave the
+    // sandbox (ctr's cgroupsPath: /<namespace>/<id>).
+    let helpers = c.helpers(id);
+    ensure!(helpers.len() >= 2, "helpers of {id}: {helpers:?}");
+    for (pid, cmd) in &helpers {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        ensure!(
+            cgroup.trim() == format!("0::/default/{id}"),
+            "{cmd} (pid {pid}) is in cgroup {cgroup:?}, not /default/{id}"
+        );
+    }
 
     let out = c.ctr(&[
         "task",
@@ -505,4 +516,196 @@ fn a_command_missing_from_the_image_fails_clearly() -> Result<()> {
     // ctr run --rm does not delete a container whose task never started.
     let _ = c.ctr(&["container", "delete", "nocmd"]);
     c.assert_clean("nocmd")
+}
+
+/// nproc and MemTotal (MiB) inside a container run with `extra` options.
+fn vm_size(c: &Containerd, id: &str, extra: &[&str]) -> Result<(u32, u64)> {
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        BUSYBOX,
+        id,
+        "sh",
+        "-c",
+        "nproc; grep MemTotal /proc/meminfo",
+    ]);
+    let out = c.ctr(&args)?;
+    ensure!(out.status.success(), "{}", report(c, id, &out));
+    let printed = stdout(&out);
+    let mut lines = printed.lines();
+    let nproc = lines.next().and_then(|l| l.trim().parse().ok());
+    let mem_kib: Option<u64> = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok());
+    c.assert_clean(id)?;
+    match (nproc, mem_kib) {
+        (Some(n), Some(kib)) => Ok((n, kib / 1024)),
+        _ => anyhow::bail!("{id}: cannot read the size from {printed:?}"),
+    }
+}
+
+#[test]
+fn the_vm_is_sized_from_the_config_the_oci_resources_and_allowed_annotations() -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    // The config's defaults: 1 vCPU, 256 MiB.
+    let (n, mib) = vm_size(c, "size0", &[])?;
+    ensure!(
+        n == 1 && (180..=256).contains(&mib),
+        "default VM: {n} vCPUs, {mib} MiB"
+    );
+    // Kata's way: the sandbox's limits are added to the defaults.
+    let (n, mib) = vm_size(c, "size1", &["--cpus", "1", "--memory-limit", "134217728"])?;
+    ensure!(
+        n == 2 && (300..=384).contains(&mib),
+        "1 CPU + 128 MiB more: {n} vCPUs, {mib} MiB"
+    );
+    // An annotation the config allows.
+    let (n, mib) = vm_size(
+        c,
+        "size2",
+        &["--annotation", "io.isola.config.default_memory_mib=320"],
+    )?;
+    ensure!(
+        n == 1 && (250..=320).contains(&mib),
+        "320 MiB by annotation: {n} vCPUs, {mib} MiB"
+    );
+    // One it does not.
+    let out = c.run_rm(BUSYBOX, "size3", &["true"])?;
+    ensure!(out.status.success(), "{}", report(c, "size3", &out));
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.isola.config.default_vcpus=2",
+        BUSYBOX,
+        "size4",
+        "true",
+    ])?;
+    let err = text(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && err.contains("io.isola.config.default_vcpus")
+            && err.contains("enable_annotations"),
+        "{}",
+        report(c, "a refused annotation", &out)
+    );
+    let _ = c.ctr(&["container", "delete", "size4"]);
+    c.assert_clean("size4")
+}
+
+#[test]
+fn stdin_is_delivered_and_closed_and_log_uris_receive_the_output() -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    // stdin from a pipe: cat ends when ctr's stdin ends (CloseIO).
+    let mut run = c
+        .command(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX,
+            "stdin1",
+            "sh",
+            "-c",
+            "cat; echo done",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // ctr sends CloseIO on stdin's EOF only once its task exists (an EOF
+    // before that leaves the FIFO open, with runc as with isola).
+    c.wait_status("stdin1", "RUNNING")?;
+    {
+        use std::io::Write;
+        let mut stdin = run
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        stdin.write_all(b"line one\nline two\n")?;
+    }
+    let out = wait_output(run, CTR_DEADLINE)?;
+    ensure!(
+        out.status.success() && stdout(&out) == "line one\nline two\ndone\n",
+        "{}",
+        report(c, "stdin", &out)
+    );
+    c.assert_clean("stdin1")?;
+
+    // file://: both streams appended to the file.
+    let logs = c.dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let file = logs.join("file1.log");
+    let uri = format!("file://{}", file.display());
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &uri,
+        BUSYBOX,
+        "file1",
+        "sh",
+        "-c",
+        "echo to-stdout; echo to-stderr >&2",
+    ])?;
+    ensure!(out.status.success(), "{}", report(c, "file log-uri", &out));
+    let written = std::fs::read_to_string(&file).unwrap_or_default();
+    ensure!(
+        written.contains("to-stdout\n") && written.contains("to-stderr\n"),
+        "{} has {written:?}",
+        file.display()
+    );
+    c.assert_clean("file1")?;
+
+    // binary://: a logging binary gets stdout on fd 3, stderr on fd 4.
+    let script = logs.join("logger.sh");
+    let out_file = logs.join("binary1.log");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec 5>&-\n{{ cat <&3 | sed 's/^/out: /'; }} >> {o} &\n{{ cat <&4 | sed 's/^/err: /'; }} >> {o}.err\nwait\n",
+            o = out_file.display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let uri = format!("binary://{}", script.display());
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &uri,
+        BUSYBOX,
+        "binary1",
+        "sh",
+        "-c",
+        "echo to-stdout; echo to-stderr >&2",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        report(c, "binary log-uri", &out)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = std::fs::read_to_string(&out_file).unwrap_or_default();
+        let e = std::fs::read_to_string(format!("{}.err", out_file.display())).unwrap_or_default();
+        if o == "out: to-stdout\n" && e == "err: to-stderr\n" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the logging binary wrote {o:?} and {e:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.assert_clean("binary1")
 }

@@ -709,3 +709,82 @@ fn stdin_is_delivered_and_closed_and_log_uris_receive_the_output() -> Result<()>
     }
     c.assert_clean("binary1")
 }
+
+#[test]
+fn task_events_reach_containerd_oom_included() -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "events1";
+    let events = c
+        .command(&["events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "33554432",
+        BUSYBOX,
+        id,
+        "sleep",
+        "100000",
+    ])?;
+    ensure!(out.status.success(), "{}", report(c, "run -d", &out));
+    c.wait_status(id, "RUNNING")?;
+    for args in [["task", "pause", id], ["task", "resume", id]] {
+        let out = c.ctr(&args)?;
+        ensure!(out.status.success(), "{}", report(c, "pause/resume", &out));
+    }
+    let out = c.ctr(&["task", "checkpoint", id])?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("does not checkpoint"),
+        "{}",
+        report(c, "checkpoint", &out)
+    );
+    // 32 MiB of memory: this exec is OOM-killed in the guest.
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "hog",
+        id,
+        "sh",
+        "-c",
+        "tail /dev/zero",
+    ])?;
+    ensure!(code(&out) == 137, "{}", report(c, "the memory hog", &out));
+    let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
+    ensure!(out.status.success(), "{}", report(c, "kill", &out));
+    c.wait_status(id, "STOPPED")?;
+    for args in [["task", "delete", id], ["container", "delete", id]] {
+        let out = c.ctr(&args)?;
+        ensure!(out.status.success(), "{}", report(c, "delete", &out));
+    }
+    c.assert_clean(id)?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(events.id() as i32),
+        nix::sys::signal::SIGTERM,
+    );
+    let seen = stdout(&wait_output(events, CTR_DEADLINE)?);
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/oom",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        ensure!(
+            seen.lines().any(|l| l.contains(topic) && l.contains(id)),
+            "no {topic} event for {id} in:\n{seen}"
+        );
+    }
+    Ok(())
+}

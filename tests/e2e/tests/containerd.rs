@@ -788,3 +788,53 @@ fn task_events_reach_containerd_oom_included() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn isola_check_passes_on_the_kvm_host_with_this_containerd() -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let project = isola_e2e::project_dir();
+    let path = format!(
+        "{}:{}",
+        project.join("target/release").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(project.join("target/release/isola"))
+        .arg("check")
+        .arg("--config")
+        .arg(c.dir.join("isola.toml"))
+        .arg("--containerd-address")
+        .arg(&c.sock)
+        .env("PATH", path)
+        .output()?;
+    let printed = stdout(&out);
+    eprintln!("{printed}");
+    for name in [
+        "kvm",
+        "/dev/kvm",
+        "/dev/net/tun",
+        "config",
+        "isola-vmm",
+        "guest kernel",
+        "guest initrd",
+        "versions",
+        "virtiofsd",
+        "containerd",
+        "containerd-shim-isola-v2",
+    ] {
+        ensure!(
+            printed
+                .lines()
+                .any(|l| l.starts_with(&format!("ok   {name}:"))),
+            "`isola check` does not pass `{name}` on this KVM host:\n{printed}"
+        );
+    }
+    // Huge pages depend on the host's settings; the verdict must match.
+    let failed = printed.lines().any(|l| l.starts_with("FAIL "));
+    ensure!(
+        out.status.success() != failed,
+        "exit status {:?} with FAIL lines: {failed}",
+        out.status.code()
+    );
+    Ok(())
+}

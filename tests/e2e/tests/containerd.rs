@@ -571,6 +571,23 @@ fn the_vm_is_sized_from_the_config_the_oci_resources_and_allowed_annotations() -
         n == 1 && (250..=320).contains(&mib),
         "320 MiB by annotation: {n} vCPUs, {mib} MiB"
     );
+    // Another config, named by the runtime options (ctr's
+    // --runtime-config-path; CRI's options.ConfigPath).
+    let alt = c.dir.join("isola-alt.toml");
+    let base = std::fs::read_to_string(c.dir.join("isola.toml"))?;
+    std::fs::write(
+        &alt,
+        base.replace("[hypervisor]\n", "[hypervisor]\ndefault_memory_mib = 288\n"),
+    )?;
+    let (n, mib) = vm_size(
+        c,
+        "size5",
+        &["--runtime-config-path", &alt.to_string_lossy()],
+    )?;
+    ensure!(
+        n == 1 && (220..=288).contains(&mib),
+        "288 MiB by another config: {n} vCPUs, {mib} MiB"
+    );
     // One it does not.
     let out = c.run_rm(BUSYBOX, "size3", &["true"])?;
     ensure!(out.status.success(), "{}", report(c, "size3", &out));

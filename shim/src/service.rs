@@ -1017,3 +1017,91 @@ impl Task for Service {
         Ok(Empty::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_errors_map_onto_ttrpc_codes() {
+        let cases = [
+            (ErrorKind::NotFound, Code::NOT_FOUND),
+            (ErrorKind::AlreadyExists, Code::ALREADY_EXISTS),
+            (ErrorKind::InvalidArgument, Code::INVALID_ARGUMENT),
+            (ErrorKind::FailedPrecondition, Code::FAILED_PRECONDITION),
+            (ErrorKind::DeadlineExceeded, Code::DEADLINE_EXCEEDED),
+            (ErrorKind::Unimplemented, Code::UNIMPLEMENTED),
+            (ErrorKind::Unavailable, Code::UNAVAILABLE),
+            (ErrorKind::Dead, Code::UNAVAILABLE),
+            (ErrorKind::Internal, Code::INTERNAL),
+            (ErrorKind::Host, Code::INTERNAL),
+        ];
+        for (kind, code) in cases {
+            let err = isola_sandbox::Error::new(kind, "sb1", "doing it", "it broke");
+            match from_sandbox(err) {
+                ttrpc::Error::RpcStatus(s) => {
+                    assert_eq!(s.code(), code, "{kind:?}");
+                    assert!(
+                        s.message.contains("sb1") && s.message.contains("it broke"),
+                        "{}",
+                        s.message
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn timestamps_split_nanoseconds() {
+        let t = timestamp(1_700_000_000_123_456_789);
+        assert_eq!((t.seconds, t.nanos), (1_700_000_000, 123_456_789));
+    }
+
+    #[test]
+    fn stdio_requests_follow_containerds_names() {
+        let names = |i: &str, o: &str, e: &str| Names {
+            stdin: i.into(),
+            stdout: o.into(),
+            stderr: e.into(),
+        };
+        let p = Proc::new("", names("", "/f/out", "/f/err"), false, None);
+        assert_eq!(
+            p.stdio_request(),
+            StdioRequest {
+                stdin: false,
+                stdout: true,
+                stderr: true,
+                terminal: None
+            }
+        );
+        // A terminal has one output stream; stderr's name is ignored.
+        let p = Proc::new("e1", names("/f/in", "/f/out", "/f/err"), true, None);
+        assert_eq!(
+            p.stdio_request(),
+            StdioRequest {
+                stdin: true,
+                stdout: true,
+                stderr: false,
+                terminal: Some(WindowSize { rows: 0, cols: 0 })
+            }
+        );
+    }
+
+    #[test]
+    fn a_process_moves_from_created_to_running_to_exited() {
+        let p = Proc::new("", Names::default(), false, None);
+        assert_eq!(p.state(), (State::Created, 0));
+        p.set(State::Running, 42);
+        assert_eq!(p.state(), (State::Running, 42));
+        let exit = Exit {
+            status: 3,
+            at_ns: 5,
+        };
+        p.set(State::Exited(exit), 42);
+        assert_eq!(p.state(), (State::Exited(exit), 42));
+        let rx = p.exit.subscribe();
+        p.exit.send_replace(Some(exit));
+        assert_eq!(*rx.borrow(), Some(exit));
+    }
+}

@@ -127,11 +127,14 @@ boot-demo: all
 
 # Side by side on a KVM host, RUNS=N (default 5) each: isola-vmm against
 # QEMU microvm (boot to agent ready, VMM memory overhead, start-up CPU),
-# then `isola run` against runc (start, stdout throughput, virtio-fs read).
-bench: all busybox-rootfs
+# then `isola run` against runc (start, stdout throughput, virtio-fs read),
+# then containerd's isola shim against its runc shim (`ctr run --rm` wall
+# time, host PSS of an idle container).
+bench: all busybox-rootfs busybox-image
 	tests/kvm-host/setup-e2e
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)
+	tests/kvm-host/run target/release/bench-shim --runs $(or $(RUNS),5)
 
 # Every fuzz target for FUZZ_SECONDS (default 60) each; `make test`
 # replays the corpora on stable (unit tests).

@@ -410,8 +410,24 @@ impl Service {
         })?;
         let sandbox_id = grouping::sandbox_id(&id, spec.annotations().as_ref());
 
-        // The rootfs: the snapshotter's mounts, mounted at <bundle>/rootfs.
-        let rootfs = bundle.join("rootfs");
+        // The rootfs: the snapshotter's mounts, mounted at <bundle>/rootfs;
+        // without mounts, the spec's root.path (relative to the bundle), as
+        // `ctr run --rootfs DIR` gives it.
+        let rootfs = if req.rootfs.is_empty() {
+            let root = spec
+                .root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .ok_or_else(|| {
+                    status(
+                        Code::INVALID_ARGUMENT,
+                        format!("container {id}: no rootfs mounts and no root.path in its spec"),
+                    )
+                })?;
+            bundle.join(root)
+        } else {
+            bundle.join("rootfs")
+        };
         let mut mounted_rootfs = None;
         if !req.rootfs.is_empty() {
             tokio::fs::create_dir_all(&rootfs)

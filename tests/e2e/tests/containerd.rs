@@ -855,3 +855,28 @@ fn isola_check_passes_on_the_kvm_host_with_this_containerd() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_rootfs_directory_without_snapshot_mounts_works() -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let rootfs = isola_e2e::containers::busybox_rootfs()?;
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--rootfs",
+        &rootfs.to_string_lossy(),
+        "rootfs1",
+        "/bin/sh",
+        "-c",
+        "echo from a rootfs directory",
+    ])?;
+    ensure!(
+        out.status.success() && stdout(&out) == "from a rootfs directory\n",
+        "{}",
+        report(c, "--rootfs", &out)
+    );
+    c.assert_clean("rootfs1")
+}

@@ -880,3 +880,84 @@ fn a_rootfs_directory_without_snapshot_mounts_works() -> Result<()> {
     );
     c.assert_clean("rootfs1")
 }
+
+/// Update (which `ctr` 1.6 has no command for), called on the shim's own
+/// socket as containerd calls it: the new memory limit reaches the
+/// container's cgroup in the guest.
+#[test]
+fn update_changes_a_running_containers_limits() -> Result<()> {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::MessageField;
+    use containerd_shim_protos::shim_async::{Client, TaskClient};
+
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "update1";
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        id,
+        "sleep",
+        "100000",
+    ])?;
+    ensure!(out.status.success(), "{}", report(c, "run -d", &out));
+    c.wait_status(id, "RUNNING")?;
+    let limit = |c: &Containerd| -> Result<String> {
+        let out = c.ctr(&["task", "metrics", id])?;
+        ensure!(out.status.success(), "{}", report(c, "metrics", &out));
+        Ok(stdout(&out)
+            .lines()
+            .find(|l| l.starts_with("memory.usage_limit"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("")
+            .to_string())
+    };
+    ensure!(
+        limit(c)? == u64::MAX.to_string(),
+        "no limit at first: {}",
+        limit(c)?
+    );
+
+    let address = std::fs::read_to_string(
+        c.dir
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id)
+            .join("address"),
+    )?;
+    let resources = serde_json::json!({"memory": {"limit": 67108864}});
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = Client::connect(address.trim()).await?;
+        let task = TaskClient::new(client);
+        let req = UpdateTaskRequest {
+            id: id.to_string(),
+            resources: MessageField::some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+                    .to_string(),
+                value: serde_json::to_vec(&resources)?,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ctx =
+            containerd_shim_protos::ttrpc::context::with_timeout(CTR_DEADLINE.as_nanos() as i64);
+        task.update(ctx, &req).await?;
+        anyhow::Ok(())
+    })?;
+    ensure!(limit(c)? == "67108864", "after Update: {}", limit(c)?);
+
+    let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
+    ensure!(out.status.success(), "{}", report(c, "kill", &out));
+    c.wait_status(id, "STOPPED")?;
+    for args in [["task", "delete", id], ["container", "delete", id]] {
+        let out = c.ctr(&args)?;
+        ensure!(out.status.success(), "{}", report(c, "delete", &out));
+    }
+    c.assert_clean(id)
+}

@@ -236,7 +236,8 @@ pub fn confine(
             }
             // The parent may have died before the prctl: do not outlive it.
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("the parent died"));
+                // No allocation after fork: std reports only the errno.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             if let Some(procs) = &procs {
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);

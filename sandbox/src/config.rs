@@ -22,6 +22,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The longest start or stop timeout a config may ask for (an hour).
+pub const MAX_TIMEOUT_SECS: u64 = 3600;
+
 /// Where the configuration is installed.
 pub const DEFAULT_PATH: &str = "/etc/isola/config.toml";
 /// The environment variable naming another configuration file.
@@ -560,6 +563,12 @@ impl Config {
             if secs == 0 {
                 return Err(invalid(key, "must be at least 1 second".to_string()));
             }
+            if secs > MAX_TIMEOUT_SECS {
+                return Err(invalid(
+                    key,
+                    format!("{secs} is more than {MAX_TIMEOUT_SECS} seconds"),
+                ));
+            }
         }
         Ok(())
     }
@@ -851,6 +860,14 @@ stop_timeout_secs = 5
             ),
             (
                 "[runtime]\nstop_timeout_secs = 0",
+                "runtime.stop_timeout_secs",
+            ),
+            (
+                "[runtime]\nstart_timeout_secs = 18446744073709551615",
+                "runtime.start_timeout_secs",
+            ),
+            (
+                "[runtime]\nstop_timeout_secs = 3601",
                 "runtime.stop_timeout_secs",
             ),
         ];

@@ -20,11 +20,17 @@ pub struct Report {
     pub sandbox: String,
     pub killed: Vec<u32>,
     pub removed_run_dir: bool,
+    /// A shim still served the sandbox: it was left to it.
+    pub shim_alive: bool,
 }
 
 /// Cleans up container `id` of the bundle `bundle`, whose sandboxes live
-/// under `run_root`.
-pub fn delete(bundle: &Path, id: &str, run_root: &Path) -> Report {
+/// under `run_root`; `helpers` are the file names of isola-vmm and
+/// virtiofsd (only processes running those are killed). containerd runs
+/// the action after every delete, also when the shim lives on (it then
+/// stops its sandbox itself): with a shim answering on the bundle's
+/// address, only the rootfs is unmounted.
+pub fn delete(bundle: &Path, id: &str, run_root: &Path, helpers: &[String]) -> Report {
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
     let annotations = spec.as_ref().and_then(|s| s.annotations().clone());
     let sandbox = grouping::sandbox_id(id, annotations.as_ref());
@@ -33,9 +39,13 @@ pub fn delete(bundle: &Path, id: &str, run_root: &Path) -> Report {
         ..Default::default()
     };
     unmount_rootfs(&bundle.join("rootfs"));
+    if shim_answers(bundle) {
+        report.shim_alive = true;
+        return report;
+    }
     if sandbox == id && isola_protocol_id_ok(&sandbox) {
         let run_dir = run_root.join(&sandbox);
-        report.killed = kill_helpers(&run_dir);
+        report.killed = kill_helpers(&run_dir, helpers);
         if run_dir.exists() {
             let errors = share::unmount_all(&run_dir);
             for err in &errors {
@@ -79,9 +89,12 @@ fn isola_protocol_id_ok(id: &str) -> bool {
 /// The processes whose command line names the sandbox's run directory
 /// (isola-vmm, virtiofsd and its sandboxed child): SIGKILL, then wait until
 /// they are gone (bounded).
-fn kill_helpers(run_dir: &Path) -> Vec<u32> {
+fn kill_helpers(run_dir: &Path, helpers: &[String]) -> Vec<u32> {
     let needle = format!("{}/", run_dir.display());
-    let pids = processes_naming(&needle);
+    let pids: Vec<u32> = processes_naming(&needle)
+        .into_iter()
+        .filter(|&pid| runs_one_of(pid, helpers))
+        .collect();
     for &pid in &pids {
         tracing::info!(pid, dir = %run_dir.display(), "killing a helper left by a dead shim");
         let _ = nix::sys::signal::kill(
@@ -125,6 +138,31 @@ fn processes_naming(needle: &str) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// Whether `pid`'s executable's file name is one of `names`.
+fn runs_one_of(pid: u32, names: &[String]) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let name = exe
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string()
+        })
+        .unwrap_or_default();
+    names.contains(&name)
+}
+
+/// The shim's address (the bundle's `address` file) accepts connections.
+fn shim_answers(bundle: &Path) -> bool {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return false;
+    };
+    let path = address.trim().trim_start_matches("unix://");
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 /// Alive and not a zombie.
@@ -177,18 +215,20 @@ mod tests {
         let bundle = tempfile::tempdir().expect("tempdir");
         let run_dir = root.path().join("sb1");
         std::fs::create_dir_all(run_dir.join("rw")).expect("mkdir");
-        let sock = format!("{}/vsock.sock", run_dir.display());
-        let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", "exec sleep 100 \"$0\"", &sock])
+        // A helper: its command line names the run directory.
+        let sleep = run_dir.join("sleep");
+        std::fs::copy("/usr/bin/sleep", &sleep).expect("copy sleep");
+        let mut child = std::process::Command::new(&sleep)
+            .arg("100")
             .spawn()
             .expect("spawn");
         // Until it has exec'd, its command line is this test's.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !processes_naming(&sock).contains(&child.id()) {
+        while !runs_one_of(child.id(), &["sleep".to_string()]) {
             assert!(Instant::now() < deadline, "the helper never started");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let report = delete(bundle.path(), "sb1", root.path());
+        let report = delete(bundle.path(), "sb1", root.path(), &["sleep".to_string()]);
         assert!(report.killed.contains(&child.id()), "{:?}", report.killed);
         assert!(report.removed_run_dir);
         assert!(!run_dir.exists());
@@ -209,7 +249,7 @@ mod tests {
             r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod1"}}"#,
         )
         .expect("write");
-        let report = delete(bundle.path(), "c1", root.path());
+        let report = delete(bundle.path(), "c1", root.path(), &[]);
         assert_eq!(report.sandbox, "pod1");
         assert!(!report.removed_run_dir);
         assert!(root.path().join("pod1").exists());
@@ -227,5 +267,57 @@ mod tests {
         .expect("write");
         remove_stale_socket(bundle.path());
         assert!(!sock.exists());
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn a_live_shim_keeps_its_sandbox() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("sb2")).expect("mkdir");
+        let sock = bundle.path().join("shim.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        std::fs::write(
+            bundle.path().join("address"),
+            format!("unix://{}", sock.display()),
+        )
+        .expect("write");
+        let report = delete(bundle.path(), "sb2", root.path(), &[]);
+        assert!(report.shim_alive);
+        assert!(root.path().join("sb2").exists());
+        assert!(sock.exists());
+    }
+
+    #[test]
+    fn only_helper_executables_are_killed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = tempfile::tempdir().expect("tempdir");
+        let run_dir = root.path().join("sb3");
+        std::fs::create_dir_all(&run_dir).expect("mkdir");
+        let sleep = run_dir.join("sleep");
+        std::fs::copy("/usr/bin/sleep", &sleep).expect("copy sleep");
+        let mut bystander = std::process::Command::new(&sleep)
+            .arg("100")
+            .spawn()
+            .expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !runs_one_of(bystander.id(), &["sleep".to_string()]) {
+            assert!(Instant::now() < deadline, "never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let report = delete(
+            bundle.path(),
+            "sb3",
+            root.path(),
+            &["isola-vmm".to_string()],
+        );
+        assert!(report.killed.is_empty(), "{:?}", report.killed);
+        assert!(alive(bystander.id()));
+        let _ = bystander.kill();
+        let _ = bystander.wait();
     }
 }

@@ -92,15 +92,29 @@ async fn start_action(flags: &Flags) -> i32 {
 /// The `delete` action: containerd's clean-up of a container whose shim is
 /// gone.
 fn delete_action(flags: &Flags) -> i32 {
-    let run_root = match Config::load(None) {
-        Ok(config) => config.runtime.run_root,
+    let config = match Config::load(None) {
+        Ok(config) => config,
         Err(err) => {
             tracing::warn!(%err, "using the default run root");
-            Config::defaults().runtime.run_root
+            Config::defaults()
         }
     };
-    let report = cleanup::delete(&bundle_of(flags), &flags.id, &run_root);
-    tracing::info!(container = %flags.id, sandbox = %report.sandbox, killed = ?report.killed, run_dir_removed = report.removed_run_dir, "cleaned up after a dead shim");
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let helpers = [
+        file_name(&config.hypervisor.vmm),
+        file_name(&config.virtiofs.virtiofsd),
+    ];
+    let report = cleanup::delete(
+        &bundle_of(flags),
+        &flags.id,
+        &config.runtime.run_root,
+        &helpers,
+    );
+    tracing::info!(container = %flags.id, sandbox = %report.sandbox, killed = ?report.killed, run_dir_removed = report.removed_run_dir, shim_alive = report.shim_alive, "delete action");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

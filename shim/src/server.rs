@@ -49,7 +49,13 @@ async fn serve_inner(flags: &Flags) -> Result<(), String> {
         .await
         .map_err(|e| format!("connecting to containerd's events at {ttrpc_address}: {e}"))?;
     let exit = Arc::new(ExitSignal::default());
-    let service = Arc::new(Service::new(&flags.namespace, publisher, exit.clone()));
+    let socket_file = Arc::new(SocketFile::new(Path::new(&socket)));
+    let service = Arc::new(Service::new(
+        &flags.namespace,
+        publisher,
+        exit.clone(),
+        Some(socket_file.clone()),
+    ));
     let mut services = create_task(service.clone());
     for (name, svc) in create_task(service) {
         services.insert(name.replace(".task.v3.", ".task.v2."), svc);
@@ -70,8 +76,38 @@ async fn serve_inner(flags: &Flags) -> Result<(), String> {
     tracing::info!("shutting down");
     // Bounded: a client holding its connection must not keep us alive.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server.shutdown()).await;
-    let _ = std::fs::remove_file(&socket);
+    socket_file.remove();
     Ok(())
+}
+
+/// The server's socket file, removed only while it is still the one we
+/// bound (a new shim of the same sandbox may have bound the path since).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    pub fn new(path: &Path) -> SocketFile {
+        use std::os::unix::fs::MetadataExt;
+        SocketFile {
+            path: path.to_path_buf(),
+            id: std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Binds `path`, or returns None if a live server owns it. A stale socket

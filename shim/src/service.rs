@@ -99,6 +99,8 @@ struct Proc {
     state: StdMutex<(State, u32)>,
     exit: watch::Sender<Option<Exit>>,
     io: tokio::sync::Mutex<Option<Attached>>,
+    /// Set by Delete: a later exit is not reported.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl Proc {
@@ -111,6 +113,7 @@ impl Proc {
             state: StdMutex::new((State::Created, 0)),
             exit: watch::channel(None).0,
             io: tokio::sync::Mutex::new(None),
+            deleted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -120,6 +123,17 @@ impl Proc {
 
     fn set(&self, state: State, pid: u32) {
         *lock(&self.state) = (state, pid);
+    }
+
+    /// Created → Running; false if it is not created (its exit came first).
+    fn start_if_created(&self, pid: u32) -> bool {
+        let mut state = lock(&self.state);
+        if state.0 == State::Created {
+            *state = (State::Running, pid);
+            true
+        } else {
+            false
+        }
     }
 
     fn stdio_request(&self) -> StdioRequest {
@@ -166,17 +180,32 @@ struct Shared {
     namespace: String,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
+    /// The server's socket, unlinked once Shutdown decided to end the
+    /// shim: the next `start` then spawns a new shim.
+    socket: Option<Arc<crate::server::SocketFile>>,
+    /// Set (under the `sandbox` lock) once Shutdown stops the sandbox.
+    closing: std::sync::atomic::AtomicBool,
+    /// Creates between the `sandbox` lock and their container's entry.
+    creating: std::sync::atomic::AtomicUsize,
     sandbox: tokio::sync::Mutex<Option<Arc<Running>>>,
     containers: StdMutex<HashMap<String, Container>>,
 }
 
 impl Service {
-    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
+    pub fn new(
+        namespace: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+        socket: Option<Arc<crate::server::SocketFile>>,
+    ) -> Service {
         Service {
             shared: Arc::new(Shared {
                 namespace: namespace.to_string(),
                 publisher,
                 exit,
+                socket,
+                closing: std::sync::atomic::AtomicBool::new(false),
+                creating: std::sync::atomic::AtomicUsize::new(0),
                 sandbox: tokio::sync::Mutex::new(None),
                 containers: StdMutex::new(HashMap::new()),
             }),
@@ -317,6 +346,11 @@ impl Service {
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
+                    Ok(Event::Oom { container_id })
+                        if !this.containers().contains_key(&container_id) =>
+                    {
+                        tracing::warn!(sandbox = %sid, container = %container_id, "an OOM event for a container this sandbox does not have: ignored");
+                    }
                     Ok(Event::Oom { container_id }) => {
                         tracing::warn!(sandbox = %sid, container = %container_id, "OOM kill in the container");
                         this.publish(TaskOOM {
@@ -367,6 +401,10 @@ impl Service {
             let (_, pid) = proc.state();
             proc.set(State::Exited(exit), pid);
             tracing::info!(sandbox = %running.sandbox.id(), container = %cid, exec_id = %exec_id, pid, status = exit.status, "process exited");
+            if proc.deleted.load(std::sync::atomic::Ordering::SeqCst) {
+                proc.exit.send_replace(Some(exit));
+                return;
+            }
             this.publish(TaskExit {
                 container_id: cid.clone(),
                 id: if exec_id.is_empty() {
@@ -471,6 +509,21 @@ impl Service {
         let id = req.id.clone();
         let running = {
             let mut slot = self.shared.sandbox.lock().await;
+            if self
+                .shared
+                .closing
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(status(
+                    Code::UNAVAILABLE,
+                    format!("container {id}: this shim is shutting down its sandbox"),
+                ));
+            }
+            // Counted until the container is in the table: Shutdown
+            // waits for no Create in flight.
+            self.shared
+                .creating
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             match slot.as_ref() {
                 Some(running) => {
                     if running.sandbox.id() != sandbox_id {
@@ -482,20 +535,47 @@ impl Service {
                             ),
                         ));
                     }
-                    sizing::check_fits(running.size, &spec).map_err(|e| {
-                        status(Code::INVALID_ARGUMENT, format!("container {id}: {e}"))
-                    })?;
                     running.clone()
                 }
-                None => {
-                    let running = self
-                        .start_sandbox(sandbox_id, &spec, req.options.as_ref())
-                        .await?;
-                    *slot = Some(running.clone());
-                    running
-                }
+                None => match self
+                    .start_sandbox(sandbox_id, &spec, req.options.as_ref())
+                    .await
+                {
+                    Ok(running) => {
+                        *slot = Some(running.clone());
+                        running
+                    }
+                    Err(err) => {
+                        self.shared
+                            .creating
+                            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        return Err(err);
+                    }
+                },
             }
         };
+        let result = self
+            .create_container_in(req, &running, spec, rootfs, mounted_rootfs)
+            .await;
+        self.shared
+            .creating
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+
+    async fn create_container_in(
+        &self,
+        req: &api::CreateTaskRequest,
+        running: &Arc<Running>,
+        spec: Spec,
+        rootfs: &Path,
+        mounted_rootfs: Option<PathBuf>,
+    ) -> TtrpcResult<u32> {
+        let id = req.id.clone();
+        if running.sandbox.id() != id {
+            sizing::check_fits(running.size, &spec)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, format!("container {id}: {e}")))?;
+        }
         let proc = Arc::new(Proc::new(
             "",
             Names {
@@ -534,6 +614,9 @@ impl Service {
         };
         *proc.io.lock().await = Some(attached);
         proc.set(State::Created, started.pid);
+        // Watched from now on: a created init is a process in the guest,
+        // and a Kill before Start must end its Wait too.
+        self.watch_exit(running.clone(), id.clone(), proc.clone());
         let mut procs = HashMap::new();
         procs.insert(String::new(), proc);
         self.containers().insert(
@@ -633,17 +716,36 @@ impl Task for Service {
                 .exec(&req.id, &req.exec_id, &process, proc.stdio_request())
                 .await
                 .map_err(from_sandbox)?;
-            let attached =
-                Attached::attach(&proc.names, started.io, &req.id, &self.shared.namespace)
-                    .await
-                    .map_err(|e| {
-                        status(Code::INVALID_ARGUMENT, format!("exec {}: {e}", req.exec_id))
-                    })?;
-            *proc.io.lock().await = Some(attached);
+            match Attached::attach(&proc.names, started.io, &req.id, &self.shared.namespace).await {
+                Ok(attached) => *proc.io.lock().await = Some(attached),
+                Err(e) => {
+                    // The process runs in the guest already: end it, and
+                    // let the watcher report its exit.
+                    if let Err(err) = running
+                        .sandbox
+                        .signal(&req.id, &req.exec_id, libc::SIGKILL as u32, false)
+                        .await
+                    {
+                        tracing::warn!(container = %req.id, exec_id = %req.exec_id, %err, "killing an exec whose stdio failed");
+                    }
+                    proc.set(State::Running, started.pid);
+                    self.watch_exit(running, req.id.clone(), proc);
+                    return Err(status(
+                        Code::INVALID_ARGUMENT,
+                        format!("exec {}: {e}", req.exec_id),
+                    ));
+                }
+            }
             started.pid
         };
-        proc.set(State::Running, pid);
-        self.watch_exit(running, req.id.clone(), proc);
+        if req.exec_id.is_empty() {
+            // Its watcher runs since Create; an exit before this start
+            // (a kill) stays the state.
+            proc.start_if_created(pid);
+        } else {
+            proc.set(State::Running, pid);
+            self.watch_exit(running, req.id.clone(), proc);
+        }
         tracing::info!(container = %req.id, exec_id = %req.exec_id, pid, "started");
         if req.exec_id.is_empty() {
             self.publish(TaskStart {
@@ -690,17 +792,29 @@ impl Task for Service {
             },
             State::Exited(exit) => exit,
         };
-        if let Some(mut io) = proc.io.lock().await.take() {
-            io.abort().await;
-        }
+        use std::sync::atomic::Ordering;
+        proc.deleted.store(true, Ordering::SeqCst);
         if req.exec_id.is_empty() {
             if let Ok(running) = self.running().await {
                 if let Err(err) = running.sandbox.remove(&req.id, true).await {
                     if running.sandbox.dead().is_none() {
+                        // Kept, so containerd can retry: its mounts in the
+                        // share and in the guest are still there.
+                        proc.deleted.store(false, Ordering::SeqCst);
                         tracing::warn!(container = %req.id, %err, "removing the container in the guest");
+                        return Err(from_sandbox(err));
                     }
                 }
             }
+        }
+        if let Some(mut io) = proc.io.lock().await.take() {
+            io.abort().await;
+        }
+        if state == State::Created {
+            // Nobody waits forever for a process that never ran.
+            proc.exit.send_replace(Some(exit));
+        }
+        if req.exec_id.is_empty() {
             let container = self.containers().remove(&req.id);
             if let Some(path) = container.as_ref().and_then(|c| c.mounted_rootfs.as_ref()) {
                 unmount_rootfs(path);
@@ -1010,8 +1124,22 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<Empty> {
-        if !self.containers().is_empty() {
-            return Ok(Empty::new());
+        use std::sync::atomic::Ordering;
+        // Decided under the sandbox lock, which Create holds while it
+        // joins: no container, no Create in flight, and only once.
+        let running = {
+            let mut slot = self.shared.sandbox.lock().await;
+            if !self.containers().is_empty()
+                || self.shared.creating.load(Ordering::SeqCst) > 0
+                || self.shared.closing.swap(true, Ordering::SeqCst)
+            {
+                return Ok(Empty::new());
+            }
+            slot.take()
+        };
+        // The next `start` for this sandbox spawns a new shim.
+        if let Some(socket) = &self.shared.socket {
+            socket.remove();
         }
         // The VM stops in a task of its own, after the answer: containerd
         // waits for Shutdown only briefly (and drops the call), and nothing
@@ -1019,7 +1147,6 @@ impl Task for Service {
         // deleted). The shim exits once the VM is stopped and cleaned up.
         let this = self.clone();
         let stopping = tokio::spawn(async move {
-            let running = this.shared.sandbox.lock().await.take();
             if let Some(running) = running {
                 tracing::info!(sandbox = %running.sandbox.id(), "no containers left: stopping the sandbox VM");
                 if let Err(err) = running.sandbox.stop().await {

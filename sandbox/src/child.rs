@@ -201,6 +201,46 @@ fn describe(status: ExitStatus) -> String {
 /// only echo.
 pub const LEADER_GRACE: Duration = Duration::from_secs(1);
 
+/// Every live process but this one whose command line (NULs as spaces)
+/// contains `needle`, with that command line: how a helper left by a dead
+/// supervisor is found by the run directory it names.
+pub fn processes_naming(needle: &str) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) && alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Whether `pid` exists and is neither a zombie nor dead.
+pub fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
 /// Prepares a helper's command: it is killed when the thread that spawned
 /// it dies (a shim killed with SIGKILL takes its VM with it), and with
 /// `cgroup` it joins that host cgroup (v2) before it runs, so everything it

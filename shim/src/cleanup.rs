@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use isola_sandbox::child::{alive, processes_naming};
 use isola_sandbox::share;
 
 use crate::grouping;
@@ -93,6 +94,7 @@ fn kill_helpers(run_dir: &Path, helpers: &[String]) -> Vec<u32> {
     let needle = format!("{}/", run_dir.display());
     let pids: Vec<u32> = processes_naming(&needle)
         .into_iter()
+        .map(|(pid, _)| pid)
         .filter(|&pid| runs_one_of(pid, helpers))
         .collect();
     for &pid in &pids {
@@ -105,37 +107,6 @@ fn kill_helpers(run_dir: &Path, helpers: &[String]) -> Vec<u32> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
         std::thread::sleep(Duration::from_millis(50));
-    }
-    pids
-}
-
-fn processes_naming(needle: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let me = std::process::id();
-    let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let text: Vec<u8> = cmdline
-            .iter()
-            .map(|&b| if b == 0 { b' ' } else { b })
-            .collect();
-        if String::from_utf8_lossy(&text).contains(needle) {
-            pids.push(pid);
-        }
     }
     pids
 }
@@ -163,17 +134,6 @@ fn shim_answers(bundle: &Path) -> bool {
     };
     let path = address.trim().trim_start_matches("unix://");
     std::os::unix::net::UnixStream::connect(path).is_ok()
-}
-
-/// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
 }
 
 /// The shim's socket (named in the bundle's `address` file) if nothing

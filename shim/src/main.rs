@@ -115,19 +115,10 @@ fn delete_action(flags: &Flags) -> i32 {
         &helpers,
     );
     tracing::info!(container = %flags.id, sandbox = %report.sandbox, killed = ?report.killed, run_dir_removed = report.removed_run_dir, shim_alive = report.shim_alive, "delete action");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
     let response = DeleteResponse {
         pid: 0,
         exit_status: KILLED_STATUS,
-        exited_at: MessageField::some(
-            containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
-                seconds: now.as_secs() as i64,
-                nanos: now.subsec_nanos() as i32,
-                ..Default::default()
-            },
-        ),
+        exited_at: MessageField::some(service::timestamp(service::now_ns())),
         ..Default::default()
     };
     match response.write_to_bytes() {

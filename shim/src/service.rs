@@ -59,7 +59,7 @@ fn from_sandbox(err: isola_sandbox::Error) -> ttrpc::Error {
     status(code, err.to_string())
 }
 
-fn timestamp(ns: u64) -> Timestamp {
+pub fn timestamp(ns: u64) -> Timestamp {
     Timestamp {
         seconds: (ns / 1_000_000_000) as i64,
         nanos: (ns % 1_000_000_000) as i32,
@@ -67,7 +67,7 @@ fn timestamp(ns: u64) -> Timestamp {
     }
 }
 
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -632,18 +632,11 @@ impl Service {
     }
 }
 
-/// Unmounts a container's rootfs mount point (lazily: a process of the
-/// shim's may still hold it).
+/// Unmounts a container's rootfs mount point (and anything stacked on or
+/// below it), through the Share's unmount walk.
 pub fn unmount_rootfs(path: &Path) {
-    loop {
-        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) => continue,
-            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => break,
-            Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "rootfs not unmounted");
-                break;
-            }
-        }
+    for err in isola_sandbox::share::unmount_all(path) {
+        tracing::warn!(path = %path.display(), %err, "rootfs not unmounted");
     }
 }
 

@@ -306,11 +306,7 @@ pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
 
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // "pid (comm) S ...": the state follows the last ')'.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .is_some_and(|state| state != "Z" && state != "X")
+    isola_sandbox::child::alive(pid)
 }
 
 /// Fails unless the sandbox left nothing: no directory, no mount below

@@ -291,6 +291,44 @@ impl Containerd {
         problems
     }
 
+    /// A failed ctr command, with the end of containerd's log (the shims
+    /// log there).
+    pub fn report(&self, what: &str, out: &Output) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        format!(
+            "{what}: status {:?}\nstdout: {}\nstderr: {}\ncontainerd log (last lines):\n{}",
+            out.status.code(),
+            text(&out.stdout),
+            text(&out.stderr),
+            tail.join("\n")
+        )
+    }
+
+    /// `ctr ARGS` started in the background (stdin from /dev/null, output
+    /// collected): for a run that a test stops, or waits for later.
+    pub fn spawn(&self, args: &[&str]) -> Result<Child> {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning ctr {}", args.join(" ")))
+    }
+
+    /// SIGKILL to task `id`, then its task and container deleted.
+    pub fn kill_and_remove(&self, id: &str) -> Result<()> {
+        let out = self.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
+        ensure!(out.status.success(), "{}", self.report("kill", &out));
+        self.wait_status(id, "STOPPED")?;
+        for args in [["task", "delete", id], ["container", "delete", id]] {
+            let out = self.ctr(&args)?;
+            ensure!(out.status.success(), "{}", self.report("delete", &out));
+        }
+        Ok(())
+    }
+
     /// containerd's log (the shims' logs are in it).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
@@ -299,31 +337,7 @@ impl Containerd {
 
 /// Every process (not this one) whose command line contains `needle`.
 pub fn processes_containing(needle: &str) -> Vec<(u32, String)> {
-    let me = std::process::id();
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) && crate::containers::process_alive(pid) {
-            found.push((pid, cmd));
-        }
-    }
-    found
+    isola_sandbox::child::processes_naming(needle)
 }
 
 pub fn text(bytes: &[u8]) -> String {

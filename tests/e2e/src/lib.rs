@@ -30,6 +30,15 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(120);
 /// The line the agent prints once it is ready.
 pub const READY: &str = "isola-agent ready";
 
+/// The first `name` on PATH.
+pub fn which(name: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("{name} not found on PATH"))
+}
+
 /// The project's root directory.
 pub fn project_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

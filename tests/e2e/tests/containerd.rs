@@ -16,18 +16,6 @@ fn stdout(out: &std::process::Output) -> String {
     text(&out.stdout)
 }
 
-fn report(c: &Containerd, what: &str, out: &std::process::Output) -> String {
-    let log = c.log();
-    let tail: Vec<&str> = log.lines().rev().take(40).collect();
-    format!(
-        "{what}: status {:?}\nstdout: {}\nstderr: {}\ncontainerd log (last lines, newest first):\n{}",
-        out.status.code(),
-        stdout(out),
-        text(&out.stderr),
-        tail.join("\n")
-    )
-}
-
 #[test]
 fn ctr_run_prints_exits_with_the_status_and_rm_leaves_nothing() -> Result<()> {
     require_kvm_host()?;
@@ -43,7 +31,7 @@ fn ctr_run_prints_exits_with_the_status_and_rm_leaves_nothing() -> Result<()> {
         "echo1",
         &["sh", "-c", "echo hello from isola; uname -r"],
     )?;
-    ensure!(out.status.success(), "{}", report(c, "ctr run echo", &out));
+    ensure!(out.status.success(), "{}", c.report("ctr run echo", &out));
     let printed = stdout(&out);
     let mut lines = printed.lines();
     ensure!(lines.next() == Some("hello from isola"), "{printed:?}");
@@ -60,12 +48,12 @@ fn ctr_run_prints_exits_with_the_status_and_rm_leaves_nothing() -> Result<()> {
         "exit3",
         &["sh", "-c", "echo out; echo err >&2; exit 3"],
     )?;
-    ensure!(code(&out) == 3, "{}", report(c, "exit 3", &out));
-    ensure!(stdout(&out) == "out\n", "{}", report(c, "exit 3", &out));
+    ensure!(code(&out) == 3, "{}", c.report("exit 3", &out));
+    ensure!(stdout(&out) == "out\n", "{}", c.report("exit 3", &out));
     ensure!(
         text(&out.stderr).contains("err"),
         "{}",
-        report(c, "exit 3", &out)
+        c.report("exit 3", &out)
     );
     c.assert_clean("exit3")?;
     let out = c.ctr(&["container", "ls", "-q"])?;
@@ -86,11 +74,11 @@ fn env_cwd_and_user_come_from_the_image_config() -> Result<()> {
         "imgcfg",
         &["sh", "-c", "echo $GREETING; pwd; id -u; id -g"],
     )?;
-    ensure!(out.status.success(), "{}", report(c, "image config", &out));
+    ensure!(out.status.success(), "{}", c.report("image config", &out));
     ensure!(
         stdout(&out) == "hello-from-image\n/home/user\n1000\n1000\n",
         "{}",
-        report(c, "image config", &out)
+        c.report("image config", &out)
     );
     c.assert_clean("imgcfg")
 }
@@ -122,22 +110,17 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
     let c = Containerd::shared();
     let id = "long1";
     // In the foreground, in the background: its exit status is ctr's.
-    let run = c
-        .command(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX,
-            id,
-            "sh",
-            "-c",
-            "trap 'echo got TERM; exit 42' TERM; while :; do sleep 1; done",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let run = c.spawn(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        id,
+        "sh",
+        "-c",
+        "trap 'echo got TERM; exit 42' TERM; while :; do sleep 1; done",
+    ])?;
     c.wait_status(id, "RUNNING")?;
     // isola-vmm and virtiofsd run in the host cgroup containerd gave the
     // sandbox (ctr's cgroupsPath: /<namespace>/<id>).
@@ -161,11 +144,11 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
         "-c",
         "echo exec says hi; exit 5",
     ])?;
-    ensure!(code(&out) == 5, "{}", report(c, "exec", &out));
+    ensure!(code(&out) == 5, "{}", c.report("exec", &out));
     ensure!(
         stdout(&out) == "exec says hi\n",
         "{}",
-        report(c, "exec", &out)
+        c.report("exec", &out)
     );
 
     let (status, printed) = c.ctr_on_pty(&["task", "exec", "-t", "--exec-id", "e2", id, "tty"])?;
@@ -175,7 +158,7 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
     );
 
     let out = c.ctr(&["task", "ps", id])?;
-    ensure!(out.status.success(), "{}", report(c, "ps", &out));
+    ensure!(out.status.success(), "{}", c.report("ps", &out));
     let pids = stdout(&out)
         .lines()
         .skip(1)
@@ -188,7 +171,7 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
     );
 
     let out = c.ctr(&["task", "metrics", id])?;
-    ensure!(out.status.success(), "{}", report(c, "metrics", &out));
+    ensure!(out.status.success(), "{}", c.report("metrics", &out));
     let metrics = stdout(&out);
     let value = |name: &str| -> Option<u64> {
         metrics
@@ -204,46 +187,41 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
     ensure!(value("cpu.usage_usec").is_some(), "no cpu usage: {metrics}");
 
     let out = c.ctr(&["task", "pause", id])?;
-    ensure!(out.status.success(), "{}", report(c, "pause", &out));
+    ensure!(out.status.success(), "{}", c.report("pause", &out));
     c.wait_status(id, "PAUSED")?;
     let out = c.ctr(&["task", "resume", id])?;
-    ensure!(out.status.success(), "{}", report(c, "resume", &out));
+    ensure!(out.status.success(), "{}", c.report("resume", &out));
     c.wait_status(id, "RUNNING")?;
 
     let out = c.ctr(&["task", "kill", "--signal", "SIGTERM", id])?;
-    ensure!(out.status.success(), "{}", report(c, "kill TERM", &out));
+    ensure!(out.status.success(), "{}", c.report("kill TERM", &out));
     let out = wait_output(run, CTR_DEADLINE)?;
-    ensure!(code(&out) == 42, "{}", report(c, "after SIGTERM", &out));
+    ensure!(code(&out) == 42, "{}", c.report("after SIGTERM", &out));
     ensure!(
         stdout(&out).contains("got TERM"),
         "{}",
-        report(c, "after SIGTERM", &out)
+        c.report("after SIGTERM", &out)
     );
     c.assert_clean(id)?;
 
     // SIGKILL: the init ignores nothing it cannot.
     let id = "long2";
-    let run = c
-        .command(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX,
-            id,
-            "sh",
-            "-c",
-            "trap '' TERM; while :; do sleep 1; done",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let run = c.spawn(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        id,
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 1; done",
+    ])?;
     c.wait_status(id, "RUNNING")?;
     let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
-    ensure!(out.status.success(), "{}", report(c, "kill KILL", &out));
+    ensure!(out.status.success(), "{}", c.report("kill KILL", &out));
     let out = wait_output(run, CTR_DEADLINE)?;
-    ensure!(code(&out) == 137, "{}", report(c, "after SIGKILL", &out));
+    ensure!(code(&out) == 137, "{}", c.report("after SIGKILL", &out));
     c.assert_clean(id)
 }
 
@@ -267,12 +245,12 @@ fn containers_annotated_into_one_cri_sandbox_share_its_vm() -> Result<()> {
     args.extend_from_slice(&sandbox);
     args.extend_from_slice(&[BUSYBOX, "pod1", "sleep", "100000"]);
     let out = c.ctr(&args)?;
-    ensure!(out.status.success(), "{}", report(c, "pod1", &out));
+    ensure!(out.status.success(), "{}", c.report("pod1", &out));
     let mut args = vec!["run", "-d", "--runtime", RUNTIME];
     args.extend_from_slice(&member);
     args.extend_from_slice(&[BUSYBOX, "pod1-c2", "sleep", "100000"]);
     let out = c.ctr(&args)?;
-    ensure!(out.status.success(), "{}", report(c, "pod1-c2", &out));
+    ensure!(out.status.success(), "{}", c.report("pod1-c2", &out));
     c.wait_status("pod1-c2", "RUNNING")?;
 
     let boot_id = |id: &str| -> Result<String> {
@@ -285,7 +263,7 @@ fn containers_annotated_into_one_cri_sandbox_share_its_vm() -> Result<()> {
             "cat",
             "/proc/sys/kernel/random/boot_id",
         ])?;
-        ensure!(out.status.success(), "{}", report(c, "boot_id", &out));
+        ensure!(out.status.success(), "{}", c.report("boot_id", &out));
         Ok(stdout(&out))
     };
     let (a, b) = (boot_id("pod1")?, boot_id("pod1-c2")?);
@@ -306,17 +284,7 @@ fn containers_annotated_into_one_cri_sandbox_share_its_vm() -> Result<()> {
     );
 
     for id in ["pod1-c2", "pod1"] {
-        let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
-        ensure!(out.status.success(), "{}", report(c, "kill", &out));
-        c.wait_status(id, "STOPPED")?;
-        let out = c.ctr(&["task", "delete", id])?;
-        ensure!(out.status.success(), "{}", report(c, "task delete", &out));
-        let out = c.ctr(&["container", "delete", id])?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            report(c, "container delete", &out)
-        );
+        c.kill_and_remove(id)?;
     }
     c.assert_clean("pod1")
 }
@@ -329,21 +297,16 @@ fn five_containers_started_in_parallel_all_run() -> Result<()> {
     let runs: Vec<_> = (1..=5)
         .map(|i| {
             let id = format!("par{i}");
-            let child = c
-                .command(&[
-                    "run",
-                    "--rm",
-                    "--runtime",
-                    RUNTIME,
-                    BUSYBOX,
-                    &id,
-                    "echo",
-                    &format!("container {i}"),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn();
+            let child = c.spawn(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                BUSYBOX,
+                &id,
+                "echo",
+                &format!("container {i}"),
+            ]);
             (i, id, child)
         })
         .collect();
@@ -352,7 +315,7 @@ fn five_containers_started_in_parallel_all_run() -> Result<()> {
         ensure!(
             out.status.success() && stdout(&out) == format!("container {i}\n"),
             "{}",
-            report(c, &id, &out)
+            c.report(&id, &out)
         );
     }
     eprintln!("five in parallel: {:.1} s", started.elapsed().as_secs_f64());
@@ -367,21 +330,16 @@ fn a_killed_vmm_ends_the_task_and_leaves_nothing() -> Result<()> {
     require_kvm_host()?;
     let c = Containerd::shared();
     let id = "vmmkill";
-    let run = c
-        .command(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX,
-            id,
-            "sleep",
-            "100000",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let run = c.spawn(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        id,
+        "sleep",
+        "100000",
+    ])?;
     c.wait_status(id, "RUNNING")?;
     let vmm = c
         .helpers(id)
@@ -396,7 +354,7 @@ fn a_killed_vmm_ends_the_task_and_leaves_nothing() -> Result<()> {
         nix::sys::signal::SIGKILL,
     )?;
     let out = wait_output(run, CTR_DEADLINE)?;
-    ensure!(code(&out) != 0, "{}", report(c, "after the VMM died", &out));
+    ensure!(code(&out) != 0, "{}", c.report("after the VMM died", &out));
     let log = c.log();
     ensure!(
         log.lines().any(|l| l.contains("isola-vmm")
@@ -422,7 +380,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() -> Result<()> {
         "sleep",
         "100000",
     ])?;
-    ensure!(out.status.success(), "{}", report(c, "run -d", &out));
+    ensure!(out.status.success(), "{}", c.report("run -d", &out));
     c.wait_status(id, "RUNNING")?;
     let shim = c
         .shim_pid(id)
@@ -442,7 +400,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() -> Result<()> {
         ensure!(
             Instant::now() < deadline,
             "{}",
-            report(c, "task delete", &out)
+            c.report("task delete", &out)
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -450,7 +408,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() -> Result<()> {
     ensure!(
         out.status.success(),
         "{}",
-        report(c, "container delete", &out)
+        c.report("container delete", &out)
     );
     c.assert_clean(id)
 }
@@ -470,7 +428,7 @@ fn a_restarted_containerd_finds_the_running_task() -> Result<()> {
         "sleep",
         "100000",
     ])?;
-    ensure!(out.status.success(), "{}", report(c, "run -d", &out));
+    ensure!(out.status.success(), "{}", c.report("run -d", &out));
     c.wait_status(id, "RUNNING")?;
     c.restart()?;
     c.wait_status(id, "RUNNING")?;
@@ -486,15 +444,9 @@ fn a_restarted_containerd_finds_the_running_task() -> Result<()> {
     ensure!(
         stdout(&out) == "still here\n",
         "{}",
-        report(c, "exec after restart", &out)
+        c.report("exec after restart", &out)
     );
-    let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
-    ensure!(out.status.success(), "{}", report(c, "kill", &out));
-    c.wait_status(id, "STOPPED")?;
-    for args in [["task", "delete", id], ["container", "delete", id]] {
-        let out = c.ctr(&args)?;
-        ensure!(out.status.success(), "{}", report(c, "delete", &out));
-    }
+    c.kill_and_remove(id)?;
     c.assert_clean(id)
 }
 
@@ -506,7 +458,7 @@ fn a_command_missing_from_the_image_fails_clearly() -> Result<()> {
     ensure!(
         !out.status.success(),
         "{}",
-        report(c, "missing command", &out)
+        c.report("missing command", &out)
     );
     let err = text(&out.stderr);
     ensure!(
@@ -530,7 +482,7 @@ fn vm_size(c: &Containerd, id: &str, extra: &[&str]) -> Result<(u32, u64)> {
         "nproc; grep MemTotal /proc/meminfo",
     ]);
     let out = c.ctr(&args)?;
-    ensure!(out.status.success(), "{}", report(c, id, &out));
+    ensure!(out.status.success(), "{}", c.report(id, &out));
     let printed = stdout(&out);
     let mut lines = printed.lines();
     let nproc = lines.next().and_then(|l| l.trim().parse().ok());
@@ -590,7 +542,7 @@ fn the_vm_is_sized_from_the_config_the_oci_resources_and_allowed_annotations() -
     );
     // One it does not.
     let out = c.run_rm(BUSYBOX, "size3", &["true"])?;
-    ensure!(out.status.success(), "{}", report(c, "size3", &out));
+    ensure!(out.status.success(), "{}", c.report("size3", &out));
     let out = c.ctr(&[
         "run",
         "--rm",
@@ -608,7 +560,7 @@ fn the_vm_is_sized_from_the_config_the_oci_resources_and_allowed_annotations() -
             && err.contains("io.isola.config.default_vcpus")
             && err.contains("enable_annotations"),
         "{}",
-        report(c, "a refused annotation", &out)
+        c.report("a refused annotation", &out)
     );
     let _ = c.ctr(&["container", "delete", "size4"]);
     c.assert_clean("size4")
@@ -650,7 +602,7 @@ fn stdin_is_delivered_and_closed_and_log_uris_receive_the_output() -> Result<()>
     ensure!(
         out.status.success() && stdout(&out) == "line one\nline two\ndone\n",
         "{}",
-        report(c, "stdin", &out)
+        c.report("stdin", &out)
     );
     c.assert_clean("stdin1")?;
 
@@ -672,7 +624,7 @@ fn stdin_is_delivered_and_closed_and_log_uris_receive_the_output() -> Result<()>
         "-c",
         "echo to-stdout; echo to-stderr >&2",
     ])?;
-    ensure!(out.status.success(), "{}", report(c, "file log-uri", &out));
+    ensure!(out.status.success(), "{}", c.report("file log-uri", &out));
     let written = std::fs::read_to_string(&file).unwrap_or_default();
     ensure!(
         written.contains("to-stdout\n") && written.contains("to-stderr\n"),
@@ -706,11 +658,7 @@ fn stdin_is_delivered_and_closed_and_log_uris_receive_the_output() -> Result<()>
         "-c",
         "echo to-stdout; echo to-stderr >&2",
     ])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        report(c, "binary log-uri", &out)
-    );
+    ensure!(out.status.success(), "{}", c.report("binary log-uri", &out));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let o = std::fs::read_to_string(&out_file).unwrap_or_default();
@@ -750,17 +698,17 @@ fn task_events_reach_containerd_oom_included() -> Result<()> {
         "sleep",
         "100000",
     ])?;
-    ensure!(out.status.success(), "{}", report(c, "run -d", &out));
+    ensure!(out.status.success(), "{}", c.report("run -d", &out));
     c.wait_status(id, "RUNNING")?;
     for args in [["task", "pause", id], ["task", "resume", id]] {
         let out = c.ctr(&args)?;
-        ensure!(out.status.success(), "{}", report(c, "pause/resume", &out));
+        ensure!(out.status.success(), "{}", c.report("pause/resume", &out));
     }
     let out = c.ctr(&["task", "checkpoint", id])?;
     ensure!(
         !out.status.success() && text(&out.stderr).contains("does not checkpoint"),
         "{}",
-        report(c, "checkpoint", &out)
+        c.report("checkpoint", &out)
     );
     // 32 MiB of memory: this exec is OOM-killed in the guest.
     let out = c.ctr(&[
@@ -773,14 +721,8 @@ fn task_events_reach_containerd_oom_included() -> Result<()> {
         "-c",
         "tail /dev/zero",
     ])?;
-    ensure!(code(&out) == 137, "{}", report(c, "the memory hog", &out));
-    let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
-    ensure!(out.status.success(), "{}", report(c, "kill", &out));
-    c.wait_status(id, "STOPPED")?;
-    for args in [["task", "delete", id], ["container", "delete", id]] {
-        let out = c.ctr(&args)?;
-        ensure!(out.status.success(), "{}", report(c, "delete", &out));
-    }
+    ensure!(code(&out) == 137, "{}", c.report("the memory hog", &out));
+    c.kill_and_remove(id)?;
     c.assert_clean(id)?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(events.id() as i32),
@@ -876,7 +818,7 @@ fn a_rootfs_directory_without_snapshot_mounts_works() -> Result<()> {
     ensure!(
         out.status.success() && stdout(&out) == "from a rootfs directory\n",
         "{}",
-        report(c, "--rootfs", &out)
+        c.report("--rootfs", &out)
     );
     c.assert_clean("rootfs1")
 }
@@ -904,11 +846,11 @@ fn update_changes_a_running_containers_limits() -> Result<()> {
         "sleep",
         "100000",
     ])?;
-    ensure!(out.status.success(), "{}", report(c, "run -d", &out));
+    ensure!(out.status.success(), "{}", c.report("run -d", &out));
     c.wait_status(id, "RUNNING")?;
     let limit = |c: &Containerd| -> Result<String> {
         let out = c.ctr(&["task", "metrics", id])?;
-        ensure!(out.status.success(), "{}", report(c, "metrics", &out));
+        ensure!(out.status.success(), "{}", c.report("metrics", &out));
         Ok(stdout(&out)
             .lines()
             .find(|l| l.starts_with("memory.usage_limit"))
@@ -952,12 +894,6 @@ fn update_changes_a_running_containers_limits() -> Result<()> {
     })?;
     ensure!(limit(c)? == "67108864", "after Update: {}", limit(c)?);
 
-    let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;
-    ensure!(out.status.success(), "{}", report(c, "kill", &out));
-    c.wait_status(id, "STOPPED")?;
-    for args in [["task", "delete", id], ["container", "delete", id]] {
-        let out = c.ctr(&args)?;
-        ensure!(out.status.success(), "{}", report(c, "delete", &out));
-    }
+    c.kill_and_remove(id)?;
     c.assert_clean(id)
 }

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use isola_e2e::{median, project_dir, require_kvm_host, Scratch};
+use isola_e2e::{median, project_dir, require_kvm_host, which, Scratch};
 
 const STREAM_BYTES: u64 = 256 << 20;
 const FILE_BYTES: usize = 256 << 20;
@@ -290,14 +290,6 @@ fn write_pattern(path: &Path, len: usize) -> Result<()> {
     }
     f.flush()?;
     Ok(())
-}
-
-fn which(name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found on PATH"))
 }
 
 #[cfg(test)]

@@ -21,12 +21,11 @@
 //!   container is killed and deleted afterwards, and must leave nothing.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use isola_e2e::containerd::{processes_containing, text, Containerd, BUSYBOX, RUNTIME};
-use isola_e2e::{median, project_dir, require_kvm_host};
+use isola_e2e::{median, project_dir, require_kvm_host, which};
 
 /// containerd's runc runtime.
 const RUNC: &str = "io.containerd.runc.v2";
@@ -212,8 +211,7 @@ fn echo_run(c: &Containerd, runtime: &str, id: &str) -> Result<Duration> {
     ensure!(
         out.status.success() && text(&out.stdout) == "hi\n",
         "{}",
-        report(
-            c,
+        c.report(
             &format!("ctr run --rm --runtime {runtime} {id} echo hi"),
             &out
         )
@@ -315,7 +313,7 @@ fn idle(c: &Containerd, runtime: &str, id: &str) -> Result<Pss> {
     ensure!(
         out.status.success(),
         "{}",
-        report(c, &format!("ctr run -d --runtime {runtime} {id}"), &out)
+        c.report(&format!("ctr run -d --runtime {runtime} {id}"), &out)
     );
     let measured = c
         .wait_status(id, "RUNNING")
@@ -428,7 +426,7 @@ fn task_pids(c: &Containerd, id: &str) -> Result<Vec<u32>> {
     ensure!(
         out.status.success(),
         "{}",
-        report(c, &format!("ctr task ps {id}"), &out)
+        c.report(&format!("ctr task ps {id}"), &out)
     );
     parse_task_pids(&text(&out.stdout))
 }
@@ -451,7 +449,7 @@ fn remove(c: &Containerd, id: &str) -> Result<()> {
     ensure!(
         out.status.success(),
         "{}",
-        report(c, &format!("ctr task kill {id}"), &out)
+        c.report(&format!("ctr task kill {id}"), &out)
     );
     c.wait_status(id, "STOPPED")?;
     for args in [["task", "delete", id], ["container", "delete", id]] {
@@ -459,7 +457,7 @@ fn remove(c: &Containerd, id: &str) -> Result<()> {
         ensure!(
             out.status.success(),
             "{}",
-            report(c, &format!("ctr {}", args.join(" ")), &out)
+            c.report(&format!("ctr {}", args.join(" ")), &out)
         );
     }
     Ok(())
@@ -501,31 +499,8 @@ fn discard(c: &Containerd, id: &str) {
     }
 }
 
-/// A failed ctr command, with the end of containerd's log (the shims log
-/// there).
-fn report(c: &Containerd, what: &str, out: &std::process::Output) -> String {
-    let log = c.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(30)..];
-    format!(
-        "{what}: status {:?}\nstdout: {}\nstderr: {}\ncontainerd log (last lines):\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr),
-        tail.join("\n")
-    )
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn which(name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found on PATH"))
 }
 
 #[cfg(test)]

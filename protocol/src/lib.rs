@@ -12,6 +12,8 @@
 //!   (`create_health`, `create_agent`);
 //! - [`stream`]: the header of the stdio and log streams, which travel on
 //!   their own vsock connections ([`STREAM_VSOCK_PORT`]), not in RPCs;
+//! - [`network`]: the rules of `SetupNetwork`'s fields (pod networking),
+//!   checked the same way on both sides;
 //! - [`status`]: error replies (codes the host maps, messages naming the
 //!   field) and the id rule.
 //!
@@ -29,8 +31,8 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The version of the `isola.agent.v1` API that this crate describes, as
 /// reported by `Health.Version` in `api_version`. Raised when methods or
 /// fields are added to v1: 1 was `Health` alone, 2 adds the container
-/// service `Agent`.
-pub const API_VERSION: u32 = 2;
+/// service `Agent`, 3 adds `Agent.SetupNetwork` (pod networking).
+pub const API_VERSION: u32 = 3;
 
 /// The fully qualified name of the health service, for
 /// `CheckRequest.service`.
@@ -74,6 +76,7 @@ pub mod agent_ttrpc {
 
 #[cfg(feature = "host")]
 pub mod hybrid;
+pub mod network;
 pub mod status;
 pub mod stream;
 

@@ -472,7 +472,7 @@ async fn dial_agent_then_health_check() {
 
     let resp = health.version(ctx(), &VersionRequest::new()).await.unwrap();
     assert_eq!(resp.agent_version, "test");
-    assert_eq!(resp.api_version, 2);
+    assert_eq!(resp.api_version, crate::API_VERSION);
 
     drop(health);
     server.shutdown().await.unwrap();

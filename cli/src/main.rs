@@ -6,6 +6,7 @@
 
 mod check;
 mod host;
+mod pod;
 mod spec;
 mod tty;
 
@@ -47,6 +48,10 @@ enum Command {
     /// virtiofsd, containerd and the shim. Exits 0 only when every check
     /// passes.
     Check(CheckArgs),
+    /// Runs a Pod manifest (a subset of v1.Pod) through containerd's CRI
+    /// the way kubelet does: apply, status, exec, logs, stats, restart,
+    /// delete. For trying isola on a node without a cluster.
+    Pod(Box<pod::PodArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +144,25 @@ struct RunArgs {
     command: Vec<String>,
 }
 
+/// The tokio runtime of the commands that need one.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISOLA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
+}
+
 fn main() {
     let cli = Cli::parse();
     let args = match cli.command {
@@ -148,20 +172,13 @@ fn main() {
             config: args.config,
             containerd_address: args.containerd_address,
         })),
+        Command::Pod(args) => {
+            init_logging();
+            std::process::exit(pod::run(*args))
+        }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ISOLA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_target(false)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    init_logging();
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("isola: error: starting the runtime: {err}");

@@ -12,6 +12,7 @@
 pub mod child;
 pub mod config;
 pub mod error;
+pub mod network;
 pub mod rootfs;
 mod sandbox;
 pub mod share;
@@ -20,6 +21,7 @@ pub mod stdio;
 
 pub use error::{Error, ErrorKind, Result};
 pub use isola_protocol::agent as proto;
+pub use network::{discover_and_plumb, NetworkError, PodNetwork};
 pub use sandbox::{
     agent_line_level, virtiofsd_args, vmm_args, Console, ContainerRequest, Event, ExitStatus,
     Sandbox, SandboxConfig, Started, BASE_CMDLINE, DEFAULT_RUN_ROOT, RPC_TIMEOUT,

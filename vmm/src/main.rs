@@ -4,6 +4,7 @@
 //! isola-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N]
 //!           [--memory MIB] [--vsock SOCKET] [--console off|stdout|FILE]
 //!           [--fs tag=TAG,socket=PATH[,queues=N,queue_size=N]]...
+//!           [--net fd=N,mac=MAC | --net tap=NAME,mac=MAC]...
 //!           [--api-socket PATH]
 //! ```
 //! Exits 0 when the guest powers off or reboots, or on SIGTERM/SIGINT
@@ -20,6 +21,8 @@ use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
 use isola_vmm::devices::boot_timer::BootTimes;
 use isola_vmm::devices::virtio::fs::config::{check_unique_tags, FsConfig};
 use isola_vmm::devices::virtio::fs::Fs;
+use isola_vmm::devices::virtio::net::config::{check_net_configs, NetConfig};
+use isola_vmm::devices::virtio::net::Net;
 use isola_vmm::devices::virtio::rng::Rng;
 use isola_vmm::devices::virtio::vsock::{Vsock, FD_RESERVE, MAX_CONNECTIONS};
 use isola_vmm::vcpu::GuestExit;
@@ -81,6 +84,16 @@ struct Args {
     /// error naming the tag.
     #[arg(long, value_name = "tag=TAG,socket=PATH[,queues=N,queue_size=N]")]
     fs: Vec<FsConfig>,
+    /// A virtio-net device on a tap (at most 8; repeatable). `fd=N`: a tap
+    /// the caller opened from /dev/net/tun with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR
+    /// (in the pod's network namespace) and left open in isola-vmm as fd N
+    /// (3 or more). `tap=NAME`: isola-vmm attaches to (or creates) the tap
+    /// NAME in its own namespace. MAC is the guest's unicast address, e.g.
+    /// 52:54:00:12:34:56. isola-vmm sets the vnet header size, the offloads
+    /// the guest accepts and O_NONBLOCK; the interface's addresses and link
+    /// state are the caller's.
+    #[arg(long, value_name = "fd=N,mac=MAC|tap=NAME,mac=MAC")]
+    net: Vec<NetConfig>,
     /// Control API socket (JSON lines: info, pause, resume, shutdown, stop).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -98,6 +111,11 @@ fn main() {
     }
     let args = Args::parse();
     if let Err(err) = check_unique_tags(&args.fs) {
+        Args::command()
+            .error(clap::error::ErrorKind::ValueValidation, err)
+            .exit();
+    }
+    if let Err(err) = check_net_configs(&args.net) {
         Args::command()
             .error(clap::error::ErrorKind::ValueValidation, err)
             .exit();
@@ -123,6 +141,12 @@ fn main() {
 }
 
 fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
+    // The taps first: an inherited fd must be taken over before the VMM
+    // opens anything of its own that could be mistaken for it.
+    let mut nets = Vec::with_capacity(args.net.len());
+    for net in &args.net {
+        nets.push(Net::open(net)?);
+    }
     let console: Console = args.console.parse()?;
     let mut config = VmConfig::new(
         args.kernel,
@@ -179,6 +203,10 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     for share in args.fs {
         let fs = Arc::new(Mutex::new(Fs::connect(share, config.seccomp)?));
         virtio.push((fs.clone(), fs));
+    }
+    for net in nets {
+        let net = Arc::new(Mutex::new(net));
+        virtio.push((net.clone(), net));
     }
     let vm = Vm::build(config, started, boot_times, virtio)?;
     match vm.run()? {

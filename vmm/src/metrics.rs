@@ -35,6 +35,19 @@ pub struct VmmMetrics {
     /// Host connections to the API or vsock sockets refused or delayed
     /// because the process ran out of file descriptors.
     pub fd_exhaustion: AtomicU64,
+    /// virtio-net, all devices: frames (and their bytes, without the vnet
+    /// header) given to the guest.
+    pub net_rx_frames: AtomicU64,
+    pub net_rx_bytes: AtomicU64,
+    /// Frames from the back end not given to the guest: too short or too
+    /// long, or larger than every rx buffer the guest posts.
+    pub net_rx_dropped: AtomicU64,
+    /// virtio-net: frames (and bytes) the guest sent to the back end.
+    pub net_tx_frames: AtomicU64,
+    pub net_tx_bytes: AtomicU64,
+    /// Guest frames dropped: malformed or oversized chains, frames the
+    /// back end refused, a back end gone.
+    pub net_tx_dropped: AtomicU64,
 }
 
 /// The VMM's counters.
@@ -48,6 +61,12 @@ pub static METRICS: VmmMetrics = VmmMetrics {
     mmio_refused_writes: AtomicU64::new(0),
     activation_failures: AtomicU64::new(0),
     fd_exhaustion: AtomicU64::new(0),
+    net_rx_frames: AtomicU64::new(0),
+    net_rx_bytes: AtomicU64::new(0),
+    net_rx_dropped: AtomicU64::new(0),
+    net_tx_frames: AtomicU64::new(0),
+    net_tx_bytes: AtomicU64::new(0),
+    net_tx_dropped: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -72,6 +91,12 @@ pub struct MetricsSnapshot {
     pub mmio_refused_writes: u64,
     pub activation_failures: u64,
     pub fd_exhaustion: u64,
+    pub net_rx_frames: u64,
+    pub net_rx_bytes: u64,
+    pub net_rx_dropped: u64,
+    pub net_tx_frames: u64,
+    pub net_tx_bytes: u64,
+    pub net_tx_dropped: u64,
 }
 
 impl VmmMetrics {
@@ -87,6 +112,12 @@ impl VmmMetrics {
             mmio_refused_writes: get(&self.mmio_refused_writes),
             activation_failures: get(&self.activation_failures),
             fd_exhaustion: get(&self.fd_exhaustion),
+            net_rx_frames: get(&self.net_rx_frames),
+            net_rx_bytes: get(&self.net_rx_bytes),
+            net_rx_dropped: get(&self.net_rx_dropped),
+            net_tx_frames: get(&self.net_tx_frames),
+            net_tx_bytes: get(&self.net_tx_bytes),
+            net_tx_dropped: get(&self.net_tx_dropped),
         }
     }
 }

@@ -58,6 +58,10 @@ const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const FIONBIO: u64 = 0x5421;
 const FIOCLEX: u64 = 0x5451;
+/// virtio-net sets a tap's offloads when the driver's features are known.
+/// The tap's other ioctls (TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ) are made
+/// at start, before any filter.
+const TUNSETOFFLOAD: u64 = crate::devices::virtio::net::tap::TUNSETOFFLOAD;
 
 thread_local! {
     static THREAD_KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
@@ -90,7 +94,8 @@ const COMMON: &[i64] = &[
 ];
 
 /// The event loop: epoll, eventfds, signalfd, timerfds, the vsock device's
-/// Unix sockets (accept, connect, read, write), kicking vCPU threads,
+/// Unix sockets (accept, connect, read, write), virtio-net's taps (read,
+/// write; `write`/`writev` are in [`COMMON`]), kicking vCPU threads,
 /// removing its sockets at exit.
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_accept4,
@@ -178,7 +183,11 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::EventLoop => {
             rules.insert(
                 libc::SYS_ioctl,
-                vec![arg_eq(1, FIONBIO)?, arg_eq(1, FIOCLEX)?],
+                vec![
+                    arg_eq(1, FIONBIO)?,
+                    arg_eq(1, FIOCLEX)?,
+                    arg_eq(1, TUNSETOFFLOAD)?,
+                ],
             );
             rules.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
         }
@@ -339,6 +348,49 @@ mod tests {
         // SAFETY: a plain system call the console filter forbids.
         unsafe { libc::syscall(libc::SYS_getppid) };
         unreachable!("the filter let getppid through");
+    }
+
+    /// Run by `the_event_loop_may_set_tap_offloads` in a process of its own.
+    #[test]
+    fn tap_offload_child() {
+        if std::env::var_os("ISOLA_SECCOMP_TAP_CHILD").is_none() {
+            return;
+        }
+        install_violation_handler().unwrap();
+        install(ThreadKind::EventLoop).unwrap();
+        // SAFETY: an ioctl on a descriptor that is not open: EBADF, if the
+        // filter lets it through.
+        let ret = unsafe { libc::ioctl(-1, TUNSETOFFLOAD, 0 as libc::c_ulong) };
+        assert_eq!(ret, -1);
+        println!("tap offload ioctl allowed");
+        // SAFETY: the tap's set-up ioctl, which only runs before the filter.
+        unsafe { libc::ioctl(-1, libc::TUNSETIFF as libc::c_ulong, 0 as libc::c_ulong) };
+        unreachable!("TUNSETIFF went through the event loop's filter");
+    }
+
+    #[test]
+    fn the_event_loop_may_set_tap_offloads_and_nothing_more() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::tap_offload_child",
+                "--nocapture",
+            ])
+            .env("ISOLA_SECCOMP_TAP_CHILD", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stdout.contains("tap offload ioctl allowed"),
+            "{stdout}{stderr}"
+        );
+        assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
+        let nr = libc::SYS_ioctl.to_string();
+        assert!(
+            stderr.contains(&format!("the event loop thread made system call {nr},")),
+            "{stderr}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@
 pub mod fs;
 pub mod lifecycle;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod vsock;

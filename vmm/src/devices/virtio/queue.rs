@@ -110,6 +110,8 @@ pub enum QueueError {
     NotReady,
     #[error("the avail ring cannot be read or its index is bad: {0}")]
     AvailRing(String),
+    #[error("the used ring cannot be written: {0}")]
+    UsedRing(String),
 }
 
 /// Why one descriptor chain was refused (the buffer is returned unused).
@@ -264,6 +266,45 @@ pub fn add_used(
     queue.add_used(mem, head, len)
 }
 
+/// Returns several chains at once: writes every `(head, len)` used
+/// element, then moves the used index past all of them with one release
+/// store, so the driver sees all of them or none (a virtio-net frame
+/// spread over several rx chains). Heads must be inside the queue.
+pub fn add_used_batch(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    entries: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let size = queue.size();
+    if size == 0 || entries.iter().any(|(head, _)| *head >= size) {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    let ring = GuestAddress(queue.used_ring());
+    let mut next = queue.next_used();
+    for &(head, len) in entries {
+        // A used element: id (le32), len (le32), after flags and idx.
+        let slot = 4 + 8 * u64::from(next % size);
+        let at = ring
+            .checked_add(slot)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let len_at = at
+            .checked_add(4)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        for (value, at) in [(u32::from(head), at), (len, len_at)] {
+            mem.write_obj(value.to_le(), at)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+        }
+        next = next.wrapping_add(1);
+    }
+    let idx = ring
+        .checked_add(2)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    mem.store(next.to_le(), idx, std::sync::atomic::Ordering::Release)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    queue.set_next_used(next);
+    Ok(())
+}
+
 /// Counts a queue left with work at the end of its budget.
 pub fn note_budget_exhausted() {
     inc(&METRICS.queue_budget_exhausted);
@@ -394,6 +435,29 @@ mod tests {
             next_chain(&mut q, &m, &mut out),
             Err(QueueError::AvailRing(_))
         ));
+    }
+
+    #[test]
+    fn a_batch_of_used_elements_is_published_at_once() {
+        let m = mem();
+        let mock = ring(&m, &[], &[]);
+        let mut q = mock.create_queue::<Queue>().unwrap();
+        add_used(&mut q, &m, 3, 7).unwrap();
+        add_used_batch(&mut q, &m, &[(1, 100), (2, 200)]).unwrap();
+        let used = mock.used_addr();
+        assert_eq!(m.read_obj::<u16>(used.unchecked_add(2)).unwrap(), 3);
+        let elem = |i: u64| {
+            let at = used.unchecked_add(4 + 8 * i);
+            (
+                m.read_obj::<u32>(at).unwrap(),
+                m.read_obj::<u32>(at.unchecked_add(4)).unwrap(),
+            )
+        };
+        assert_eq!([elem(0), elem(1), elem(2)], [(3, 7), (1, 100), (2, 200)]);
+        assert_eq!(q.next_used(), 3);
+        // A head outside the queue refuses the whole batch.
+        assert!(add_used_batch(&mut q, &m, &[(1, 1), (16, 1)]).is_err());
+        assert_eq!(m.read_obj::<u16>(used.unchecked_add(2)).unwrap(), 3);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! to `tracing` line by line with a bound on the line length.
 
 use std::fmt;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -297,6 +297,31 @@ pub fn confine(
     Ok(())
 }
 
+/// Lets the command's process inherit `fds` (descriptors of this process,
+/// close-on-exec here) under the same numbers: the child clears their
+/// FD_CLOEXEC between fork and exec, so no other child spawned meanwhile
+/// gets them. The numbers are >= 3 (stdio is never one of them), so the
+/// child's stdio set-up does not overwrite them.
+pub fn inherit(cmd: &mut tokio::process::Command, fds: Vec<RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only fcntl (async-signal-safe) on a Vec allocated before the
+    // fork, which it only reads.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// What ended `children`, the first of which (the VMM) the others serve:
 /// the first to end, unless that is another child and the leader ends
 /// within [`LEADER_GRACE`] after it (virtiofsd ends, status 0, when its
@@ -473,6 +498,32 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn inherited_descriptors_reach_the_child_and_only_it() {
+        use std::os::fd::AsRawFd;
+        let file = tempfile::tempfile().expect("tempfile");
+        let fd = file.as_raw_fd();
+        let probe = format!("test -e /proc/self/fd/{fd}");
+        let status = |inherit_it: bool| {
+            let mut cmd = sh(&probe);
+            if inherit_it {
+                inherit(&mut cmd, vec![fd]);
+            }
+            let child = Supervised::spawn("probe", "sb", cmd).expect("spawn");
+            async move {
+                tokio::time::timeout(Duration::from_secs(20), child.ended())
+                    .await
+                    .expect("ended")
+                    .status
+            }
+        };
+        assert_eq!(status(true).await, "exit status 0");
+        // Close-on-exec as before, in this process and for other children.
+        assert_eq!(status(false).await, "exit status 1");
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFD).expect("flags");
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
     }
 
     #[tokio::test]

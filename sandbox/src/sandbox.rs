@@ -3,12 +3,14 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use isola_protocol::agent::{self as pb};
+use isola_protocol::network::Mac;
 use isola_protocol::stream::StreamKind;
 use isola_protocol::ttrpc;
 use isola_protocol::{AgentClient, HealthClient, AGENT_VSOCK_PORT};
@@ -19,6 +21,7 @@ use tokio::task::AbortHandle;
 
 use crate::child::{self, first_death, BoundedLines, Death, Supervised};
 use crate::error::{Error, ErrorKind, Result};
+use crate::network::{self, PodNetwork};
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::spec::{self, Volume};
 use crate::stdio::{self, OutputReader, ProcessIo, StdioRequest, WindowSize};
@@ -76,6 +79,12 @@ pub struct SandboxConfig {
     /// started in, so the host charges the VM's memory and CPU to it.
     /// It must exist.
     pub cgroup: Option<PathBuf>,
+    /// The pod's network namespace (the sandbox container's OCI spec's
+    /// `linux.namespaces` network path, e.g. `/var/run/netns/cni-…`),
+    /// whose interfaces CNI has set up: each gets a tap and a virtio-net
+    /// device with its MAC, and the guest its addresses and routes
+    /// ([`crate::network`]). `None`: the guest has no network but `lo`.
+    pub netns: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -105,6 +114,7 @@ impl SandboxConfig {
             stop_timeout: Duration::from_secs(10),
             virtiofs_cache: "auto".to_string(),
             cgroup: None,
+            netns: None,
         }
     }
 
@@ -182,6 +192,15 @@ pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
     ]
 }
 
+/// isola-vmm's options for the pod's taps: `--net fd=N,mac=MAC` for each
+/// (descriptor in isola-vmm, MAC of the pod interface), in the order the
+/// guest numbers its devices (eth0, eth1, ...).
+pub fn vmm_net_args(taps: &[(RawFd, Mac)]) -> Vec<String> {
+    taps.iter()
+        .flat_map(|(fd, mac)| ["--net".to_string(), format!("fd={fd},mac={mac}")])
+        .collect()
+}
+
 /// What the agent reports as it happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -248,6 +267,8 @@ struct Resources {
     layout: Layout,
     virtiofsd: Option<Supervised>,
     vmm: Option<Supervised>,
+    /// The pod network's taps and tc redirects, removed after the VMM.
+    network: Mutex<Option<PodNetwork>>,
     /// Set when the directory was created by us (and so is ours to remove).
     owns_dir: bool,
     finished: AtomicBool,
@@ -266,7 +287,37 @@ impl Resources {
         for child in self.children() {
             child.kill();
         }
-        self.release_dir()
+        let mut errors = self.release_network_now();
+        errors.extend(self.release_dir());
+        errors
+    }
+
+    fn take_network(&self) -> Option<PodNetwork> {
+        match self.network.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// Removes the pod network's tc redirects (a thread in the pod netns,
+    /// joined).
+    fn release_network_now(&self) -> Vec<String> {
+        match self.take_network().map(PodNetwork::teardown) {
+            Some(Err(err)) => vec![format!("pod network: {err}")],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The same without blocking the runtime.
+    async fn release_network(&self) -> Vec<String> {
+        let Some(net) = self.take_network() else {
+            return Vec::new();
+        };
+        match tokio::task::spawn_blocking(move || net.teardown()).await {
+            Ok(Ok(())) => Vec::new(),
+            Ok(Err(err)) => vec![format!("pod network: {err}")],
+            Err(err) => vec![format!("pod network: the teardown task: {err}")],
+        }
     }
 
     fn release_dir(&self) -> Vec<String> {
@@ -304,6 +355,7 @@ impl Resources {
                 errors.push(format!("virtiofsd (pid {}) did not die", fs.pid()));
             }
         }
+        errors.extend(self.release_network().await);
         errors.extend(self.release_dir());
         self.finished.store(true, Ordering::SeqCst);
         self.cleaned.send_replace(true);
@@ -424,6 +476,7 @@ impl Sandbox {
             layout: layout.clone(),
             virtiofsd: None,
             vmm: None,
+            network: Mutex::new(None),
             owns_dir: true,
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),
@@ -440,6 +493,24 @@ impl Sandbox {
         }
         for op in share::plan_share(&layout) {
             share::apply(&op).map_err(|e| Error::host(&id, "setting up the share", e))?;
+        }
+        if let Some(netns) = &config.netns {
+            let path = netns.clone();
+            // A thread in the pod netns, joined off the runtime; if this
+            // future is dropped, the PodNetwork's drop undoes it.
+            let net = tokio::task::spawn_blocking(move || network::discover_and_plumb(&path))
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Host,
+                        &id,
+                        "plumbing the pod network",
+                        e.to_string(),
+                    )
+                })?
+                .map_err(|e| Error::host(&id, "plumbing the pod network", e))?;
+            tracing::info!(sandbox = %id, netns = %netns.display(), interfaces = ?net.interfaces().iter().map(|i| (&i.name, &i.tap)).collect::<Vec<_>>(), "pod network plumbed");
+            resources.network = Mutex::new(Some(net));
         }
 
         let mut cmd = tokio::process::Command::new(&config.virtiofsd);
@@ -462,14 +533,27 @@ impl Sandbox {
             .await
             .map_err(|m| Error::new(ErrorKind::Host, &id, "starting virtiofsd", m))?;
 
+        let taps = resources
+            .network
+            .get_mut()
+            .ok()
+            .and_then(|net| net.as_ref().map(PodNetwork::taps))
+            .unwrap_or_default();
         let mut cmd = tokio::process::Command::new(&config.vmm);
         cmd.args(vmm_args(&config, &layout))
+            .args(vmm_net_args(&taps))
             .stdout(std::process::Stdio::piped());
         child::confine(&mut cmd, config.cgroup.as_deref())
             .map_err(|e| Error::host(&id, "preparing isola-vmm's cgroup", e))?;
+        child::inherit(&mut cmd, taps.iter().map(|(fd, _)| *fd).collect());
         let vmm = Supervised::spawn("isola-vmm", &id, cmd)
-            .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e))?;
-        resources.vmm = Some(vmm);
+            .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e));
+        // isola-vmm holds the taps now (or failed to start): the host's
+        // copies go, so each tap lives exactly as long as isola-vmm.
+        if let Ok(Some(net)) = resources.network.get_mut().map(Option::as_mut) {
+            net.close_taps();
+        }
+        resources.vmm = Some(vmm?);
         let children = resources.children();
 
         let vsock = layout.vsock_socket();
@@ -500,6 +584,29 @@ impl Sandbox {
         }
 
         let agent = AgentClient::new(client);
+        let setup = resources
+            .network
+            .lock()
+            .ok()
+            .and_then(|net| net.as_ref().map(PodNetwork::setup_request));
+        if let Some(req) = setup {
+            if version.api_version < 3 {
+                return Err(Error::new(
+                    ErrorKind::Unimplemented,
+                    &id,
+                    "SetupNetwork",
+                    format!(
+                        "the agent speaks api_version {}; pod networking needs 3",
+                        version.api_version
+                    ),
+                ));
+            }
+            race_death(&children, agent.setup_network(ctx(RPC_TIMEOUT), &req))
+                .await
+                .map_err(|d| Error::new(ErrorKind::Dead, &id, "SetupNetwork", d.to_string()))?
+                .map_err(|e| Error::agent(&id, "SetupNetwork", e))?;
+            tracing::info!(sandbox = %id, interfaces = req.interfaces.len(), routes = req.routes.len(), "guest network set up");
+        }
         let req = pb::CreateSandboxRequest {
             sandbox_id: id.clone(),
             hostname: config.hostname.clone(),
@@ -1438,6 +1545,17 @@ mod tests {
             Some("tag=isola-share,socket=/run/isola/sandboxes/pod1/fs.sock")
         );
         assert_eq!(get("--console"), Some("off"));
+        assert!(!args.iter().any(|a| a == "--net"));
+        assert_eq!(
+            vmm_net_args(&[(7, Mac([0x0a, 0x58, 0, 0, 0, 1])), (8, Mac([2; 6]))]),
+            vec![
+                "--net",
+                "fd=7,mac=0a:58:00:00:00:01",
+                "--net",
+                "fd=8,mac=02:02:02:02:02:02"
+            ]
+        );
+        assert_eq!(c.netns, None);
         let fs = virtiofsd_args(&layout, "debug", "auto");
         assert_eq!(
             fs.join(" "),
@@ -1567,6 +1685,7 @@ mod tests {
                 Supervised::spawn("virtiofsd", "fake", sh("sleep 100")).expect("spawn"),
             ),
             vmm: Some(Supervised::spawn("isola-vmm", "fake", sh("sleep 100")).expect("spawn")),
+            network: Mutex::new(None),
             owns_dir: true,
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),

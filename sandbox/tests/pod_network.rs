@@ -171,9 +171,26 @@ fn check_plumbed(ns: &Netns, net: &PodNetwork) {
     assert_eq!(net.taps().len(), 1);
 }
 
+/// Whether `check` holds within a few seconds: a tap closed here lives on
+/// while a child another test thread forked holds a copy of its
+/// descriptor (until it execs).
+fn eventually(check: impl Fn() -> bool) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check() {
+        if std::time::Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+fn tap_gone(ns: &Netns) -> bool {
+    eventually(|| !in_ns(&ns.0, &["ip", "link", "show", "tap0_isola"]).0)
+}
+
 fn check_clean(ns: &Netns) {
-    let (ok, out) = in_ns(&ns.0, &["ip", "link", "show", "tap0_isola"]);
-    assert!(!ok, "the tap is still there: {out}");
+    assert!(tap_gone(ns), "the tap is still there");
     let (_, qdiscs) = in_ns(&ns.0, &["tc", "qdisc", "show", "dev", "eth0"]);
     assert!(!qdiscs.contains("ingress"), "ingress qdisc left: {qdiscs}");
     let (_, filters) = in_ns(&ns.0, &["tc", "filter", "show", "dev", "eth0", "ingress"]);
@@ -267,7 +284,7 @@ fn a_dropped_network_leaves_nothing_and_taps_die_with_their_last_descriptor() {
     assert!(net.taps().is_empty());
     assert!(in_ns(&ns.0, &["ip", "link", "show", "tap0_isola"]).0);
     drop(passed);
-    assert!(!in_ns(&ns.0, &["ip", "link", "show", "tap0_isola"]).0);
+    assert!(tap_gone(&ns), "the tap outlived its last descriptor");
     drop(net);
     check_clean(&ns);
 }
@@ -316,10 +333,48 @@ fn a_netns_without_interfaces_plumbs_nothing_and_taps_open_in_it() {
         .expect("ip")
         .success());
     drop(tap);
-    assert!(!Command::new("ip")
+    assert!(eventually(|| !Command::new("ip")
         .args(["link", "show", &name])
         .stderr(std::process::Stdio::null())
         .status()
         .expect("ip")
-        .success());
+        .success()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sandbox_start_leaves_no_tap_and_no_qdisc() {
+    let (ns, _host) = pod("e");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = isola_sandbox::SandboxConfig::new(
+        "net",
+        "/bin/true",
+        "/bin/true",
+        "/bin/true",
+        "/bin/true",
+    );
+    config.run_root = tmp.path().join("root");
+    config.start_timeout = std::time::Duration::from_secs(20);
+
+    // Not a network namespace: refused, naming the step, nothing made.
+    config.netns = Some(tmp.path().to_path_buf());
+    let err = isola_sandbox::Sandbox::start(config.clone())
+        .await
+        .expect_err("not a netns");
+    assert_eq!(err.step(), "plumbing the pod network", "{err}");
+    assert!(
+        err.message()
+            .starts_with(&format!("netns {}: ", tmp.path().display())),
+        "{err}"
+    );
+    assert!(!config.run_root.join("net").exists(), "run dir left behind");
+
+    // Plumbed, then "virtiofsd" (/bin/true) fails: the qdiscs are removed
+    // and the tap is gone with the host's descriptor.
+    config.netns = Some(ns.path());
+    let err = isola_sandbox::Sandbox::start(config.clone())
+        .await
+        .expect_err("no virtiofsd");
+    assert_eq!(err.step(), "starting virtiofsd", "{err}");
+    check_clean(&ns);
+    assert!(!config.run_root.join("net").exists(), "run dir left behind");
 }

@@ -72,6 +72,7 @@ fn help_documents_every_option() {
         "--console",
         "--api-socket",
         "--fs",
+        "--net",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
@@ -145,4 +146,53 @@ fn an_fs_socket_nobody_listens_on_is_an_error_at_start() {
     assert!(err.contains(&socket.display().to_string()), "{err}");
     assert!(err.contains("connecting to the vhost-user socket"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn bad_net_values_are_usage_errors_naming_the_field() {
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    for (value, named) in [
+        ("fd=3", "mac is missing"),
+        ("fd=1,mac=52:54:00:12:34:56", "fd=1"),
+        ("tap=a/b,mac=52:54:00:12:34:56", "tap=\"a/b\""),
+        ("fd=3,mac=01:00:00:00:00:01", "multicast"),
+        ("fd=3,mac=00:00:00:00:00:00", "all-zero"),
+        ("fd=3,mac=52:54:00:12:34", "six hex bytes"),
+        ("fd=3,tap=t,mac=52:54:00:12:34:56", "not both"),
+        ("fd=3,mac=52:54:00:12:34:56,mtu=1", "unknown field \"mtu\""),
+    ] {
+        let (code, err) = vmm(&["--kernel", kernel, "--net", value]);
+        assert_eq!(code, 2, "{value}: {err}");
+        assert!(err.contains(named), "{value}: {err}");
+    }
+    let mut args = vec!["--kernel".to_string(), kernel.to_string()];
+    for i in 0..9 {
+        args.push("--net".into());
+        args.push(format!("fd={},mac=52:54:00:00:00:{i:02x}", i + 3));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = vmm(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at most 8"), "{err}");
+    let (code, err) = vmm(&[
+        "--kernel",
+        kernel,
+        "--net",
+        "fd=3,mac=52:54:00:00:00:01",
+        "--net",
+        "fd=3,mac=52:54:00:00:00:02",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--net fd=3 is given more than once"), "{err}");
+}
+
+#[test]
+fn a_net_fd_that_is_not_an_open_tap_is_an_error_naming_it() {
+    let kernel = env!("CARGO_BIN_EXE_isola-vmm");
+    let (code, err) = vmm(&["--kernel", kernel, "--net", "fd=1000,mac=52:54:00:12:34:56"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--net fd=1000: the file descriptor is not open"),
+        "{err}"
+    );
 }

@@ -154,6 +154,8 @@ impl Tap {
         let mut req = IfReq::new();
         ioctl_ptr(fd, TUNGETIFF, &mut req).map_err(|source| TapError::NotATun { fd, source })?;
         let name = req.name();
+        // Best effort for IFF_NO_PI: Linux also reports its bit as
+        // IFF_NOFILTER, so a tap opened without it may pass.
         for (flag, missing) in [
             (libc::IFF_TAP, "IFF_TAP (it is a tun, not a tap)"),
             (libc::IFF_NO_PI, "IFF_NO_PI"),
@@ -277,5 +279,101 @@ mod tests {
         // A number that is not open: named, and nothing is taken over.
         let err = Tap::open(&NetBackendSpec::Fd(1 << 30)).unwrap_err();
         assert!(matches!(err, TapError::FdNotOpen { .. }), "{err}");
+    }
+
+    /// Opens `/dev/net/tun` as a tap or tun named `name` with `flags`, the
+    /// way a caller of `--net fd=N` does; None (with a note) where this
+    /// host or user cannot.
+    fn raw_tap(name: &str, flags: libc::c_int) -> Option<File> {
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("/dev/net/tun is missing on this host: the real-tap test checks nothing");
+            return None;
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+        {
+            Ok(file) => file,
+            Err(err) => {
+                eprintln!("opening /dev/net/tun: {err}: the real-tap test checks nothing");
+                return None;
+            }
+        };
+        let mut req = IfReq::new();
+        for (dst, src) in req.name.iter_mut().zip(name.as_bytes()) {
+            *dst = *src;
+        }
+        req.flags = flags as libc::c_short;
+        if let Err(err) = ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req) {
+            eprintln!(
+                "TUNSETIFF {name}: {err} (no CAP_NET_ADMIN?): the real-tap test checks nothing"
+            );
+            return None;
+        }
+        Some(file)
+    }
+
+    #[test]
+    fn real_taps_are_checked_and_set_up() {
+        use std::os::fd::IntoRawFd;
+        let base = format!("isola{}", std::process::id() % 100_000);
+        let tap_flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let Some(good) = raw_tap(&format!("{base}a"), tap_flags) else {
+            return;
+        };
+        // A tap passed by fd: taken over, set up, its name known.
+        let fd = good.into_raw_fd();
+        let mut tap = Tap::open(&NetBackendSpec::Fd(fd)).unwrap();
+        assert_eq!(tap.name(), format!("{base}a"));
+        assert_eq!(tap.as_raw_fd(), fd);
+        // SAFETY: F_GETFL on the tap's open descriptor.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert_ne!(fl & libc::O_NONBLOCK, 0, "made non-blocking");
+        tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
+            .unwrap();
+        tap.set_offload(0).unwrap();
+        // Nothing to read yet: the read does not block.
+        let mut buf = [0u8; 64];
+        let err = tap.read_frame(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+
+        // Opened without the vnet header, or as a tun: refused, by name.
+        let cases = [
+            ("b", libc::IFF_TAP | libc::IFF_NO_PI, "IFF_VNET_HDR"),
+            // (Without IFF_NO_PI cannot be told: TUNGETIFF answers with
+            // the same bit set, as IFF_NOFILTER, on Linux 6.18.)
+            (
+                "d",
+                libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+                "IFF_TAP",
+            ),
+        ];
+        for (suffix, flags, missing) in cases {
+            let file = raw_tap(&format!("{base}{suffix}"), flags).unwrap();
+            // A copy, so that a wrong acceptance cannot close `file`'s fd.
+            let fd = file.try_clone().unwrap().into_raw_fd();
+            let err = match Tap::open(&NetBackendSpec::Fd(fd)) {
+                Ok(tap) => panic!("{tap:?} accepted"),
+                Err(err) => err,
+            };
+            // SAFETY: the copy was not taken over (refused); closing it here.
+            drop(unsafe { File::from_raw_fd(fd) });
+            let text = err.to_string();
+            assert!(text.contains(&format!("--net fd={fd}")), "{text}");
+            assert!(text.contains(missing), "{text}");
+            assert!(text.contains(&format!("{base}{suffix}")), "{text}");
+        }
+
+        // By name: the VMM creates the tap itself.
+        let name = format!("{base}e");
+        let tap = Tap::open(&NetBackendSpec::Tap(name.clone())).unwrap();
+        assert_eq!(tap.name(), name);
+        // A second open of the same single-queue tap is refused, named.
+        let err = Tap::open(&NetBackendSpec::Tap(name.clone())).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("--net tap={name}")),
+            "{err}"
+        );
     }
 }

@@ -16,6 +16,12 @@
 //!   registers, with tx and rx rings (descriptors, avail ring, buffers)
 //!   taken from the input; optionally host sockets on both sides of the
 //!   hybrid vsock, a reset and a second activation. Checks the used rings.
+//! - [`net_device`]: a virtio-net device activated through its MMIO
+//!   registers with features from the input, tx and rx rings from the
+//!   input, and frames from the input arriving on its back end (a
+//!   seqpacket socket standing in for the tap); optionally a reset and a
+//!   second activation, or the back end hanging up. Checks the used rings
+//!   and the frames that reach the back end.
 //! - [`mmio_sequence`]: register reads and writes of any size and offset,
 //!   queue notifies, on virtio-rng or vsock, guest memory from the input.
 //! - [`connect_line`]: the hybrid vsock `CONNECT <port>` line parser.
@@ -38,11 +44,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::api::{parse_request, Request, MAX_REQUEST};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::config::MacAddr;
+use crate::devices::virtio::net::frame::{MAX_BUFFER_LEN, MIN_TX_LEN};
+use crate::devices::virtio::net::tap::{seqpacket_pair, Backend};
+use crate::devices::virtio::net::{Net, OFFERED_FEATURES};
 use crate::devices::virtio::queue::{add_used, next_chain, Next};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::packet::{read_tx_packet, Header, RxBuffer};
 use crate::devices::virtio::vsock::{parse_connect_line, Vsock};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -131,13 +141,16 @@ impl Ring {
     }
 }
 
-/// What a Linux driver does: ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK,
-/// each queue's size, rings and ready bit, DRIVER_OK.
-fn driver_init(t: &mut MmioTransport, rings: &[Ring]) {
+/// What a Linux driver does: ACKNOWLEDGE, DRIVER, the `features` (which
+/// must include VERSION_1), FEATURES_OK, each queue's size, rings and
+/// ready bit, DRIVER_OK.
+fn driver_init(t: &mut MmioTransport, rings: &[Ring], features: u64) {
     write_reg(t, REG_STATUS, ACKNOWLEDGE);
     write_reg(t, REG_STATUS, ACKNOWLEDGE | DRIVER);
-    write_reg(t, 0x24, 1);
-    write_reg(t, 0x20, 1); // VIRTIO_F_VERSION_1 (bit 32)
+    for sel in 0..2u32 {
+        write_reg(t, 0x24, sel);
+        write_reg(t, 0x20, (features >> (32 * sel)) as u32);
+    }
     write_reg(t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     for (i, ring) in rings.iter().enumerate() {
         write_reg(t, 0x30, i as u32);
@@ -359,10 +372,12 @@ fn rx_capacity(table: &[(u64, u32, u16, u16)], head: u16) -> u64 {
     total
 }
 
-/// Checks what the device put in the rx and tx used rings.
-fn check_used(mem: &GuestMemoryMmap, rings: &[Ring; 3]) {
-    let rx_table = descriptor_table(mem, rings[RXQ]);
-    for (q, ring) in rings.iter().enumerate().take(2) {
+/// Checks what the device put in the rx and tx used rings: ids inside the
+/// queue, nothing written into tx buffers, rx lengths within their chains
+/// (and, if not zero, at least `min_rx`).
+fn check_used(mem: &GuestMemoryMmap, rx: Ring, tx: Ring, min_rx: u32) {
+    let rx_table = descriptor_table(mem, rx);
+    for (q, ring) in [(RXQ, rx), (TXQ, tx)] {
         let Ok(idx) = mem.read_obj::<u16>(GuestAddress(ring.used + 2)) else {
             continue;
         };
@@ -383,7 +398,7 @@ fn check_used(mem: &GuestMemoryMmap, rings: &[Ring; 3]) {
                 continue;
             }
             assert!(
-                len == 0 || len >= HDR_SIZE,
+                len == 0 || len >= min_rx,
                 "rx buffer {id}: {len} bytes written, less than a header"
             );
             if let Some(table) = &rx_table {
@@ -474,7 +489,7 @@ pub fn vsock_device(data: &[u8]) {
     let Some(mut rig) = Rig::new(vsock, &mem) else {
         return;
     };
-    driver_init(&mut rig.transport, &rings);
+    driver_init(&mut rig.transport, &rings, VIRTIO_F_VERSION_1);
     run_until_quiet(&mut rig.events);
 
     let mut streams = Vec::new();
@@ -503,7 +518,7 @@ pub fn vsock_device(data: &[u8]) {
         host_io(&mut streams, &[]);
         run_until_quiet(&mut rig.events);
     }
-    check_used(&mem, &rings);
+    check_used(&mem, rings[RXQ], rings[TXQ], HDR_SIZE);
     if flags & F_HOST_HANGS_UP != 0 {
         streams.clear();
         run_until_quiet(&mut rig.events);
@@ -514,13 +529,136 @@ pub fn vsock_device(data: &[u8]) {
         run_until_quiet(&mut rig.events);
         let _ = mem.write_obj(0u16, GuestAddress(rings[RXQ].used + 2));
         let _ = mem.write_obj(0u16, GuestAddress(rings[TXQ].used + 2));
-        driver_init(&mut rig.transport, &rings);
+        driver_init(&mut rig.transport, &rings, VIRTIO_F_VERSION_1);
         run_until_quiet(&mut rig.events);
-        check_used(&mem, &rings);
+        check_used(&mem, rings[RXQ], rings[TXQ], HDR_SIZE);
     }
     drop(rig);
     drop(guest_listener);
     let _ = std::fs::remove_file(&port_path);
+}
+
+// ---------------------------------------------------------------------
+// virtio-net: the whole device, driven through its registers, rings and
+// a socket in the tap's place.
+
+/// The tap's stand-in: one end of a seqpacket pair.
+#[derive(Debug)]
+struct SocketTap(std::fs::File);
+
+impl std::os::fd::AsRawFd for SocketTap {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Backend for SocketTap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        self.0.write(frame)
+    }
+    fn set_offload(&mut self, _flags: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Input flags of [`net_device`].
+const F_NET_HANGS_UP: u8 = 4;
+
+/// A virtio-net device driven like a guest driver would, from the input:
+///
+/// ```text
+/// flags: u8            bits 0-1 and 4-7: the offered features the
+///                      driver takes (see below), F_RESET (8): reset,
+///                      then a second activation, F_NET_HANGS_UP (4):
+///                      the back end closes at the end
+/// sizes: u8            log2 of the rx (high nibble) and tx queue sizes
+/// tx, rx: ndesc u8, ndesc x 16-byte descriptors, avail_idx u16,
+///         nheads u8, nheads x u16
+/// frames: n u8, n x (len u16, len bytes) sent by the host
+/// rest                 guest memory from 0x8000 on (the buffers)
+/// ```
+///
+/// Features: bit 0 of flags takes every offered feature, bit 1
+/// MRG_RXBUF alone; the rest pick them bit by bit from the flags byte.
+pub fn net_device(data: &[u8]) {
+    let mut input = Input(data);
+    let flags = input.u8();
+    let sizes = input.u8();
+    let size = |log2: u8| 1u16 << log2.min(8);
+    let rx_ring = Ring::at(0, size(sizes >> 4));
+    let tx_ring = Ring::at(0x2000, size(sizes & 0xf));
+    let tx = RingInput::read(&mut input);
+    let rx = RingInput::read(&mut input);
+    let nframes = input.u8();
+    let frames: Vec<&[u8]> = (0..nframes)
+        .map(|_| {
+            let len = usize::from(input.u16());
+            input.bytes(len)
+        })
+        .collect();
+    let features = VIRTIO_F_VERSION_1
+        | match flags & 3 {
+            1 => OFFERED_FEATURES,
+            2 => 1 << 15, // VIRTIO_NET_F_MRG_RXBUF
+            _ => OFFERED_FEATURES & u64::from(flags & 0xf0) << 8,
+        };
+
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), VSOCK_MEM)]) else {
+        return;
+    };
+    let _ = mem.write_slice(input.rest(), GuestAddress(VSOCK_DATA));
+    tx.write(&mem, tx_ring);
+    rx.write(&mem, rx_ring);
+    let Ok((ours, host)) = seqpacket_pair() else {
+        return;
+    };
+    let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+    let Ok(net) = Net::with_backend("fuzz".into(), mac, Box::new(SocketTap(ours))) else {
+        return;
+    };
+    let Some(mut rig) = Rig::new(net, &mem) else {
+        return;
+    };
+    let mut host = Some(host);
+    let round = |rig: &mut Rig, host: &mut Option<std::fs::File>| {
+        driver_init(&mut rig.transport, &[rx_ring, tx_ring], features);
+        run_until_quiet(&mut rig.events);
+        if let Some(h) = host {
+            for frame in &frames {
+                let _ = h.write(frame);
+            }
+        }
+        rx.publish(&mem, rx_ring);
+        rig.notify(RXQ);
+        tx.publish(&mem, tx_ring);
+        rig.notify(TXQ);
+        check_used(&mem, rx_ring, tx_ring, 0);
+        let mut buf = vec![0u8; MAX_BUFFER_LEN + 1];
+        while let Some(Ok(n)) = host.as_mut().map(|h| h.read(&mut buf)) {
+            if n == 0 {
+                break;
+            }
+            assert!(
+                (MIN_TX_LEN..=MAX_BUFFER_LEN).contains(&n),
+                "a {n}-byte frame reached the back end"
+            );
+        }
+    };
+    round(&mut rig, &mut host);
+    if flags & F_NET_HANGS_UP != 0 {
+        host = None;
+        run_until_quiet(&mut rig.events);
+    }
+    if flags & F_RESET != 0 {
+        write_reg(&mut rig.transport, REG_STATUS, 0);
+        run_until_quiet(&mut rig.events);
+        let _ = mem.write_obj(0u16, GuestAddress(rx_ring.used + 2));
+        let _ = mem.write_obj(0u16, GuestAddress(tx_ring.used + 2));
+        round(&mut rig, &mut host);
+    }
 }
 
 // ---------------------------------------------------------------------
@@ -676,6 +814,11 @@ mod tests {
     }
 
     #[test]
+    fn corpus_net_device() {
+        replay("net_device", net_device);
+    }
+
+    #[test]
     fn corpus_mmio_sequence() {
         replay("mmio_sequence", mmio_sequence);
     }
@@ -695,6 +838,7 @@ mod tests {
         for f in [
             vsock_chains,
             vsock_device,
+            net_device,
             mmio_sequence,
             connect_line,
             api_request,

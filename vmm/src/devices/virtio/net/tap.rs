@@ -235,6 +235,19 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A connected, non-blocking `SOCK_SEQPACKET` pair: one message a frame,
+/// like a tap. Tests and the fuzz target put one end where the tap goes.
+pub fn seqpacket_pair() -> io::Result<(File, File)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )?;
+    Ok((File::from(a), File::from(b)))
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()

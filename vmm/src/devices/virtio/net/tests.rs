@@ -90,21 +90,8 @@ impl Host {
     }
 }
 
-/// A connected, non-blocking seqpacket socket pair.
-pub(crate) fn seqpacket_pair() -> (File, File) {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let (a, b) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    (File::from(a), File::from(b))
-}
-
 fn device() -> (Net, Host) {
-    let (sock, peer) = seqpacket_pair();
+    let (sock, peer) = super::tap::seqpacket_pair().unwrap();
     let offloads = Arc::new(Mutex::new(Vec::new()));
     let full = Arc::new(AtomicBool::new(false));
     let tap = FakeTap {

@@ -94,7 +94,6 @@ struct RxChain {
     /// Its descriptors in [`RxScratch::descs`].
     first: usize,
     end: usize,
-    capacity: usize,
 }
 
 /// Buffers reused from frame to frame (no allocation once warm).
@@ -206,7 +205,6 @@ pub fn deliver_rx(
             head,
             first,
             end: scratch.descs.len(),
-            capacity: chain_capacity,
         });
         capacity = capacity.saturating_add(chain_capacity);
         if capacity >= frame.len() {
@@ -260,7 +258,6 @@ pub fn deliver_rx(
             rest = tail;
             written += n;
         }
-        debug_assert!(written <= chain.capacity);
         scratch.used.push((chain.head, written as u32));
     }
     add_used_batch(queue, mem, &scratch.used).map_err(|e| QueueError::UsedRing(e.to_string()))?;

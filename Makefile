@@ -11,6 +11,8 @@ BUILD := build
 # proc-macros, which must stay dynamic.
 GUEST_TARGET := x86_64-unknown-linux-gnu
 AGENT := target/$(GUEST_TARGET)/guest/isola-agent
+# The pod sandbox (pause) container's one binary, static like the agent.
+PAUSE := target/$(GUEST_TARGET)/guest/pause
 ROOTFS_BUILDER := target/release/rootfs-builder
 # `none` (plain cpio) boots faster than gzip: see docs/architecture.md.
 INITRD_COMPRESS ?= none
@@ -19,7 +21,7 @@ INITRD_COMPRESS ?= none
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz install uninstall demo clean
+.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image pause-image hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz install uninstall demo clean
 
 all: binaries kernel initrd virtiofsd
 
@@ -66,6 +68,14 @@ busybox-image:
 		--user 1000:1000 --workdir /home/user --env GREETING=hello-from-image \
 		$(BUILD)/images/busybox-user.tar
 
+# The pod sandbox image, isola.local/pause:1 (tests/images/pause-oci): the
+# static pause binary (pause/) alone, for containerd's CRI `sandbox_image`
+# where no registry is reachable.
+pause-image: deps
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile guest --target $(GUEST_TARGET) -p isola-pause
+	@[[ "$$(file -b $(PAUSE))" == *static* ]] || { echo "make: $(PAUSE) is not statically linked" >&2; exit 1; }
+	tests/images/pause-oci $(PAUSE) $(BUILD)/images/pause.tar
+
 # A test-only initrd whose init attacks its VMM (tests/hostile): never the
 # product initrd.
 HOSTILE := target/$(GUEST_TARGET)/release/isola-hostile
@@ -109,7 +119,7 @@ unit-test: deps
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib --bins
 
-e2e: all hostile-initrd busybox-rootfs busybox-image
+e2e: all hostile-initrd busybox-rootfs busybox-image pause-image
 	tests/kvm-host/setup-e2e
 	tests/scripts/kvm-host-boot-failure.sh
 	# An emulated KVM host has 1 CPU (with 2, nested guests crash now and

@@ -17,6 +17,9 @@ to Env after PATH in the order given (--env PATH=... replaces PATH's value
 in place; a name given twice is an error). Without them the config is
 byte for byte what it was before they existed (its keys are sorted, and
 absent ones are not written).
+With --pause PATH instead of --busybox (tests/images/pause-oci): the layer
+is PATH alone, as /pause (0755), and the config's Entrypoint is ["/pause"]:
+the pod sandbox image containerd's CRI runs as each pod's first container.
 The index names the image twice: `io.containerd.image.name` = REF (what
 `ctr image import` names it) and `org.opencontainers.image.ref.name` = its
 tag (the OCI layout's own name).
@@ -131,6 +134,13 @@ def layer(busybox):
     return build_tar(list(entries.values())), applets
 
 
+def pause_layer(pause):
+    with open(pause, "rb") as f:
+        binary = f.read()
+    info = tar_info("pause", tarfile.REGTYPE, 0o755, size=len(binary))
+    return build_tar([(info, binary)])
+
+
 def gzip_bytes(data):
     buf = io.BytesIO()
     # No name, mtime 0, a fixed level: the same bytes every time.
@@ -189,18 +199,27 @@ def image_config(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--busybox", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--busybox")
+    source.add_argument("--pause")
     parser.add_argument("--name", required=True)
     parser.add_argument("--user")
     parser.add_argument("--workdir")
     parser.add_argument("--env", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    if not is_static_elf(args.busybox):
-        raise SystemExit(f"oci_image: {args.busybox} is not a static 64-bit ELF executable")
-    config_object = image_config(args)
-
-    layer_tar, applets = layer(args.busybox)
+    binary = args.busybox or args.pause
+    if not is_static_elf(binary):
+        raise SystemExit(f"oci_image: {binary} is not a static 64-bit ELF executable")
+    if args.pause:
+        if args.user or args.workdir or args.env:
+            raise SystemExit("oci_image: --pause takes no --user, --workdir or --env")
+        config_object = {"Entrypoint": ["/pause"]}
+        layer_tar, what = pause_layer(args.pause), "pause"
+    else:
+        config_object = image_config(args)
+        layer_tar, applets = layer(args.busybox)
+        what = f"{applets} applets"
     layer_gz = gzip_bytes(layer_tar)
     config = canonical_json(
         {
@@ -209,7 +228,7 @@ def main():
             "created": "1970-01-01T00:00:00Z",
             "config": config_object,
             "rootfs": {"type": "layers", "diff_ids": [digest(layer_tar)]},
-            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "isola tests/images/busybox-oci"}],
+            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "isola tests/images/" + ("pause-oci" if args.pause else "busybox-oci")}],
         }
     )
     manifest = canonical_json(
@@ -265,7 +284,7 @@ def main():
         f.write(archive)
     os.replace(tmp, args.out)
     print(
-        f"busybox-oci: {args.out}: {args.name}, {applets} applets, "
+        f"oci_image: {args.out}: {args.name}, {what}, "
         f"manifest {digest(manifest)}, {len(archive)} bytes",
         file=sys.stderr,
     )

@@ -11,6 +11,7 @@ pub mod console;
 pub mod containerd;
 pub mod containers;
 pub mod isola;
+pub mod pods;
 pub mod procstat;
 pub mod qemu;
 pub mod virtiofsd;

@@ -1,0 +1,273 @@
+//! Kubernetes pods through containerd's CRI, driven by `isola pod` the way
+//! kubelet drives CRI: the test binary's private containerd
+//! ([`Containerd::shared`]) with the pause and busybox images imported into
+//! the `k8s.io` namespace, a CNI bridge on 198.18.0.0/24, and checks that a
+//! removed pod left nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::containerd::{processes_containing, text, wait_output, Containerd};
+use crate::containers::release_binary;
+use crate::project_dir;
+
+/// The busybox image as pods name it.
+pub const BUSYBOX: &str = crate::containerd::BUSYBOX;
+/// The runtime handler of isola pods (configs/containerd-isola.toml).
+pub const ISOLA: &str = "isola";
+/// Deadline of one `isola pod` command: a VM boot in the emulated host,
+/// and for delete a grace period.
+pub const POD_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The pods' side of the test binary's containerd.
+#[derive(Debug)]
+pub struct Pods {
+    pub containerd: &'static Containerd,
+    /// `isola pod --root`: volumes, manifests, termination logs.
+    pub root: PathBuf,
+    /// `isola pod --log-root`: the CRI logs.
+    pub log_root: PathBuf,
+    isola: PathBuf,
+}
+
+static SHARED: OnceLock<Pods> = OnceLock::new();
+
+impl Pods {
+    /// containerd (started on first use) with the pause, busybox and
+    /// busybox-user images in `k8s.io`.
+    pub fn shared() -> &'static Pods {
+        SHARED.get_or_init(|| Pods::init().expect("setting up CRI pods"))
+    }
+
+    fn init() -> Result<Pods> {
+        let containerd = Containerd::shared();
+        let project = project_dir();
+        for image in ["pause.tar", "busybox.tar", "busybox-user.tar"] {
+            let tar = project.join("build/images").join(image);
+            ensure!(
+                tar.exists(),
+                "{} is missing: run `make pause-image busybox-image`",
+                tar.display()
+            );
+            let out =
+                containerd.ctr(&["-n", "k8s.io", "image", "import", &tar.to_string_lossy()])?;
+            ensure!(
+                out.status.success(),
+                "importing {image} into k8s.io: {}",
+                text(&out.stderr)
+            );
+        }
+        let base = containerd.dir.join("pods");
+        Ok(Pods {
+            containerd,
+            root: base.join("root"),
+            log_root: base.join("logs"),
+            isola: release_binary("isola")?,
+        })
+    }
+
+    /// `isola pod ARGS` against this containerd.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.isola);
+        cmd.arg("pod")
+            .args(args)
+            .env("ISOLA_POD_ADDRESS", &self.containerd.sock)
+            .env("ISOLA_POD_ROOT", &self.root)
+            .env("ISOLA_POD_LOG_ROOT", &self.log_root);
+        cmd
+    }
+
+    /// Runs `isola pod ARGS` with a deadline, stdin from `input`.
+    pub fn pod(&self, args: &[&str], input: Option<&str>) -> Result<Output> {
+        let mut child = self
+            .command(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning isola pod")?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            use std::io::Write;
+            stdin.write_all(text.as_bytes())?;
+        }
+        wait_output(child, POD_DEADLINE)
+    }
+
+    /// `isola pod apply -` of `manifest`; the sandbox id.
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        let out = self.pod(&["apply", "-"], Some(manifest))?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report("isola pod apply", &out)
+        );
+        let printed = text(&out.stdout);
+        printed
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_string)
+            .with_context(|| format!("isola pod apply printed {printed:?}"))
+    }
+
+    /// `isola pod status --json NAME`.
+    pub fn status(&self, name: &str) -> Result<Value> {
+        let out = self.pod(&["status", "--json", name], None)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report("isola pod status", &out)
+        );
+        serde_json::from_slice(&out.stdout).context("isola pod status --json")
+    }
+
+    /// The latest attempt of container `container` in `status`.
+    pub fn container<'a>(status: &'a Value, container: &str) -> Option<&'a Value> {
+        status["containers"]
+            .as_array()?
+            .iter()
+            .filter(|c| c["name"] == container)
+            .max_by_key(|c| c["attempt"].as_u64())
+    }
+
+    /// Polls status until `container` is in `state` (created, running,
+    /// exited); its status then.
+    pub fn wait_state(&self, name: &str, container: &str, state: &str) -> Result<Value> {
+        let deadline = Instant::now() + POD_DEADLINE;
+        loop {
+            let status = self.status(name)?;
+            if let Some(c) = Self::container(&status, container) {
+                if c["state"] == state {
+                    return Ok(c.clone());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("pod {name}: container {container} not {state}: {status:#}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `isola pod exec NAME -c C -- CMD`.
+    pub fn exec(&self, name: &str, container: &str, cmd: &[&str]) -> Result<Output> {
+        let mut args = vec!["exec", name, "-c", container, "--"];
+        args.extend_from_slice(cmd);
+        self.pod(&args, None)
+    }
+
+    /// `exec` that must succeed; its stdout.
+    pub fn sh(&self, name: &str, container: &str, script: &str) -> Result<String> {
+        let out = self.exec(name, container, &["sh", "-c", script])?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report(&format!("exec in {name}/{container}: {script}"), &out)
+        );
+        Ok(text(&out.stdout))
+    }
+
+    /// `isola pod logs NAME -c C`: (stdout, stderr).
+    pub fn logs(&self, name: &str, container: &str) -> Result<(String, String)> {
+        let out = self.pod(&["logs", name, "-c", container], None)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report("isola pod logs", &out)
+        );
+        Ok((text(&out.stdout), text(&out.stderr)))
+    }
+
+    /// `isola pod delete NAME` (with `--grace` if given), then checks that
+    /// the sandbox `id` left nothing.
+    pub fn delete(&self, name: &str, id: &str, grace: Option<u32>) -> Result<()> {
+        let grace = grace.map(|g| g.to_string());
+        let mut args = vec!["delete", name];
+        if let Some(g) = &grace {
+            args.extend_from_slice(&["--grace", g]);
+        }
+        let out = self.pod(&args, None)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report("isola pod delete", &out)
+        );
+        self.assert_clean(id)
+    }
+
+    /// Nothing of pod sandbox `id` is left: no shim, VMM or virtiofsd, run
+    /// directory or mount (the shim's checks), no tap, no netns, no pod
+    /// directory or log directory of `isola pod`.
+    pub fn assert_clean(&self, id: &str) -> Result<()> {
+        self.containerd.assert_clean(id)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut problems = Vec::new();
+            for (pid, cmd) in processes_containing(id) {
+                if !cmd.contains("isola pod") {
+                    problems.push(format!("process {pid}: {cmd}"));
+                }
+            }
+            let links = Command::new("ip").args(["-o", "link", "show"]).output()?;
+            for line in text(&links.stdout).lines() {
+                if line.contains("_isola") {
+                    problems.push(format!("link: {line}"));
+                }
+            }
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            for line in mountinfo.lines() {
+                if line.contains(&*self.root.to_string_lossy()) || line.contains(id) {
+                    problems.push(format!("mount: {line}"));
+                }
+            }
+            for dir in [&self.root, &self.log_root] {
+                if let Ok(entries) = std::fs::read_dir(dir) {
+                    for e in entries.flatten() {
+                        problems.push(format!("{} left", e.path().display()));
+                    }
+                }
+            }
+            if problems.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("pod sandbox {id} left: {problems:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// A failed `isola pod` command, with the end of containerd's log
+    /// (the shims log there).
+    pub fn report(&self, what: &str, out: &Output) -> String {
+        self.containerd.report(what, out)
+    }
+
+    /// The network namespace paths CRI made (`/var/run/netns/cni-*`).
+    pub fn netns_paths() -> Vec<PathBuf> {
+        std::fs::read_dir(Path::new("/var/run/netns"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A pod manifest: `name`, handler `runtime_class` ("" for containerd's
+/// default, runc), `spec_extra` (YAML lines at the spec's level, indented
+/// two spaces) and `containers` (YAML list items, indented two spaces).
+pub fn manifest(name: &str, runtime_class: &str, spec_extra: &str, containers: &str) -> String {
+    let class = if runtime_class.is_empty() {
+        String::new()
+    } else {
+        format!("  runtimeClassName: {runtime_class}\n")
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{class}  terminationGracePeriodSeconds: 5\n{spec_extra}  containers:\n{containers}"
+    )
+}

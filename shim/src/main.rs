@@ -12,6 +12,7 @@ mod grouping;
 mod host_cgroup;
 mod logging;
 mod metrics;
+mod netns;
 mod options;
 mod server;
 mod service;

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::grouping;
 use crate::host_cgroup::{self, HostCgroup};
 use crate::metrics;
+use crate::netns;
 use crate::options;
 use crate::sizing::{self, VmSize};
 use crate::stdio::{Attached, Names};
@@ -277,6 +278,12 @@ impl Service {
         let config = config
             .with_annotations(annotations)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let network = netns::of(spec).map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("sandbox {sandbox_id}: {e}"),
+            )
+        })?;
         let h = &config.hypervisor;
         let size = sizing::for_sandbox(
             VmSize {
@@ -296,6 +303,9 @@ impl Service {
         sandbox_config.memory_mib = size.memory_mib;
         if let Some(hostname) = spec.hostname().as_ref().filter(|h| !h.is_empty()) {
             sandbox_config.hostname = hostname.clone();
+        }
+        if let netns::Network::Pod(path) = network {
+            sandbox_config.netns = Some(path);
         }
         let cgroup = match spec
             .linux()

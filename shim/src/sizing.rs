@@ -3,8 +3,66 @@
 //! a container's limits to its default VM. A container that later joins the
 //! VM must fit into it: the guest enforces its limits as cgroups, but cannot
 //! give it more than the VM has.
+//!
+//! A Kubernetes pod's sandbox (pause) container asks for nothing itself:
+//! its pod's size comes in the annotations containerd's CRI plugin copies
+//! from `PodSandboxConfig.linux.resources` (kubelet ≥ 1.23 sums the pod's
+//! container limits there). Debian's containerd 1.6.20 sets them; where
+//! they are present they size the VM, otherwise the spec's resources do.
+
+use std::collections::HashMap;
 
 use oci_spec::runtime::Spec;
+
+/// The CRI plugin's pod sizing annotations (on the sandbox container).
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+fn vcpus_for(quota: i64, period: i64) -> u32 {
+    if quota > 0 && period > 0 {
+        u32::try_from((quota as u64).div_ceil(period as u64)).unwrap_or(u32::MAX)
+    } else {
+        0
+    }
+}
+
+fn mib_for(limit: i64) -> u32 {
+    if limit > 0 {
+        u32::try_from((limit as u64).div_ceil(1 << 20)).unwrap_or(u32::MAX)
+    } else {
+        0
+    }
+}
+
+/// What a pod asks for in the CRI sizing annotations, if containerd set
+/// any: (vCPUs, MiB). A value that is not an integer is an error naming
+/// the annotation.
+pub fn pod_requested(annotations: &HashMap<String, String>) -> Result<Option<(u32, u32)>, String> {
+    let get = |key: &str| -> Result<Option<i64>, String> {
+        annotations
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("annotation {key}={v:?}: not an integer"))
+            })
+            .transpose()
+    };
+    let (quota, period, memory) = (
+        get(SANDBOX_CPU_QUOTA)?,
+        get(SANDBOX_CPU_PERIOD)?,
+        get(SANDBOX_MEMORY)?,
+    );
+    if quota.is_none() && period.is_none() && memory.is_none() {
+        return Ok(None);
+    }
+    Ok(Some((
+        vcpus_for(quota.unwrap_or(0), period.unwrap_or(0)),
+        mib_for(memory.unwrap_or(0)),
+    )))
+}
 
 /// vCPUs and memory of one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,34 +77,35 @@ pub fn requested(spec: &Spec) -> (u32, u32) {
     let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
         return (0, 0);
     };
-    let mut vcpus = 0;
-    if let Some(cpu) = resources.cpu() {
-        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
-            if quota > 0 && period > 0 {
-                let n = (quota as u64).div_ceil(period);
-                vcpus = u32::try_from(n).unwrap_or(u32::MAX);
-            }
-        }
-    }
-    let mut memory_mib = 0;
-    if let Some(limit) = resources.memory().as_ref().and_then(|m| m.limit()) {
-        if limit > 0 {
-            let mib = (limit as u64).div_ceil(1 << 20);
-            memory_mib = u32::try_from(mib).unwrap_or(u32::MAX);
-        }
-    }
+    let vcpus = resources
+        .cpu()
+        .as_ref()
+        .and_then(|cpu| Some(vcpus_for(cpu.quota()?, i64::try_from(cpu.period()?).ok()?)))
+        .unwrap_or(0);
+    let memory_mib = resources
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .map_or(0, mib_for);
     (vcpus, memory_mib)
 }
 
 /// The size of a VM whose first container has `spec`: `base` (the
-/// defaults) plus what the spec asks for, within the maxima.
+/// defaults: the VM's own part, guest kernel and agent) plus what the pod
+/// asks for (its CRI sizing annotations, else the spec's resources),
+/// within the maxima.
 pub fn for_sandbox(
     base: VmSize,
     max: VmSize,
     spec: &Spec,
     config_file: &str,
 ) -> Result<VmSize, String> {
-    let (vcpus, memory_mib) = requested(spec);
+    let empty = HashMap::new();
+    let annotations = spec.annotations().as_ref().unwrap_or(&empty);
+    let (vcpus, memory_mib) = match pod_requested(annotations)? {
+        Some(pod) => pod,
+        None => requested(spec),
+    };
     let size = VmSize {
         vcpus: base.vcpus.saturating_add(vcpus),
         memory_mib: base.memory_mib.saturating_add(memory_mib),
@@ -179,6 +238,52 @@ mod tests {
             .expect_err("too much memory");
         assert!(
             err.contains("4352 MiB") && err.contains("max_memory_mib = 2048"),
+            "{err}"
+        );
+    }
+
+    fn with_annotations(mut s: Spec, pairs: &[(&str, &str)]) -> Spec {
+        s.set_annotations(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        s
+    }
+
+    #[test]
+    fn a_pods_sizing_annotations_win_over_the_pause_containers_spec() {
+        // kubelet summed 1.5 CPUs and 192 MiB; the pause spec asks for 0.1.
+        let s = with_annotations(
+            spec(Some(10_000), Some(100_000), None),
+            &[
+                (SANDBOX_CPU_QUOTA, "150000"),
+                (SANDBOX_CPU_PERIOD, "100000"),
+                (SANDBOX_MEMORY, "201326592"),
+            ],
+        );
+        assert_eq!(
+            for_sandbox(BASE, MAX, &s, "f"),
+            Ok(VmSize {
+                vcpus: 3,
+                memory_mib: 448
+            })
+        );
+        // containerd writes "0" for a pod without limits: the defaults.
+        let s = with_annotations(
+            spec(Some(300_000), Some(100_000), None),
+            &[
+                (SANDBOX_CPU_QUOTA, "0"),
+                (SANDBOX_CPU_PERIOD, "100000"),
+                (SANDBOX_MEMORY, "0"),
+            ],
+        );
+        assert_eq!(for_sandbox(BASE, MAX, &s, "f"), Ok(BASE));
+        let s = with_annotations(spec(None, None, None), &[(SANDBOX_MEMORY, "lots")]);
+        let err = for_sandbox(BASE, MAX, &s, "f").expect_err("bad annotation");
+        assert!(
+            err.contains(SANDBOX_MEMORY) && err.contains("lots"),
             "{err}"
         );
     }

@@ -15,6 +15,7 @@ mod executor;
 mod init;
 mod logstream;
 mod mounts;
+mod network;
 mod procs;
 mod rpc;
 mod sandbox;

@@ -49,6 +49,7 @@ use crate::cgstats;
 use crate::events::{Event, Events};
 use crate::executor::IsolaExecutor;
 use crate::lock;
+use crate::network;
 use crate::procs::{now_ns, ExitInfo, ExitRouter};
 use crate::sandbox;
 use crate::seccomp::Compiled;
@@ -198,6 +199,11 @@ pub struct State {
     /// Whether containers are built with pivot_root (the agent left the
     /// initramfs at boot) rather than libcontainer's no_pivot.
     pivot_root: bool,
+    /// Whether the sandbox netns exists (made by SetupNetwork or
+    /// CreateSandbox, whichever came first).
+    netns_made: Mutex<bool>,
+    /// Set once SetupNetwork has begun.
+    network_set: Mutex<bool>,
 }
 
 impl State {
@@ -213,7 +219,30 @@ impl State {
             power_off: Notify::new(),
             destroying: Mutex::new(false),
             pivot_root,
+            netns_made: Mutex::new(false),
+            network_set: Mutex::new(false),
         })
+    }
+
+    /// Creates the sandbox network namespace unless it exists; whether it
+    /// made it now.
+    fn ensure_netns(&self) -> anyhow::Result<bool> {
+        let mut made = lock(&self.netns_made);
+        if *made {
+            return Ok(false);
+        }
+        fs::create_dir_all(sandbox::SANDBOX_DIR)?;
+        sandbox::create_netns(Path::new(sandbox::NETNS))?;
+        *made = true;
+        Ok(true)
+    }
+
+    fn remove_netns(&self) {
+        let mut made = lock(&self.netns_made);
+        if *made {
+            let _ = sandbox::unmount(Path::new(sandbox::NETNS));
+            *made = false;
+        }
     }
 
     /// A status the reaper took: the process it ends, if it is one of ours.
@@ -1030,15 +1059,21 @@ impl isola_protocol::Agent for AgentService {
                 let _ = sandbox::unmount(p);
             }
         };
-        if let Err(e) = sandbox::create_netns(Path::new(sandbox::NETNS)) {
-            undo_share(&share);
-            return Err(step("creating the network namespace", &e));
-        }
+        // SetupNetwork may have made it already.
+        let made_netns = match self.state.ensure_netns() {
+            Ok(made) => made,
+            Err(e) => {
+                undo_share(&share);
+                return Err(step("creating the network namespace", &e));
+            }
+        };
         if let Err(e) =
             sandbox::create_cgroup(Path::new(sandbox::CGROUP_ROOT), sandbox::CGROUP_PARENT)
         {
             undo_share(&share);
-            let _ = sandbox::unmount(Path::new(sandbox::NETNS));
+            if made_netns {
+                self.state.remove_netns();
+            }
             return Err(step("creating the sandbox cgroup", &e));
         }
         let stop_timeout = Duration::from_secs(match req.stop_timeout_secs {
@@ -1054,6 +1089,37 @@ impl isola_protocol::Agent for AgentService {
         let mut resp = CreateSandboxResponse::new();
         resp.kernel_release = sandbox::kernel_release();
         Ok(resp)
+    }
+
+    async fn setup_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetupNetworkRequest,
+    ) -> RpcResult<SetupNetworkResponse> {
+        let plan = isola_protocol::network::check_request(&req)?;
+        if *lock(&self.state.destroying) {
+            return Err(precondition("the sandbox is being destroyed"));
+        }
+        {
+            let mut set = lock(&self.state.network_set);
+            if *set {
+                return Err(precondition(
+                    "SetupNetwork was called already (once per guest)",
+                ));
+            }
+            *set = true;
+        }
+        self.state
+            .ensure_netns()
+            .map_err(|e| internal(format!("creating the network namespace: {e:#}")))?;
+        network::setup(&plan, None, Path::new(sandbox::NETNS))?;
+        tracing::info!(
+            interfaces = ?plan.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            routes = plan.routes.len(),
+            neighbours = plan.neighbours.len(),
+            "pod network set up"
+        );
+        Ok(SetupNetworkResponse::new())
     }
 
     async fn destroy_sandbox(
@@ -1092,7 +1158,7 @@ impl isola_protocol::Agent for AgentService {
                 failures.push(format!("{e:#}"));
             }
         }
-        let _ = sandbox::unmount(Path::new(sandbox::NETNS));
+        self.state.remove_netns();
         if !failures.is_empty() {
             tracing::error!(?failures, "destroying the sandbox");
         }
@@ -1523,6 +1589,18 @@ mod tests {
                 .await,
             Code::FAILED_PRECONDITION,
             "no sandbox",
+        );
+        // SetupNetwork checks every field before it changes anything.
+        let mut net = SetupNetworkRequest::new();
+        net.interfaces.push(NetworkInterface {
+            name: "eth0:1".into(),
+            mac: "0a:58:0a:f4:01:05".into(),
+            ..Default::default()
+        });
+        expect(
+            agent.setup_network(ctx(), &net).await,
+            Code::INVALID_ARGUMENT,
+            "interfaces[0].name: ",
         );
         drop(agent);
         server.shutdown().await;

@@ -72,6 +72,29 @@ pub fn is_interface_name(name: &str) -> bool {
             .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
+/// A request's interface (what the host sends for one pod interface).
+pub fn interface_message(
+    name: &str,
+    mac: Mac,
+    mtu: u32,
+    addresses: impl IntoIterator<Item = (IpAddr, u8)>,
+) -> crate::agent::NetworkInterface {
+    crate::agent::NetworkInterface {
+        name: name.to_string(),
+        mac: mac.to_string(),
+        mtu,
+        addresses: addresses
+            .into_iter()
+            .map(|(ip, prefix_len)| crate::agent::IpAddress {
+                ip: ip.to_string(),
+                prefix_len: u32::from(prefix_len),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// One interface of a checked request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
@@ -399,21 +422,12 @@ mod tests {
     use crate::agent::{IpAddress, NetworkInterface, NetworkNeighbour, NetworkRoute};
     use crate::status::{code, message};
 
-    fn iface(name: &str, mac: &str, addrs: &[(&str, u32)]) -> NetworkInterface {
-        NetworkInterface {
-            name: name.into(),
-            mac: mac.into(),
-            mtu: 1450,
-            addresses: addrs
-                .iter()
-                .map(|(ip, len)| IpAddress {
-                    ip: ip.to_string(),
-                    prefix_len: *len,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
+    fn iface(name: &str, mac: &str, addrs: &[(&str, u8)]) -> NetworkInterface {
+        let mac = Mac::parse(mac).expect("mac");
+        let addrs = addrs
+            .iter()
+            .map(|(ip, len)| (ip.parse().expect("ip"), *len));
+        interface_message(name, mac, 1450, addrs)
     }
 
     fn route(dest: &str, gw: &str, dev: &str, scope: RouteScope) -> NetworkRoute {

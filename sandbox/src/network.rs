@@ -42,7 +42,9 @@ use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
 use isola_protocol::agent as pb;
-use isola_protocol::network::{Mac, MAX_ADDRESSES, MAX_INTERFACES, MAX_NEIGHBOURS, MAX_ROUTES};
+use isola_protocol::network::{
+    interface_message, Mac, MAX_ADDRESSES, MAX_INTERFACES, MAX_NEIGHBOURS, MAX_ROUTES,
+};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{
     InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
@@ -232,21 +234,12 @@ impl PodNetwork {
     pub fn setup_request(&self) -> pb::SetupNetworkRequest {
         let mut req = pb::SetupNetworkRequest::new();
         for i in &self.interfaces {
-            req.interfaces.push(pb::NetworkInterface {
-                name: i.name.clone(),
-                mac: i.mac.to_string(),
-                mtu: i.mtu,
-                addresses: i
-                    .addresses
-                    .iter()
-                    .map(|a| pb::IpAddress {
-                        ip: a.ip.to_string(),
-                        prefix_len: u32::from(a.prefix_len),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            });
+            req.interfaces.push(interface_message(
+                &i.name,
+                i.mac,
+                i.mtu,
+                i.addresses.iter().map(|a| (a.ip, a.prefix_len)),
+            ));
             for r in &i.routes {
                 req.routes.push(pb::NetworkRoute {
                     destination: r

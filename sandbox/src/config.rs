@@ -553,6 +553,19 @@ impl Config {
                 ));
             }
         }
+        let run_root_len = self.runtime.run_root.as_os_str().len();
+        if run_root_len > MAX_RUN_ROOT_LEN {
+            return Err(invalid(
+                "runtime.run_root",
+                format!(
+                    "{:?} is {run_root_len} bytes; at most {MAX_RUN_ROOT_LEN} fit: a sandbox's \
+                     sockets (<run_root>/<64-character CRI id>/vsock.sock) must fit a Unix socket \
+                     address ({} bytes)",
+                    self.runtime.run_root.display(),
+                    crate::sandbox::MAX_SOCKET_PATH
+                ),
+            ));
+        }
         for (key, secs) in [
             (
                 "runtime.start_timeout_secs",
@@ -573,6 +586,11 @@ impl Config {
         Ok(())
     }
 }
+
+/// The longest `runtime.run_root`: a CRI sandbox id is 64 characters,
+/// and `<run_root>/<id>/vsock.sock` must fit a Unix socket address.
+pub const MAX_RUN_ROOT_LEN: usize =
+    crate::sandbox::MAX_SOCKET_PATH - 1 - 64 - 1 - "vsock.sock".len();
 
 /// Why `params` cannot go on the kernel command line, if it cannot.
 fn kernel_params_problem(params: &str) -> Option<&'static str> {
@@ -854,6 +872,10 @@ stop_timeout_secs = 5
             ("[virtiofs]\ncache = \"sometimes\"", "virtiofs.cache"),
             ("[runtime]\nlog_level = \"verbose\"", "runtime.log_level"),
             ("[runtime]\nrun_root = \"run\"", "runtime.run_root"),
+            (
+                "[runtime]\nrun_root = \"/run/a-run-root-longer-than-31-bytes\"",
+                "runtime.run_root",
+            ),
             (
                 "[runtime]\nstart_timeout_secs = 0",
                 "runtime.start_timeout_secs",

@@ -33,6 +33,9 @@ pub const BASE_CMDLINE: &str =
 
 /// Default run directory root.
 pub const DEFAULT_RUN_ROOT: &str = "/run/isola/sandboxes";
+/// The longest path a Unix socket address holds (`sun_path` is 108
+/// bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// How long an ordinary agent call may take.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -448,6 +451,26 @@ impl Sandbox {
             }
         }
         let layout = Layout::new(config.run_root.join(&id));
+        for socket in [
+            layout.fs_socket(),
+            layout.vsock_socket(),
+            layout.api_socket(),
+        ] {
+            let len = socket.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    &id,
+                    "checking the config",
+                    format!(
+                        "the socket {} is {len} bytes, longer than a Unix socket address \
+                         takes ({MAX_SOCKET_PATH}): shorten the run root {}",
+                        socket.display(),
+                        config.run_root.display()
+                    ),
+                ));
+            }
+        }
         std::fs::create_dir_all(&config.run_root)
             .map_err(|e| Error::host(&id, format!("creating {}", config.run_root.display()), e))?;
         match std::fs::create_dir(layout.dir()) {
@@ -1607,6 +1630,17 @@ mod tests {
         let err = Sandbox::start(c.clone()).await.expect_err("failed");
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         assert!(c.run_root.join("bad").exists());
+
+        // A CRI id (64 characters) under a long run root: its sockets
+        // would not fit a Unix socket address. Refused, naming the root,
+        // before anything is made.
+        let mut long = c.clone();
+        long.id = "a".repeat(64);
+        long.run_root = tmp.path().join("a-run-root-too-long-for-sockets");
+        let err = Sandbox::start(long.clone()).await.expect_err("failed");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.message().contains("shorten the run root"), "{err}");
+        assert!(!long.run_root.exists(), "the run root was made");
 
         c.id = "../x".into();
         let err = Sandbox::start(c).await.expect_err("failed");

@@ -60,7 +60,9 @@ impl Containerd {
 
     fn start(dir: &Path) -> Result<Containerd> {
         let project = project_dir();
-        let run_root = dir.join("sandboxes");
+        // Short: `<run_root>/<64-character CRI id>/vsock.sock` must fit a
+        // Unix socket address (runtime.run_root takes at most 31 bytes).
+        let run_root = PathBuf::from("/run/isola-e2e");
         std::fs::create_dir_all(dir)?;
         let config = dir.join("isola.toml");
         std::fs::write(

@@ -118,6 +118,17 @@ enum PodCommand {
         #[arg(short = 'c', long)]
         container: Option<String>,
     },
+    /// Stops one container as kubelet does before a restart: SIGTERM, then
+    /// SIGKILL after the grace period (StopContainer).
+    Stop {
+        name: String,
+        #[arg(short = 'c', long)]
+        container: String,
+        /// Seconds between SIGTERM and SIGKILL (default: the manifest's
+        /// terminationGracePeriodSeconds, else 30).
+        #[arg(long)]
+        grace: Option<i64>,
+    },
     /// Starts a container that has exited again, in the same sandbox (the
     /// next attempt, as kubelet's restart does).
     Restart {
@@ -194,6 +205,11 @@ async fn dispatch(args: PodArgs) -> Result<i32> {
             previous,
         } => logs(&ctx, &name, container, timestamps, previous).await,
         PodCommand::Stats { name, container } => stats(&ctx, &name, container).await,
+        PodCommand::Stop {
+            name,
+            container,
+            grace,
+        } => stop(&ctx, &name, &container, grace).await,
         PodCommand::Restart {
             name,
             container,
@@ -771,6 +787,23 @@ async fn stats(ctx: &Ctx, name: &str, container: Option<String>) -> Result<i32> 
             .collect(),
     };
     println!("{}", serde_json::Value::Array(list));
+    Ok(0)
+}
+
+async fn stop(ctx: &Ctx, name: &str, container: &str, grace: Option<i64>) -> Result<i32> {
+    let found = ctx.find(name).await?;
+    let c = ctx.pick(&found, Some(container), false).await?;
+    let grace = grace.unwrap_or_else(|| found.pod.grace_secs());
+    ctx.cri
+        .runtime
+        .clone()
+        .stop_container(api::StopContainerRequest {
+            container_id: c.id.clone(),
+            timeout: grace,
+        })
+        .await
+        .map_err(|s| status_error(&format!("StopContainer {}", c.id), s))?;
+    println!("container/{container} {} stopped", c.id);
     Ok(0)
 }
 

@@ -6,6 +6,9 @@
 //! ```text
 //! /run/isola/sandbox/resolv.conf   DNS, a bind-mount source for containers
 //! /run/isola/sandbox/netns         the sandbox's network namespace (nsfs)
+//! /run/isola/sandbox/ephemeral/<key>  an ephemeral volume (Memory emptyDir):
+//!                                  a tmpfs, bound into the containers that
+//!                                  mount it
 //! /run/isola/share                 the virtio-fs share (default mount point)
 //! /run/isola/containers/<id>/      bundles: config.json, exec-<id>.json,
 //!                                  console sockets
@@ -26,6 +29,7 @@ use crate::spec::SpecError;
 pub const SANDBOX_DIR: &str = "/run/isola/sandbox";
 pub const RESOLV_CONF: &str = "/run/isola/sandbox/resolv.conf";
 pub const NETNS: &str = "/run/isola/sandbox/netns";
+pub const EPHEMERAL_DIR: &str = "/run/isola/sandbox/ephemeral";
 pub const DEFAULT_SHARE: &str = "/run/isola/share";
 pub const BUNDLES: &str = "/run/isola/containers";
 pub const STATE: &str = "/run/isola/state";
@@ -148,6 +152,30 @@ pub fn mount_share(tag: &str, mount_point: &Path) -> Result<()> {
             mount_point.display()
         )
     })
+}
+
+/// The tmpfs data of an ephemeral volume: mode 0777 as kubelet's emptyDir,
+/// and its size if it has one.
+pub fn ephemeral_tmpfs_data(size: Option<u64>) -> String {
+    match size {
+        Some(bytes) => format!("mode=0777,size={bytes}"),
+        None => "mode=0777".to_string(),
+    }
+}
+
+/// Mounts an ephemeral volume's tmpfs (nosuid, nodev) on `dir`, made if
+/// missing. Never unmounted: it lives until the VM goes.
+pub fn mount_ephemeral(dir: &Path, size: Option<u64>) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let data = ephemeral_tmpfs_data(size);
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .with_context(|| format!("mounting a tmpfs ({data}) on {}", dir.display()))
 }
 
 /// Unmounts `path`, lazily if it is busy.
@@ -313,5 +341,34 @@ mod tests {
             fs::read_to_string(dir.join("cgroup.subtree_control")).expect("read"),
             "+cpu +memory +pids"
         );
+    }
+
+    #[test]
+    fn ephemeral_volumes_are_tmpfs_0777_of_their_size() {
+        assert_eq!(ephemeral_tmpfs_data(None), "mode=0777");
+        assert_eq!(
+            ephemeral_tmpfs_data(Some(8 << 20)),
+            "mode=0777,size=8388608"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = dir.path().join("ephemeral/mem-0123456789abcdef");
+        if let Err(e) = mount_ephemeral(&at, Some(8 << 20)) {
+            // Mounting needs root.
+            eprintln!("skipped: {e:#}");
+            return;
+        }
+        let fs = nix::sys::statfs::statfs(&at);
+        let meta = fs::metadata(&at);
+        let unmounted = umount2(&at, MntFlags::MNT_DETACH);
+        let fs = fs.expect("statfs");
+        assert_eq!(fs.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC);
+        assert_eq!(
+            fs.blocks() * u64::try_from(fs.block_size()).unwrap_or(0),
+            8 << 20
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.expect("metadata").permissions().mode() & 0o7777, 0o777);
+        unmounted.expect("unmount");
     }
 }

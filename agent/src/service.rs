@@ -65,6 +65,8 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Most containers of a sandbox, and exec processes of a container.
 const MAX_CONTAINERS: usize = 1024;
 const MAX_EXECS: usize = 1024;
+/// Most ephemeral volumes (Memory emptyDirs) of a sandbox.
+const MAX_EPHEMERAL: usize = 1024;
 /// Most processes `ListProcesses` answers.
 const MAX_LIST: usize = 1024;
 /// Longest cmdline kept per process.
@@ -204,6 +206,8 @@ pub struct State {
     netns_made: Mutex<bool>,
     /// Set once SetupNetwork has begun.
     network_set: Mutex<bool>,
+    /// The ephemeral volumes mounted (key → size), kept until the VM goes.
+    ephemeral: Mutex<HashMap<String, Option<u64>>>,
 }
 
 impl State {
@@ -221,6 +225,7 @@ impl State {
             pivot_root,
             netns_made: Mutex::new(false),
             network_set: Mutex::new(false),
+            ephemeral: Mutex::new(HashMap::new()),
         })
     }
 
@@ -235,6 +240,38 @@ impl State {
         sandbox::create_netns(Path::new(sandbox::NETNS))?;
         *made = true;
         Ok(true)
+    }
+
+    /// Mounts the tmpfs of each ephemeral volume not mounted yet, at
+    /// `EPHEMERAL_DIR/<key>`; a key seen before is reused as it is (the
+    /// first container's size holds). They are never unmounted: they go
+    /// with the VM.
+    fn ensure_ephemeral(&self, id: &str, volumes: &[spec::Ephemeral]) -> RpcResult<()> {
+        let mut mounted = lock(&self.ephemeral);
+        for volume in volumes {
+            if let Some(size) = mounted.get(&volume.key) {
+                if *size != volume.size {
+                    tracing::warn!(key = %volume.key, ?size, asked = ?volume.size,
+                        "ephemeral volume mounted already with another size; reused");
+                }
+                continue;
+            }
+            if mounted.len() >= MAX_EPHEMERAL {
+                return Err(precondition(format!(
+                    "container {id}: {MAX_EPHEMERAL} ephemeral volumes already"
+                )));
+            }
+            let dir = Path::new(sandbox::EPHEMERAL_DIR).join(&volume.key);
+            sandbox::mount_ephemeral(&dir, volume.size).map_err(|e| {
+                internal(format!(
+                    "container {id}: ephemeral volume {}: {e:#}",
+                    volume.key
+                ))
+            })?;
+            tracing::info!(key = %volume.key, size = ?volume.size, "ephemeral volume mounted");
+            mounted.insert(volume.key.clone(), volume.size);
+        }
+        Ok(())
     }
 
     fn remove_netns(&self) {
@@ -605,9 +642,11 @@ impl AgentService {
             netns: Path::new(sandbox::NETNS),
             cgroup_parent: sandbox::CGROUP_PARENT,
             owned_dirs: &owned,
+            ephemeral_dir: Path::new(sandbox::EPHEMERAL_DIR),
             terminal: stdio.terminal,
         };
         let prepared = spec::prepare(parsed, &ctx).map_err(|e| spec_error("oci_spec_json", e))?;
+        self.state.ensure_ephemeral(id, &prepared.ephemeral)?;
         let bundle = Path::new(sandbox::BUNDLES).join(id);
         let console = bundle.join("console.sock");
         let plan = self.claim_stdio(&stdio)?;

@@ -5,6 +5,9 @@
 //!   and still inside the share once symlinks are resolved);
 //! - bind mounts take their sources from the share or from guest paths the
 //!   agent owns (`/run/isola/sandbox/...`), nothing else of the guest;
+//! - an ephemeral mount (a Memory emptyDir, [`EPHEMERAL_TYPE`]) becomes a
+//!   bind of the sandbox's tmpfs for its key, which the caller mounts
+//!   ([`Prepared::ephemeral`]);
 //! - namespaces: new mount, pid, ipc and uts (and cgroup or time if the
 //!   spec asks), the sandbox's network namespace by path, never a user
 //!   namespace; paths the spec gives are the host's and are ignored;
@@ -85,6 +88,9 @@ pub struct Context<'a> {
     /// Guest directories whose files may be bind-mounted
     /// (`/run/isola/sandbox`).
     pub owned_dirs: &'a [&'a Path],
+    /// Where each ephemeral volume's tmpfs is mounted, at `<dir>/<key>`
+    /// (`/run/isola/sandbox/ephemeral`).
+    pub ephemeral_dir: &'a Path,
     pub terminal: bool,
 }
 
@@ -93,6 +99,41 @@ pub struct Context<'a> {
 pub struct Prepared {
     pub spec: Spec,
     pub seccomp: Option<Compiled>,
+    /// The ephemeral volumes the spec binds from `ephemeral_dir`, each key
+    /// once: their tmpfs must be mounted before the container is made.
+    pub ephemeral: Vec<Ephemeral>,
+}
+
+/// The mount type of an ephemeral volume, as the host sends it (the
+/// host's `isola_sandbox::spec::EPHEMERAL_TYPE`; the guest makes the
+/// volume, the share does not carry it):
+///
+/// ```json
+/// {"destination": "/mem", "type": "isola-ephemeral", "source": "mem-0123456789abcdef",
+///  "options": ["size=8388608", "rw", "nosuid", "nodev"]}
+/// ```
+///
+/// `source` is the volume's key (1 to 64 of `[A-Za-z0-9_.-]`, not `.` or
+/// `..`); `options` may hold `size=<bytes>` once (1 to
+/// [`MAX_EPHEMERAL_SIZE`]; without it the tmpfs has the kernel's default
+/// size, half the VM's memory), `ro` or `rw`, `nosuid`, `nodev`,
+/// `noexec`, and nothing else.
+pub const EPHEMERAL_TYPE: &str = "isola-ephemeral";
+
+/// Largest `size=` of an ephemeral volume: 1 PiB (the host sends none
+/// above it).
+pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
+
+/// Longest ephemeral volume key.
+const MAX_EPHEMERAL_KEY: usize = 64;
+
+/// An ephemeral volume of the sandbox: a tmpfs of the guest shared by the
+/// containers that mount its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ephemeral {
+    pub key: String,
+    /// The tmpfs's `size=`, in bytes; `None`: the kernel's default.
+    pub size: Option<u64>,
 }
 
 /// `rel` inside `root`: relative, no `..`, and inside `root` once
@@ -142,6 +183,105 @@ const MOUNT_TYPES: &[&str] = &[
     "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "none",
 ];
 
+fn is_ephemeral(m: &Mount) -> bool {
+    m.typ().as_deref() == Some(EPHEMERAL_TYPE)
+}
+
+/// An ephemeral mount's volume and bind options (see [`EPHEMERAL_TYPE`]);
+/// errors name `mounts[i].source` or `mounts[i].options[j]`.
+fn check_ephemeral(m: &Mount, field: &str) -> Result<(Ephemeral, Vec<String>), SpecError> {
+    let key = m
+        .source()
+        .as_deref()
+        .and_then(Path::to_str)
+        .unwrap_or_default();
+    let key_ok = !key.is_empty()
+        && key.len() <= MAX_EPHEMERAL_KEY
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if !key_ok {
+        return Err(err(
+            format!("{field}.source"),
+            format!(
+                "{key:?} is not an ephemeral volume key (1 to {MAX_EPHEMERAL_KEY} of [A-Za-z0-9_.-], not . or ..)"
+            ),
+        ));
+    }
+    let mut size = None;
+    let mut mode = None;
+    let mut noexec = false;
+    for (j, o) in m.options().iter().flatten().enumerate() {
+        let at = || format!("{field}.options[{j}]");
+        if let Some(value) = o.strip_prefix("size=") {
+            let bytes = value
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| value.parse::<u64>().ok())
+                .flatten()
+                .filter(|n| (1..=MAX_EPHEMERAL_SIZE).contains(n));
+            match (bytes, size) {
+                (Some(n), None) => size = Some(n),
+                (None, _) => {
+                    return Err(err(
+                        at(),
+                        format!("{o:?}: the size must be 1 to {MAX_EPHEMERAL_SIZE} bytes"),
+                    ))
+                }
+                (Some(_), Some(_)) => return Err(err(at(), "a second size")),
+            }
+        } else if o == "ro" || o == "rw" {
+            if mode.is_some_and(|m| m != o) {
+                return Err(err(at(), "both ro and rw"));
+            }
+            mode = Some(o.as_str());
+        } else if o == "noexec" {
+            noexec = true;
+        } else if o != "nosuid" && o != "nodev" {
+            return Err(err(
+                at(),
+                format!("{o:?} is not an ephemeral volume option (size=, ro, rw, nosuid, nodev, noexec)"),
+            ));
+        }
+    }
+    // The tmpfs is nosuid and nodev whatever the host says; the bind says
+    // so too, so no remount of it (ro) can lose them.
+    let mut options: Vec<String> = ["rbind", "rprivate", mode.unwrap_or("rw"), "nosuid", "nodev"]
+        .map(String::from)
+        .into();
+    if noexec {
+        options.push("noexec".to_string());
+    }
+    Ok((
+        Ephemeral {
+            key: key.to_string(),
+            size,
+        },
+        options,
+    ))
+}
+
+/// Turns every ephemeral mount into a bind of `<ephemeral_dir>/<key>`;
+/// the volumes, each key once (the first one's size).
+fn rewrite_ephemeral(spec: &mut Spec, ephemeral_dir: &Path) -> Result<Vec<Ephemeral>, SpecError> {
+    let mut volumes: Vec<Ephemeral> = Vec::new();
+    for (i, m) in spec.mounts_mut().iter_mut().flatten().enumerate() {
+        if !is_ephemeral(m) {
+            continue;
+        }
+        let (volume, options) = check_ephemeral(m, &format!("mounts[{i}]"))?;
+        m.set_typ(Some("bind".to_string()))
+            .set_source(Some(ephemeral_dir.join(&volume.key)))
+            .set_options(Some(options));
+        if !volumes.iter().any(|v| v.key == volume.key) {
+            volumes.push(volume);
+        }
+    }
+    Ok(volumes)
+}
+
 fn check_mounts(spec: &Spec, ctx: &Context<'_>) -> Result<(), SpecError> {
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let field = format!("mounts[{i}]");
@@ -150,6 +290,10 @@ fn check_mounts(spec: &Spec, ctx: &Context<'_>) -> Result<(), SpecError> {
                 format!("{field}.destination"),
                 format!("{} is not absolute", m.destination().display()),
             ));
+        }
+        if is_ephemeral(m) {
+            // Checked and made a bind by `rewrite_ephemeral`.
+            continue;
         }
         if is_bind(m) {
             let Some(source) = m.source() else {
@@ -237,6 +381,7 @@ pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError>
     spec.set_root(Some(root));
 
     check_mounts(&spec, ctx)?;
+    let ephemeral = rewrite_ephemeral(&mut spec, ctx.ephemeral_dir)?;
 
     let mut linux = match spec.linux().clone() {
         Some(l) => l,
@@ -285,7 +430,11 @@ pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError>
     };
     linux.set_seccomp(None);
     spec.set_linux(Some(linux));
-    Ok(Prepared { spec, seccomp })
+    Ok(Prepared {
+        spec,
+        seccomp,
+        ephemeral,
+    })
 }
 
 #[cfg(test)]
@@ -313,6 +462,7 @@ mod tests {
             netns: Path::new("/run/isola/sandbox/netns"),
             cgroup_parent: "/isola",
             owned_dirs: owned,
+            ephemeral_dir: Path::new("/run/isola/sandbox/ephemeral"),
             terminal: false,
         }
     }
@@ -496,5 +646,100 @@ mod tests {
         let p = prepare(spec(json), &c).expect("prepared");
         assert!(p.spec.linux().as_ref().expect("linux").seccomp().is_none());
         assert_eq!(p.seccomp.expect("compiled").filters.len(), 1);
+    }
+
+    fn with_mounts(mounts: &str) -> Spec {
+        spec(&format!(
+            r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},"mounts":{mounts}}}"#
+        ))
+    }
+
+    #[test]
+    fn ephemeral_mounts_become_binds_of_the_sandbox_tmpfs() {
+        let s = share();
+        let c = ctx(&s, &[]);
+        let p = prepare(
+            with_mounts(
+                r#"[{"destination":"/proc","type":"proc","source":"proc"},
+                    {"destination":"/mem","type":"isola-ephemeral","source":"mem-0123456789abcdef",
+                     "options":["size=8388608","rw","nosuid","nodev"]},
+                    {"destination":"/mem-ro","type":"isola-ephemeral","source":"mem-0123456789abcdef",
+                     "options":["size=8388608","ro","noexec"]},
+                    {"destination":"/big","type":"isola-ephemeral","source":"big_1.x-0"}]"#,
+            ),
+            &c,
+        )
+        .expect("prepared");
+        assert_eq!(
+            p.ephemeral,
+            vec![
+                Ephemeral {
+                    key: "mem-0123456789abcdef".into(),
+                    size: Some(8 << 20)
+                },
+                Ephemeral {
+                    key: "big_1.x-0".into(),
+                    size: None
+                },
+            ]
+        );
+        let mounts: Vec<serde_json::Value> = p
+            .spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| serde_json::to_value(m).expect("json"))
+            .collect();
+        assert_eq!(
+            mounts[1..],
+            [
+                serde_json::json!({"destination": "/mem", "type": "bind",
+                    "source": "/run/isola/sandbox/ephemeral/mem-0123456789abcdef",
+                    "options": ["rbind", "rprivate", "rw", "nosuid", "nodev"]}),
+                serde_json::json!({"destination": "/mem-ro", "type": "bind",
+                    "source": "/run/isola/sandbox/ephemeral/mem-0123456789abcdef",
+                    "options": ["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"]}),
+                serde_json::json!({"destination": "/big", "type": "bind",
+                    "source": "/run/isola/sandbox/ephemeral/big_1.x-0",
+                    "options": ["rbind", "rprivate", "rw", "nosuid", "nodev"]}),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_ephemeral_mounts_name_the_field() {
+        let s = share();
+        let c = ctx(&s, &[]);
+        let long = "k".repeat(65);
+        let cases = [
+            (r#"{"destination":"/m","type":"isola-ephemeral"}"#.to_string(), "mounts[0].source"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":""}"#.to_string(), "mounts[0].source"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":".."}"#.to_string(), "mounts[0].source"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"a/b"}"#.to_string(), "mounts[0].source"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"/run/isola/share"}"#.to_string(), "mounts[0].source"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"a b"}"#.to_string(), "mounts[0].source"),
+            (format!(r#"{{"destination":"/m","type":"isola-ephemeral","source":"{long}"}}"#), "mounts[0].source"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["rw","size=0"]}"#.to_string(), "mounts[0].options[1]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["size=-1"]}"#.to_string(), "mounts[0].options[0]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["size=+5"]}"#.to_string(), "mounts[0].options[0]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["size=8m"]}"#.to_string(), "mounts[0].options[0]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["size=1125899906842625"]}"#.to_string(), "mounts[0].options[0]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["size=1","size=1"]}"#.to_string(), "mounts[0].options[1]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["ro","rw"]}"#.to_string(), "mounts[0].options[1]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["rbind"]}"#.to_string(), "mounts[0].options[0]"),
+            (r#"{"destination":"/m","type":"isola-ephemeral","source":"k","options":["suid"]}"#.to_string(), "mounts[0].options[0]"),
+            (r#"{"destination":"m","type":"isola-ephemeral","source":"k"}"#.to_string(), "mounts[0].destination"),
+        ];
+        for (mount, field) in cases {
+            let e = prepare(with_mounts(&format!("[{mount}]")), &c).expect_err(&mount);
+            assert_eq!(e.field, field, "{mount}: {e}");
+        }
+        // The largest size passes.
+        let p = prepare(
+            with_mounts(r#"[{"destination":"/m","type":"isola-ephemeral","source":"k","options":["size=1125899906842624"]}]"#),
+            &c,
+        )
+        .expect("1 PiB");
+        assert_eq!(p.ephemeral[0].size, Some(MAX_EPHEMERAL_SIZE));
     }
 }

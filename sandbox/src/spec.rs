@@ -1,8 +1,11 @@
 //! From the caller's OCI spec to the one the agent gets: host paths of bind
 //! mounts replaced by their place in the share, volumes added as bind
-//! mounts.
+//! mounts, and Kubernetes Memory emptyDir volumes turned into ephemeral
+//! mounts the agent backs with a tmpfs of the guest ([`ephemeral`]).
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{Mount, Spec};
 
@@ -111,10 +114,157 @@ fn is_readonly(mount: &Mount) -> bool {
         .is_some_and(|o| o.iter().any(|o| o == "ro"))
 }
 
-/// Rewrites `spec` for container `cid`: every bind mount's host source
-/// becomes the guest path of a volume of the share, in order; `root.path`
-/// becomes `rootfs` (the agent ignores it). Returns the host paths to bind
-/// into the share.
+/// The mount type of an ephemeral volume on the wire to the agent, whose
+/// `spec::EPHEMERAL_TYPE` describes the form it accepts (and
+/// docs/architecture.md, "Ephemeral volumes"). The host sends `source` =
+/// the key ([`ephemeral_key`]) and `options` = `size=<bytes>` (only for a
+/// host tmpfs of explicit size), `ro` or `rw`, then whichever of `nosuid`,
+/// `nodev`, `noexec` the original bind had.
+pub const EPHEMERAL_TYPE: &str = "isola-ephemeral";
+
+/// The directory kubelet (and `isola pod`) keeps a pod's emptyDir volumes
+/// in: `<pods root>/<pod uid>/volumes/kubernetes.io~empty-dir/<name>`.
+pub const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
+
+/// Largest size sent (the agent refuses more): 1 PiB, far beyond any VM.
+/// A larger host tmpfs is sent without a size (the guest's default).
+pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
+
+/// Longest key (the agent's bound too).
+const MAX_KEY: usize = 64;
+
+/// A Memory emptyDir volume: made in the guest, not carried by the share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ephemeral {
+    /// Stable for the volume in the pod: every container that mounts it
+    /// gets the same key, so the same tmpfs in the guest.
+    pub key: String,
+    /// `size=` of the guest tmpfs, in bytes; `None`: the guest default
+    /// (half the VM's memory).
+    pub size: Option<u64>,
+}
+
+/// The volume name of an emptyDir path: the component after
+/// `kubernetes.io~empty-dir`, which must be the last one.
+fn empty_dir_name(path: &Path) -> Option<&OsStr> {
+    let parts: Vec<Component<'_>> = path.components().collect();
+    match parts.as_slice() {
+        [.., Component::Normal(dir), Component::Normal(name)] if *dir == OsStr::new(EMPTY_DIR) => {
+            Some(name)
+        }
+        _ => None,
+    }
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across builds and releases
+/// (std's `DefaultHasher` does not promise to).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The key of the emptyDir volume `name` at host path `path`: the name
+/// (anything outside `[A-Za-z0-9_.-]` as `_`, cut to 47 bytes), `-`, and
+/// 16 hex digits of the path's FNV-1a hash: at most 64 bytes of
+/// `[A-Za-z0-9_.-]`, never `.` or `..`, the same for every container of
+/// the pod, different for two volumes.
+pub fn ephemeral_key(name: &OsStr, path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut key: String = name
+        .as_bytes()
+        .iter()
+        .take(MAX_KEY - 17)
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-' {
+                char::from(b)
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    key.push_str(&format!("-{:016x}", fnv1a64(path.as_os_str().as_bytes())));
+    key
+}
+
+/// The guest size for a host tmpfs of `blocks` blocks of `block_size`
+/// bytes, where the tmpfs default (no `size=`: half the host's memory) is
+/// `default_blocks`. No size for a tmpfs without an explicit size (the
+/// guest's own default, half the VM's memory, is its equivalent), for an
+/// unlimited one (`size=0`) and for one beyond [`MAX_EPHEMERAL_SIZE`].
+pub fn ephemeral_size(blocks: u64, block_size: u64, default_blocks: Option<u64>) -> Option<u64> {
+    if blocks == 0 || Some(blocks) == default_blocks {
+        return None;
+    }
+    blocks
+        .checked_mul(block_size)
+        .filter(|&size| size <= MAX_EPHEMERAL_SIZE)
+}
+
+/// The blocks (of `block_size` bytes) of a host tmpfs mounted without
+/// `size=`: the kernel's default, half its RAM pages.
+fn host_tmpfs_default_blocks(block_size: u64) -> Option<u64> {
+    // SAFETY: sysinfo is plain old data; all-zero is a valid value.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: sysinfo(2) only writes the struct it is given.
+    if unsafe { libc::sysinfo(&mut info) } != 0 || block_size == 0 {
+        return None;
+    }
+    let ram = info.totalram.checked_mul(u64::from(info.mem_unit))?;
+    Some(ram / block_size / 2)
+}
+
+/// Whether the bind source `source` is a Memory emptyDir: a directory
+/// named `.../kubernetes.io~empty-dir/<name>` (once symlinks are resolved)
+/// that is the mount point of a tmpfs (its file system is tmpfs and its
+/// device differs from its parent's). A plain directory there, or one that
+/// cannot be looked at, is not: it goes through the share as any bind.
+pub fn ephemeral(source: &Path) -> Option<Ephemeral> {
+    let path = source.canonicalize().ok()?;
+    let name = empty_dir_name(&path)?;
+    let meta = std::fs::metadata(&path).ok()?;
+    let parent = std::fs::metadata(path.parent()?).ok()?;
+    if !meta.is_dir() || meta.dev() == parent.dev() {
+        return None;
+    }
+    let fs = nix::sys::statfs::statfs(&path).ok()?;
+    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return None;
+    }
+    let blocks = fs.blocks();
+    let block_size = u64::try_from(fs.block_size()).ok()?;
+    Some(Ephemeral {
+        key: ephemeral_key(name, &path),
+        size: ephemeral_size(blocks, block_size, host_tmpfs_default_blocks(block_size)),
+    })
+}
+
+/// Turns the bind `mount` into the ephemeral mount of `volume` (see
+/// [`EPHEMERAL_TYPE`]); the destination stays.
+fn make_ephemeral(mount: &mut Mount, volume: &Ephemeral) {
+    let original = mount.options().clone().unwrap_or_default();
+    let mut options: Vec<String> = volume
+        .size
+        .map(|size| format!("size={size}"))
+        .into_iter()
+        .collect();
+    options.push(if is_readonly(mount) { "ro" } else { "rw" }.to_string());
+    for flag in ["nosuid", "nodev", "noexec"] {
+        if original.iter().any(|o| o == flag) {
+            options.push(flag.to_string());
+        }
+    }
+    mount
+        .set_typ(Some(EPHEMERAL_TYPE.to_string()))
+        .set_source(Some(PathBuf::from(&volume.key)))
+        .set_options(Some(options));
+}
+
+/// Rewrites `spec` for container `cid`: a bind of a Memory emptyDir
+/// ([`ephemeral`]) becomes an ephemeral mount of the guest; every other
+/// bind mount's host source becomes the guest path of a volume of the
+/// share, in order; `root.path` becomes `rootfs` (the agent ignores it).
+/// Returns the host paths to bind into the share.
 pub fn rewrite(spec: &mut Spec, cid: &str) -> Result<Vec<HostBind>, SpecError> {
     let mut binds = Vec::new();
     if let Some(mounts) = spec.mounts_mut() {
@@ -135,6 +285,10 @@ pub fn rewrite(spec: &mut Spec, cid: &str) -> Result<Vec<HostBind>, SpecError> {
                     field,
                     problem: format!("{} is not an absolute host path", source.display()),
                 });
+            }
+            if let Some(volume) = ephemeral(&source) {
+                make_ephemeral(mount, &volume);
+                continue;
             }
             let index = binds.len();
             binds.push(HostBind {
@@ -287,6 +441,188 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "mounts[0].source: relative/dir is not an absolute host path"
+        );
+    }
+
+    #[test]
+    fn empty_dir_names_are_the_last_component_after_the_plugin_dir() {
+        let name = |p: &str| empty_dir_name(Path::new(p)).map(|n| n.to_string_lossy().into_owned());
+        assert_eq!(
+            name("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/mem").as_deref(),
+            Some("mem")
+        );
+        assert_eq!(
+            name("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir"),
+            None
+        );
+        assert_eq!(name("/p/kubernetes.io~empty-dir/mem/sub"), None);
+        assert_eq!(name("/p/kubernetes.io~configmap/mem"), None);
+        assert_eq!(name("/p/x-kubernetes.io~empty-dir/mem"), None);
+    }
+
+    #[test]
+    fn keys_are_stable_safe_and_bounded() {
+        let path = Path::new("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/mem");
+        let key = ephemeral_key(OsStr::new("mem"), path);
+        assert_eq!(key, ephemeral_key(OsStr::new("mem"), path), "stable");
+        assert!(key.starts_with("mem-") && key.len() == 20, "{key}");
+        // Pinned (FNV-1a's test vectors): the hash must not change between
+        // builds, or a container of a running pod created by a newer shim
+        // would not find its volume's tmpfs.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let other = ephemeral_key(
+            OsStr::new("mem"),
+            Path::new("/var/lib/kubelet/pods/u2/volumes/kubernetes.io~empty-dir/mem"),
+        );
+        assert_ne!(key, other, "another pod's path, another key");
+
+        let long = "x".repeat(200);
+        for name in [
+            "mem",
+            "a b/c\\n..",
+            "..",
+            ".",
+            long.as_str(),
+            "\u{e9}t\u{e9}",
+        ] {
+            let key = ephemeral_key(OsStr::new(name), path);
+            assert!(key.len() <= 64, "{key}");
+            assert!(
+                key.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-'),
+                "{key}"
+            );
+            assert!(key != "." && key != "..");
+        }
+        assert!(ephemeral_key(OsStr::new("a b"), path).starts_with("a_b-"));
+    }
+
+    #[test]
+    fn sizes_are_the_host_tmpfs_size_unless_it_is_the_default() {
+        assert_eq!(ephemeral_size(2048, 4096, Some(1_000_000)), Some(8 << 20));
+        assert_eq!(ephemeral_size(1_000_000, 4096, Some(1_000_000)), None);
+        assert_eq!(ephemeral_size(0, 4096, Some(1_000_000)), None, "size=0");
+        assert_eq!(ephemeral_size(2048, 4096, None), Some(8 << 20));
+        assert_eq!(ephemeral_size(u64::MAX, 4096, None), None, "overflow");
+        assert_eq!(
+            ephemeral_size(MAX_EPHEMERAL_SIZE / 4096 + 1, 4096, None),
+            None,
+            "beyond the bound"
+        );
+    }
+
+    /// A tmpfs mounted for a test, unmounted when dropped (a panic too).
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        /// `None` where mounting is not allowed (not root).
+        fn mount(at: &Path, data: &str) -> Option<Tmpfs> {
+            std::fs::create_dir_all(at).expect("mount point");
+            match nix::mount::mount(
+                Some("tmpfs"),
+                at,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(data),
+            ) {
+                Ok(()) => Some(Tmpfs(at.to_path_buf())),
+                Err(e) => {
+                    eprintln!("skipped: cannot mount a tmpfs on {}: {e}", at.display());
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            if let Err(e) = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("unmounting {}: {e}", self.0.display());
+            }
+        }
+    }
+
+    #[test]
+    fn only_tmpfs_mount_points_under_empty_dir_become_ephemeral() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        let volumes = root.join("pods/u1/volumes");
+        let empty = volumes.join(EMPTY_DIR);
+        let Some(_mem) = Tmpfs::mount(&empty.join("mem"), "mode=0777,size=8m") else {
+            return;
+        };
+        let Some(_big) = Tmpfs::mount(&empty.join("big"), "mode=0777") else {
+            return;
+        };
+        // A tmpfs elsewhere, a tmpfs one level too deep, a plain directory.
+        let Some(_other) = Tmpfs::mount(&volumes.join("kubernetes.io~other/mem"), "size=1m") else {
+            return;
+        };
+        let Some(_deep) = Tmpfs::mount(&empty.join("d/deep"), "size=1m") else {
+            return;
+        };
+        std::fs::create_dir_all(empty.join("plain")).expect("plain");
+        // A directory inside the tmpfs is on tmpfs but no mount point.
+        std::fs::create_dir_all(empty.join("mem/sub")).expect("sub");
+        let sub = root.join("sub");
+        std::fs::create_dir_all(sub.join(EMPTY_DIR)).expect("sub dir");
+        std::os::unix::fs::symlink(empty.join("mem"), sub.join(EMPTY_DIR).join("link"))
+            .expect("symlink");
+
+        let mem = ephemeral(&empty.join("mem")).expect("the Memory emptyDir");
+        assert_eq!(mem.size, Some(8 << 20));
+        assert!(mem.key.starts_with("mem-"), "{}", mem.key);
+        assert_eq!(ephemeral(&empty.join("big")).expect("no size").size, None);
+        for not in [
+            volumes.join("kubernetes.io~other/mem"),
+            empty.join("d/deep"),
+            empty.join("plain"),
+            empty.join("mem/sub"),
+            empty.join("missing"),
+        ] {
+            assert_eq!(ephemeral(&not), None, "{}", not.display());
+        }
+        // Through a symlink: the volume it resolves to, the same key.
+        assert_eq!(
+            ephemeral(&sub.join(EMPTY_DIR).join("link")),
+            Some(mem.clone())
+        );
+
+        let mut spec = spec_with(serde_json::json!([
+            {"destination": "/mem", "type": "bind", "source": empty.join("mem"),
+             "options": ["rbind", "rprivate", "rw", "nosuid", "nodev"]},
+            {"destination": "/plain", "type": "bind", "source": empty.join("plain"), "options": ["rbind"]},
+            {"destination": "/mem-ro", "source": empty.join("mem"), "options": ["bind", "ro", "noexec"]},
+            {"destination": "/big", "type": "bind", "source": empty.join("big")},
+        ]));
+        let binds = rewrite(&mut spec, "web").expect("rewrite");
+        assert_eq!(
+            binds,
+            vec![HostBind {
+                index: 0,
+                source: empty.join("plain"),
+                readonly: false
+            }]
+        );
+        let mounts: Vec<serde_json::Value> = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| serde_json::to_value(m).expect("json"))
+            .collect();
+        assert_eq!(
+            mounts,
+            vec![
+                serde_json::json!({"destination": "/mem", "type": EPHEMERAL_TYPE, "source": mem.key,
+                    "options": ["size=8388608", "rw", "nosuid", "nodev"]}),
+                serde_json::json!({"destination": "/plain", "type": "bind",
+                    "source": "/run/isola/share/containers/web/volumes/0", "options": ["rbind"]}),
+                serde_json::json!({"destination": "/mem-ro", "type": EPHEMERAL_TYPE, "source": mem.key,
+                    "options": ["size=8388608", "ro", "noexec"]}),
+                serde_json::json!({"destination": "/big", "type": EPHEMERAL_TYPE,
+                    "source": ephemeral(&empty.join("big")).expect("big").key, "options": ["rw"]}),
+            ]
         );
     }
 }

@@ -139,12 +139,15 @@ boot-demo: all
 # QEMU microvm (boot to agent ready, VMM memory overhead, start-up CPU),
 # then `isola run` against runc (start, stdout throughput, virtio-fs read),
 # then containerd's isola shim against its runc shim (`ctr run --rm` wall
-# time, host PSS of an idle container).
-bench: all busybox-rootfs busybox-image
+# time, host PSS of an idle container), then CRI pods with handler isola
+# against runc (pod start, 10 pods at once against one, host PSS of an
+# idle pod).
+bench: all busybox-rootfs busybox-image pause-image
 	tests/kvm-host/setup-e2e
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-shim --runs $(or $(RUNS),5)
+	tests/kvm-host/run target/release/bench-pods --runs $(or $(RUNS),5)
 
 # Every fuzz target for FUZZ_SECONDS (default 60) each; `make test`
 # replays the corpora on stable (unit tests).

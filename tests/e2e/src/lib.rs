@@ -13,6 +13,7 @@ pub mod containers;
 pub mod isola;
 pub mod pods;
 pub mod procstat;
+pub mod pss;
 pub mod qemu;
 pub mod virtiofsd;
 

@@ -99,3 +99,492 @@ fn an_isola_pod_runs_in_its_own_vm_with_containerds_files() -> Result<()> {
     ensure!(p.status("web").is_err(), "the pod is still listed");
     Ok(())
 }
+
+/// A pod serving `hello-from-NAME` over HTTP on 8080 (busybox httpd),
+/// with `hostPort` if given.
+fn web_pod(name: &str, class: &str, host_port: Option<u16>) -> String {
+    let port = match host_port {
+        Some(h) => format!("{{containerPort: 8080, hostPort: {h}}}"),
+        None => "{containerPort: 8080}".to_string(),
+    };
+    manifest(
+        name,
+        class,
+        "",
+        &format!(
+            "  - name: web\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"mkdir -p /www && echo hello-from-{name} > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n    ports: [{port}]\n"
+        ),
+    )
+}
+
+/// `GET /` of `ip`:8080 from container `web` of pod `from`.
+fn get_from(p: &Pods, from: &str, ip: &str) -> Result<String> {
+    p.sh(
+        from,
+        "web",
+        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {ip} 8080"),
+    )
+}
+
+/// The interfaces enslaved to the test bridge (the pods' host-side veths).
+fn bridge_ports() -> Result<Vec<String>> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "master", "isola-br0"])
+        .output()?;
+    Ok(text(&out.stdout).lines().map(str::to_string).collect())
+}
+
+#[test]
+fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
+    require_kvm_host()?;
+    let p = Pods::shared();
+    let netns_before = Pods::netns_paths().len();
+    let a = p.apply(&web_pod("net-a", ISOLA, Some(18080)))?;
+    let b = p.apply(&web_pod("net-b", ISOLA, None))?;
+    // runc: containerd's default handler, on the same bridge.
+    let c = p.apply(&web_pod("net-c", "", None))?;
+    let ip = |name: &str| -> Result<String> {
+        let s = p.status(name)?;
+        let ip = s["ip"].as_str().unwrap_or_default().to_string();
+        ensure!(
+            ip.starts_with("198.18.0."),
+            "pod {name} has no pod IP: {s:#}"
+        );
+        Ok(ip)
+    };
+    let (ip_a, ip_b, ip_c) = (ip("net-a")?, ip("net-b")?, ip("net-c")?);
+    // Every httpd is up (each answers itself) before they talk.
+    for (name, own) in [("net-a", &ip_a), ("net-b", &ip_b), ("net-c", &ip_c)] {
+        let deadline = std::time::Instant::now() + POD_DEADLINE;
+        while !get_from(p, name, own)
+            .unwrap_or_default()
+            .contains(&format!("hello-from-{name}"))
+        {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "{name}'s httpd never answered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    // isola ↔ isola, both ways; isola ↔ runc, both ways.
+    for (from, ip, want) in [
+        ("net-a", &ip_b, "hello-from-net-b"),
+        ("net-b", &ip_a, "hello-from-net-a"),
+        ("net-a", &ip_c, "hello-from-net-c"),
+        ("net-c", &ip_a, "hello-from-net-a"),
+    ] {
+        let got = get_from(p, from, ip)?;
+        ensure!(got.contains(want), "{from} → {ip}: {got:?}");
+    }
+    // The hostPort, from the KVM host (portmap's DNAT on the gateway).
+    let mut conn = std::net::TcpStream::connect(("198.18.0.1", 18080))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply)?;
+    ensure!(
+        reply.contains("hello-from-net-a"),
+        "hostPort 18080: {reply:?}"
+    );
+
+    // Apart: two kernels, and a process of one pod is seen neither by the
+    // other pod nor by the host.
+    let boot_a = p.sh("net-a", "web", "cat /proc/sys/kernel/random/boot_id")?;
+    let boot_b = p.sh("net-b", "web", "cat /proc/sys/kernel/random/boot_id")?;
+    ensure!(
+        boot_a != boot_b && boot_a.trim() != host_boot_id()?,
+        "{boot_a} {boot_b}"
+    );
+    p.sh("net-b", "web", "sleep 4242 >/dev/null 2>&1 </dev/null &")?;
+    ensure!(p.sh("net-b", "web", "ps -o args")?.contains("sleep 4242"));
+    ensure!(!p.sh("net-a", "web", "ps -o args")?.contains("sleep 4242"));
+    ensure!(
+        isola_e2e::containerd::processes_containing("sleep 4242").is_empty(),
+        "the host sees the guest's process"
+    );
+    p.sh("net-b", "web", "echo secret > /tmp/only-b")?;
+    let out = p.exec("net-a", "web", &["cat", "/tmp/only-b"])?;
+    ensure!(!out.status.success(), "net-a reads net-b's file");
+
+    for (name, id) in [("net-a", &a), ("net-b", &b), ("net-c", &c)] {
+        p.delete(name, id, Some(2))?;
+    }
+    ensure!(
+        bridge_ports()?.is_empty(),
+        "veths left: {:?}",
+        bridge_ports()?
+    );
+    ensure!(
+        Pods::netns_paths().len() == netns_before,
+        "network namespaces left: {:?}",
+        Pods::netns_paths()
+    );
+    let qdiscs = text(
+        &std::process::Command::new("tc")
+            .args(["qdisc", "show"])
+            .output()?
+            .stdout,
+    );
+    ensure!(!qdiscs.contains("_isola"), "qdiscs left: {qdiscs}");
+    Ok(())
+}
+
+#[test]
+fn a_host_network_pod_is_refused_saying_why() -> Result<()> {
+    require_kvm_host()?;
+    let p = Pods::shared();
+    let yaml = manifest(
+        "hostnet",
+        ISOLA,
+        "  hostNetwork: true\n",
+        &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+    );
+    let out = p.pod(&["apply", "-"], Some(&yaml))?;
+    ensure!(
+        !out.status.success(),
+        "{}",
+        p.report("apply hostNetwork", &out)
+    );
+    let err = text(&out.stderr);
+    ensure!(
+        err.contains("hostNetwork") && err.contains("RunPodSandbox"),
+        "{err}"
+    );
+    ensure!(p.status("hostnet").is_err(), "a refused pod is listed");
+    // Nothing of it: the pod's directories and any sandbox process.
+    p.assert_clean("hostnet")?;
+    Ok(())
+}
+
+#[test]
+fn ten_pods_created_and_removed_in_a_loop_leave_nothing() -> Result<()> {
+    require_kvm_host()?;
+    let p = Pods::shared();
+    let netns_before = Pods::netns_paths().len();
+    for i in 0..10 {
+        let name = format!("loop-{i}");
+        let yaml = manifest(
+            &name,
+            ISOLA,
+            "",
+            &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+        );
+        let id = p.apply(&yaml)?;
+        p.delete(&name, &id, Some(1))?;
+    }
+    ensure!(
+        Pods::netns_paths().len() == netns_before,
+        "{:?}",
+        Pods::netns_paths()
+    );
+    ensure!(
+        bridge_ports()?.is_empty(),
+        "veths left: {:?}",
+        bridge_ports()?
+    );
+    Ok(())
+}
+
+/// Mounts under sandbox `id`'s run directory whose source root ends with
+/// `suffix`: (mount point, options).
+fn share_mounts(p: &Pods, id: &str, suffix: &str) -> Vec<(String, String)> {
+    let run_dir = format!("{}/", p.containerd.run_root.join(id).display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 5 && f[4].starts_with(&run_dir) && f[3].ends_with(suffix))
+                .then(|| (f[4].to_string(), f[5].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()> {
+    require_kvm_host()?;
+    let p = Pods::shared();
+    let host = p.containerd.dir.join("pods/host-volumes");
+    let _ = std::fs::remove_dir_all(&host);
+    std::fs::create_dir_all(host.join("dir"))?;
+    std::fs::create_dir_all(host.join("ro-vol"))?;
+    std::fs::write(host.join("dir/hello.txt"), "from-host\n")?;
+    std::fs::write(host.join("single.txt"), "one file\n")?;
+    std::fs::write(host.join("ro-vol/keep.txt"), "keep\n")?;
+    let volumes = format!(
+        "  volumes:\n\
+         \x20 - {{name: shared, emptyDir: {{}}}}\n\
+         \x20 - {{name: mem, emptyDir: {{medium: Memory, sizeLimit: 8Mi}}}}\n\
+         \x20 - {{name: cfg, configMap: {{data: {{greeting: v1}}}}}}\n\
+         \x20 - {{name: hdir, hostPath: {{path: {dir}, type: Directory}}}}\n\
+         \x20 - {{name: hfile, hostPath: {{path: {file}, type: File}}}}\n\
+         \x20 - {{name: hro, hostPath: {{path: {ro}, type: Directory}}}}\n",
+        dir = host.join("dir").display(),
+        file = host.join("single.txt").display(),
+        ro = host.join("ro-vol").display(),
+    );
+    let containers = format!(
+        "  - name: writer\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n    volumeMounts:\n\
+         \x20   - {{name: shared, mountPath: /shared}}\n\
+         \x20   - {{name: mem, mountPath: /mem}}\n\
+         \x20   - {{name: cfg, mountPath: /cfg, readOnly: true}}\n\
+         \x20   - {{name: hdir, mountPath: /hdir}}\n\
+         \x20   - {{name: hfile, mountPath: /hfile.txt}}\n\
+         \x20   - {{name: hro, mountPath: /ro, readOnly: true}}\n\
+         \x20 - name: reader\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n    volumeMounts:\n\
+         \x20   - {{name: shared, mountPath: /shared}}\n\
+         \x20   - {{name: mem, mountPath: /mem}}\n"
+    );
+    let yaml = |greeting: &str| {
+        manifest("vol", ISOLA, &volumes, &containers)
+            .replace("greeting: v1", &format!("greeting: {greeting}"))
+    };
+    let id = p.apply(&yaml("v1"))?;
+
+    // An emptyDir on disk and one in memory, shared by both containers.
+    p.sh(
+        "vol",
+        "writer",
+        "echo on-disk > /shared/x && echo in-memory > /mem/y",
+    )?;
+    ensure!(p.sh("vol", "reader", "cat /shared/x /mem/y")? == "on-disk\nin-memory\n");
+    let df = p.sh("vol", "reader", "df -k /mem | tail -n 1")?;
+    let total_kib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    ensure!(total_kib == 8192, "the Memory emptyDir is not 8Mi: {df}");
+    // In the guest's own memory (a tmpfs of the VM), not the host's tmpfs
+    // through virtio-fs.
+    let mounts = p.sh("vol", "reader", "grep ' /mem ' /proc/mounts")?;
+    ensure!(mounts.starts_with("tmpfs /mem tmpfs "), "{mounts}");
+
+    // hostPath: a directory both ways, and a single file.
+    ensure!(p.sh("vol", "writer", "cat /hdir/hello.txt /hfile.txt")? == "from-host\none file\n");
+    p.sh("vol", "writer", "echo from-guest > /hdir/new.txt")?;
+    ensure!(std::fs::read_to_string(host.join("dir/new.txt"))? == "from-guest\n");
+
+    // Read-only: refused in the guest, and read-only on the host side too
+    // (the share's bind of it), so a guest kernel that ignored its own
+    // mount flags could not write either.
+    let out = p.exec("vol", "writer", &["sh", "-c", "echo x > /ro/new.txt"])?;
+    ensure!(!out.status.success(), "wrote through a read-only volume");
+    ensure!(!host.join("ro-vol/new.txt").exists());
+    ensure!(p.sh("vol", "writer", "cat /ro/keep.txt")? == "keep\n");
+    let binds = share_mounts(p, &id, "/ro-vol");
+    ensure!(!binds.is_empty(), "no share bind of the read-only volume");
+    for (at, options) in &binds {
+        ensure!(
+            options.split(',').any(|o| o == "ro"),
+            "{at} is {options} on the host"
+        );
+    }
+
+    // configMap: kubelet's atomic ..data swap on the host, seen in the
+    // guest.
+    ensure!(p.sh("vol", "writer", "cat /cfg/greeting")? == "v1");
+    p.apply(&yaml("v2"))?;
+    let deadline = std::time::Instant::now() + POD_DEADLINE;
+    loop {
+        let now = p.sh("vol", "writer", "cat /cfg/greeting")?;
+        if now == "v2" {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the configMap update never reached the guest: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    p.delete("vol", &id, Some(1))?;
+    // A hostPath outlives the pod.
+    ensure!(host.join("dir/new.txt").exists() && host.join("single.txt").exists());
+    std::fs::remove_dir_all(&host)?;
+    Ok(())
+}
+
+/// `/proc/meminfo`'s MemTotal in KiB.
+fn mem_total_kib(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> {
+    require_kvm_host()?;
+    let p = Pods::shared();
+    // A second pod that must not notice the first one's OOM.
+    let calm_yaml = manifest(
+        "calm",
+        ISOLA,
+        "",
+        &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+    );
+    let calm = p.apply(&calm_yaml)?;
+    let c = |name: &str, cpu: &str, mem: &str, script: &str| {
+        format!(
+            "  - name: {name}\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"{script}\"]\n    resources: {{limits: {{cpu: {cpu}, memory: {mem}}}}}\n"
+        )
+    };
+    // 1.4 CPUs and 208 MiB in all: the VM gets 1 + 2 vCPUs and
+    // 256 + 208 MiB on top of the config's defaults.
+    let containers = [
+        c(
+            "main",
+            "1000m",
+            "128Mi",
+            "trap '' TERM; echo main-up; while true; do sleep 1; done",
+        ),
+        c("done", "100m", "16Mi", "echo done-line; exit 0"),
+        c(
+            "fail",
+            "100m",
+            "16Mi",
+            "cat /proc/sys/kernel/random/boot_id; exit 3",
+        ),
+        c(
+            "oom",
+            "100m",
+            "32Mi",
+            "x=$(head -c 100000000 /dev/zero | tr '\\\\0' a); echo survived",
+        ),
+        c(
+            "lines",
+            "100m",
+            "16Mi",
+            "for i in $(seq 1 2000); do echo line-$i; done; echo last >&2",
+        ),
+    ]
+    .concat();
+    let id = p.apply(&manifest(
+        "life",
+        ISOLA,
+        "  restartPolicy: OnFailure\n",
+        &containers,
+    ))?;
+
+    // The VM's size from the pod's summed limits; main's limit as its
+    // cgroup in the guest.
+    ensure!(
+        p.sh("life", "main", "nproc")?.trim() == "3",
+        "vCPUs: {}",
+        p.sh("life", "main", "nproc")?
+    );
+    let total = mem_total_kib(&p.sh("life", "main", "cat /proc/meminfo")?);
+    ensure!(
+        total > 400 * 1024 && total <= 464 * 1024,
+        "MemTotal {total} KiB for a 464 MiB VM"
+    );
+    ensure!(
+        p.sh("life", "main", "cat /sys/fs/cgroup/memory.max")?
+            .trim()
+            == "134217728"
+    );
+
+    // Exit codes, reasons and times.
+    let done = p.wait_state("life", "done", "exited")?;
+    ensure!(
+        done["exit_code"] == 0 && done["reason"] == "Completed",
+        "{done:#}"
+    );
+    let (f0, s0, c0) = (
+        done["finished_at"].as_i64().unwrap_or(0),
+        done["started_at"].as_i64().unwrap_or(0),
+        done["created_at"].as_i64().unwrap_or(0),
+    );
+    ensure!(c0 > 0 && c0 <= s0 && s0 <= f0, "{done:#}");
+    let fail = p.wait_state("life", "fail", "exited")?;
+    ensure!(
+        fail["exit_code"] == 3 && fail["reason"] == "Error",
+        "{fail:#}"
+    );
+    let oom = p.wait_state("life", "oom", "exited")?;
+    ensure!(
+        oom["reason"] == "OOMKilled" && oom["exit_code"] == 137,
+        "{oom:#}"
+    );
+    // The OOM stayed in its VM: the rest of the pod, the other pod and
+    // this host go on.
+    ensure!(p.sh("life", "main", "echo alive")? == "alive\n");
+    ensure!(p.sh("calm", "app", "echo calm")? == "calm\n");
+    ensure!(p.status("calm")?["containers"][0]["state"] == "running");
+
+    // The log, whole, streams apart, after the container exited.
+    p.wait_state("life", "lines", "exited")?;
+    let (out, err) = p.logs("life", "lines")?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(
+        lines.len() == 2000 && lines[0] == "line-1" && lines[1999] == "line-2000",
+        "{} lines",
+        lines.len()
+    );
+    ensure!(err == "last\n", "{err:?}");
+
+    // A restart runs in the same VM: the same boot id as before.
+    let (first, _) = p.logs("life", "fail")?;
+    let out = p.pod(&["restart", "life", "-c", "fail"], None)?;
+    ensure!(out.status.success(), "{}", p.report("restart", &out));
+    let again = p.wait_state("life", "fail", "exited")?;
+    ensure!(again["attempt"] == 1, "{again:#}");
+    let (second, _) = p.logs("life", "fail")?;
+    let main_boot = p.sh("life", "main", "cat /proc/sys/kernel/random/boot_id")?;
+    ensure!(
+        first == second && first == main_boot,
+        "{first:?} {second:?} {main_boot:?}"
+    );
+    let out = p.pod(&["logs", "life", "-c", "fail", "--previous"], None)?;
+    ensure!(
+        text(&out.stdout) == first,
+        "{}",
+        p.report("logs --previous", &out)
+    );
+    // kubelet would not restart a container that completed (OnFailure).
+    let out = p.pod(&["restart", "life", "-c", "done"], None)?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("OnFailure"),
+        "{}",
+        p.report("restart done", &out)
+    );
+
+    // ContainerStats and ListContainerStats.
+    let out = p.pod(&["stats", "life"], None)?;
+    ensure!(out.status.success(), "{}", p.report("stats", &out));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(all.as_array().is_some_and(|a| a.len() >= 5), "{all:#}");
+    let out = p.pod(&["stats", "life", "-c", "main"], None)?;
+    let one: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let main = &one[0];
+    ensure!(main["name"] == "main", "{one:#}");
+    ensure!(
+        main["memory_working_set_bytes"].as_u64().unwrap_or(0) > 0,
+        "{one:#}"
+    );
+    ensure!(
+        main["cpu_usage_core_nano_seconds"].as_u64().unwrap_or(0) > 0,
+        "{one:#}"
+    );
+
+    // StopContainer's grace period: main ignores SIGTERM, so it dies of
+    // SIGKILL after 3 s, not before.
+    let started = std::time::Instant::now();
+    let out = p.pod(&["stop", "life", "-c", "main", "--grace", "3"], None)?;
+    ensure!(out.status.success(), "{}", p.report("stop", &out));
+    let waited = started.elapsed();
+    let main = p.wait_state("life", "main", "exited")?;
+    ensure!(main["exit_code"] == 137, "{main:#}");
+    ensure!(
+        waited >= std::time::Duration::from_secs(3),
+        "stopped after {waited:?}"
+    );
+
+    p.delete("life", &id, Some(1))?;
+    p.delete("calm", &calm, Some(1))?;
+    Ok(())
+}

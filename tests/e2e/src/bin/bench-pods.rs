@@ -16,8 +16,9 @@
 //! - host memory of an idle pod: the PSS of everything the pod costs the
 //!   host, once settled (`isola_e2e::pss`): isola, the shim, isola-vmm and
 //!   virtiofsd; runc, the shim and the pod's processes (pause and the
-//!   container, from the pod's cgroup). The isola figure is what the
-//!   RuntimeClass's `overhead.podFixed.memory` is set from
+//!   container, from the pod's cgroup). Then the CPU those processes use
+//!   over 10 s of idling, in millicores. The isola figures are what the
+//!   RuntimeClass's `overhead.podFixed` is set from
 //!   (configs/k8s/runtimeclass.yaml).
 
 use std::path::Path;
@@ -25,11 +26,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use isola_e2e::pods::{manifest, Pods, BUSYBOX, ISOLA};
+use isola_e2e::procstat::cpu_time;
 use isola_e2e::pss::{proc, program, settle, Proc, Pss, CONTAINER, SHIM, VIRTIOFSD, VMM};
 use isola_e2e::{median, require_kvm_host};
 
 /// Pods started at once.
 const PARALLEL: usize = 10;
+/// How long an idle pod's CPU use is measured.
+const CPU_WINDOW: Duration = Duration::from_secs(10);
 
 fn main() {
     if let Err(err) = run() {
@@ -94,14 +98,18 @@ fn run() -> Result<()> {
 
     // (c) an idle pod's PSS.
     let (mut idle_i, mut idle_r) = (Vec::new(), Vec::new());
+    let (mut cpu_i, mut cpu_r) = (Vec::new(), Vec::new());
     for i in 1..=runs {
-        let s = idle(p, &format!("bench-idle-isola-{i}"), ISOLA)?;
-        println!("run {i}: idle pod PSS isola {s}");
+        let (s, m) = idle(p, &format!("bench-idle-isola-{i}"), ISOLA)?;
+        println!("run {i}: idle pod PSS isola {s}; CPU {m:.1} millicores");
         idle_i.push(s);
-        let s = idle(p, &format!("bench-idle-runc-{i}"), "")?;
-        println!("run {i}: idle pod PSS runc  {s}");
+        cpu_i.push(m);
+        let (s, m) = idle(p, &format!("bench-idle-runc-{i}"), "")?;
+        println!("run {i}: idle pod PSS runc  {s}; CPU {m:.1} millicores");
         idle_r.push(s);
+        cpu_r.push(m);
     }
+    let (mi, mr) = (median(cpu_i), median(cpu_r));
     let med = |samples: &[Pss], name: &str| median(samples.iter().map(|s| s.mib(name)).collect());
     let total = |samples: &[Pss]| median(samples.iter().map(Pss::total_mib).collect());
     let (pi, pr) = (total(&idle_i), total(&idle_r));
@@ -138,6 +146,7 @@ fn run() -> Result<()> {
         med(&idle_r, CONTAINER)
     );
     println!("| idle pod PSS: total (MiB)              | {pi:>9.1} | {pr:>9.1} |");
+    println!("| idle pod CPU (millicores)              | {mi:>9.1} | {mr:>9.1} |");
     println!("pod start ratio isola/runc = {:.2}", si / sr);
     println!(
         "{PARALLEL} pods at once / 1 pod = {:.2} (1.0: perfectly parallel; {PARALLEL}.0: serial)",
@@ -190,18 +199,31 @@ fn ten_at_once(p: &'static Pods, run: usize) -> Result<Duration> {
     Ok(took)
 }
 
-/// Pod `name` idle: its processes' PSS once settled; then deleted.
-fn idle(p: &Pods, name: &str, class: &str) -> Result<Pss> {
+/// Pod `name` idle: its processes' PSS once settled, and their CPU use
+/// over [`CPU_WINDOW`] after that (millicores); then deleted.
+fn idle(p: &Pods, name: &str, class: &str) -> Result<(Pss, f64)> {
     let id = p.apply(&pod(name, class))?;
     let uid = p.status(name)?["uid"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let measured = settle(|| processes(p, &id, &uid, class));
+    let measured = settle(|| processes(p, &id, &uid, class)).and_then(|pss| {
+        let pids: Vec<u32> = pss.procs.iter().map(|p| p.pid).collect();
+        Ok((pss, cpu_millicores(&pids)?))
+    });
     let removed = p.delete(name, &id, Some(1));
-    let pss = measured.with_context(|| format!("measuring pod {name}"))?;
+    let measured = measured.with_context(|| format!("measuring pod {name}"))?;
     removed.with_context(|| format!("removing pod {name}"))?;
-    Ok(pss)
+    Ok(measured)
+}
+
+/// The CPU `pids` use together over [`CPU_WINDOW`], in millicores.
+fn cpu_millicores(pids: &[u32]) -> Result<f64> {
+    let total = || -> Result<Duration> { pids.iter().map(|&pid| cpu_time(pid)).sum() };
+    let (t0, c0) = (Instant::now(), total()?);
+    std::thread::sleep(CPU_WINDOW);
+    let (t1, c1) = (Instant::now(), total()?);
+    Ok(c1.saturating_sub(c0).as_secs_f64() / (t1 - t0).as_secs_f64() * 1000.0)
 }
 
 /// The host processes pod sandbox `id` costs, with their PSS.

@@ -186,7 +186,7 @@ impl Pods {
     }
 
     /// `isola pod delete NAME` (with `--grace` if given), then checks that
-    /// the sandbox `id` left nothing.
+    /// pod `name` with sandbox `id` left nothing.
     pub fn delete(&self, name: &str, id: &str, grace: Option<u32>) -> Result<()> {
         let grace = grace.map(|g| g.to_string());
         let mut args = vec!["delete", name];
@@ -199,48 +199,83 @@ impl Pods {
             "{}",
             self.report("isola pod delete", &out)
         );
-        self.assert_clean(id)
+        self.assert_clean(name, id)
     }
 
-    /// Nothing of pod sandbox `id` is left: no shim, VMM or virtiofsd, run
-    /// directory or mount (the shim's checks), no tap, no netns, no pod
-    /// directory or log directory of `isola pod`.
-    pub fn assert_clean(&self, id: &str) -> Result<()> {
+    /// Nothing of pod `name` with sandbox `id` is left: no shim, VMM or
+    /// virtiofsd, run directory or mount (the shim's checks), no process
+    /// naming the sandbox, no tap, and no directory of `isola pod` (its
+    /// volumes, manifest and logs) or mount there.
+    pub fn assert_clean(&self, name: &str, id: &str) -> Result<()> {
         self.containerd.assert_clean(id)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let mut problems = Vec::new();
-            for (pid, cmd) in processes_containing(id) {
-                if !cmd.contains("isola pod") {
-                    problems.push(format!("process {pid}: {cmd}"));
-                }
-            }
-            let links = Command::new("ip").args(["-o", "link", "show"]).output()?;
-            for line in text(&links.stdout).lines() {
-                if line.contains("_isola") {
-                    problems.push(format!("link: {line}"));
-                }
-            }
-            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            for line in mountinfo.lines() {
-                if line.contains(&*self.root.to_string_lossy()) || line.contains(id) {
-                    problems.push(format!("mount: {line}"));
-                }
-            }
-            for dir in [&self.root, &self.log_root] {
-                if let Ok(entries) = std::fs::read_dir(dir) {
-                    for e in entries.flatten() {
-                        problems.push(format!("{} left", e.path().display()));
-                    }
-                }
-            }
+            let problems = self.leftovers(name, id)?;
             if problems.is_empty() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("pod sandbox {id} left: {problems:#?}");
+                bail!("pod {name} (sandbox {id}) left: {problems:#?}");
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn leftovers(&self, name: &str, id: &str) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for (pid, cmd) in processes_containing(id) {
+            if !cmd.contains("isola pod") {
+                problems.push(format!("process {pid}: {cmd}"));
+            }
+        }
+        let links = Command::new("ip").args(["-o", "link", "show"]).output()?;
+        for line in text(&links.stdout).lines() {
+            if line.contains("_isola") {
+                problems.push(format!("link: {line}"));
+            }
+        }
+        // The pod's directories: its log directory by name, its volume
+        // directory by the manifest in it.
+        let mut dirs = Vec::new();
+        let log_prefix = format!("default_{name}_");
+        for e in std::fs::read_dir(&self.log_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(&log_prefix) {
+                dirs.push(e.path());
+            }
+        }
+        let own = format!("\n  name: {name}\n");
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let manifest = std::fs::read_to_string(e.path().join("pod.yaml")).unwrap_or_default();
+            if manifest.contains(&own) || !e.path().join("pod.yaml").exists() {
+                dirs.push(e.path());
+            }
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for dir in dirs {
+            problems.push(format!("{} left", dir.display()));
+            for line in mountinfo.lines() {
+                if line.contains(&*dir.to_string_lossy()) {
+                    problems.push(format!("mount: {line}"));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Deletes pods `names` (grace 0) when dropped, if they still exist: a
+    /// failed test does not leave its pods to the next.
+    pub fn guard(&self, names: &[&str]) -> PodGuard<'_> {
+        PodGuard {
+            pods: self,
+            names: names.iter().map(|n| n.to_string()).collect(),
         }
     }
 
@@ -270,4 +305,22 @@ pub fn manifest(name: &str, runtime_class: &str, spec_extra: &str, containers: &
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{class}  terminationGracePeriodSeconds: 5\n{spec_extra}  containers:\n{containers}"
     )
+}
+
+/// See [`Pods::guard`].
+#[derive(Debug)]
+pub struct PodGuard<'a> {
+    pods: &'a Pods,
+    names: Vec<String>,
+}
+
+impl Drop for PodGuard<'_> {
+    fn drop(&mut self) {
+        for name in &self.names {
+            if self.pods.status(name).is_ok() {
+                eprintln!("pods: deleting pod {name}, left by a failed test");
+                let _ = self.pods.pod(&["delete", name, "--grace", "0"], None);
+            }
+        }
+    }
 }

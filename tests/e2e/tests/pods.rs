@@ -454,7 +454,7 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
             "16Mi",
             "cat /proc/sys/kernel/random/boot_id; exit 3",
         ),
-        c("oom", "100m", "32Mi", "tail /dev/zero; echo survived"),
+        c("oom", "100m", "32Mi", "exec tail /dev/zero"),
         c(
             "lines",
             "100m",

@@ -104,28 +104,16 @@ pub struct Prepared {
     pub ephemeral: Vec<Ephemeral>,
 }
 
-/// The mount type of an ephemeral volume, as the host sends it (the
-/// host's `isola_sandbox::spec::EPHEMERAL_TYPE`; the guest makes the
-/// volume, the share does not carry it):
-///
-/// ```json
-/// {"destination": "/mem", "type": "isola-ephemeral", "source": "mem-0123456789abcdef",
-///  "options": ["size=8388608", "rw", "nosuid", "nodev"]}
-/// ```
-///
-/// `source` is the volume's key (1 to 64 of `[A-Za-z0-9_.-]`, not `.` or
-/// `..`); `options` may hold `size=<bytes>` once (1 to
-/// [`MAX_EPHEMERAL_SIZE`]; without it the tmpfs has the kernel's default
-/// size, half the VM's memory), `ro` or `rw`, `nosuid`, `nodev`,
-/// `noexec`, and nothing else.
-pub const EPHEMERAL_TYPE: &str = "isola-ephemeral";
+/// The mount type of an ephemeral volume, as the host sends it
+/// (`isola_protocol::ephemeral` has the form; the guest makes the volume,
+/// the share does not carry it).
+pub use isola_protocol::ephemeral::MOUNT_TYPE as EPHEMERAL_TYPE;
 
-/// Largest `size=` of an ephemeral volume: 1 PiB (the host sends none
-/// above it).
-pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
+/// Largest `size=` of an ephemeral volume.
+pub use isola_protocol::ephemeral::MAX_SIZE as MAX_EPHEMERAL_SIZE;
 
 /// Longest ephemeral volume key.
-const MAX_EPHEMERAL_KEY: usize = 64;
+const MAX_EPHEMERAL_KEY: usize = isola_protocol::ephemeral::MAX_KEY_LEN;
 
 /// An ephemeral volume of the sandbox: a tmpfs of the guest shared by the
 /// containers that mount its key.

@@ -74,6 +74,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod ephemeral;
 #[cfg(feature = "host")]
 pub mod hybrid;
 pub mod network;

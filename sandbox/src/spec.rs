@@ -114,24 +114,23 @@ fn is_readonly(mount: &Mount) -> bool {
         .is_some_and(|o| o.iter().any(|o| o == "ro"))
 }
 
-/// The mount type of an ephemeral volume on the wire to the agent, whose
-/// `spec::EPHEMERAL_TYPE` describes the form it accepts (and
-/// docs/architecture.md, "Ephemeral volumes"). The host sends `source` =
+/// The mount type of an ephemeral volume on the wire to the agent
+/// (`isola_protocol::ephemeral` has the form). The host sends `source` =
 /// the key ([`ephemeral_key`]) and `options` = `size=<bytes>` (only for a
 /// host tmpfs of explicit size), `ro` or `rw`, then whichever of `nosuid`,
 /// `nodev`, `noexec` the original bind had.
-pub const EPHEMERAL_TYPE: &str = "isola-ephemeral";
+pub use isola_protocol::ephemeral::MOUNT_TYPE as EPHEMERAL_TYPE;
 
 /// The directory kubelet (and `isola pod`) keeps a pod's emptyDir volumes
 /// in: `<pods root>/<pod uid>/volumes/kubernetes.io~empty-dir/<name>`.
 pub const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
 
-/// Largest size sent (the agent refuses more): 1 PiB, far beyond any VM.
-/// A larger host tmpfs is sent without a size (the guest's default).
-pub const MAX_EPHEMERAL_SIZE: u64 = 1 << 50;
+/// Largest size sent (the agent refuses more). A larger host tmpfs is
+/// sent without a size (the guest's default).
+pub use isola_protocol::ephemeral::MAX_SIZE as MAX_EPHEMERAL_SIZE;
 
 /// Longest key (the agent's bound too).
-const MAX_KEY: usize = 64;
+const MAX_KEY: usize = isola_protocol::ephemeral::MAX_KEY_LEN;
 
 /// A Memory emptyDir volume: made in the guest, not carried by the share.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -120,9 +120,9 @@ fn run() -> Result<()> {
         format!("median of {runs}")
     );
     println!("|----------------------------------------|-----------|-----------|");
-    println!("| pod start, RunPodSandbox to running (ms) | {si:>7.0} | {sr:>9.0} |");
+    println!("| pod start to running (ms)              | {si:>9.0} | {sr:>9.0} |");
     println!(
-        "| {PARALLEL} pods at once, all running (ms)     | {tp:>9.0} | {:>9} |",
+        "| {PARALLEL} pods at once, all running (ms)    | {tp:>9.0} | {:>9} |",
         "-"
     );
     println!(
@@ -153,7 +153,7 @@ fn run() -> Result<()> {
         tp / si
     );
     println!(
-        "idle pod PSS isola = {pi:.1} MiB (the RuntimeClass overhead's memory); runc = {pr:.1} MiB"
+        "idle pod isola = {pi:.1} MiB PSS, {mi:.1} millicores (the RuntimeClass overhead); runc = {pr:.1} MiB, {mr:.1} millicores"
     );
     Ok(())
 }

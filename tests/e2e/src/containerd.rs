@@ -168,6 +168,21 @@ impl Containerd {
         self.ctr(&all)
     }
 
+    /// `ctr run -d --runtime RUNTIME OPTIONS... busybox ID sleep 100000`,
+    /// which must succeed; returns once `ctr task ls` says RUNNING.
+    pub fn run_detached(&self, runtime: &str, options: &[&str], id: &str) -> Result<()> {
+        let mut all = vec!["run", "-d", "--runtime", runtime];
+        all.extend_from_slice(options);
+        all.extend_from_slice(&[BUSYBOX, id, "sleep", "100000"]);
+        let out = self.ctr(&all)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report(&format!("ctr {}", all.join(" ")), &out)
+        );
+        self.wait_status(id, "RUNNING")
+    }
+
     /// `ctr ARGS` with its stdio on a pty (for `-t`): its status and all it
     /// printed.
     pub fn ctr_on_pty(&self, args: &[&str]) -> Result<(i32, String)> {

@@ -370,18 +370,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() -> Result<()> {
     require_kvm_host()?;
     let c = Containerd::shared();
     let id = "shimkill";
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        id,
-        "sleep",
-        "100000",
-    ])?;
-    ensure!(out.status.success(), "{}", c.report("run -d", &out));
-    c.wait_status(id, "RUNNING")?;
+    c.run_detached(RUNTIME, &[], id)?;
     let shim = c
         .shim_pid(id)
         .ok_or_else(|| anyhow::anyhow!("no shim for {id}"))?;
@@ -418,18 +407,7 @@ fn a_restarted_containerd_finds_the_running_task() -> Result<()> {
     require_kvm_host()?;
     let c = Containerd::shared();
     let id = "survivor";
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        id,
-        "sleep",
-        "100000",
-    ])?;
-    ensure!(out.status.success(), "{}", c.report("run -d", &out));
-    c.wait_status(id, "RUNNING")?;
+    c.run_detached(RUNTIME, &[], id)?;
     c.restart()?;
     c.wait_status(id, "RUNNING")?;
     let out = c.ctr(&[
@@ -686,20 +664,7 @@ fn task_events_reach_containerd_oom_included() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--memory-limit",
-        "33554432",
-        BUSYBOX,
-        id,
-        "sleep",
-        "100000",
-    ])?;
-    ensure!(out.status.success(), "{}", c.report("run -d", &out));
-    c.wait_status(id, "RUNNING")?;
+    c.run_detached(RUNTIME, &["--memory-limit", "33554432"], id)?;
     for args in [["task", "pause", id], ["task", "resume", id]] {
         let out = c.ctr(&args)?;
         ensure!(out.status.success(), "{}", c.report("pause/resume", &out));
@@ -836,18 +801,7 @@ fn update_changes_a_running_containers_limits() -> Result<()> {
     require_kvm_host()?;
     let c = Containerd::shared();
     let id = "update1";
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        id,
-        "sleep",
-        "100000",
-    ])?;
-    ensure!(out.status.success(), "{}", c.report("run -d", &out));
-    c.wait_status(id, "RUNNING")?;
+    c.run_detached(RUNTIME, &[], id)?;
     let limit = |c: &Containerd| -> Result<String> {
         let out = c.ctr(&["task", "metrics", id])?;
         ensure!(out.status.success(), "{}", c.report("metrics", &out));

@@ -220,23 +220,8 @@ fn echo_run(c: &Containerd, runtime: &str, id: &str) -> Result<Duration> {
 /// PSS once idle, then kills and deletes it and checks it left nothing.
 fn idle(c: &Containerd, runtime: &str, id: &str) -> Result<Pss> {
     discard(c, id);
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        runtime,
-        BUSYBOX,
-        id,
-        "sleep",
-        "100000",
-    ])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        c.report(&format!("ctr run -d --runtime {runtime} {id}"), &out)
-    );
     let measured = c
-        .wait_status(id, "RUNNING")
+        .run_detached(runtime, &[], id)
         .and_then(|()| settle(|| processes(c, runtime, id)));
     let removed = remove(c, id).and_then(|()| assert_gone(c, runtime, id));
     let pss = measured.with_context(|| format!("measuring {id}"))?;

@@ -257,6 +257,9 @@ impl Pod {
         }
         check_name("metadata.name", &self.metadata.name)?;
         check_name("metadata.namespace", self.namespace())?;
+        if let Some(uid) = &self.metadata.uid {
+            check_uid("metadata.uid", uid)?;
+        }
         if self.spec.containers.is_empty() {
             bail!("spec.containers: a pod needs at least one container");
         }
@@ -527,6 +530,19 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
     Err(bad())
 }
 
+/// A pod uid (a UUID in Kubernetes): it names the pod's directories and
+/// cgroup, so it must be one plain path component: 1 to 64 of
+/// `[A-Za-z0-9-]`.
+pub fn check_uid(what: &str, uid: &str) -> Result<()> {
+    if uid.is_empty()
+        || uid.len() > 64
+        || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        bail!("{what} {uid:?}: must be 1 to 64 of A-Z, a-z, 0-9 and '-' (a UUID)");
+    }
+    Ok(())
+}
+
 /// Kubernetes object names: DNS labels (lower case alphanumerics and '-',
 /// at most 63).
 fn check_name(what: &str, name: &str) -> Result<()> {
@@ -665,6 +681,11 @@ spec:
             ("greeting: hello", "../x: hello", "configMap.data"),
             ("kind: Pod", "kind: Deployment", "kind"),
             ("containerPort: 80", "containerPort: 0", "containerPort"),
+            (
+                "  name: web\n",
+                "  name: web\n  uid: ../..\n",
+                "metadata.uid",
+            ),
         ] {
             let text = POD.replacen(from, to, 1);
             assert_ne!(text, POD, "{from}");

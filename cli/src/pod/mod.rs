@@ -277,6 +277,11 @@ impl Ctx {
             .get(LABEL_POD_UID)
             .cloned()
             .ok_or_else(|| anyhow!("sandbox {}: no {LABEL_POD_UID} label", sandbox.id))?;
+        // The label is anyone's who can call CRI; it becomes a path.
+        manifest::check_uid(
+            &format!("sandbox {}: label {LABEL_POD_UID}", sandbox.id),
+            &uid,
+        )?;
         let manifest = self.root.join(&uid).join(MANIFEST);
         let text = std::fs::read_to_string(&manifest)
             .with_context(|| format!("sandbox {}: reading {}", sandbox.id, manifest.display()))?;

@@ -55,13 +55,14 @@ pub enum TxError {
     Memory,
 }
 
-/// Copies a walked tx chain (vnet header and frame) into `buf`.
+/// Copies a walked tx chain (vnet header and frame) into the start of
+/// `buf` (at least [`MAX_BUFFER_LEN`] bytes, reused from frame to frame:
+/// nothing is cleared first) and returns its length.
 pub fn gather_tx(
     mem: &GuestMemoryMmap,
     descs: &[Descriptor],
-    buf: &mut Vec<u8>,
-) -> Result<(), TxError> {
-    buf.clear();
+    buf: &mut [u8],
+) -> Result<usize, TxError> {
     let mut total: u64 = 0;
     for desc in descs {
         if desc.is_write_only() {
@@ -76,15 +77,15 @@ pub fn gather_tx(
         return Err(TxError::TooLong(total));
     }
     // total <= MAX_BUFFER_LEN: no truncation.
-    buf.resize(total as usize, 0);
-    let mut rest = buf.as_mut_slice();
+    let len = total as usize;
+    let mut rest = buf.get_mut(..len).ok_or(TxError::TooLong(total))?;
     for desc in descs {
         let (head, tail) = rest.split_at_mut(desc.len() as usize);
         mem.read_slice(head, desc.addr())
             .map_err(|_| TxError::Memory)?;
         rest = tail;
     }
-    Ok(())
+    Ok(len)
 }
 
 /// One rx chain set aside for a frame.

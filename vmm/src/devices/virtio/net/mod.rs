@@ -140,8 +140,10 @@ struct DataPath {
     /// The back end failed for good: nothing is read from or written to it.
     broken: bool,
     descs: Vec<Descriptor>,
-    /// The frame being sent (vnet header included).
+    /// Room for the frame being sent (vnet header included): its first
+    /// `tx_len` bytes.
     tx_frame: Vec<u8>,
+    tx_len: usize,
     /// `tx_frame` waits for the back end to take it (it said EAGAIN).
     tx_pending: bool,
     /// Room for one received frame, and one byte more to see a frame that
@@ -184,10 +186,11 @@ impl DataPath {
             count(&mut self.stats.tx_dropped, &METRICS.net_tx_dropped, 1);
             return;
         }
-        let len = self.tx_frame.len();
+        let len = self.tx_len;
+        let frame = self.tx_frame.get(..len).unwrap_or_default();
         // EINTR is retried a few times, then counted as a drop.
         for _ in 0..4 {
-            match self.backend.write_frame(&self.tx_frame) {
+            match self.backend.write_frame(frame) {
                 Ok(_) => {
                     self.tx_pending = false;
                     count(&mut self.stats.tx_frames, &METRICS.net_tx_frames, 1);
@@ -247,7 +250,10 @@ impl DataPath {
                 }
             }
             match frame {
-                Ok(()) => self.send(),
+                Ok(len) => {
+                    self.tx_len = len;
+                    self.send();
+                }
                 Err(err) => {
                     count(&mut self.stats.tx_dropped, &METRICS.net_tx_dropped, 1);
                     if self.limiter.allow() {
@@ -389,7 +395,8 @@ impl Net {
                 backend,
                 broken: false,
                 descs: Vec::new(),
-                tx_frame: Vec::with_capacity(MAX_BUFFER_LEN),
+                tx_frame: vec![0; MAX_BUFFER_LEN],
+                tx_len: 0,
                 tx_pending: false,
                 rx_frame: vec![0; MAX_BUFFER_LEN + 1],
                 rx_len: 0,

@@ -104,25 +104,12 @@ pub struct Prepared {
     pub ephemeral: Vec<Ephemeral>,
 }
 
-/// The mount type of an ephemeral volume, as the host sends it
-/// (`isola_protocol::ephemeral` has the form; the guest makes the volume,
-/// the share does not carry it).
-pub use isola_protocol::ephemeral::MOUNT_TYPE as EPHEMERAL_TYPE;
-
-/// Largest `size=` of an ephemeral volume.
-pub use isola_protocol::ephemeral::MAX_SIZE as MAX_EPHEMERAL_SIZE;
-
-/// Longest ephemeral volume key.
-const MAX_EPHEMERAL_KEY: usize = isola_protocol::ephemeral::MAX_KEY_LEN;
-
-/// An ephemeral volume of the sandbox: a tmpfs of the guest shared by the
-/// containers that mount its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ephemeral {
-    pub key: String,
-    /// The tmpfs's `size=`, in bytes; `None`: the kernel's default.
-    pub size: Option<u64>,
-}
+/// The ephemeral volumes' wire form (`isola_protocol::ephemeral`): the
+/// guest makes each volume, the share does not carry it.
+pub use isola_protocol::ephemeral::{
+    Volume as Ephemeral, MAX_KEY_LEN as MAX_EPHEMERAL_KEY, MAX_SIZE as MAX_EPHEMERAL_SIZE,
+    MOUNT_TYPE as EPHEMERAL_TYPE,
+};
 
 /// `rel` inside `root`: relative, no `..`, and inside `root` once
 /// resolved (symlinks included). `root` must be canonical.
@@ -183,14 +170,7 @@ fn check_ephemeral(m: &Mount, field: &str) -> Result<(Ephemeral, Vec<String>), S
         .as_deref()
         .and_then(Path::to_str)
         .unwrap_or_default();
-    let key_ok = !key.is_empty()
-        && key.len() <= MAX_EPHEMERAL_KEY
-        && key != "."
-        && key != ".."
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
-    if !key_ok {
+    if !isola_protocol::ephemeral::is_key(key) {
         return Err(err(
             format!("{field}.source"),
             format!(

@@ -25,3 +25,44 @@ pub const MAX_SIZE: u64 = 1 << 50;
 
 /// Longest key.
 pub const MAX_KEY_LEN: usize = 64;
+
+/// An ephemeral volume: a tmpfs of the guest, shared by the containers of
+/// the pod that mount its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The same for every container of the pod that mounts the volume.
+    pub key: String,
+    /// The tmpfs's `size=`, in bytes; `None`: the guest kernel's default
+    /// (half the VM's memory).
+    pub size: Option<u64>,
+}
+
+/// Whether `b` may be in a key: `[A-Za-z0-9_.-]`.
+pub fn is_key_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-'
+}
+
+/// Whether `key` is a key: 1 to [`MAX_KEY_LEN`] of `[A-Za-z0-9_.-]`, not
+/// `.` or `..`.
+pub fn is_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_LEN
+        && key != "."
+        && key != ".."
+        && key.bytes().all(is_key_byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        for good in ["k", "mem-0123456789abcdef", "big_1.x-0", &"k".repeat(64)] {
+            assert!(is_key(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "/run", &"k".repeat(65)] {
+            assert!(!is_key(bad), "{bad:?}");
+        }
+    }
+}

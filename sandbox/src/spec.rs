@@ -114,34 +114,21 @@ fn is_readonly(mount: &Mount) -> bool {
         .is_some_and(|o| o.iter().any(|o| o == "ro"))
 }
 
-/// The mount type of an ephemeral volume on the wire to the agent
-/// (`isola_protocol::ephemeral` has the form). The host sends `source` =
-/// the key ([`ephemeral_key`]) and `options` = `size=<bytes>` (only for a
-/// host tmpfs of explicit size), `ro` or `rw`, then whichever of `nosuid`,
-/// `nodev`, `noexec` the original bind had.
-pub use isola_protocol::ephemeral::MOUNT_TYPE as EPHEMERAL_TYPE;
+use isola_protocol::ephemeral::{is_key_byte, MAX_KEY_LEN};
+/// The ephemeral volumes' wire form (`isola_protocol::ephemeral`). The
+/// host sends `source` = the key ([`ephemeral_key`]) and `options` =
+/// `size=<bytes>` (only for a host tmpfs of explicit size, at most
+/// [`MAX_EPHEMERAL_SIZE`]: a larger one is sent without a size), `ro` or
+/// `rw`, then whichever of `nosuid`, `nodev`, `noexec` the original bind
+/// had. A Memory emptyDir volume ([`Ephemeral`]) is made in the guest, not
+/// carried by the share.
+pub use isola_protocol::ephemeral::{
+    Volume as Ephemeral, MAX_SIZE as MAX_EPHEMERAL_SIZE, MOUNT_TYPE as EPHEMERAL_TYPE,
+};
 
 /// The directory kubelet (and `isola pod`) keeps a pod's emptyDir volumes
 /// in: `<pods root>/<pod uid>/volumes/kubernetes.io~empty-dir/<name>`.
 pub const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
-
-/// Largest size sent (the agent refuses more). A larger host tmpfs is
-/// sent without a size (the guest's default).
-pub use isola_protocol::ephemeral::MAX_SIZE as MAX_EPHEMERAL_SIZE;
-
-/// Longest key (the agent's bound too).
-const MAX_KEY: usize = isola_protocol::ephemeral::MAX_KEY_LEN;
-
-/// A Memory emptyDir volume: made in the guest, not carried by the share.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ephemeral {
-    /// Stable for the volume in the pod: every container that mounts it
-    /// gets the same key, so the same tmpfs in the guest.
-    pub key: String,
-    /// `size=` of the guest tmpfs, in bytes; `None`: the guest default
-    /// (half the VM's memory).
-    pub size: Option<u64>,
-}
 
 /// The volume name of an emptyDir path: the component after
 /// `kubernetes.io~empty-dir`, which must be the last one.
@@ -173,14 +160,8 @@ pub fn ephemeral_key(name: &OsStr, path: &Path) -> String {
     let mut key: String = name
         .as_bytes()
         .iter()
-        .take(MAX_KEY - 17)
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-' {
-                char::from(b)
-            } else {
-                '_'
-            }
-        })
+        .take(MAX_KEY_LEN - 17)
+        .map(|&b| if is_key_byte(b) { char::from(b) } else { '_' })
         .collect();
     key.push_str(&format!("-{:016x}", fnv1a64(path.as_os_str().as_bytes())));
     key

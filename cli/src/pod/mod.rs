@@ -724,23 +724,18 @@ async fn logs(
     timestamps: bool,
     previous: bool,
 ) -> Result<i32> {
-    use std::io::Write;
     let found = ctx.find(name).await?;
     let c = ctx.pick(&found, container.as_deref(), previous).await?;
     let path = ctx.container_status(&c.id).await?.log_path;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading the log {path}"))?;
+    let file = std::fs::File::open(&path).with_context(|| format!("reading the log {path}"))?;
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    for (stream, time, line) in logs::lines(&text).with_context(|| path.clone())? {
-        let w: &mut dyn Write = match stream {
-            logs::Stream::Stdout => &mut out,
-            logs::Stream::Stderr => &mut err,
-        };
-        if timestamps {
-            writeln!(w, "{time} {line}")?;
-        } else {
-            writeln!(w, "{line}")?;
-        }
-    }
+    logs::copy(
+        std::io::BufReader::new(file),
+        &mut out,
+        &mut err,
+        timestamps,
+    )
+    .with_context(|| path.clone())?;
     Ok(0)
 }
 

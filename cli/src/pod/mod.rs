@@ -285,7 +285,11 @@ impl Ctx {
         let manifest = self.root.join(&uid).join(MANIFEST);
         let text = std::fs::read_to_string(&manifest)
             .with_context(|| format!("sandbox {}: reading {}", sandbox.id, manifest.display()))?;
-        let pod = Pod::parse(&text).with_context(|| manifest.display().to_string())?;
+        let mut pod = Pod::parse(&text).with_context(|| manifest.display().to_string())?;
+        // A manifest without a namespace was applied to the one it was found in.
+        pod.metadata
+            .namespace
+            .get_or_insert_with(|| self.namespace.clone());
         let paths = PodPaths::new(&self.root, &self.log_root, &pod, &uid);
         Ok(Found {
             sandbox,
@@ -486,16 +490,15 @@ async fn apply(ctx: &Ctx, file: &Path, handler: Option<String>, timeout: Duratio
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let pod = Pod::parse(&text).with_context(|| file.display().to_string())?;
-    if pod.namespace() != ctx.namespace
-        && pod.metadata.namespace.is_some()
-        && ctx.namespace != manifest::DEFAULT_NAMESPACE
-    {
-        bail!(
-            "the manifest's namespace {} is not -n {}",
-            pod.namespace(),
-            ctx.namespace
-        );
+    let mut pod = Pod::parse(&text).with_context(|| file.display().to_string())?;
+    // As kubectl: a manifest without a namespace goes to -n's; one with a
+    // namespace must agree with an -n given.
+    match &pod.metadata.namespace {
+        None => pod.metadata.namespace = Some(ctx.namespace.clone()),
+        Some(ns) if *ns != ctx.namespace && ctx.namespace != manifest::DEFAULT_NAMESPACE => {
+            bail!("the manifest's namespace {ns} is not -n {}", ctx.namespace)
+        }
+        Some(_) => {}
     }
     let ctx = Ctx {
         cri: ctx.cri.clone(),

@@ -695,6 +695,13 @@ spec:
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let pod =
+            Pod::parse(include_str!("../../../configs/k8s/pod-example.yaml")).expect("example");
+        assert_eq!(pod.spec.runtime_class_name.as_deref(), Some("isola"));
+    }
+
+    #[test]
     fn quantities() {
         assert_eq!(parse_milli_cpu("500m").ok(), Some(500));
         assert_eq!(parse_milli_cpu("2").ok(), Some(2000));

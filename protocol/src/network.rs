@@ -95,6 +95,27 @@ pub fn interface_message(
     }
 }
 
+/// The kernel's rtm_scope of `scope`.
+pub fn rtm_scope(scope: RouteScope) -> u8 {
+    match scope {
+        RouteScope::SCOPE_UNIVERSE => 0,
+        RouteScope::SCOPE_SITE => 200,
+        RouteScope::SCOPE_LINK => 253,
+        RouteScope::SCOPE_HOST => 254,
+    }
+}
+
+/// The `RouteScope` of the kernel's rtm_scope; any other (nowhere) is
+/// `SCOPE_UNIVERSE`.
+pub fn route_scope(rtm_scope: u8) -> RouteScope {
+    match rtm_scope {
+        200 => RouteScope::SCOPE_SITE,
+        253 => RouteScope::SCOPE_LINK,
+        254 => RouteScope::SCOPE_HOST,
+        _ => RouteScope::SCOPE_UNIVERSE,
+    }
+}
+
 /// One interface of a checked request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
@@ -320,10 +341,7 @@ fn check_route(
         Some(ip)
     };
     let scope = match req.scope.enum_value() {
-        Ok(RouteScope::SCOPE_UNIVERSE) => 0,
-        Ok(RouteScope::SCOPE_SITE) => 200,
-        Ok(RouteScope::SCOPE_LINK) => 253,
-        Ok(RouteScope::SCOPE_HOST) => 254,
+        Ok(scope) => rtm_scope(scope),
         Err(other) => {
             return Err(invalid(
                 &format!("{field}.scope"),
@@ -667,6 +685,20 @@ mod tests {
             &with(&|r| r.neighbours[0].device = "net2".into()),
             "neighbours[0].device: ",
         );
+    }
+
+    #[test]
+    fn scopes_go_both_ways() {
+        for scope in [
+            RouteScope::SCOPE_UNIVERSE,
+            RouteScope::SCOPE_SITE,
+            RouteScope::SCOPE_LINK,
+            RouteScope::SCOPE_HOST,
+        ] {
+            assert_eq!(route_scope(rtm_scope(scope)), scope);
+        }
+        assert_eq!(rtm_scope(RouteScope::SCOPE_LINK), 253);
+        assert_eq!(route_scope(255), RouteScope::SCOPE_UNIVERSE);
     }
 
     #[test]

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use futures_util::TryStreamExt;
 use isola_protocol::agent as pb;
 use isola_protocol::network::{
-    interface_message, Mac, MAX_ADDRESSES, MAX_INTERFACES, MAX_NEIGHBOURS, MAX_ROUTES,
+    interface_message, route_scope, Mac, MAX_ADDRESSES, MAX_INTERFACES, MAX_NEIGHBOURS, MAX_ROUTES,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{
@@ -249,7 +249,7 @@ impl PodNetwork {
                     gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
                     device: i.name.clone(),
                     source: r.source.map(|s| s.to_string()).unwrap_or_default(),
-                    scope: scope_enum(r.scope).into(),
+                    scope: route_scope(r.scope).into(),
                     metric: r.metric,
                     onlink: r.onlink,
                     ..Default::default()
@@ -300,15 +300,6 @@ impl Drop for PodNetwork {
         if let Err(err) = self.teardown_inner() {
             tracing::error!(%err, "pod network clean-up on drop incomplete");
         }
-    }
-}
-
-fn scope_enum(scope: u8) -> pb::RouteScope {
-    match scope {
-        200 => pb::RouteScope::SCOPE_SITE,
-        253 => pb::RouteScope::SCOPE_LINK,
-        254 => pb::RouteScope::SCOPE_HOST,
-        _ => pb::RouteScope::SCOPE_UNIVERSE,
     }
 }
 

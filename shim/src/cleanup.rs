@@ -182,9 +182,16 @@ mod tests {
             .arg("100")
             .spawn()
             .expect("spawn");
-        // Until it has exec'd, its command line is this test's.
+        // Until it has exec'd, its command line is this test's; and the
+        // kernel shows the new executable a moment before the new command
+        // line: wait for both.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !runs_one_of(child.id(), &["sleep".to_string()]) {
+        let needle = format!("{}/", run_dir.display());
+        while !runs_one_of(child.id(), &["sleep".to_string()])
+            || !processes_naming(&needle)
+                .iter()
+                .any(|(pid, _)| *pid == child.id())
+        {
             assert!(Instant::now() < deadline, "the helper never started");
             std::thread::sleep(Duration::from_millis(10));
         }

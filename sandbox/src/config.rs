@@ -36,7 +36,12 @@ pub const BUILT_IN: &str = "(built-in defaults)";
 
 /// The hypervisor settings an annotation may override, when
 /// `hypervisor.enable_annotations` lists them.
-pub const ANNOTATABLE: [&str; 3] = ["default_vcpus", "default_memory_mib", "kernel_params"];
+pub const ANNOTATABLE: [&str; 4] = [
+    "default_vcpus",
+    "default_memory_mib",
+    "kernel_params",
+    "net_offloads",
+];
 /// virtiofsd's `--cache` modes.
 pub const CACHE_MODES: [&str; 4] = ["never", "metadata", "auto", "always"];
 /// The agent's and virtiofsd's log levels.
@@ -78,6 +83,8 @@ pub struct Hypervisor {
     pub max_memory_mib: u32,
     /// Appended to the guest kernel's command line.
     pub kernel_params: String,
+    /// Checksum and TSO offloads offered on the pod's virtio-net devices.
+    pub net_offloads: bool,
     /// Which of [`ANNOTATABLE`] a pod's annotations may override.
     pub enable_annotations: Vec<String>,
 }
@@ -118,6 +125,7 @@ impl Default for Hypervisor {
             max_vcpus: 16,
             max_memory_mib: 16384,
             kernel_params: String::new(),
+            net_offloads: true,
             enable_annotations: Vec::new(),
         }
     }
@@ -363,6 +371,7 @@ impl Config {
         config.vcpus = h.default_vcpus;
         config.memory_mib = h.default_memory_mib;
         config.kernel_cmdline_extra = h.kernel_params.clone();
+        config.net_offloads = h.net_offloads;
         config.run_root = self.runtime.run_root.clone();
         config.log_level = self.runtime.log_level.clone();
         config.virtiofs_cache = self.virtiofs.cache.clone();
@@ -374,7 +383,7 @@ impl Config {
     /// A copy with a pod's annotations `io.isola.config.<name>` applied to
     /// the hypervisor settings: `default_vcpus` and `default_memory_mib`
     /// replace the file's (within its maxima), `kernel_params` is appended
-    /// to the file's. A name must be in `hypervisor.enable_annotations`;
+    /// to the file's, `net_offloads` (true or false) replaces it. A name must be in `hypervisor.enable_annotations`;
     /// other annotations are ignored.
     pub fn with_annotations(
         &self,
@@ -444,6 +453,11 @@ impl Config {
                         }
                         h.kernel_params.push_str(extra);
                     }
+                }
+                "net_offloads" => {
+                    h.net_offloads = value
+                        .parse()
+                        .map_err(|_| bad("must be true or false".to_string()))?;
                 }
                 // enable_annotations holds only ANNOTATABLE names (validate).
                 _ => {
@@ -657,6 +671,7 @@ mod tests {
             (16, 16384)
         );
         assert_eq!(c.hypervisor.kernel_params, "");
+        assert!(c.hypervisor.net_offloads);
         assert!(c.hypervisor.enable_annotations.is_empty());
         assert_eq!(
             c.virtiofs.virtiofsd,
@@ -684,7 +699,8 @@ default_memory_mib = 512
 max_vcpus = 8
 max_memory_mib = 4096
 kernel_params = "quiet loglevel=3"
-enable_annotations = ["default_vcpus", "default_memory_mib", "kernel_params"]
+net_offloads = false
+enable_annotations = ["default_vcpus", "default_memory_mib", "kernel_params", "net_offloads"]
 
 [virtiofs]
 virtiofsd = "/usr/libexec/virtiofsd"
@@ -710,6 +726,7 @@ stop_timeout_secs = 5
                     max_vcpus: 8,
                     max_memory_mib: 4096,
                     kernel_params: "quiet loglevel=3".into(),
+                    net_offloads: false,
                     enable_annotations: ANNOTATABLE.iter().map(|s| s.to_string()).collect(),
                 },
                 virtiofs: Virtiofs {
@@ -732,6 +749,7 @@ stop_timeout_secs = 5
         assert_eq!(s.initrd, Path::new("/opt/isola/initrd.img"));
         assert_eq!((s.vcpus, s.memory_mib), (2, 512));
         assert_eq!(s.kernel_cmdline_extra, "quiet loglevel=3");
+        assert!(!s.net_offloads);
         assert!(
             s.cmdline().ends_with(" quiet loglevel=3"),
             "{}",
@@ -1009,19 +1027,22 @@ stop_timeout_secs = 5
     fn allowed_annotations_override_the_hypervisor() {
         let c = parse(
             "[hypervisor]\nkernel_params = \"quiet\"\nmax_vcpus = 4\nmax_memory_mib = 1024\n\
-             enable_annotations = [\"default_vcpus\", \"default_memory_mib\", \"kernel_params\"]",
+             enable_annotations = [\"default_vcpus\", \"default_memory_mib\", \"kernel_params\", \"net_offloads\"]",
         )
         .expect("valid");
         let a = annotations(&[
             ("io.isola.config.default_vcpus", "4"),
             ("io.isola.config.default_memory_mib", "1024"),
             ("io.isola.config.kernel_params", "loglevel=7"),
+            ("io.isola.config.net_offloads", "false"),
             ("io.kubernetes.cri.sandbox-id", "abc"),
         ]);
         let out = c.with_annotations(&a).expect("allowed");
         assert_eq!(out.hypervisor.default_vcpus, 4);
         assert_eq!(out.hypervisor.default_memory_mib, 1024);
         assert_eq!(out.hypervisor.kernel_params, "quiet loglevel=7");
+        assert!(!out.hypervisor.net_offloads);
+        assert!(!out.sandbox_config("p").net_offloads);
         assert_eq!(out.path, c.path);
         assert_eq!(out.runtime, c.runtime);
         // The original is unchanged; no annotations, no change.
@@ -1050,7 +1071,9 @@ stop_timeout_secs = 5
             .to_string();
         assert!(
             err.contains("`vmm` is not in hypervisor.enable_annotations of /etc/isola/config.toml")
-                && err.contains("only default_vcpus, default_memory_mib, kernel_params can"),
+                && err.contains(
+                    "only default_vcpus, default_memory_mib, kernel_params, net_offloads can"
+                ),
             "{err}"
         );
         let err = Config::defaults()
@@ -1064,10 +1087,13 @@ stop_timeout_secs = 5
     fn bad_annotation_values_are_named() {
         let c = parse(
             "[hypervisor]\nmax_vcpus = 4\nmax_memory_mib = 1024\n\
-             enable_annotations = [\"default_vcpus\", \"default_memory_mib\", \"kernel_params\"]",
+             enable_annotations = [\"default_vcpus\", \"default_memory_mib\", \"kernel_params\", \"net_offloads\"]",
         )
         .expect("valid");
         let cases = [
+            ("net_offloads", "no"),
+            ("net_offloads", "False"),
+            ("net_offloads", ""),
             ("default_vcpus", "0"),
             ("default_vcpus", "5"),
             ("default_vcpus", "two"),

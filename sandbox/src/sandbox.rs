@@ -88,6 +88,9 @@ pub struct SandboxConfig {
     /// device with its MAC, and the guest its addresses and routes
     /// ([`crate::network`]). `None`: the guest has no network but `lo`.
     pub netns: Option<PathBuf>,
+    /// Checksum and TSO offloads on the pod's virtio-net devices (isola-vmm's
+    /// `--net …,offload=off` when false).
+    pub net_offloads: bool,
 }
 
 impl SandboxConfig {
@@ -118,6 +121,7 @@ impl SandboxConfig {
             virtiofs_cache: "auto".to_string(),
             cgroup: None,
             netns: None,
+            net_offloads: true,
         }
     }
 
@@ -197,10 +201,12 @@ pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
 
 /// isola-vmm's options for the pod's taps: `--net fd=N,mac=MAC` for each
 /// (descriptor in isola-vmm, MAC of the pod interface), in the order the
-/// guest numbers its devices (eth0, eth1, ...).
-pub fn vmm_net_args(taps: &[(RawFd, Mac)]) -> Vec<String> {
+/// guest numbers its devices (eth0, eth1, ...); `,offload=off` on each
+/// without `offloads`.
+pub fn vmm_net_args(taps: &[(RawFd, Mac)], offloads: bool) -> Vec<String> {
+    let off = if offloads { "" } else { ",offload=off" };
     taps.iter()
-        .flat_map(|(fd, mac)| ["--net".to_string(), format!("fd={fd},mac={mac}")])
+        .flat_map(|(fd, mac)| ["--net".to_string(), format!("fd={fd},mac={mac}{off}")])
         .collect()
 }
 
@@ -564,7 +570,7 @@ impl Sandbox {
             .unwrap_or_default();
         let mut cmd = tokio::process::Command::new(&config.vmm);
         cmd.args(vmm_args(&config, &layout))
-            .args(vmm_net_args(&taps))
+            .args(vmm_net_args(&taps, config.net_offloads))
             .stdout(std::process::Stdio::piped());
         child::confine(&mut cmd, config.cgroup.as_deref())
             .map_err(|e| Error::host(&id, "preparing isola-vmm's cgroup", e))?;
@@ -1569,8 +1575,9 @@ mod tests {
         );
         assert_eq!(get("--console"), Some("off"));
         assert!(!args.iter().any(|a| a == "--net"));
+        let taps = [(7, Mac([0x0a, 0x58, 0, 0, 0, 1])), (8, Mac([2; 6]))];
         assert_eq!(
-            vmm_net_args(&[(7, Mac([0x0a, 0x58, 0, 0, 0, 1])), (8, Mac([2; 6]))]),
+            vmm_net_args(&taps, true),
             vec![
                 "--net",
                 "fd=7,mac=0a:58:00:00:00:01",
@@ -1578,6 +1585,16 @@ mod tests {
                 "fd=8,mac=02:02:02:02:02:02"
             ]
         );
+        assert_eq!(
+            vmm_net_args(&taps, false),
+            vec![
+                "--net",
+                "fd=7,mac=0a:58:00:00:00:01,offload=off",
+                "--net",
+                "fd=8,mac=02:02:02:02:02:02,offload=off"
+            ]
+        );
+        assert!(c.net_offloads, "offloads are on by default");
         assert_eq!(c.netns, None);
         let fs = virtiofsd_args(&layout, "debug", "auto");
         assert_eq!(

@@ -91,8 +91,12 @@ struct Args {
     /// NAME in its own namespace. MAC is the guest's unicast address, e.g.
     /// 52:54:00:12:34:56. isola-vmm sets the vnet header size, the offloads
     /// the guest accepts and O_NONBLOCK; the interface's addresses and link
-    /// state are the caller's.
-    #[arg(long, value_name = "fd=N,mac=MAC|tap=NAME,mac=MAC")]
+    /// state are the caller's. `offload=off` offers the guest no checksum
+    /// or TSO offloads (default on).
+    #[arg(
+        long,
+        value_name = "fd=N,mac=MAC[,offload=off]|tap=NAME,mac=MAC[,offload=off]"
+    )]
     net: Vec<NetConfig>,
     /// Control API socket (JSON lines: info, pause, resume, shutdown, stop).
     #[arg(long, value_name = "PATH")]

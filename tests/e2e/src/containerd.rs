@@ -69,7 +69,7 @@ impl Containerd {
             &config,
             format!(
                 "[hypervisor]\nvmm = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-                 enable_annotations = [\"default_memory_mib\"]\n\
+                 enable_annotations = [\"default_memory_mib\", \"net_offloads\"]\n\
                  [virtiofs]\nvirtiofsd = \"{}\"\n[runtime]\nrun_root = \"{}\"\nlog_level = \"info\"\n\
                  start_timeout_secs = 180\n",
                 release_binary("isola-vmm")?.display(),

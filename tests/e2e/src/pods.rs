@@ -174,6 +174,30 @@ impl Pods {
         Ok(text(&out.stdout))
     }
 
+    /// Which of [`OFFLOAD_FEATURE_BITS`] the guest's virtio-net device
+    /// negotiated, read in container `container` of isola pod `name` from
+    /// the guest's sysfs (`features`: character i is bit i). An error if
+    /// the guest has no virtio-net device.
+    pub fn guest_offloads(&self, name: &str, container: &str) -> Result<Vec<usize>> {
+        let features = self.sh(
+            name,
+            container,
+            "for d in /sys/bus/virtio/devices/*; do \
+             [ \"$(cat $d/device)\" = 0x0001 ] && cat $d/features; done; true",
+        )?;
+        let line = features
+            .lines()
+            .next()
+            .filter(|l| l.len() >= 32 && l.bytes().all(|b| b == b'0' || b == b'1'))
+            .with_context(|| {
+                format!("pod {name}: no virtio-net features in the guest: {features:?}")
+            })?;
+        Ok(OFFLOAD_FEATURE_BITS
+            .into_iter()
+            .filter(|&bit| line.as_bytes()[bit] == b'1')
+            .collect())
+    }
+
     /// `isola pod logs NAME -c C`: (stdout, stderr).
     pub fn logs(&self, name: &str, container: &str) -> Result<(String, String)> {
         let out = self.pod(&["logs", name, "-c", container], None)?;
@@ -306,6 +330,29 @@ pub fn manifest(name: &str, runtime_class: &str, spec_extra: &str, containers: &
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{class}  terminationGracePeriodSeconds: 5\n{spec_extra}  containers:\n{containers}"
     )
 }
+
+/// The pod annotation that turns its virtio-net offloads off (the test
+/// containerd's isola config lets pods set `net_offloads`).
+pub const NO_OFFLOADS: (&str, &str) = ("io.isola.config.net_offloads", "false");
+
+/// `manifest` (of [`manifest`]) with one annotation in its metadata.
+pub fn annotate(manifest: &str, (key, value): (&str, &str)) -> String {
+    manifest.replacen(
+        "metadata:\n",
+        &format!("metadata:\n  annotations:\n    {key}: \"{value}\"\n"),
+        1,
+    )
+}
+
+/// The virtio-net checksum and TSO feature bits a guest negotiated.
+pub const OFFLOAD_FEATURE_BITS: [usize; 6] = [
+    0,  // CSUM
+    1,  // GUEST_CSUM
+    7,  // GUEST_TSO4
+    8,  // GUEST_TSO6
+    11, // HOST_TSO4
+    12, // HOST_TSO6
+];
 
 /// See [`Pods::guard`].
 #[derive(Debug)]

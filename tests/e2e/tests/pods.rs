@@ -102,7 +102,7 @@ fn an_isola_pod_runs_in_its_own_vm_with_containerds_files() -> Result<()> {
 }
 
 /// A pod serving `hello-from-NAME` over HTTP on 8080 (busybox httpd),
-/// with `hostPort` if given.
+/// and 1 MiB of random bytes as `/big`, with `hostPort` if given.
 fn web_pod(name: &str, class: &str, host_port: Option<u16>) -> String {
     let port = match host_port {
         Some(h) => format!("{{containerPort: 8080, hostPort: {h}}}"),
@@ -113,7 +113,7 @@ fn web_pod(name: &str, class: &str, host_port: Option<u16>) -> String {
         class,
         "",
         &format!(
-            "  - name: web\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"mkdir -p /www && echo hello-from-{name} > /www/index.html && exec httpd -f -p 8080 -h /www\"]\n    ports: [{port}]\n"
+            "  - name: web\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"mkdir -p /www && echo hello-from-{name} > /www/index.html && head -c 1048576 /dev/urandom > /www/big && exec httpd -f -p 8080 -h /www\"]\n    ports: [{port}]\n"
         ),
     )
 }
@@ -142,7 +142,9 @@ fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
     let netns_before = Pods::netns_paths().len();
     let _guard = p.guard(&["net-a", "net-b", "net-c"]);
     let a = p.apply(&web_pod("net-a", ISOLA, Some(18080)))?;
-    let b = p.apply(&web_pod("net-b", ISOLA, None))?;
+    // net-b's virtio-net offers no checksum or TSO offloads: a's large,
+    // partly checksummed frames reach it whole and checksummed.
+    let b = p.apply(&annotate(&web_pod("net-b", ISOLA, None), NO_OFFLOADS))?;
     // runc: containerd's default handler, on the same bridge.
     let c = p.apply(&web_pod("net-c", "", None))?;
     let ip = |name: &str| -> Result<String> {
@@ -169,6 +171,14 @@ fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
+    let (offloads_a, offloads_b) = (
+        p.guest_offloads("net-a", "web")?,
+        p.guest_offloads("net-b", "web")?,
+    );
+    ensure!(
+        offloads_a == OFFLOAD_FEATURE_BITS && offloads_b.is_empty(),
+        "negotiated offload bits: net-a {offloads_a:?}, net-b (offloads off) {offloads_b:?}"
+    );
     // isola ↔ isola, both ways; isola ↔ runc, both ways.
     for (from, ip, want) in [
         ("net-a", &ip_b, "hello-from-net-b"),
@@ -178,6 +188,26 @@ fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
     ] {
         let got = get_from(p, from, ip)?;
         ensure!(got.contains(want), "{from} → {ip}: {got:?}");
+    }
+    // 1 MiB each way between the pod with offloads and the one without:
+    // large TSO frames one way, the host's segmentation the other.
+    for (from, to, ip) in [("net-a", "net-b", &ip_b), ("net-b", "net-a", &ip_a)] {
+        let sum = |pod: &str, script: &str| -> Result<String> {
+            Ok(p.sh(pod, "web", script)?
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string())
+        };
+        let want = sum(to, "md5sum /www/big")?;
+        let got = sum(
+            from,
+            &format!("printf 'GET /big HTTP/1.0\\r\\n\\r\\n' | nc -w 60 {ip} 8080 | tail -c 1048576 | md5sum"),
+        )?;
+        ensure!(
+            want.len() == 32 && got == want,
+            "{from} ← {to}'s /big: md5 {got} ≠ {want}"
+        );
     }
     // The hostPort, from the KVM host (portmap's DNAT on the gateway).
     let mut conn = std::net::TcpStream::connect(("198.18.0.1", 18080))?;

@@ -1,5 +1,5 @@
-//! `--net fd=N,mac=MAC` and `--net tap=NAME,mac=MAC`: one virtio-net
-//! device, validated (the back end is opened later, by [`super::tap`]).
+//! `--net fd=N,mac=MAC` and `--net tap=NAME,mac=MAC` (and
+//! `,offload=on|off`, on by default): one virtio-net device, validated (the back end is opened later, by [`super::tap`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -37,12 +37,14 @@ impl fmt::Display for NetBackendSpec {
 pub enum NetConfigError {
     #[error("--net {0:?}: expected fd=N,mac=MAC or tap=NAME,mac=MAC")]
     Syntax(String),
-    #[error("--net: unknown field {0:?} (fields: fd, tap, mac)")]
+    #[error("--net: unknown field {0:?} (fields: fd, tap, mac, offload)")]
     UnknownField(String),
     #[error("--net: field {0} given twice")]
     Duplicate(&'static str),
     #[error("--net: field {0} is missing")]
     Missing(&'static str),
+    #[error("--net offload={0:?}: expected on or off")]
+    Offload(String),
     #[error("--net: give fd= or tap=, not both")]
     FdAndTap,
     #[error("--net fd={0}: must be a file descriptor number of 3 or more (0-2 are stdio)")]
@@ -114,11 +116,26 @@ impl FromStr for MacAddr {
 pub struct NetConfig {
     pub backend: NetBackendSpec,
     pub mac: MacAddr,
+    /// Checksum and TSO offloads offered to the guest (`offload=on`, the
+    /// default) or not (`offload=off`).
+    pub offload: bool,
 }
 
 impl fmt::Display for NetConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},mac={}", self.backend, self.mac)
+        write!(f, "{},mac={}", self.backend, self.mac)?;
+        if !self.offload {
+            write!(f, ",offload=off")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_offload(value: &str) -> Result<bool, NetConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(NetConfigError::Offload(value.to_string())),
     }
 }
 
@@ -151,6 +168,7 @@ impl FromStr for NetConfig {
         let mut fd = None;
         let mut tap = None;
         let mut mac = None;
+        let mut offload = None;
         for field in s.split(',') {
             let Some((key, value)) = field.split_once('=') else {
                 return Err(NetConfigError::Syntax(s.to_string()));
@@ -159,6 +177,7 @@ impl FromStr for NetConfig {
                 "fd" => ("fd", fd.replace(parse_fd(value)?).is_some()),
                 "tap" => ("tap", tap.replace(parse_tap_name(value)?).is_some()),
                 "mac" => ("mac", mac.replace(value.parse::<MacAddr>()?).is_some()),
+                "offload" => ("offload", offload.replace(parse_offload(value)?).is_some()),
                 other => return Err(NetConfigError::UnknownField(other.to_string())),
             };
             if dup {
@@ -174,6 +193,7 @@ impl FromStr for NetConfig {
         Ok(NetConfig {
             backend,
             mac: mac.ok_or(NetConfigError::Missing("mac"))?,
+            offload: offload.unwrap_or(true),
         })
     }
 }
@@ -216,6 +236,14 @@ mod tests {
         let name15 = "t".repeat(MAX_IFNAME_LEN);
         let c = parse(&format!("tap={name15},mac=02:00:00:00:00:01")).unwrap();
         assert_eq!(c.backend, NetBackendSpec::Tap(name15));
+        assert!(c.offload, "offloads are on by default");
+        let c = parse("fd=3,mac=52:54:00:12:34:56,offload=off").unwrap();
+        assert!(!c.offload);
+        assert_eq!(c.to_string(), "fd=3,mac=52:54:00:12:34:56,offload=off");
+        assert_eq!(c, parse(&c.to_string()).unwrap(), "Display parses back");
+        let c = parse("offload=on,fd=3,mac=52:54:00:12:34:56").unwrap();
+        assert!(c.offload);
+        assert_eq!(c.to_string(), "fd=3,mac=52:54:00:12:34:56");
     }
 
     #[test]
@@ -316,6 +344,16 @@ mod tests {
                 "fd=3,mac=02:00:00:00:00:01,mtu=9000".into(),
                 NetConfigError::UnknownField("mtu".into()),
                 "mtu",
+            ),
+            (
+                "fd=3,mac=02:00:00:00:00:01,offload=no".into(),
+                NetConfigError::Offload("no".into()),
+                "on or off",
+            ),
+            (
+                "fd=3,offload=off,offload=on,mac=02:00:00:00:00:01".into(),
+                NetConfigError::Duplicate("offload"),
+                "offload given twice",
             ),
             (
                 "fd=3,mac".into(),

@@ -2,7 +2,9 @@
 //!
 //! Two queues of [`QUEUE_SIZE`]: rx (0) and tx (1); the configuration
 //! space is the MAC address (`VIRTIO_NET_F_MAC`). Offered features: see
-//! [`OFFERED_FEATURES`]. The checksum and TSO offloads go through to the
+//! [`OFFERED_FEATURES`], or [`NO_OFFLOAD_FEATURES`] for a device made
+//! with offloads off (`--net …,offload=off`: every frame is whole and
+//! checksummed on both sides). The checksum and TSO offloads go through to the
 //! tap: what the guest may *send* (`CSUM`, `HOST_TSO4/6`) the tap takes
 //! as the vnet header says; what it may *receive* (`GUEST_CSUM`,
 //! `GUEST_TSO4/6`) is what the tap is told it may hand over
@@ -93,6 +95,12 @@ pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
     | bit(VIRTIO_NET_F_HOST_TSO4)
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// What a device with offloads off offers: no checksum or TSO feature, so
+/// the guest sends and takes only whole, checksummed frames of at most the
+/// MTU, and the tap is never told it may hand over others.
+pub const NO_OFFLOAD_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_MRG_RXBUF);
 
 /// The tap offloads (`TUN_F_*`) that match the guest's receive features:
 /// partial checksums if it takes them, TSO frames only with those (the
@@ -360,6 +368,8 @@ impl DataPath {
 pub struct Net {
     mac: MacAddr,
     life: DeviceLifecycle,
+    /// [`OFFERED_FEATURES`] or [`NO_OFFLOAD_FEATURES`].
+    offered: u64,
     acked_features: u64,
     /// The offloads last set on the back end.
     offload: Option<u32>,
@@ -374,11 +384,26 @@ impl Net {
     pub fn open(config: &NetConfig) -> Result<Net, TapError> {
         let tap = Tap::open(&config.backend)?;
         let label = format!("{} (tap {})", config, tap.name());
-        Net::with_backend(label, config.mac, Box::new(tap)).map_err(|source| TapError::Setup {
-            what: config.to_string(),
-            step: "creating the device's eventfds",
-            source,
+        let net = Net::with_backend(label, config.mac, Box::new(tap)).map_err(|source| {
+            TapError::Setup {
+                what: config.to_string(),
+                step: "creating the device's eventfds",
+                source,
+            }
+        })?;
+        Ok(if config.offload {
+            net
+        } else {
+            net.without_offloads()
         })
+    }
+
+    /// The same device offering no checksum or TSO offloads
+    /// ([`NO_OFFLOAD_FEATURES`]); before the driver has seen it.
+    pub fn without_offloads(mut self) -> Net {
+        self.offered = NO_OFFLOAD_FEATURES;
+        self.acked_features &= NO_OFFLOAD_FEATURES;
+        self
     }
 
     /// A device on any back end (a tap, or a socket in tests); `label`
@@ -387,6 +412,7 @@ impl Net {
         Ok(Net {
             mac,
             life: DeviceLifecycle::new("virtio-net", NUM_QUEUES)?,
+            offered: OFFERED_FEATURES,
             acked_features: 0,
             offload: None,
             interest: None,
@@ -517,13 +543,13 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        OFFERED_FEATURES
+        self.offered
     }
 
     fn set_acked_features(&mut self, features: u64) {
         // Applied to the back end in the event loop (the vCPU thread that
         // calls this may not make tap ioctls).
-        self.acked_features = features & OFFERED_FEATURES;
+        self.acked_features = features & self.offered;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

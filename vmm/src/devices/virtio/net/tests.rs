@@ -488,6 +488,36 @@ fn the_tap_offloads_follow_the_negotiated_features() {
 }
 
 #[test]
+fn a_device_without_offloads_offers_none_and_never_sets_them() {
+    let mem = mem();
+    let (net, host) = device();
+    let net = net.without_offloads();
+    assert_eq!(net.avail_features(), NO_OFFLOAD_FEATURES);
+    for feature in [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+    ] {
+        assert_eq!(net.avail_features() & bit(feature), 0, "feature {feature}");
+    }
+    assert_ne!(net.avail_features() & bit(VIRTIO_NET_F_MRG_RXBUF), 0);
+    let (rx, tx) = (Driver::new(&mem, RX_RING), Driver::new(&mem, TX_RING));
+    let (net, mut events) = in_loop(net);
+    // A driver acking what it was not offered gets none of it.
+    activate(&mut net.lock().unwrap(), &mem, &rx, &tx, OFFERED_FEATURES);
+    assert_eq!(net.lock().unwrap().acked_features(), NO_OFFLOAD_FEATURES);
+    quiet(&mut events);
+    assert!(
+        host.offloads.lock().unwrap().iter().all(|&f| f == 0),
+        "{:?}",
+        host.offloads.lock().unwrap()
+    );
+}
+
+#[test]
 fn the_config_space_is_the_mac() {
     let (net, _host) = device();
     let mut mac = [0u8; 6];

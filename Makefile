@@ -141,7 +141,8 @@ boot-demo: all
 # then containerd's isola shim against its runc shim (`ctr run --rm` wall
 # time, host PSS of an idle container), then CRI pods with handler isola
 # against runc (pod start, 10 pods at once against one, host PSS of an
-# idle pod).
+# idle pod, network throughput host ↔ pod with virtio-net offloads on and
+# off and runc).
 bench: all busybox-rootfs busybox-image pause-image
 	tests/kvm-host/setup-e2e
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)

@@ -19,13 +19,24 @@
 //!   container, from the pod's cgroup). Then the CPU those processes use
 //!   over 10 s of idling, in millicores. The isola figures are what the
 //!   RuntimeClass's `overhead.podFixed` is set from
-//!   (configs/k8s/runtimeclass.yaml).
+//!   (configs/k8s/runtimeclass.yaml);
+//! - pod network throughput, both ways between the KVM host (on the CNI
+//!   bridge's address) and a pod (busybox `nc`): [`NET_BYTES`] sent and
+//!   timed from connect until the pod's byte count comes back (host →
+//!   pod) or from the first byte to EOF (pod → host), counted on arrival; for an isola pod with its
+//!   virtio-net checksum/TSO offloads (the default), one without them
+//!   (`io.isola.config.net_offloads: "false"`, checked in the guest's
+//!   negotiated features) and a runc pod, interleaved.
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use isola_e2e::pods::{manifest, Pods, BUSYBOX, ISOLA};
+use anyhow::{bail, ensure, Context, Result};
+use isola_e2e::pods::{
+    annotate, manifest, Pods, BUSYBOX, ISOLA, NO_OFFLOADS, OFFLOAD_FEATURE_BITS, POD_DEADLINE,
+};
 use isola_e2e::procstat::cpu_time;
 use isola_e2e::pss::{proc, program, settle, Proc, Pss, CONTAINER, SHIM, VIRTIOFSD, VMM};
 use isola_e2e::{median, require_kvm_host};
@@ -34,6 +45,12 @@ use isola_e2e::{median, require_kvm_host};
 const PARALLEL: usize = 10;
 /// How long an idle pod's CPU use is measured.
 const CPU_WINDOW: Duration = Duration::from_secs(10);
+/// Bytes sent each way in a throughput run.
+const NET_BYTES: u64 = 32 << 20;
+/// The KVM host's address on the test CNI bridge (the pods' gateway).
+const BRIDGE_IP: &str = "198.18.0.1";
+/// The port a pod listens on for the host → pod run.
+const POD_PORT: u16 = 5001;
 
 fn main() {
     if let Err(err) = run() {
@@ -67,6 +84,26 @@ fn run() -> Result<()> {
     println!(
         "bench-pods: {runs} runs each, interleaved (after one warm-up of each); {host} KVM host"
     );
+
+    // Network throughput, first (it needs no warm-up).
+    let kinds = [Net::Offloads, Net::NoOffloads, Net::Runc];
+    let mut tput: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); kinds.len()];
+    for i in 1..=runs {
+        for (k, kind) in kinds.iter().enumerate() {
+            let (to_pod, from_pod) =
+                throughput(p, &format!("bench-net-{}-{i}", kind.slug()), *kind)?;
+            println!(
+                "run {i}: network {:<22} host → pod {to_pod:>7.1} MiB/s   pod → host {from_pod:>7.1} MiB/s",
+                kind.label()
+            );
+            tput[k].0.push(to_pod);
+            tput[k].1.push(from_pod);
+        }
+    }
+    let tput: Vec<(f64, f64)> = tput
+        .into_iter()
+        .map(|(a, b)| (median(a), median(b)))
+        .collect();
 
     // (a) pod start.
     for class in [ISOLA, ""] {
@@ -122,7 +159,8 @@ fn run() -> Result<()> {
     println!("|----------------------------------------|-----------|-----------|");
     println!("| pod start to running (ms)              | {si:>9.0} | {sr:>9.0} |");
     println!(
-        "| {PARALLEL} pods at once, all running (ms)    | {tp:>9.0} | {:>9} |",
+        "| {:<38} | {tp:>9.0} | {:>9} |",
+        format!("{PARALLEL} pods at once, all running (ms)"),
         "-"
     );
     println!(
@@ -147,6 +185,18 @@ fn run() -> Result<()> {
     );
     println!("| idle pod PSS: total (MiB)              | {pi:>9.1} | {pr:>9.1} |");
     println!("| idle pod CPU (millicores)              | {mi:>9.1} | {mr:>9.1} |");
+    println!();
+    println!(
+        "| {:<38} | host → pod | pod → host |",
+        format!("network, MiB/s, median of {runs}")
+    );
+    println!("|----------------------------------------|------------|------------|");
+    for (kind, (to_pod, from_pod)) in kinds.iter().zip(&tput) {
+        println!(
+            "| {:<38} | {to_pod:>10.1} | {from_pod:>10.1} |",
+            kind.label()
+        );
+    }
     println!("pod start ratio isola/runc = {:.2}", si / sr);
     println!(
         "{PARALLEL} pods at once / 1 pod = {:.2} (1.0: perfectly parallel; {PARALLEL}.0: serial)",
@@ -155,7 +205,189 @@ fn run() -> Result<()> {
     println!(
         "idle pod isola = {pi:.1} MiB PSS, {mi:.1} millicores (the RuntimeClass overhead); runc = {pr:.1} MiB, {mr:.1} millicores"
     );
+    let ((on_in, on_out), (off_in, off_out), (runc_in, runc_out)) = (tput[0], tput[1], tput[2]);
+    println!(
+        "virtio-net offloads on/off throughput = {:.2} host → pod, {:.2} pod → host",
+        on_in / off_in,
+        on_out / off_out
+    );
+    println!(
+        "network isola (offloads)/runc = {:.2} host → pod, {:.2} pod → host",
+        on_in / runc_in,
+        on_out / runc_out
+    );
     Ok(())
+}
+
+/// The pods of the throughput runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    /// isola, virtio-net with checksum and TSO offloads (the default).
+    Offloads,
+    /// isola with `io.isola.config.net_offloads: "false"`.
+    NoOffloads,
+    Runc,
+}
+
+impl Net {
+    fn label(self) -> &'static str {
+        match self {
+            Net::Offloads => "isola, offloads on",
+            Net::NoOffloads => "isola, offloads off",
+            Net::Runc => "runc",
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Net::Offloads => "on",
+            Net::NoOffloads => "off",
+            Net::Runc => "runc",
+        }
+    }
+}
+
+fn mib_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+}
+
+/// A pod of `kind` measured both ways (see the module's comment): MiB/s
+/// host → pod, pod → host. The pod is deleted afterwards.
+fn throughput(p: &Pods, name: &str, kind: Net) -> Result<(f64, f64)> {
+    let yaml = pod(name, if kind == Net::Runc { "" } else { ISOLA });
+    let yaml = if kind == Net::NoOffloads {
+        annotate(&yaml, NO_OFFLOADS)
+    } else {
+        yaml
+    };
+    let id = p.apply(&yaml)?;
+    let measured = (|| -> Result<(f64, f64)> {
+        if kind != Net::Runc {
+            let got = p.guest_offloads(name, "app")?;
+            let want: &[usize] = if kind == Net::Offloads {
+                &OFFLOAD_FEATURE_BITS
+            } else {
+                &[]
+            };
+            ensure!(
+                got == want,
+                "pod {name}: negotiated offload bits {got:?}, not {want:?}"
+            );
+        }
+        let ip = p.status(name)?["ip"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        ensure!(!ip.is_empty(), "pod {name} has no IP");
+        Ok((host_to_pod(p, name, &ip)?, pod_to_host(p, name)?))
+    })()
+    .with_context(|| format!("network throughput of pod {name} ({})", kind.label()));
+    let removed = p.delete(name, &id, Some(1));
+    let measured = measured?;
+    removed.with_context(|| format!("removing pod {name}"))?;
+    Ok(measured)
+}
+
+/// [`NET_BYTES`] from the host to `nc -l … -e wc -c` in the pod, timed
+/// from connect until the pod's count comes back (wc answers at EOF).
+fn host_to_pod(p: &Pods, name: &str, ip: &str) -> Result<f64> {
+    std::thread::scope(|s| {
+        let server = s.spawn(|| p.sh(name, "app", &format!("nc -l -p {POD_PORT} -e wc -c")));
+        let deadline = Instant::now() + POD_DEADLINE;
+        let (mut conn, start) = loop {
+            let start = Instant::now();
+            match TcpStream::connect((ip, POD_PORT)) {
+                Ok(conn) => break (conn, start),
+                // Refused until nc listens.
+                Err(_) if Instant::now() < deadline && !server.is_finished() => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(err) => bail!("connecting to {ip}:{POD_PORT} in pod {name}: {err}"),
+            }
+        };
+        conn.set_read_timeout(Some(POD_DEADLINE))?;
+        let chunk = vec![0x5au8; 1 << 16];
+        let mut left = NET_BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            conn.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        conn.shutdown(Shutdown::Write)?;
+        let mut counted = String::new();
+        conn.take(64).read_to_string(&mut counted)?;
+        let took = start.elapsed();
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the exec thread panicked"))??;
+        ensure!(
+            counted.trim() == NET_BYTES.to_string(),
+            "pod {name} received {counted:?} bytes, not {NET_BYTES}"
+        );
+        Ok(mib_per_s(NET_BYTES, took))
+    })
+}
+
+/// [`NET_BYTES`] from `dd` in the pod (`nc -e dd …`) to a listener of the host on the
+/// bridge, timed from the first byte to EOF.
+fn pod_to_host(p: &Pods, name: &str) -> Result<f64> {
+    let listener = TcpListener::bind((BRIDGE_IP, 0))
+        .with_context(|| format!("listening on {BRIDGE_IP} (the test CNI bridge)"))?;
+    let port = listener.local_addr()?.port();
+    std::thread::scope(|s| {
+        let blocks = NET_BYTES >> 16;
+        let client = s.spawn(move || {
+            p.sh(
+                name,
+                "app",
+                // dd writes to the socket itself: busybox nc would copy
+                // a pipe in 1 KiB writes.
+                &format!("nc {BRIDGE_IP} {port} -e dd if=/dev/zero bs=65536 count={blocks}"),
+            )
+        });
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + POD_DEADLINE;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if client.is_finished() || Instant::now() >= deadline {
+                        let out = client
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("the exec thread panicked"))?;
+                        bail!("pod {name} never connected to {BRIDGE_IP}:{port}: {out:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(POD_DEADLINE))?;
+        let mut buf = vec![0u8; 1 << 16];
+        // Timed from the first byte: the bytes of the first read are not
+        // counted in the rate.
+        let first = conn.read(&mut buf)? as u64;
+        let start = Instant::now();
+        let mut got = first;
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        let took = start.elapsed();
+        drop(conn);
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the exec thread panicked"))??;
+        ensure!(
+            got == NET_BYTES,
+            "the host received {got} bytes from pod {name}, not {NET_BYTES}"
+        );
+        Ok(mib_per_s(NET_BYTES - first, took))
+    })
 }
 
 /// Applies pod `name` and deletes it; the apply's wall time.

@@ -582,7 +582,9 @@ const F_NET_HANGS_UP: u8 = 4;
 /// ```
 ///
 /// Features: bit 0 of flags takes every offered feature, bit 1
-/// MRG_RXBUF alone; the rest pick them bit by bit from the flags byte.
+/// MRG_RXBUF alone, both bits a device without offloads whose driver
+/// acks every feature the default device offers; the rest pick them bit
+/// by bit from the flags byte.
 pub fn net_device(data: &[u8]) {
     let mut input = Input(data);
     let flags = input.u8();
@@ -601,7 +603,7 @@ pub fn net_device(data: &[u8]) {
         .collect();
     let features = VIRTIO_F_VERSION_1
         | match flags & 3 {
-            1 => OFFERED_FEATURES,
+            1 | 3 => OFFERED_FEATURES,
             2 => 1 << 15, // VIRTIO_NET_F_MRG_RXBUF
             _ => OFFERED_FEATURES & u64::from(flags & 0xf0) << 8,
         };
@@ -616,9 +618,12 @@ pub fn net_device(data: &[u8]) {
         return;
     };
     let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
-    let Ok(net) = Net::with_backend("fuzz".into(), mac, Box::new(SocketTap(ours))) else {
+    let Ok(mut net) = Net::with_backend("fuzz".into(), mac, Box::new(SocketTap(ours))) else {
         return;
     };
+    if flags & 3 == 3 {
+        net = net.without_offloads();
+    }
     let Some(mut rig) = Rig::new(net, &mem) else {
         return;
     };

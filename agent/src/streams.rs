@@ -6,7 +6,11 @@
 //! by id. One that no RPC claims within [`UNCLAIMED_TIMEOUT`] is closed.
 //! At most [`MAX_PENDING`] streams wait to be claimed; a duplicate id or
 //! one past the limit is answered `error ...` and closed. A `log` stream
-//! gets the agent's log (`logstream`).
+//! gets the agent's log (`logstream`). A `port <n>` stream is a TCP
+//! connection the agent makes to `127.0.0.1:<n>` in the sandbox's network
+//! namespace (from a short-lived thread that enters it) before it answers;
+//! the two are then joined both ways (at most [`MAX_FORWARDS`] at once,
+//! each with two fixed buffers), and each side's EOF is passed on.
 //!
 //! The copies between a process and its streams use one fixed buffer each
 //! ([`COPY_BUFFER`]): a host that reads slowly fills the pipe and blocks
@@ -15,6 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +40,12 @@ const MAX_HANDSHAKES: usize = 64;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The copy buffer of each direction of each stream.
 pub const COPY_BUFFER: usize = 32 * 1024;
+/// Port streams joined at once, at most; more are refused.
+pub const MAX_FORWARDS: usize = 256;
+/// Time a port stream's TCP connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Port streams joined now.
+static FORWARDS: AtomicUsize = AtomicUsize::new(0);
 
 /// Why a stream was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,7 +181,7 @@ pub fn listen(registry: Arc<Registry<Stream>>) -> anyhow::Result<()> {
             let registry = registry.clone();
             let handshakes = handshakes.clone();
             tokio::spawn(async move {
-                handshake(conn, &registry).await;
+                handshake(conn, &registry, Path::new(crate::sandbox::NETNS)).await;
                 handshakes.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -195,8 +206,9 @@ fn spawn_sweeper(registry_sweep: Arc<Registry<Stream>>) {
     });
 }
 
-/// Reads a connection's header and registers or refuses it.
-pub async fn handshake<S>(mut conn: S, registry: &Registry<S>)
+/// Reads a connection's header and registers, connects or refuses it;
+/// `netns` is the sandbox's network namespace (for port streams).
+pub async fn handshake<S>(mut conn: S, registry: &Registry<S>, netns: &Path)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -233,9 +245,83 @@ where
                 crate::logstream::sink().attach(conn);
             }
         }
+        Ok(StreamKind::Port(port)) => {
+            if FORWARDS.fetch_add(1, Ordering::SeqCst) >= MAX_FORWARDS {
+                FORWARDS.fetch_sub(1, Ordering::SeqCst);
+                let _ = refuse(
+                    &mut conn,
+                    &format!("too many port streams ({MAX_FORWARDS})"),
+                )
+                .await;
+                return;
+            }
+            match connect_in(netns, port).await {
+                Ok(tcp) => {
+                    if conn.write_all(Answer::Ok.line().as_bytes()).await.is_ok() {
+                        tracing::debug!(port, "port stream connected");
+                        tokio::spawn(async move {
+                            join(conn, tcp, port).await;
+                            FORWARDS.fetch_sub(1, Ordering::SeqCst);
+                        });
+                        return;
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(port, error = %err, "port stream refused");
+                    let _ = refuse(&mut conn, &err).await;
+                }
+            }
+            FORWARDS.fetch_sub(1, Ordering::SeqCst);
+        }
         Err(err) => {
             let _ = refuse(&mut conn, &err.to_string()).await;
         }
+    }
+}
+
+/// A TCP connection to `127.0.0.1:port` in the network namespace at
+/// `netns`, made from a thread of its own that enters it (the namespace
+/// of a socket is the one it was made in).
+async fn connect_in(netns: &Path, port: u16) -> Result<tokio::net::TcpStream, String> {
+    let netns = netns.to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("port-connect".into())
+        .spawn(move || {
+            let connected = (|| -> Result<std::net::TcpStream, String> {
+                let ns = std::fs::File::open(&netns)
+                    .map_err(|e| format!("the sandbox has no network namespace: {e}"))?;
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("entering the sandbox's network namespace: {e}"))?;
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                let tcp = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+                    .map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?;
+                tcp.set_nonblocking(true)
+                    .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+                Ok(tcp)
+            })();
+            let _ = tx.send(connected);
+        })
+        .map_err(|e| format!("starting a connect thread: {e}"))?;
+    let tcp = rx
+        .await
+        .map_err(|_| "the connect thread ended".to_string())??;
+    tokio::net::TcpStream::from_std(tcp).map_err(|e| format!("127.0.0.1:{port}: {e}"))
+}
+
+/// Copies between a port stream and its TCP connection both ways until
+/// both directions ended (each EOF is passed on as a write shutdown).
+async fn join<S>(mut stream: S, mut tcp: tokio::net::TcpStream, port: u16)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUFFER, COPY_BUFFER)
+        .await
+    {
+        Ok((to_guest, to_host)) => {
+            tracing::debug!(port, to_guest, to_host, "port stream ended");
+        }
+        Err(err) => tracing::debug!(port, %err, "port stream ended"),
     }
 }
 
@@ -439,7 +525,7 @@ mod tests {
         host.write_all(StreamKind::Stdio(5).header().as_bytes())
             .await
             .expect("header");
-        handshake(agent, &registry).await;
+        handshake(agent, &registry, Path::new("/nonexistent")).await;
         assert_eq!(answer_of(host).await, "ok\n");
         assert!(registry.contains(5));
 
@@ -447,15 +533,76 @@ mod tests {
         host.write_all(StreamKind::Stdio(5).header().as_bytes())
             .await
             .expect("header");
-        handshake(agent, &registry).await;
+        handshake(agent, &registry, Path::new("/nonexistent")).await;
         assert_eq!(answer_of(host).await, "error stream 5 is already open\n");
 
         let (mut host, agent) = UnixStream::pair().expect("pair");
         host.write_all(b"GET / HTTP/1.0\n").await.expect("header");
-        handshake(agent, &registry).await;
+        handshake(agent, &registry, Path::new("/nonexistent")).await;
         assert!(answer_of(host)
             .await
             .starts_with("error not an isola stream header"));
+    }
+
+    #[tokio::test]
+    async fn a_port_stream_joins_a_tcp_connection_in_the_namespace() {
+        let registry: Registry<UnixStream> = Registry::new(8, UNCLAIMED_TIMEOUT);
+        // No namespace: refused, saying so.
+        let (mut host, agent) = UnixStream::pair().expect("pair");
+        host.write_all(StreamKind::Port(80).header().as_bytes())
+            .await
+            .expect("header");
+        handshake(agent, &registry, Path::new("/nonexistent")).await;
+        let answer = answer_of(host).await;
+        assert!(
+            answer.starts_with("error the sandbox has no network namespace"),
+            "{answer}"
+        );
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped the rest: entering a network namespace needs root");
+            return;
+        }
+        let own = Path::new("/proc/self/ns/net");
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = server.local_addr().expect("addr").port();
+        // Nothing listens on the port after ours: refused with the reason.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let (mut host, agent) = UnixStream::pair().expect("pair");
+        host.write_all(StreamKind::Port(closed).header().as_bytes())
+            .await
+            .expect("header");
+        handshake(agent, &registry, own).await;
+        let answer = answer_of(host).await;
+        assert!(
+            answer.starts_with(&format!("error connecting to 127.0.0.1:{closed}")),
+            "{answer}"
+        );
+
+        let (mut host, agent) = UnixStream::pair().expect("pair");
+        host.write_all(StreamKind::Port(port).header().as_bytes())
+            .await
+            .expect("header");
+        handshake(agent, &registry, own).await;
+        let (mut peer, _) = server.accept().await.expect("accept");
+        let mut answer = [0u8; 3];
+        host.read_exact(&mut answer).await.expect("answer");
+        assert_eq!(&answer, b"ok\n");
+        // Bytes both ways, and EOF passed on each way.
+        host.write_all(b"ping").await.expect("write");
+        host.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"ping");
+        peer.write_all(b"pong").await.expect("write");
+        drop(peer);
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"pong");
     }
 
     #[tokio::test]

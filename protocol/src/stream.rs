@@ -21,6 +21,11 @@
 //!   from the agent to the host. One log stream at a time: a new one
 //!   replaces the old. Lines the host is too slow to take are dropped and
 //!   counted, never allowed to block the agent.
+//! - `isola-stream 1 port <port>\n`: a TCP connection to `127.0.0.1:<port>`
+//!   (1 to 65535, decimal) in the sandbox's network namespace, made by the
+//!   agent before it answers; after `ok` the stream carries that
+//!   connection's bytes both ways, and each side's EOF is passed on. This
+//!   is the guest's end of CRI PortForward (`kubectl port-forward`).
 
 use std::fmt;
 
@@ -41,6 +46,8 @@ pub enum StreamKind {
     Stdio(u64),
     /// The agent's log.
     Log,
+    /// A connection to this TCP port on the sandbox's localhost (non-zero).
+    Port(u16),
 }
 
 impl StreamKind {
@@ -49,6 +56,7 @@ impl StreamKind {
         match self {
             StreamKind::Stdio(id) => format!("{MAGIC} {VERSION} stdio {id}\n"),
             StreamKind::Log => format!("{MAGIC} {VERSION} log\n"),
+            StreamKind::Port(port) => format!("{MAGIC} {VERSION} port {port}\n"),
         }
     }
 }
@@ -68,6 +76,8 @@ pub enum LineError {
     Version(String),
     #[error("stream id {0:?} is not a non-zero 64-bit number")]
     BadId(String),
+    #[error("port {0:?} is not a TCP port from 1 to 65535")]
+    BadPort(String),
     #[error("unknown stream kind {0:?}")]
     Kind(String),
     #[error("the agent refused the stream: {0}")]
@@ -103,16 +113,21 @@ pub fn parse_header(line: &[u8]) -> Result<StreamKind, LineError> {
         Some(other) => return Err(LineError::Version(other.to_string())),
         None => return Err(LineError::NotHeader(text.to_string())),
     }
+    // Decimal digits only, one spelling per number: no sign, no leading
+    // zero; zero itself is refused.
+    fn number<T: std::str::FromStr + PartialEq + Default>(word: &str) -> Option<T> {
+        if word.bytes().all(|b| b.is_ascii_digit()) && !word.starts_with('0') {
+            word.parse::<T>().ok().filter(|n| *n != T::default())
+        } else {
+            None
+        }
+    }
     let kind = match (words.next(), words.next()) {
         (Some("stdio"), Some(id)) => {
-            // Decimal digits only, one spelling per number: no sign, no
-            // leading zero.
-            let parsed = if id.bytes().all(|b| b.is_ascii_digit()) && !id.starts_with('0') {
-                id.parse::<u64>().ok().filter(|&n| n != 0)
-            } else {
-                None
-            };
-            StreamKind::Stdio(parsed.ok_or_else(|| LineError::BadId(id.to_string()))?)
+            StreamKind::Stdio(number(id).ok_or_else(|| LineError::BadId(id.to_string()))?)
+        }
+        (Some("port"), Some(port)) => {
+            StreamKind::Port(number(port).ok_or_else(|| LineError::BadPort(port.to_string()))?)
         }
         (Some("log"), None) => StreamKind::Log,
         (Some(kind), _) => return Err(LineError::Kind(kind.to_string())),
@@ -202,6 +217,7 @@ impl fmt::Display for StreamKind {
         match self {
             StreamKind::Stdio(id) => write!(f, "stdio stream {id}"),
             StreamKind::Log => f.write_str("log stream"),
+            StreamKind::Port(port) => write!(f, "port stream to {port}"),
         }
     }
 }
@@ -256,6 +272,9 @@ mod tests {
             StreamKind::Stdio(1),
             StreamKind::Stdio(u64::MAX),
             StreamKind::Log,
+            StreamKind::Port(1),
+            StreamKind::Port(8080),
+            StreamKind::Port(u16::MAX),
         ] {
             let header = kind.header();
             assert!(header.len() <= MAX_LINE, "{header:?}");
@@ -275,6 +294,23 @@ mod tests {
                 LineError::BadId("18446744073709551616".into()),
             ),
             (b"isola-stream 2 log\n", LineError::Version("2".into())),
+            (b"isola-stream 1 port 0\n", LineError::BadPort("0".into())),
+            (
+                b"isola-stream 1 port 65536\n",
+                LineError::BadPort("65536".into()),
+            ),
+            (
+                b"isola-stream 1 port 080\n",
+                LineError::BadPort("080".into()),
+            ),
+            (
+                b"isola-stream 1 port http\n",
+                LineError::BadPort("http".into()),
+            ),
+            (
+                b"isola-stream 1 port 80 81\n",
+                LineError::NotHeader("isola-stream 1 port 80 81".into()),
+            ),
             (b"isola-stream 1 tty 3\n", LineError::Kind("tty".into())),
             (b"isola-stream 1 log extra\n", LineError::Kind("log".into())),
             (

@@ -13,6 +13,7 @@ pub mod child;
 pub mod config;
 pub mod error;
 pub mod network;
+pub mod portfwd;
 pub mod rootfs;
 mod sandbox;
 pub mod share;

@@ -28,6 +28,10 @@
 //! killed before either leaves them, harmlessly redirecting to a tap that
 //! is gone, until CNI deletes the veth.
 //!
+//! The same visit adds what `kubectl port-forward` needs (a listener on
+//! the namespace's 127.0.0.1 and a nat redirect onto it, [`crate::portfwd`]);
+//! the teardown removes the redirect with the qdiscs.
+//!
 //! The caller's threads never change namespace: each visit of the pod
 //! netns is a thread that `setns()`s into it, runs a current-thread tokio
 //! runtime for rtnetlink, and exits. [`PodNetwork`] keeps a descriptor of
@@ -206,6 +210,10 @@ pub struct PodNetwork {
     taps: Vec<OwnedFd>,
     /// (index, name) of each veth with our ingress qdisc.
     qdiscs: Vec<(u32, String)>,
+    /// The port-forward listener in the namespace, until taken.
+    forward: Option<std::net::TcpListener>,
+    /// The port of the port-forward nat redirect, while it is there.
+    redirect: Option<u16>,
 }
 
 impl PodNetwork {
@@ -226,6 +234,13 @@ impl PodNetwork {
             .zip(&self.interfaces)
             .map(|(fd, i)| (fd.as_raw_fd(), i.mac))
             .collect()
+    }
+
+    /// The listener on the namespace's 127.0.0.1 that its nat redirect
+    /// sends every TCP connection to (for [`crate::portfwd::spawn`]);
+    /// `None` once taken, or if it could not be set up.
+    pub fn take_forward_listener(&mut self) -> Option<std::net::TcpListener> {
+        self.forward.take()
     }
 
     /// Closes the host's tap descriptors: once isola-vmm has inherited
@@ -274,25 +289,34 @@ impl PodNetwork {
     }
 
     /// Removes the ingress qdiscs added on the veths (and so their
-    /// filters) and closes the taps. A veth that is gone (CNI deleted
-    /// it, or its namespace) is not an error.
+    /// filters) and the port-forward redirect, and closes the taps and the
+    /// listener. A veth that is gone (CNI deleted it, or its namespace) is
+    /// not an error.
     pub fn teardown(mut self) -> Result<(), NetworkError> {
         self.teardown_inner()
     }
 
     fn teardown_inner(&mut self) -> Result<(), NetworkError> {
         self.taps.clear();
+        self.forward = None;
         let qdiscs = std::mem::take(&mut self.qdiscs);
+        let redirect = self.redirect.take();
         let Some(netns) = self.netns.take() else {
             return Ok(());
         };
-        if qdiscs.is_empty() {
+        if qdiscs.is_empty() && redirect.is_none() {
             return Ok(());
         }
         let path = self.netns_path.clone();
         let owned = path.clone();
         in_netns(&path, netns, move |handle| async move {
-            let errors = remove_qdiscs(&At::netns(&owned), &handle, &qdiscs).await;
+            let at = At::netns(&owned);
+            let mut errors = remove_qdiscs(&at, &handle, &qdiscs).await;
+            if let Some(port) = redirect {
+                if let Err(e) = crate::portfwd::remove_redirect(port) {
+                    errors.push(at.err("removing the port-forward redirect", e));
+                }
+            }
             match errors.into_iter().next() {
                 Some(e) => Err(e),
                 None => Ok(()),
@@ -355,15 +379,30 @@ pub fn discover_and_plumb(netns: &Path) -> Result<PodNetwork, NetworkError> {
         .try_clone()
         .map_err(|e| At::netns(netns).err("duplicating the descriptor", e))?;
     let path = netns.to_path_buf();
-    let (interfaces, taps, qdiscs) = in_netns(netns, fd, move |handle| async move {
-        plumb(&path, &handle).await
+    let ((interfaces, taps, qdiscs), forward) = in_netns(netns, fd, move |handle| async move {
+        let plumbed = plumb(&path, &handle).await?;
+        // Without it the pod still runs, only `kubectl port-forward`
+        // does not reach it.
+        let forward = crate::portfwd::listen_and_redirect()
+            .map_err(|e| {
+                tracing::warn!(netns = %path.display(), error = %e,
+                    "no port forwarding into this pod (kubectl port-forward)");
+            })
+            .ok();
+        Ok((plumbed, forward))
     })?;
+    let redirect = forward
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port());
     Ok(PodNetwork {
         netns_path: netns.to_path_buf(),
         netns: Some(keep),
         interfaces,
         taps,
         qdiscs,
+        forward,
+        redirect,
     })
 }
 
@@ -814,6 +853,8 @@ mod tests {
             interfaces: vec![interface],
             taps: Vec::new(),
             qdiscs: Vec::new(),
+            forward: None,
+            redirect: None,
         };
         let req = network.setup_request();
         let plan = isola_protocol::network::check_request(&req).expect("the guest accepts it");

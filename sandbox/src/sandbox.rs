@@ -22,6 +22,7 @@ use tokio::task::AbortHandle;
 use crate::child::{self, first_death, BoundedLines, Death, Supervised};
 use crate::error::{Error, ErrorKind, Result};
 use crate::network::{self, PodNetwork};
+use crate::portfwd;
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::spec::{self, Volume};
 use crate::stdio::{self, OutputReader, ProcessIo, StdioRequest, WindowSize};
@@ -650,6 +651,18 @@ impl Sandbox {
             .map_err(|e| Error::agent(&id, "CreateSandbox", e))?;
         tracing::info!(sandbox = %id, kernel = %created.kernel_release, dir = %layout.dir().display(), "sandbox started");
         drop(children);
+        // kubectl port-forward: served while the sandbox lives.
+        let forward = resources
+            .network
+            .get_mut()
+            .ok()
+            .and_then(|net| net.as_mut().and_then(PodNetwork::take_forward_listener));
+        if let Some(listener) = forward {
+            match portfwd::spawn(listener, vsock.clone(), id.clone()) {
+                Ok(task) => tasks.push(task),
+                Err(err) => tracing::warn!(sandbox = %id, %err, "no port forwarding into this pod"),
+            }
+        }
 
         Ok(Sandbox::assemble(
             config,

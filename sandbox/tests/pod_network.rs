@@ -1,7 +1,8 @@
 //! Pod networking's host side for real (needs root, `ip` and `tc`): a
 //! network namespace with a veth as CNI's bridge plugin makes it, then
 //! `discover_and_plumb`: the description, the tap, the ingress qdiscs
-//! and redirect filters; then the teardown (and a drop) leave nothing.
+//! and redirect filters, the port-forward listener and its nat redirect
+//! (needs `iptables`); then the teardown (and a drop) leave nothing.
 //! Fails, never skips, without root.
 
 use std::net::IpAddr;
@@ -169,6 +170,45 @@ fn check_plumbed(ns: &Netns, net: &PodNetwork) {
         "the tap must not be persistent: {tap}"
     );
     assert_eq!(net.taps().len(), 1);
+    assert!(
+        redirect_rules(ns).iter().any(|r| r.contains("-j REDIRECT")),
+        "no port-forward redirect: {:?}",
+        redirect_rules(ns)
+    );
+}
+
+/// The nat OUTPUT rules of the namespace that redirect to 127.0.0.1.
+fn redirect_rules(ns: &Netns) -> Vec<String> {
+    let (ok, rules) = in_ns(
+        &ns.0,
+        &["iptables", "-w", "10", "-t", "nat", "-S", "OUTPUT"],
+    );
+    assert!(ok, "{rules}");
+    rules
+        .lines()
+        .filter(|l| l.contains("127.0.0.1/32") && l.contains("REDIRECT"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A connection made in the namespace to 127.0.0.1:`port` reaches the
+/// port-forward listener, which sees `port` as its original destination.
+fn check_redirect(ns: &Netns, net: &mut PodNetwork) {
+    let listener = net
+        .take_forward_listener()
+        .expect("a port-forward listener");
+    listener.set_nonblocking(false).expect("blocking");
+    let path = ns.path();
+    let dialer = std::thread::spawn(move || {
+        let netns = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        std::net::TcpStream::connect(("127.0.0.1", 4242)).expect("connect to 127.0.0.1:4242")
+    });
+    let (conn, _) = listener.accept().expect("accept");
+    let dst = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::OriginalDst)
+        .expect("SO_ORIGINAL_DST");
+    assert_eq!(u16::from_be(dst.sin_port), 4242);
+    drop(dialer.join().expect("dialer"));
 }
 
 /// Whether `check` holds within a few seconds: a tap closed here lives on
@@ -195,12 +235,17 @@ fn check_clean(ns: &Netns) {
     assert!(!qdiscs.contains("ingress"), "ingress qdisc left: {qdiscs}");
     let (_, filters) = in_ns(&ns.0, &["tc", "filter", "show", "dev", "eth0", "ingress"]);
     assert!(!filters.contains("mirred"), "filter left: {filters}");
+    assert!(
+        redirect_rules(ns).is_empty(),
+        "port-forward redirect left: {:?}",
+        redirect_rules(ns)
+    );
 }
 
 #[test]
 fn plumbs_describes_and_tears_down() {
     let (ns, _host) = pod("a");
-    let net = discover_and_plumb(&ns.path()).unwrap_or_else(|e| panic!("{e}"));
+    let mut net = discover_and_plumb(&ns.path()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(net.interfaces().len(), 1, "{:?}", net.interfaces());
     let eth0 = &net.interfaces()[0];
     assert_eq!(eth0.name, "eth0");
@@ -248,6 +293,7 @@ fn plumbs_describes_and_tears_down() {
     assert_eq!(eth0.neighbours[0].ip, ip("10.244.1.1"));
     assert_eq!(eth0.neighbours[0].mac.to_string(), "ee:ee:ee:ee:ee:ee");
     check_plumbed(&ns, &net);
+    check_redirect(&ns, &mut net);
 
     // What the guest is asked for passes the guest's checks.
     let plan = isola_protocol::network::check_request(&net.setup_request()).expect("valid");
@@ -255,7 +301,7 @@ fn plumbs_describes_and_tears_down() {
     assert_eq!(plan.routes.len(), 2);
 
     // A second plumbing of the same pod fails on its own tap name, and
-    // leaves the first one as it was.
+    // leaves the first one as it was (its redirect included).
     let err = discover_and_plumb(&ns.path()).expect_err("tap0_isola is taken");
     assert!(
         err.to_string()

@@ -310,6 +310,29 @@ impl Pods {
     }
 
     /// The network namespace paths CRI made (`/var/run/netns/cni-*`).
+    /// The network namespace of pod sandbox `id` (its OCI spec's, as
+    /// containerd's `ctr containers info` shows it).
+    pub fn netns_of(&self, id: &str) -> Result<PathBuf> {
+        let out = self
+            .containerd
+            .ctr(&["-n", "k8s.io", "containers", "info", id])?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            self.report("ctr containers info", &out)
+        );
+        let info: Value = serde_json::from_slice(&out.stdout).context("ctr containers info")?;
+        info["Spec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|nss| {
+                nss.iter()
+                    .find(|ns| ns["type"] == "network")
+                    .and_then(|ns| ns["path"].as_str())
+            })
+            .map(PathBuf::from)
+            .with_context(|| format!("sandbox {id} has no network namespace path"))
+    }
+
     pub fn netns_paths() -> Vec<PathBuf> {
         std::fs::read_dir(Path::new("/var/run/netns"))
             .map(|d| d.flatten().map(|e| e.path()).collect())

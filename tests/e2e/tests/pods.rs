@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use isola_e2e::containerd::{code, text};
 use isola_e2e::pods::*;
 use isola_e2e::require_kvm_host;
@@ -127,6 +127,28 @@ fn get_from(p: &Pods, from: &str, ip: &str) -> Result<String> {
     )
 }
 
+/// Connects to 127.0.0.1:`port` from inside the network namespace `netns`
+/// (as containerd's PortForward does), writes `request`, half-closes and
+/// returns everything read until EOF.
+fn dial_in_netns(netns: &std::path::Path, port: u16, request: &[u8]) -> Result<String> {
+    let netns = netns.to_path_buf();
+    let request = request.to_vec();
+    std::thread::spawn(move || -> Result<String> {
+        let ns = std::fs::File::open(&netns)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+        std::io::Write::write_all(&mut conn, &request)?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = Vec::new();
+        std::io::Read::read_to_end(&mut conn, &mut reply)?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the dialing thread panicked"))?
+    .with_context(|| format!("127.0.0.1:{port} in the pod's network namespace"))
+}
+
 /// The interfaces enslaved to the test bridge (the pods' host-side veths).
 fn bridge_ports() -> Result<Vec<String>> {
     let out = std::process::Command::new("ip")
@@ -209,6 +231,21 @@ fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
             "{from} ← {to}'s /big: md5 {got} ≠ {want}"
         );
     }
+    // kubectl port-forward: containerd's PortForward dials 127.0.0.1:PORT
+    // inside the pod's network namespace (pkg/cri/server/
+    // sandbox_portforward_linux.go); so does this. isola's redirect takes
+    // it to the guest; for runc the server is in that namespace anyway.
+    for (name, id) in [("net-a", &a), ("net-b", &b), ("net-c", &c)] {
+        let reply = dial_in_netns(&p.netns_of(id)?, 8080, b"GET / HTTP/1.0\r\n\r\n")?;
+        ensure!(
+            reply.contains(&format!("hello-from-{name}")),
+            "port-forward to {name}:8080: {reply:?}"
+        );
+    }
+    // A port nothing listens on in the guest: the connection just ends.
+    let reply = dial_in_netns(&p.netns_of(&a)?, 9, b"")?;
+    ensure!(reply.is_empty(), "port-forward to net-a:9: {reply:?}");
+
     // The hostPort, from the KVM host (portmap's DNAT on the gateway).
     let mut conn = std::net::TcpStream::connect(("198.18.0.1", 18080))?;
     conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
@@ -468,6 +505,9 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
             "  - name: {name}\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"{script}\"]\n    resources: {{limits: {{cpu: {cpu}, memory: {mem}}}}}\n"
         )
     };
+    // A Memory emptyDir that main and fail share: it lives as long as the
+    // pod, across fail's restart.
+    let scratch = "    volumeMounts: [{name: scratch, mountPath: /scratch}]\n";
     // 1.4 CPUs and 208 MiB in all: the VM gets 1 + 2 vCPUs and
     // 256 + 208 MiB on top of the config's defaults.
     let containers = [
@@ -476,14 +516,14 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
             "1000m",
             "128Mi",
             "trap '' TERM; echo main-up; while true; do sleep 1; done",
-        ),
+        ) + scratch,
         c("done", "100m", "16Mi", "echo done-line; exit 0"),
         c(
             "fail",
             "100m",
             "16Mi",
-            "cat /proc/sys/kernel/random/boot_id; exit 3",
-        ),
+            "cat /proc/sys/kernel/random/boot_id; echo ran >> /scratch/runs; exit 3",
+        ) + scratch,
         c("oom", "100m", "32Mi", "exec tail /dev/zero"),
         c(
             "lines",
@@ -496,7 +536,7 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
     let id = p.apply(&manifest(
         "life",
         ISOLA,
-        "  restartPolicy: OnFailure\n",
+        "  restartPolicy: OnFailure\n  volumes:\n  - name: scratch\n    emptyDir: {medium: Memory}\n",
         &containers,
     ))?;
 
@@ -568,6 +608,12 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
     ensure!(
         first == second && first == main_boot,
         "{first:?} {second:?} {main_boot:?}"
+    );
+    // What the first attempt wrote to the emptyDir is still there.
+    let runs = p.sh("life", "main", "cat /scratch/runs")?;
+    ensure!(
+        runs == "ran\nran\n",
+        "/scratch/runs after a restart: {runs:?}"
     );
     let out = p.pod(&["logs", "life", "-c", "fail", "--previous"], None)?;
     ensure!(

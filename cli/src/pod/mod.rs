@@ -7,6 +7,7 @@
 pub mod cri;
 pub mod logs;
 pub mod manifest;
+pub mod portforward;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -97,6 +98,14 @@ enum PodCommand {
         timeout: i64,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Forwards 127.0.0.1:LOCAL to the pod's PORT until interrupted, as
+    /// `kubectl port-forward` does (CRI PortForward; LOCAL 0: any free
+    /// port, printed).
+    PortForward {
+        name: String,
+        /// `[LOCAL:]PORT`.
+        ports: String,
     },
     /// Prints a container's CRI log: stdout lines on stdout, stderr lines
     /// on stderr.
@@ -198,6 +207,11 @@ async fn dispatch(args: PodArgs) -> Result<i32> {
             timeout,
             cmd,
         } => exec(&ctx, &name, container, timeout, cmd).await,
+        PodCommand::PortForward { name, ports } => {
+            let (local, port) = portforward::parse_ports(&ports)?;
+            let found = ctx.find(&name).await?;
+            portforward::run(&ctx.cri, &found.sandbox.id, local, port).await
+        }
         PodCommand::Logs {
             name,
             container,

@@ -149,6 +149,44 @@ fn dial_in_netns(netns: &std::path::Path, port: u16, request: &[u8]) -> Result<S
     .with_context(|| format!("127.0.0.1:{port} in the pod's network namespace"))
 }
 
+/// Runs `isola pod port-forward NAME 0:PORT`, connects to the local port
+/// it prints, writes `request` and returns the reply (until the pod side
+/// ends it); then stops the forwarder.
+fn through_port_forward(p: &Pods, name: &str, port: u16, request: &[u8]) -> Result<String> {
+    use std::io::{BufRead, Read, Write};
+    let mut child = p
+        .command(&["port-forward", name, &format!("0:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("isola pod port-forward")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let result = (|| -> Result<String> {
+        let line = rx
+            .recv_timeout(POD_DEADLINE)
+            .context("isola pod port-forward printed nothing")?;
+        let addr = line
+            .strip_prefix("Forwarding from ")
+            .and_then(|rest| rest.split(" -> ").next())
+            .with_context(|| format!("isola pod port-forward printed {line:?}"))?;
+        let mut conn = std::net::TcpStream::connect(addr.trim())?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+        conn.write_all(request)?;
+        let mut reply = Vec::new();
+        conn.read_to_end(&mut reply)?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    })();
+    let _ = child.kill();
+    let out = child.wait_with_output()?;
+    result.with_context(|| format!("port-forward's stderr: {}", text(&out.stderr)))
+}
+
 /// The interfaces enslaved to the test bridge (the pods' host-side veths).
 fn bridge_ports() -> Result<Vec<String>> {
     let out = std::process::Command::new("ip")
@@ -245,6 +283,15 @@ fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
     // A port nothing listens on in the guest: the connection just ends.
     let reply = dial_in_netns(&p.netns_of(&a)?, 9, b"")?;
     ensure!(reply.is_empty(), "port-forward to net-a:9: {reply:?}");
+    // And through CRI's PortForward and containerd's streaming server, as
+    // kubectl does it (`isola pod port-forward`).
+    for name in ["net-a", "net-c"] {
+        let reply = through_port_forward(p, name, 8080, b"GET / HTTP/1.0\r\n\r\n")?;
+        ensure!(
+            reply.contains(&format!("hello-from-{name}")),
+            "isola pod port-forward {name} 8080: {reply:?}"
+        );
+    }
 
     // The hostPort, from the KVM host (portmap's DNAT on the gateway).
     let mut conn = std::net::TcpStream::connect(("198.18.0.1", 18080))?;

@@ -293,11 +293,18 @@ async fn connect_in(netns: &Path, port: u16) -> Result<tokio::net::TcpStream, St
                     .map_err(|e| format!("the sandbox has no network namespace: {e}"))?;
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| format!("entering the sandbox's network namespace: {e}"))?;
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-                let tcp = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-                    .map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?;
+                let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+                // As containerd does on a host: IPv4, then IPv6 if refused.
+                let tcp = match std::net::TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        std::net::TcpStream::connect_timeout(&v6, CONNECT_TIMEOUT)
+                            .map_err(|_| format!("connecting to 127.0.0.1:{port}: {e}"))?
+                    }
+                    other => other.map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?,
+                };
                 tcp.set_nonblocking(true)
-                    .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+                    .map_err(|e| format!("localhost:{port}: {e}"))?;
                 Ok(tcp)
             })();
             let _ = tx.send(connected);
@@ -510,12 +517,16 @@ mod tests {
         assert_eq!(r.len(), 0);
     }
 
-    async fn answer_of(mut host: UnixStream) -> String {
-        let line = stream::read_line(&mut host)
+    async fn answer_of_half(host: &mut UnixStream) -> String {
+        let line = stream::read_line(host)
             .await
             .expect("answer")
             .expect("a line");
         String::from_utf8(line).expect("text")
+    }
+
+    async fn answer_of(mut host: UnixStream) -> String {
+        answer_of_half(&mut host).await
     }
 
     #[tokio::test]
@@ -588,10 +599,9 @@ mod tests {
             .await
             .expect("header");
         handshake(agent, &registry, own).await;
+        // The answer first: a refused connect fails here, not in accept.
+        assert_eq!(answer_of_half(&mut host).await, "ok\n");
         let (mut peer, _) = server.accept().await.expect("accept");
-        let mut answer = [0u8; 3];
-        host.read_exact(&mut answer).await.expect("answer");
-        assert_eq!(&answer, b"ok\n");
         // Bytes both ways, and EOF passed on each way.
         host.write_all(b"ping").await.expect("write");
         host.shutdown().await.expect("shutdown");

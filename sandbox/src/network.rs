@@ -391,10 +391,7 @@ pub fn discover_and_plumb(netns: &Path) -> Result<PodNetwork, NetworkError> {
             .ok();
         Ok((plumbed, forward))
     })?;
-    let redirect = forward
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.port());
+    let (forward, redirect) = forward.unzip();
     Ok(PodNetwork {
         netns_path: netns.to_path_buf(),
         netns: Some(keep),

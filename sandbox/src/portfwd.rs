@@ -10,8 +10,10 @@
 //!
 //! - a listener on `127.0.0.1` (an ephemeral port), which the sandbox
 //!   serves ([`spawn`]);
-//! - one nat rule, `OUTPUT -p tcp -d 127.0.0.1/32 -j REDIRECT --to-ports
-//!   <it>`, so that a connection to any port of 127.0.0.1 lands on it.
+//! - one nat rule, first in `OUTPUT`: `-p tcp -d 127.0.0.1/32 -j REDIRECT
+//!   --to-ports <it>`, so that a connection to any port of 127.0.0.1 lands
+//!   on it (first, so that a stale rule of an earlier, killed shim never
+//!   wins).
 //!
 //! Each accepted connection's original destination (`SO_ORIGINAL_DST`)
 //! names the port; it becomes a `port <n>` stream to the agent
@@ -19,7 +21,8 @@
 //! guest's sandbox namespace, and the bytes flow both ways with each side's
 //! EOF passed on. A port nothing listens on in the guest closes the
 //! connection at once (containerd sees it end, not a refusal). `[::1]` is
-//! not redirected: containerd tries IPv4 first.
+//! not redirected: containerd tries IPv4 first, and the agent tries the
+//! guest's `[::1]` when its `127.0.0.1` refuses.
 //!
 //! The rule goes with the pod network's tc redirects
 //! (`PodNetwork::teardown`), or with the namespace. Without a working
@@ -54,16 +57,15 @@ fn iptables() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// iptables' arguments that add (`-A`) or delete (`-D`) the redirect of
-/// TCP to 127.0.0.1 onto `port`.
-pub(crate) fn rule_args(op: &str, port: u16) -> Vec<String> {
-    [
-        "-w",
-        "10",
-        "-t",
-        "nat",
-        op,
-        "OUTPUT",
+/// iptables' arguments that insert (first in the chain) or delete the
+/// redirect of TCP to 127.0.0.1 onto `port`.
+pub(crate) fn rule_args(insert: bool, port: u16) -> Vec<String> {
+    let op: &[&str] = if insert {
+        &["-I", "OUTPUT", "1"]
+    } else {
+        &["-D", "OUTPUT"]
+    };
+    let rule = [
         "-p",
         "tcp",
         "-d",
@@ -71,11 +73,14 @@ pub(crate) fn rule_args(op: &str, port: u16) -> Vec<String> {
         "-j",
         "REDIRECT",
         "--to-ports",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([port.to_string()])
-    .collect()
+    ];
+    ["-w", "10", "-t", "nat"]
+        .iter()
+        .chain(op)
+        .chain(&rule)
+        .map(|s| s.to_string())
+        .chain([port.to_string()])
+        .collect()
 }
 
 fn run_iptables(args: &[String]) -> Result<(), String> {
@@ -105,8 +110,8 @@ fn run_iptables(args: &[String]) -> Result<(), String> {
 
 /// In the calling thread's network namespace (a pod netns thread): a
 /// listener on 127.0.0.1 and the nat rule that redirects TCP to 127.0.0.1
-/// onto it. The listener is non-blocking; its port is the rule's.
-pub(crate) fn listen_and_redirect() -> Result<TcpListener, String> {
+/// onto it: the listener (non-blocking) and its port, the rule's.
+pub(crate) fn listen_and_redirect() -> Result<(TcpListener, u16), String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listening on 127.0.0.1: {e}"))?;
     let port = listener
@@ -116,14 +121,14 @@ pub(crate) fn listen_and_redirect() -> Result<TcpListener, String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("the listener: {e}"))?;
-    run_iptables(&rule_args("-A", port))?;
-    Ok(listener)
+    run_iptables(&rule_args(true, port))?;
+    Ok((listener, port))
 }
 
 /// In the calling thread's network namespace: removes the rule of
 /// [`listen_and_redirect`] for `port`.
 pub(crate) fn remove_redirect(port: u16) -> Result<(), String> {
-    run_iptables(&rule_args("-D", port))
+    run_iptables(&rule_args(false, port))
 }
 
 /// The port a redirected connection was made to (`SO_ORIGINAL_DST`).
@@ -194,10 +199,13 @@ mod tests {
     #[test]
     fn the_rule_redirects_tcp_to_localhost_onto_the_listener() {
         assert_eq!(
-            rule_args("-A", 40123).join(" "),
-            "-w 10 -t nat -A OUTPUT -p tcp -d 127.0.0.1/32 -j REDIRECT --to-ports 40123"
+            rule_args(true, 40123).join(" "),
+            "-w 10 -t nat -I OUTPUT 1 -p tcp -d 127.0.0.1/32 -j REDIRECT --to-ports 40123"
         );
-        assert_eq!(rule_args("-D", 1)[4], "-D");
+        assert_eq!(
+            rule_args(false, 1).join(" "),
+            "-w 10 -t nat -D OUTPUT -p tcp -d 127.0.0.1/32 -j REDIRECT --to-ports 1"
+        );
     }
 
     /// A stand-in for isola-vmm's hybrid socket and the agent: answers

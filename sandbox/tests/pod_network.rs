@@ -204,11 +204,14 @@ fn check_redirect(ns: &Netns, net: &mut PodNetwork) {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         std::net::TcpStream::connect(("127.0.0.1", 4242)).expect("connect to 127.0.0.1:4242")
     });
+    // Connected once the kernel queued it: a broken redirect fails here
+    // rather than leaving accept waiting.
+    let dialed = dialer.join().expect("dialer");
     let (conn, _) = listener.accept().expect("accept");
     let dst = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::OriginalDst)
         .expect("SO_ORIGINAL_DST");
     assert_eq!(u16::from_be(dst.sin_port), 4242);
-    drop(dialer.join().expect("dialer"));
+    drop(dialed);
 }
 
 /// Whether `check` holds within a few seconds: a tap closed here lives on

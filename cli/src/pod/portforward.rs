@@ -51,10 +51,20 @@ pub async fn run(cri: &Cri, sandbox: &str, local: u16, port: u16) -> Result<i32>
         .with_context(|| format!("listening on 127.0.0.1:{local}"))?;
     let addr = listener.local_addr()?;
     println!("Forwarding from {addr} -> {port}");
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         let (conn, peer) = tokio::select! {
-            accepted = listener.accept() => accepted.context("accepting a connection")?,
-            _ = tokio::signal::ctrl_c() => return Ok(0),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors, say: the next one may do.
+                    eprintln!("isola pod port-forward: accepting on {addr}: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut interrupted => return Ok(0),
         };
         let (cri, sandbox) = (cri.clone(), sandbox.to_string());
         tokio::spawn(async move {

@@ -309,7 +309,6 @@ impl Pods {
         self.containerd.report(what, out)
     }
 
-    /// The network namespace paths CRI made (`/var/run/netns/cni-*`).
     /// The network namespace of pod sandbox `id` (its OCI spec's, as
     /// containerd's `ctr containers info` shows it).
     pub fn netns_of(&self, id: &str) -> Result<PathBuf> {
@@ -333,6 +332,7 @@ impl Pods {
             .with_context(|| format!("sandbox {id} has no network namespace path"))
     }
 
+    /// The network namespace paths CRI made (`/var/run/netns/cni-*`).
     pub fn netns_paths() -> Vec<PathBuf> {
         std::fs::read_dir(Path::new("/var/run/netns"))
             .map(|d| d.flatten().map(|e| e.path()).collect())

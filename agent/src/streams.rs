@@ -44,8 +44,8 @@ pub const COPY_BUFFER: usize = 32 * 1024;
 pub const MAX_FORWARDS: usize = 256;
 /// Time a port stream's TCP connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Port streams joined now.
-static FORWARDS: AtomicUsize = AtomicUsize::new(0);
+/// A permit per port stream being connected or joined (released on drop).
+static FORWARDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FORWARDS);
 
 /// Why a stream was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,24 +246,19 @@ where
             }
         }
         Ok(StreamKind::Port(port)) => {
-            if FORWARDS.fetch_add(1, Ordering::SeqCst) >= MAX_FORWARDS {
-                FORWARDS.fetch_sub(1, Ordering::SeqCst);
-                let _ = refuse(
-                    &mut conn,
-                    &format!("too many port streams ({MAX_FORWARDS})"),
-                )
-                .await;
+            let Ok(permit) = FORWARDS.try_acquire() else {
+                let reason = format!("too many port streams ({MAX_FORWARDS})");
+                let _ = refuse(&mut conn, &reason).await;
                 return;
-            }
+            };
             match connect_in(netns, port).await {
                 Ok(tcp) => {
                     if conn.write_all(Answer::Ok.line().as_bytes()).await.is_ok() {
                         tracing::debug!(port, "port stream connected");
                         tokio::spawn(async move {
                             join(conn, tcp, port).await;
-                            FORWARDS.fetch_sub(1, Ordering::SeqCst);
+                            drop(permit);
                         });
-                        return;
                     }
                 }
                 Err(err) => {
@@ -271,7 +266,6 @@ where
                     let _ = refuse(&mut conn, &err).await;
                 }
             }
-            FORWARDS.fetch_sub(1, Ordering::SeqCst);
         }
         Err(err) => {
             let _ = refuse(&mut conn, &err.to_string()).await;

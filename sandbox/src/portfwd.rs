@@ -48,10 +48,13 @@ const COPY_BUFFER: usize = 32 * 1024;
 /// shim with a `PATH` without the sbin directories).
 const IPTABLES_DIRS: [&str; 3] = ["/usr/sbin", "/sbin", "/usr/local/sbin"];
 
-/// The `iptables` binary: on `PATH`, else in [`IPTABLES_DIRS`].
+/// The `iptables` binary: in an absolute directory of `PATH` (an empty or
+/// relative entry would name the working directory), else in
+/// [`IPTABLES_DIRS`].
 fn iptables() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
         .chain(IPTABLES_DIRS.iter().map(PathBuf::from))
         .map(|dir| dir.join("iptables"))
         .find(|candidate| candidate.is_file())

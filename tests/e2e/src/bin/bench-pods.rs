@@ -247,6 +247,11 @@ impl Net {
     }
 }
 
+/// What an `isola pod exec` thread of a throughput run returned.
+fn exec_result(joined: std::thread::Result<Result<String>>) -> Result<String> {
+    joined.map_err(|_| anyhow::anyhow!("the exec thread panicked"))?
+}
+
 fn mib_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
 }
@@ -317,9 +322,7 @@ fn host_to_pod(p: &Pods, name: &str, ip: &str) -> Result<f64> {
         let mut counted = String::new();
         conn.take(64).read_to_string(&mut counted)?;
         let took = start.elapsed();
-        server
-            .join()
-            .map_err(|_| anyhow::anyhow!("the exec thread panicked"))??;
+        exec_result(server.join())?;
         ensure!(
             counted.trim() == NET_BYTES.to_string(),
             "pod {name} received {counted:?} bytes, not {NET_BYTES}"
@@ -352,9 +355,7 @@ fn pod_to_host(p: &Pods, name: &str) -> Result<f64> {
                 Ok((conn, _)) => break conn,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                     if client.is_finished() || Instant::now() >= deadline {
-                        let out = client
-                            .join()
-                            .map_err(|_| anyhow::anyhow!("the exec thread panicked"))?;
+                        let out = exec_result(client.join());
                         bail!("pod {name} never connected to {BRIDGE_IP}:{port}: {out:?}");
                     }
                     std::thread::sleep(Duration::from_millis(50));
@@ -379,9 +380,7 @@ fn pod_to_host(p: &Pods, name: &str) -> Result<f64> {
         }
         let took = start.elapsed();
         drop(conn);
-        client
-            .join()
-            .map_err(|_| anyhow::anyhow!("the exec thread panicked"))??;
+        exec_result(client.join())?;
         ensure!(
             got == NET_BYTES,
             "the host received {got} bytes from pod {name}, not {NET_BYTES}"

@@ -116,6 +116,7 @@ lint: deps
 
 unit-test: deps
 	tests/scripts/kernel-source.sh
+	tests/scripts/lib-helpers.sh
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib --bins
 

@@ -92,7 +92,9 @@ isola_apt_install() {
 # Runs CMD (its output into FILE if given), printing "LABEL: still working,
 # N s[, PROGRESS]" on stderr every ISOLA_PROGRESS_EVERY seconds (default 30)
 # while it runs. PROGRESS is what the function named by ISOLA_PROGRESS_FN
-# prints, if set. Returns CMD's status.
+# prints, if set. Returns CMD's status and nothing else, whatever the
+# caller's `set -e`: stopping the ticker (kill, then wait, which reports
+# 143 for a killed job) must never become the caller's status.
 isola_with_progress() {
     local label=$1 logfile=
     shift
@@ -102,22 +104,30 @@ isola_with_progress() {
     fi
     local every=${ISOLA_PROGRESS_EVERY:-30} start status=0 ticker
     start=$(date +%s)
+    # The ticker sleeps in a child of its own and takes that child with it
+    # when stopped: an orphaned sleep would hold the caller's stdout and
+    # stderr open (a `$(...)` around the caller would wait for it). Its
+    # stdout is not the caller's: progress goes to stderr only.
     (
-        while sleep "$every"; do
-            local extra=
+        # shellcheck disable=SC2046 # jobs -p: one pid per word
+        trap 'kill $(jobs -p) 2>/dev/null; exit 0' TERM
+        while :; do
+            sleep "$every" &
+            wait "$!" || exit 0
+            extra=
             if [ -n "${ISOLA_PROGRESS_FN:-}" ]; then extra=", $("$ISOLA_PROGRESS_FN" 2>/dev/null)"; fi
             echo "$label: still working, $(($(date +%s) - start)) s$extra" >&2
         done
-    ) &
+    ) >/dev/null &
     ticker=$!
     if [ -n "$logfile" ]; then
         "$@" >"$logfile" 2>&1 || status=$?
     else
         "$@" || status=$?
     fi
-    kill "$ticker" 2>/dev/null
-    wait "$ticker" 2>/dev/null
-    return $status
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    return "$status"
 }
 
 # Path of the Rust virtiofsd at ISOLA_VIRTIOFSD_VERSION, installing it into

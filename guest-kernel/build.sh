@@ -59,28 +59,19 @@ if ! source_line=$(kernel_source); then
     log "neither linux-source-6.12 nor linux-source-6.1 is installed or available from apt (sources: /etc/apt/sources.list*)"
     exit 1
 fi
-read -r pkg _ state <<<"$source_line"
-build_tools=(build-essential flex bison bc libelf-dev libssl-dev xz-utils)
-if [ "$state" != installed ]; then
-    log "installing $pkg and the kernel build tools"
-    isola_apt_install "$pkg" "${build_tools[@]}"
-fi
-for tool in flex bison bc gcc make xz; do
-    if ! command -v "$tool" >/dev/null; then
-        log "installing kernel build tools ($tool is missing)"
-        isola_apt_install "${build_tools[@]}"
-        break
-    fi
-done
-
-srcver=$(dpkg-query -W -f='${Version}' "$pkg")
+read -r pkg srcver state <<<"$source_line"
 # Bump RECIPE when a change to this script changes the kernel it produces.
 RECIPE=2
 fraghash=$( (echo "recipe $RECIPE"; cat "$fragment") | sha256sum | cut -c1-12)
-key="${pkg#linux-source-}-$srcver-$fraghash"
-dir=$cache/kernel/$key
-vmlinux=$dir/vmlinux
-bzimage=$dir/bzImage
+# Keyed by the version apt would install (or has): a kernel in the cache
+# needs neither the source package nor the build tools.
+set_key() {
+    key="${pkg#linux-source-}-$srcver-$fraghash"
+    dir=$cache/kernel/$key
+    vmlinux=$dir/vmlinux
+    bzimage=$dir/bzImage
+}
+set_key
 
 link_out() {
     mkdir -p "$(dirname "$out")"
@@ -96,6 +87,22 @@ if [ -f "$vmlinux" ] && [ -f "$bzimage" ]; then
     link_out
     exit 0
 fi
+
+build_tools=(build-essential flex bison bc libelf-dev libssl-dev xz-utils)
+if [ "$state" != installed ]; then
+    log "installing $pkg and the kernel build tools"
+    isola_apt_install "$pkg" "${build_tools[@]}"
+    # A retry after refreshed lists may have installed a newer version.
+    srcver=$(dpkg-query -W -f='${Version}' "$pkg")
+    set_key
+fi
+for tool in flex bison bc gcc make xz; do
+    if ! command -v "$tool" >/dev/null; then
+        log "installing kernel build tools ($tool is missing)"
+        isola_apt_install "${build_tools[@]}"
+        break
+    fi
+done
 
 log "building $key in $dir (8 to 25 minutes on 2 cores, depending on what else runs)"
 start=$(date +%s)

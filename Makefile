@@ -21,7 +21,7 @@ INITRD_COMPRESS ?= none
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image pause-image hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz install uninstall demo clean
+.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image pause-image hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz install uninstall demo fresh-check clean
 
 all: binaries kernel initrd virtiofsd
 
@@ -155,6 +155,17 @@ bench: all busybox-rootfs busybox-image pause-image
 # replays the corpora on stable (unit tests).
 fuzz: deps
 	scripts/fuzz
+
+# The README's two commands as a new user runs them on a new machine
+# (scripts/fresh-check): in a throwaway Debian root made by debootstrap,
+# from a clone of the committed HEAD, with an empty cache but for the guest
+# kernel (FRESH_CHECK_FLAGS=--build-kernel builds that too). Each step's
+# time, and the first failure with its log. Not part of `make test`: it
+# takes an hour or more. Run it before resolving an issue that touches
+# scripts/, the Makefile, guest-kernel/, tests/kvm-host/ or the README's
+# commands.
+fresh-check:
+	scripts/fresh-check $(FRESH_CHECK_FLAGS)
 
 clean:
 	$(CARGO) clean

@@ -10,8 +10,11 @@
 //!                                  a tmpfs, bound into the containers that
 //!                                  mount it
 //! /run/isola/share                 the virtio-fs share (default mount point)
-//! /run/isola/containers/<id>/      bundles: config.json, exec-<id>.json,
-//!                                  console sockets
+//! /run/isola/containers/<id>/      bundles: config.json, exec-<id>.json
+//! /run/isola/consoles/<n>.sock     console sockets, while a terminal's pty
+//!                                  is handed over (short: a bundle path
+//!                                  with two 64-character ids is longer
+//!                                  than a Unix socket address)
 //! /run/isola/state/<id>/           libcontainer's state
 //! /sys/fs/cgroup/isola/<id>/       each container's cgroup
 //! ```
@@ -20,6 +23,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -33,9 +37,18 @@ pub const EPHEMERAL_DIR: &str = "/run/isola/sandbox/ephemeral";
 pub const DEFAULT_SHARE: &str = "/run/isola/share";
 pub const BUNDLES: &str = "/run/isola/containers";
 pub const STATE: &str = "/run/isola/state";
+pub const CONSOLES: &str = "/run/isola/consoles";
 /// The sandbox cgroup, relative to the cgroup root.
 pub const CGROUP_PARENT: &str = "/isola";
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A new console socket path in `dir` ([`CONSOLES`]): a number from a
+/// counter, so its length does not grow with the container or exec id.
+pub fn console_socket(dir: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    Path::new(dir).join(format!("{n}.sock"))
+}
 
 /// Most nameservers, search domains and options (glibc reads 3, 6, ...;
 /// the bound keeps the file small).
@@ -280,6 +293,29 @@ pub fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_sockets_are_short_distinct_and_bindable() {
+        // sockaddr_un holds 108 bytes with the terminating NUL.
+        const SUN_PATH: usize = 108;
+        let a = console_socket(CONSOLES);
+        let b = console_socket(CONSOLES);
+        assert_ne!(a, b);
+        assert!(a.starts_with(CONSOLES));
+        let longest = Path::new(CONSOLES).join(format!("{}.sock", u64::MAX));
+        assert!(longest.as_os_str().len() < SUN_PATH, "{longest:?}");
+        // The bundle path it replaces, with CRI's 64-character container
+        // and exec ids, did not fit.
+        let old = format!(
+            "{BUNDLES}/{}/console-{}.sock",
+            "c".repeat(64),
+            "e".repeat(64)
+        );
+        assert!(old.len() >= SUN_PATH);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = console_socket(dir.path().to_str().expect("utf-8"));
+        std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    }
 
     #[test]
     fn resolv_conf_text_and_errors() {

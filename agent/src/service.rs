@@ -100,6 +100,35 @@ fn spec_error(field: &str, e: SpecError) -> ttrpc::Error {
     }
 }
 
+/// Removes a file when dropped (a console socket, on every way out).
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
+    }
+}
+
+/// Logs, at info once per agent and at debug after, the security module
+/// fields taken out of a spec or an exec (`spec::take_lsm`): the guest
+/// kernel has no LSM to apply them.
+fn log_lsm_taken(container: &str, taken: &[String]) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if taken.is_empty() {
+        return;
+    }
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            container,
+            taken = %taken.join(", "),
+            "not applied: the guest kernel has no Linux security module (the VM is the boundary); \
+             said once, later containers at debug level"
+        );
+    } else {
+        tracing::debug!(container, taken = %taken.join(", "), "security module fields not applied");
+    }
+}
+
 /// Refuses a fork while another thread exists (see the module comment).
 pub fn check_single_threaded(step: &str) -> RpcResult<()> {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -646,12 +675,14 @@ impl AgentService {
             terminal: stdio.terminal,
         };
         let prepared = spec::prepare(parsed, &ctx).map_err(|e| spec_error("oci_spec_json", e))?;
+        log_lsm_taken(id, &prepared.lsm_taken);
         self.state.ensure_ephemeral(id, &prepared.ephemeral)?;
         let bundle = Path::new(sandbox::BUNDLES).join(id);
-        let console = bundle.join("console.sock");
+        let console = sandbox::console_socket(sandbox::CONSOLES);
         let plan = self.claim_stdio(&stdio)?;
 
         // From here on, failures are the guest's: undo the bundle.
+        let _console_file = RemoveOnDrop(&console);
         let result = self.build_container(id, &bundle, &console, prepared, plan, &stdio);
         if result.is_err() {
             let _ = fs::remove_dir_all(&bundle);
@@ -811,15 +842,18 @@ impl AgentService {
         let mut process: oci_spec::runtime::Process =
             spec::parse_json(&req.process_json).map_err(|e| spec_error("process_json", e))?;
         spec::check_process(&process, "").map_err(|e| spec_error("process_json", e))?;
+        log_lsm_taken(id, &spec::take_process_lsm(&mut process, "exec process."));
         let stdio = req.stdio.clone().unwrap_or_default();
         process.set_terminal(Some(stdio.terminal));
         let what = format!("exec {} of container {id}", req.exec_id);
         let step = |s: &str, e: &dyn std::fmt::Display| internal(format!("{what}: {s}: {e}"));
         let process_file = c.bundle.join(format!("exec-{}.json", req.exec_id));
-        let console = c.bundle.join(format!("console-{}.sock", req.exec_id));
+        let console = sandbox::console_socket(sandbox::CONSOLES);
         let plan = self.claim_stdio(&stdio)?;
         let json = serde_json::to_vec(&process).map_err(|e| step("serialising the process", &e))?;
         fs::write(&process_file, json).map_err(|e| step("writing the process", &e))?;
+        // Removed on every way out, once the pty has been handed over.
+        let _console_file = RemoveOnDrop(&console);
         let listener = if stdio.terminal {
             let _ = fs::remove_file(&console);
             let l = std::os::unix::net::UnixListener::bind(&console)
@@ -866,7 +900,6 @@ impl AgentService {
             listener.as_ref(),
         );
         drop(listener);
-        let _ = fs::remove_file(&console);
         let proc = proc?;
         lock(&c.execs).insert(req.exec_id.clone(), proc.clone());
         self.state.register(proc, mark);
@@ -1074,7 +1107,12 @@ impl isola_protocol::Agent for AgentService {
         let step = |what: &str, e: &dyn std::fmt::Display| {
             internal(format!("sandbox {sid}: {what}: {e:#}"))
         };
-        for dir in [sandbox::SANDBOX_DIR, sandbox::BUNDLES, sandbox::STATE] {
+        for dir in [
+            sandbox::SANDBOX_DIR,
+            sandbox::BUNDLES,
+            sandbox::STATE,
+            sandbox::CONSOLES,
+        ] {
             fs::create_dir_all(dir).map_err(|e| step(&format!("creating {dir}"), &e))?;
         }
         if !req.hostname.is_empty() {

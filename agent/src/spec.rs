@@ -14,7 +14,14 @@
 //! - `linux.cgroupsPath` is the container's child of the sandbox cgroup;
 //! - `linux.seccomp` is taken out and compiled (`seccomp`), to be installed
 //!   by the agent's executor;
-//! - `process.terminal` follows the request's `Stdio.terminal`.
+//! - `process.terminal` follows the request's `Stdio.terminal`;
+//! - the Linux security module fields (`process.apparmorProfile`,
+//!   `process.selinuxLabel`, `linux.mountLabel`) are taken out: they name
+//!   the host's profiles (containerd's `cri-containerd.apparmor.d`,
+//!   Docker's `docker-default`), and the guest kernel has no LSM to apply
+//!   them (Kata does the same). The VM is the boundary; the host's LSM
+//!   still confines isola's processes on the host. [`take_lsm`] says what
+//!   it dropped, for the agent to log.
 //!
 //! Errors name the field, relative to the request field
 //! (`oci_spec_json: process.args: must not be empty`).
@@ -102,6 +109,8 @@ pub struct Prepared {
     /// The ephemeral volumes the spec binds from `ephemeral_dir`, each key
     /// once: their tmpfs must be mounted before the container is made.
     pub ephemeral: Vec<Ephemeral>,
+    /// The security module fields taken out ([`take_lsm`]), for the log.
+    pub lsm_taken: Vec<String>,
 }
 
 /// The ephemeral volumes' wire form (`isola_protocol::ephemeral`): the
@@ -300,6 +309,40 @@ fn check_mounts(spec: &Spec, ctx: &Context<'_>) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// Takes the Linux security module fields out of a process (the spec's or
+/// an exec's): the guest kernel has no LSM, so libcontainer cannot apply
+/// them (it fails reading `/sys/module/apparmor`). Returns what it took,
+/// as `field=value` for a log line.
+pub fn take_process_lsm(process: &mut Process, prefix: &str) -> Vec<String> {
+    let mut taken = Vec::new();
+    if let Some(p) = process.apparmor_profile().clone() {
+        taken.push(format!("{prefix}apparmorProfile={p}"));
+        process.set_apparmor_profile(None);
+    }
+    if let Some(l) = process.selinux_label().clone() {
+        taken.push(format!("{prefix}selinuxLabel={l}"));
+        process.set_selinux_label(None);
+    }
+    taken
+}
+
+/// [`take_process_lsm`] for a whole spec, and `linux.mountLabel`.
+pub fn take_lsm(spec: &mut Spec) -> Vec<String> {
+    let mut taken = Vec::new();
+    if let Some(mut process) = spec.process().clone() {
+        taken = take_process_lsm(&mut process, "process.");
+        spec.set_process(Some(process));
+    }
+    if let Some(mut linux) = spec.linux().clone() {
+        if let Some(l) = linux.mount_label().clone() {
+            taken.push(format!("linux.mountLabel={l}"));
+            linux.set_mount_label(None);
+            spec.set_linux(Some(linux));
+        }
+    }
+    taken
+}
+
 /// Checks a process (the spec's or an exec's): args, cwd.
 pub fn check_process(process: &Process, prefix: &str) -> Result<(), SpecError> {
     let args = process.args().as_deref().unwrap_or_default();
@@ -398,10 +441,12 @@ pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError>
     };
     linux.set_seccomp(None);
     spec.set_linux(Some(linux));
+    let lsm_taken = take_lsm(&mut spec);
     Ok(Prepared {
         spec,
         seccomp,
         ephemeral,
+        lsm_taken,
     })
 }
 
@@ -614,6 +659,44 @@ mod tests {
         let p = prepare(spec(json), &c).expect("prepared");
         assert!(p.spec.linux().as_ref().expect("linux").seccomp().is_none());
         assert_eq!(p.seccomp.expect("compiled").filters.len(), 1);
+    }
+
+    #[test]
+    fn lsm_fields_are_taken_out_and_named() {
+        let s = share();
+        let c = ctx(&s, &[]);
+        let json = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},
+            "apparmorProfile":"cri-containerd.apparmor.d","selinuxLabel":"system_u:system_r:container_t:s0"},
+            "linux":{"mountLabel":"system_u:object_r:container_file_t:s0"}}"#;
+        let p = prepare(spec(json), &c).expect("prepared");
+        let process = p.spec.process().as_ref().expect("process");
+        assert_eq!(process.apparmor_profile(), &None);
+        assert_eq!(process.selinux_label(), &None);
+        assert_eq!(p.spec.linux().as_ref().expect("linux").mount_label(), &None);
+        assert_eq!(
+            p.lsm_taken,
+            [
+                "process.apparmorProfile=cri-containerd.apparmor.d",
+                "process.selinuxLabel=system_u:system_r:container_t:s0",
+                "linux.mountLabel=system_u:object_r:container_file_t:s0"
+            ]
+        );
+        // Without them, nothing is taken and nothing said.
+        let plain = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}}"#;
+        assert!(prepare(spec(plain), &c)
+            .expect("prepared")
+            .lsm_taken
+            .is_empty());
+        // An exec's process (containerd copies the container's profile).
+        let mut exec: Process = parse_json(
+            r#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},"apparmorProfile":"docker-default"}"#,
+        )
+        .expect("process");
+        assert_eq!(
+            take_process_lsm(&mut exec, ""),
+            ["apparmorProfile=docker-default"]
+        );
+        assert_eq!(exec.apparmor_profile(), &None);
     }
 
     fn with_mounts(mounts: &str) -> Spec {

@@ -84,7 +84,7 @@ fn env_cwd_and_user_come_from_the_image_config() -> Result<()> {
 }
 
 #[test]
-fn ctr_run_t_gives_the_container_a_terminal() -> Result<()> {
+fn terminals_with_cri_length_ids_and_a_host_apparmor_profile() -> Result<()> {
     require_kvm_host()?;
     let c = Containerd::shared();
     let (status, printed) = c.ctr_on_pty(&[
@@ -101,7 +101,26 @@ fn ctr_run_t_gives_the_container_a_terminal() -> Result<()> {
     ])?;
     ensure!(status == 4, "status {status}: {printed}");
     ensure!(printed.contains("/dev/pts/"), "no terminal: {printed:?}");
-    c.assert_clean("tty1")
+    c.assert_clean("tty1")?;
+
+    // CRI's ids are 64 characters (kubectl exec -it): the console socket of
+    // an exec with a terminal must still fit a Unix socket address. The
+    // container has the AppArmor profile containerd's CRI gives every
+    // container on an AppArmor host (and ctr copies it into the exec):
+    // the guest has no LSM, so it is not applied, and nothing fails.
+    let id = "7".repeat(64);
+    let exec_id = "e".repeat(64);
+    c.run_detached(
+        RUNTIME,
+        &["--apparmor-profile", "cri-containerd.apparmor.d"],
+        &id,
+    )?;
+    let (status, printed) =
+        c.ctr_on_pty(&["task", "exec", "-t", "--exec-id", &exec_id, &id, "tty"])?;
+    let ran = status == 0 && printed.contains("/dev/pts/");
+    c.kill_and_remove(&id)?;
+    ensure!(ran, "exec -t with 64-character ids: {status}: {printed:?}");
+    c.assert_clean(&id)
 }
 
 #[test]

@@ -6,7 +6,10 @@
 //! "/var/run/netns/cni-…"}`). isola moves what CNI made there into the VM
 //! (isola_sandbox::network). A spec without a network namespace asks for
 //! the host's network (a `hostNetwork` pod, `ctr run --net-host`), which a
-//! VM cannot share: refused, saying why.
+//! VM cannot share: refused, saying why. So are the host's PID, IPC and UTS
+//! namespaces (`hostPID`, `hostIPC`, Docker's `--pid=host`, `--ipc=host`,
+//! `--uts=host`): the spec leaves them out, and a process in the VM can
+//! never be in them ([`host_namespaces`]).
 
 use std::path::PathBuf;
 
@@ -42,6 +45,31 @@ pub fn of(spec: &Spec) -> Result<Network, String> {
     })
 }
 
+/// Refuses a spec that asks for the host's PID, IPC or UTS namespace (it
+/// leaves the namespace out, as runc reads it), naming each and why.
+pub fn host_namespaces(spec: &Spec) -> Result<(), String> {
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    let has = |typ| namespaces.into_iter().flatten().any(|n| n.typ() == typ);
+    let missing: Vec<&str> = [
+        (LinuxNamespaceType::Pid, "PID (hostPID, --pid=host)"),
+        (LinuxNamespaceType::Ipc, "IPC (hostIPC, --ipc=host)"),
+        (LinuxNamespaceType::Uts, "UTS (--uts=host)"),
+    ]
+    .into_iter()
+    .filter(|(typ, _)| !has(*typ))
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the spec joins the host's {} namespace{}: isola runs each pod in its own VM, \
+         whose processes cannot be in the host's namespaces; run it with runc",
+        missing.join(" and "),
+        if missing.len() > 1 { "s" } else { "" }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +86,38 @@ mod tests {
             {"type": "network", "path": "/var/run/netns/cni-1234"}
         ]}));
         assert_eq!(of(&s), Ok(Network::Pod("/var/run/netns/cni-1234".into())));
+    }
+
+    #[test]
+    fn host_pid_ipc_and_uts_are_refused_naming_each() {
+        let all = spec(serde_json::json!({"namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network", "path": "/var/run/netns/cni-1"}
+        ]}));
+        assert_eq!(host_namespaces(&all), Ok(()));
+        // A pod's containers join the pause's namespaces by path: not the host's.
+        let joined = spec(serde_json::json!({"namespaces": [
+            {"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "mount"}
+        ]}));
+        assert_eq!(host_namespaces(&joined), Ok(()));
+        let host_pid = spec(serde_json::json!({"namespaces": [
+            {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
+        ]}));
+        let err = host_namespaces(&host_pid).expect_err("hostPID");
+        assert!(
+            err.contains("host's PID (hostPID") && err.contains("own VM"),
+            "{err}"
+        );
+        assert!(!err.contains("IPC"), "{err}");
+        let host_ipc_uts = spec(serde_json::json!({"namespaces": [
+            {"type": "pid"}, {"type": "mount"}, {"type": "network"}
+        ]}));
+        let err = host_namespaces(&host_ipc_uts).expect_err("hostIPC");
+        assert!(
+            err.contains("IPC (hostIPC, --ipc=host) and UTS (--uts=host) namespaces"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -456,6 +456,8 @@ impl Service {
                 ),
             )
         })?;
+        netns::host_namespaces(&spec)
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("container {id}: {e}")))?;
         let sandbox_id = grouping::sandbox_id(&id, spec.annotations().as_ref());
 
         // The rootfs: the snapshotter's mounts, mounted at <bundle>/rootfs;

@@ -147,11 +147,6 @@ pub fn sandbox_config(pod: &Pod, uid: &str, paths: &PodPaths) -> Result<cri::Pod
             })
             .collect(),
     });
-    let network = if pod.spec.host_network {
-        cri::NamespaceMode::Node
-    } else {
-        cri::NamespaceMode::Pod
-    };
     let sandbox_limits = pod.sandbox_limits()?;
     let overhead = pod.overhead()?;
     Ok(cri::PodSandboxConfig {
@@ -174,12 +169,7 @@ pub fn sandbox_config(pod: &Pod, uid: &str, paths: &PodPaths) -> Result<cri::Pod
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: paths.cgroup_parent.clone(),
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: network as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespace_options(pod)),
                 ..Default::default()
             }),
             resources: Some(resources(sandbox_limits, Limits::default())),
@@ -189,6 +179,25 @@ pub fn sandbox_config(pod: &Pod, uid: &str, paths: &PodPaths) -> Result<cri::Pod
         }),
         ..Default::default()
     })
+}
+
+/// The pod's namespaces, as kubelet asks for them of the sandbox and of
+/// every container: the node's where hostNetwork, hostPID or hostIPC say
+/// so, else the pod's network and IPC and a PID namespace per container.
+fn namespace_options(pod: &Pod) -> cri::NamespaceOption {
+    let node_or = |node: bool, otherwise: cri::NamespaceMode| {
+        if node {
+            cri::NamespaceMode::Node as i32
+        } else {
+            otherwise as i32
+        }
+    };
+    cri::NamespaceOption {
+        network: node_or(pod.spec.host_network, cri::NamespaceMode::Pod),
+        pid: node_or(pod.spec.host_pid, cri::NamespaceMode::Container),
+        ipc: node_or(pod.spec.host_ipc, cri::NamespaceMode::Pod),
+        ..Default::default()
+    }
 }
 
 /// A volume as a container sees it: the host path kubelet prepared.
@@ -277,16 +286,7 @@ pub fn container_config(
                 run_as_user: security.run_as_user.map(|value| cri::Int64Value { value }),
                 run_as_group: security.run_as_group.map(|value| cri::Int64Value { value }),
                 readonly_rootfs: security.read_only_root_filesystem,
-                namespace_options: Some(cri::NamespaceOption {
-                    network: if pod.spec.host_network {
-                        cri::NamespaceMode::Node
-                    } else {
-                        cri::NamespaceMode::Pod
-                    } as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(namespace_options(pod)),
                 ..Default::default()
             }),
         }),
@@ -350,6 +350,28 @@ mod tests {
             linux.overhead.map(|o| o.memory_limit_in_bytes),
             Some(100 << 20)
         );
+    }
+
+    #[test]
+    fn host_pid_and_ipc_ask_for_the_node_namespaces_everywhere() {
+        let p = pod("  hostPID: true\n  hostIPC: true\n");
+        let sandbox = sandbox_config(&p, "u1", &paths(&p)).expect("config");
+        let container = container_config(&p, "u1", 0, 0, &[], &paths(&p)).expect("config");
+        for ns in [
+            sandbox
+                .linux
+                .and_then(|l| l.security_context)
+                .and_then(|s| s.namespace_options),
+            container
+                .linux
+                .and_then(|l| l.security_context)
+                .and_then(|s| s.namespace_options),
+        ] {
+            let ns = ns.expect("ns");
+            assert_eq!(ns.pid, cri::NamespaceMode::Node as i32);
+            assert_eq!(ns.ipc, cri::NamespaceMode::Node as i32);
+            assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
+        }
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct PodSpec {
     pub runtime_class_name: Option<String>,
     #[serde(default)]
     pub host_network: bool,
+    #[serde(default, rename = "hostPID")]
+    pub host_pid: bool,
+    #[serde(default, rename = "hostIPC")]
+    pub host_ipc: bool,
     #[serde(default)]
     pub hostname: Option<String>,
     #[serde(default)]

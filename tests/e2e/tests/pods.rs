@@ -347,7 +347,7 @@ fn pods_reach_each_other_by_pod_ip_and_stay_apart() -> Result<()> {
 }
 
 #[test]
-fn a_host_network_pod_is_refused_saying_why() -> Result<()> {
+fn host_network_pid_and_ipc_pods_are_refused_saying_why() -> Result<()> {
     require_kvm_host()?;
     let p = Pods::shared();
     let yaml = manifest(
@@ -370,6 +370,28 @@ fn a_host_network_pod_is_refused_saying_why() -> Result<()> {
     ensure!(p.status("hostnet").is_err(), "a refused pod is listed");
     // Nothing of it: the pod's directories and any sandbox process.
     p.assert_clean("hostnet", "hostnet")?;
+
+    // The host's PID and IPC namespaces: refused the same way, naming each.
+    for (name, field, says) in [
+        ("hostpid", "hostPID", "host's PID (hostPID"),
+        ("hostipc", "hostIPC", "host's IPC (hostIPC"),
+    ] {
+        let yaml = manifest(
+            name,
+            ISOLA,
+            &format!("  {field}: true\n"),
+            &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+        );
+        let out = p.pod(&["apply", "-"], Some(&yaml))?;
+        ensure!(!out.status.success(), "{}", p.report(field, &out));
+        let err = text(&out.stderr);
+        ensure!(
+            err.contains(says) && err.contains("RunPodSandbox"),
+            "{field}: {err}"
+        );
+        ensure!(p.status(name).is_err(), "a refused pod is listed");
+        p.assert_clean(name, name)?;
+    }
     Ok(())
 }
 

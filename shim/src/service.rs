@@ -456,7 +456,10 @@ impl Service {
                 ),
             )
         })?;
-        netns::host_namespaces(&spec)
+        // The host's network first: a hostNetwork pod's spec lacks its UTS
+        // namespace too, and the reason to give is the network.
+        netns::of(&spec)
+            .and_then(|_| netns::host_namespaces(&spec))
             .map_err(|e| status(Code::FAILED_PRECONDITION, format!("container {id}: {e}")))?;
         let sandbox_id = grouping::sandbox_id(&id, spec.annotations().as_ref());
 

@@ -163,7 +163,7 @@ fi
 # --log FILE: the command's output in FILE, PROGRESS from ISOLA_PROGRESS_FN.
 strict progress-log 'count() { echo "3 of 7 done"; }
 ISOLA_PROGRESS_FN=count ISOLA_PROGRESS_EVERY=1 isola_with_progress "job" --log "$FAKE_STATE/job.log" \
-    bash -c "echo to-the-log; echo err-to-the-log >&2; sleep 1.5"'
+    bash -c "echo to-the-log; echo err-to-the-log >&2; sleep 2.5"'
 if expect progress-log 0; then
     if [ "$(cat "$state/job.log")" = $'to-the-log\nerr-to-the-log' ] && [[ "$err" == *"job: still working, "*" s, 3 of 7 done"* ]]; then
         pass "progress-log: output in the log, progress from ISOLA_PROGRESS_FN"

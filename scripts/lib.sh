@@ -230,3 +230,23 @@ WRAPPER
     echo "isola: ${version%%$'\n'*}" >&2
     echo "$dir/bin/qemu-system-x86_64"
 }
+
+# isola_descendants PID: every descendant of PID, one pid a line, children
+# before their own children. Read from /proc, not ps: a fresh machine
+# (debootstrap's minbase) has no procps, and tests/kvm-host/run's watchdog,
+# finding nothing to kill, would wait forever on a wedged emulated host.
+isola_descendants() {
+    local stat line pid ppid rest
+    for stat in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$stat" || continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        rest=${line##*) }
+        read -r _ ppid _ <<<"$rest" || true
+        [ "$ppid" = "$1" ] || continue
+        pid=${stat#/proc/}
+        pid=${pid%/stat}
+        echo "$pid"
+        isola_descendants "$pid"
+    done
+    return 0
+}

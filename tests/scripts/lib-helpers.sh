@@ -183,6 +183,27 @@ if expect progress-substitution 0; then
         fail progress-substitution "took $((t1 - t0)) s: the ticker's sleep held the pipe open"; fi
 fi
 
+# --- isola_descendants --------------------------------------------------------
+# A process tree (a subshell with a child, and a child) found whole without
+# ps (a fresh machine has no procps: the kvm-host watchdog found nothing to
+# kill and waited forever on a wedged emulated host).
+strict descendants 'ps() { echo "ps called" >&2; return 127; }
+bash -c "(sleep 30; true) & sleep 31 & wait" & top=$!
+for _ in $(seq 100); do
+    [ "$(isola_descendants $top | wc -l)" -ge 3 ] && break
+    sleep 0.1
+done
+found=$(isola_descendants $top)
+comms=$(for p in $found; do cat /proc/$p/comm; done | sort | tr "\n" " ")
+kill $found $top 2>/dev/null || true
+echo "found: $comms" >&2
+[ "$comms" = "bash sleep sleep " ]
+[ -z "$(isola_descendants 999999999)" ]'
+if expect descendants 0; then
+    if [[ "$err" == *"ps called"* ]]; then fail descendants "it called ps"; else
+        pass "descendants: a subshell, its child and a child, without ps"; fi
+fi
+
 # --- isola_virtiofsd and scripts/virtiofsd -----------------------------------
 # The first install, as `make virtiofsd` runs it: scripts/virtiofsd under its
 # own set -euo pipefail, a cargo install that takes 3 s with a tick every

@@ -15,6 +15,9 @@
 //!                                  is handed over (short: a bundle path
 //!                                  with two 64-character ids is longer
 //!                                  than a Unix socket address)
+//! /run/isola/namespaces/{ipc,uts,pid}  the sandbox container's (a pod's
+//!                                  pause) namespaces, kept (nsfs binds)
+//!                                  for the containers that share them
 //! /run/isola/state/<id>/           libcontainer's state
 //! /sys/fs/cgroup/isola/<id>/       each container's cgroup
 //! ```
@@ -27,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::LinuxNamespaceType;
 
 use crate::spec::SpecError;
 
@@ -38,6 +42,15 @@ pub const DEFAULT_SHARE: &str = "/run/isola/share";
 pub const BUNDLES: &str = "/run/isola/containers";
 pub const STATE: &str = "/run/isola/state";
 pub const CONSOLES: &str = "/run/isola/consoles";
+/// Where the sandbox container's namespaces are kept ([`pin_namespaces`]).
+pub const POD_NAMESPACES: &str = "/run/isola/namespaces";
+/// The namespaces a pod's containers may share with its sandbox container,
+/// by their names in `/proc/<pid>/ns` and in the agent API.
+pub const SHAREABLE: [(&str, LinuxNamespaceType); 3] = [
+    ("ipc", LinuxNamespaceType::Ipc),
+    ("uts", LinuxNamespaceType::Uts),
+    ("pid", LinuxNamespaceType::Pid),
+];
 /// The sandbox cgroup, relative to the cgroup root.
 pub const CGROUP_PARENT: &str = "/isola";
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -201,6 +214,64 @@ pub fn unmount(path: &Path) -> Result<()> {
     }
 }
 
+/// Keeps the shareable namespaces of process `pid` (the sandbox
+/// container's init) by bind-mounting each nsfs file on `dir/<name>`,
+/// replacing what was kept there before. On an error nothing stays kept.
+pub fn pin_namespaces(pid: u32, dir: &Path) -> Result<()> {
+    unpin_namespaces(dir);
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, _) in SHAREABLE {
+        let target = dir.join(name);
+        let source = format!("/proc/{pid}/ns/{name}");
+        let pinned = fs::write(&target, b"")
+            .with_context(|| format!("creating {}", target.display()))
+            .and_then(|()| {
+                mount(
+                    Some(source.as_str()),
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .with_context(|| format!("bind-mounting {source} on {}", target.display()))
+            });
+        if let Err(e) = pinned {
+            unpin_namespaces(dir);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Lets go of the namespaces [`pin_namespaces`] kept (those that are).
+pub fn unpin_namespaces(dir: &Path) {
+    for (name, _) in SHAREABLE {
+        let target = dir.join(name);
+        let _ = umount2(&target, MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(&target);
+    }
+}
+
+/// The namespaces a CreateContainer request names to share, by type, each
+/// once; an unknown or repeated name is an error naming it.
+pub fn shared_namespaces(names: &[String]) -> Result<Vec<LinuxNamespaceType>, SpecError> {
+    let mut types = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("sandbox_namespaces[{i}]");
+        let Some((_, typ)) = SHAREABLE.iter().find(|(n, _)| n == name) else {
+            return Err(err(
+                field,
+                format!("{name:?} is not a namespace a container can share (ipc, uts, pid)"),
+            ));
+        };
+        if types.contains(typ) {
+            return Err(err(field, format!("{name:?} is named twice")));
+        }
+        types.push(*typ);
+    }
+    Ok(types)
+}
+
 /// Creates a network namespace with `lo` up and keeps it by bind-mounting
 /// its nsfs file on `path`. Done on a short-lived thread (a namespace is a
 /// property of a thread), which is joined before returning, so the agent
@@ -293,6 +364,25 @@ pub fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_namespace_names_are_checked() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shared_namespaces(&names(&["pid", "ipc", "uts"])),
+            Ok(vec![
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Uts
+            ])
+        );
+        assert_eq!(shared_namespaces(&[]), Ok(vec![]));
+        let e = shared_namespaces(&names(&["ipc", "net"])).expect_err("net");
+        assert_eq!(e.field, "sandbox_namespaces[1]");
+        assert!(e.message.contains("\"net\" is not"), "{e}");
+        let e = shared_namespaces(&names(&["uts", "uts"])).expect_err("twice");
+        assert!(e.message.contains("twice"), "{e}");
+    }
 
     #[test]
     fn console_sockets_are_short_distinct_and_bindable() {

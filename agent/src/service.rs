@@ -237,6 +237,9 @@ pub struct State {
     network_set: Mutex<bool>,
     /// The ephemeral volumes mounted (key → size), kept until the VM goes.
     ephemeral: Mutex<HashMap<String, Option<u64>>>,
+    /// Whether the sandbox container's namespaces are kept in
+    /// `sandbox::POD_NAMESPACES` for the containers that share them.
+    pinned: Mutex<bool>,
 }
 
 impl State {
@@ -255,6 +258,7 @@ impl State {
             netns_made: Mutex::new(false),
             network_set: Mutex::new(false),
             ephemeral: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(false),
         })
     }
 
@@ -634,6 +638,10 @@ impl AgentService {
         Ok(proc)
     }
 
+    fn sandbox_id(&self) -> Option<String> {
+        lock(&self.state.sandbox).as_ref().map(|s| s.id.clone())
+    }
+
     fn sandbox_share(&self) -> RpcResult<Option<PathBuf>> {
         match &*lock(&self.state.sandbox) {
             Some(s) => Ok(s.share.clone()),
@@ -662,6 +670,21 @@ impl AgentService {
         }
         let parsed =
             spec::parse_json(&req.oci_spec_json).map_err(|e| spec_error("oci_spec_json", e))?;
+        let shared = sandbox::shared_namespaces(&req.sandbox_namespaces).map_err(invalid)?;
+        if !shared.is_empty() && !*lock(&self.state.pinned) {
+            return Err(precondition(format!(
+                "container {id}: it shares the sandbox's namespaces, but the sandbox's own \
+                 container ({}) does not exist: create it first",
+                self.sandbox_id().unwrap_or_default()
+            )));
+        }
+        let ns_dir = Path::new(sandbox::POD_NAMESPACES);
+        let pins: Vec<(oci_spec::runtime::LinuxNamespaceType, PathBuf)> = sandbox::SHAREABLE
+            .iter()
+            .filter(|(_, typ)| shared.contains(typ))
+            .map(|(name, typ)| (*typ, ns_dir.join(name)))
+            .collect();
+        let joined: Vec<_> = pins.iter().map(|(t, p)| (*t, p.as_path())).collect();
         let owned = [Path::new(sandbox::SANDBOX_DIR)];
         let stdio = req.stdio.clone().unwrap_or_default();
         let ctx = spec::Context {
@@ -673,6 +696,7 @@ impl AgentService {
             owned_dirs: &owned,
             ephemeral_dir: Path::new(sandbox::EPHEMERAL_DIR),
             terminal: stdio.terminal,
+            joined: &joined,
         };
         let prepared = spec::prepare(parsed, &ctx).map_err(|e| spec_error("oci_spec_json", e))?;
         log_lsm_taken(id, &prepared.lsm_taken);
@@ -755,15 +779,35 @@ impl AgentService {
         let cgroup = Path::new(sandbox::CGROUP_ROOT)
             .join(sandbox::CGROUP_PARENT.trim_start_matches('/'))
             .join(id);
+        let kill = || {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        };
+        // The sandbox's own container (a pod's pause): its IPC, UTS and
+        // PID namespaces are the pod's, kept for the containers that
+        // share them (CreateContainerRequest.sandbox_namespaces).
+        let pins = self.sandbox_id().as_deref() == Some(id);
+        if pins {
+            if let Err(e) = sandbox::pin_namespaces(pid, Path::new(sandbox::POD_NAMESPACES)) {
+                kill();
+                return Err(step(
+                    "keeping its namespaces for the pod",
+                    &format!("{e:#}"),
+                ));
+            }
+            *lock(&self.state.pinned) = true;
+        }
         let copies = plan.copies;
         let init = match self.start_process(id, "", pid, &cgroup, copies, stdio, listener.as_ref())
         {
             Ok(p) => p,
             Err(e) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                kill();
+                if pins {
+                    self.unpin();
+                }
                 return Err(e);
             }
         };
@@ -974,8 +1018,21 @@ impl AgentService {
             let _ = tx.send(());
         }
         lock(&self.state.containers).remove(id);
+        if self.sandbox_id().as_deref() == Some(id.as_str()) {
+            self.unpin();
+        }
         tracing::info!(container = %id, "container removed");
         Ok(())
+    }
+
+    /// Lets go of the sandbox container's namespaces: containers created
+    /// from now on cannot share them.
+    fn unpin(&self) {
+        let mut pinned = lock(&self.state.pinned);
+        if *pinned {
+            sandbox::unpin_namespaces(Path::new(sandbox::POD_NAMESPACES));
+            *pinned = false;
+        }
     }
 }
 

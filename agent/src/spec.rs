@@ -10,7 +10,9 @@
 //!   ([`Prepared::ephemeral`]);
 //! - namespaces: new mount, pid, ipc and uts (and cgroup or time if the
 //!   spec asks), the sandbox's network namespace by path, never a user
-//!   namespace; paths the spec gives are the host's and are ignored;
+//!   namespace; paths the spec gives are the host's and are ignored: the
+//!   pod's IPC, UTS and PID namespaces a container shares come from the
+//!   request instead ([`Context::joined`]);
 //! - `linux.cgroupsPath` is the container's child of the sandbox cgroup;
 //! - `linux.seccomp` is taken out and compiled (`seccomp`), to be installed
 //!   by the agent's executor;
@@ -99,6 +101,9 @@ pub struct Context<'a> {
     /// (`/run/isola/sandbox/ephemeral`).
     pub ephemeral_dir: &'a Path,
     pub terminal: bool,
+    /// The sandbox's namespaces this container joins (by the agent's pin
+    /// of each) instead of a new one: IPC, UTS or PID.
+    pub joined: &'a [(LinuxNamespaceType, &'a Path)],
 }
 
 /// A spec ready for libcontainer, and the seccomp filters taken from it.
@@ -408,11 +413,17 @@ pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError>
             "user namespaces are not supported",
         ));
     }
+    let joined = |typ| {
+        ctx.joined
+            .iter()
+            .find(|(t, _)| *t == typ)
+            .map(|(_, path)| *path)
+    };
     let mut namespaces = vec![
         namespace(LinuxNamespaceType::Mount, None)?,
-        namespace(LinuxNamespaceType::Pid, None)?,
-        namespace(LinuxNamespaceType::Ipc, None)?,
-        namespace(LinuxNamespaceType::Uts, None)?,
+        namespace(LinuxNamespaceType::Pid, joined(LinuxNamespaceType::Pid))?,
+        namespace(LinuxNamespaceType::Ipc, joined(LinuxNamespaceType::Ipc))?,
+        namespace(LinuxNamespaceType::Uts, joined(LinuxNamespaceType::Uts))?,
         namespace(LinuxNamespaceType::Network, Some(ctx.netns))?,
     ];
     for (i, ns) in linux.namespaces().iter().flatten().enumerate() {
@@ -477,6 +488,7 @@ mod tests {
             owned_dirs: owned,
             ephemeral_dir: Path::new("/run/isola/sandbox/ephemeral"),
             terminal: false,
+            joined: &[],
         }
     }
 
@@ -549,6 +561,56 @@ mod tests {
             Some(true)
         );
         assert!(p.seccomp.is_none());
+    }
+
+    #[test]
+    fn joined_namespaces_replace_new_ones_and_host_paths_are_dropped() {
+        let s = share();
+        let mut c = ctx(&s, &[]);
+        let joined = [
+            (
+                LinuxNamespaceType::Ipc,
+                Path::new("/run/isola/sandbox/ns/ipc"),
+            ),
+            (
+                LinuxNamespaceType::Pid,
+                Path::new("/run/isola/sandbox/ns/pid"),
+            ),
+        ];
+        c.joined = &joined;
+        // As containerd's CRI writes a pod container's spec: the pause's
+        // namespaces by its (host) pid.
+        let json = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "linux":{"namespaces":[{"type":"ipc","path":"/proc/77/ns/ipc"},{"type":"uts","path":"/proc/77/ns/uts"},
+                                   {"type":"pid","path":"/proc/77/ns/pid"},{"type":"network","path":"/proc/77/ns/net"},{"type":"mount"}]}}"#;
+        let p = prepare(spec(json), &c).expect("prepared");
+        let ns = p
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .expect("namespaces");
+        let path = |typ| {
+            ns.iter()
+                .find(|n| n.typ() == typ)
+                .map(|n| n.path().clone())
+                .expect("namespace present")
+        };
+        assert_eq!(
+            path(LinuxNamespaceType::Ipc).as_deref(),
+            Some(Path::new("/run/isola/sandbox/ns/ipc"))
+        );
+        assert_eq!(
+            path(LinuxNamespaceType::Pid).as_deref(),
+            Some(Path::new("/run/isola/sandbox/ns/pid"))
+        );
+        // Not joined: new, whatever host path the spec gave.
+        assert_eq!(path(LinuxNamespaceType::Uts), None);
+        assert_eq!(path(LinuxNamespaceType::Mount), None);
+        assert_eq!(
+            path(LinuxNamespaceType::Network).as_deref(),
+            Some(Path::new("/run/isola/sandbox/netns"))
+        );
     }
 
     #[test]

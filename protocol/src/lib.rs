@@ -31,8 +31,10 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The version of the `isola.agent.v1` API that this crate describes, as
 /// reported by `Health.Version` in `api_version`. Raised when methods or
 /// fields are added to v1: 1 was `Health` alone, 2 adds the container
-/// service `Agent`, 3 adds `Agent.SetupNetwork` (pod networking).
-pub const API_VERSION: u32 = 3;
+/// service `Agent`, 3 adds `Agent.SetupNetwork` (pod networking), 4 adds
+/// `CreateContainerRequest.sandbox_namespaces` (a pod's shared IPC, UTS
+/// and PID namespaces).
+pub const API_VERSION: u32 = 4;
 
 /// The fully qualified name of the health service, for
 /// `CheckRequest.service`.

@@ -400,6 +400,8 @@ struct Inner {
     containers: Mutex<HashSet<String>>,
     tasks: Mutex<Vec<AbortHandle>>,
     kernel_release: String,
+    /// The agent's `api_version`.
+    agent_api: u32,
 }
 
 impl std::fmt::Debug for Inner {
@@ -668,7 +670,7 @@ impl Sandbox {
             config,
             resources,
             agent,
-            created.kernel_release,
+            (created.kernel_release, version.api_version),
             tasks,
         ))
     }
@@ -679,7 +681,7 @@ impl Sandbox {
         config: SandboxConfig,
         resources: Resources,
         agent: AgentClient,
-        kernel_release: String,
+        (kernel_release, agent_api): (String, u32),
         mut tasks: Vec<AbortHandle>,
     ) -> Sandbox {
         let id = config.id.clone();
@@ -696,6 +698,7 @@ impl Sandbox {
             containers: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
             kernel_release,
+            agent_api,
         });
         tasks.push(tokio::spawn(supervise(Arc::downgrade(&inner))).abort_handle());
         tasks.push(
@@ -729,6 +732,13 @@ impl Sandbox {
     /// The guest kernel's release, as the agent reported it.
     pub fn kernel_release(&self) -> &str {
         &self.inner.kernel_release
+    }
+
+    /// The VMM's pid: the host pid that stands for every process of the
+    /// sandbox (a guest pid means nothing on the host), as Kata reports its
+    /// hypervisor's (0 for a sandbox assembled without one, in tests).
+    pub fn vmm_pid(&self) -> u32 {
+        self.inner.resources.vmm.as_ref().map_or(0, |v| v.pid())
     }
 
     /// Pids of the VMM and virtiofsd.
@@ -941,6 +951,20 @@ impl Sandbox {
                     .in_container(cid)
             })?;
         }
+        let sandbox_namespaces = crate::namespaces::shared(&spec, self.vmm_pid())
+            .map_err(|e| invalid(format!("oci spec: {e}")))?;
+        if !sandbox_namespaces.is_empty() && self.inner.agent_api < 4 {
+            return Err(Error::new(
+                ErrorKind::Unimplemented,
+                sid,
+                "creating the container",
+                format!(
+                    "the agent speaks api_version {}; sharing the pod's namespaces needs 4",
+                    self.inner.agent_api
+                ),
+            )
+            .in_container(cid));
+        }
         let binds = spec::rewrite(&mut spec, cid).map_err(|e| invalid(format!("oci spec: {e}")))?;
         for bind in &binds {
             if !bind.source.exists() {
@@ -980,6 +1004,7 @@ impl Sandbox {
             oci_spec_json: spec_json,
             rootfs: share::guest_rootfs_rel(cid),
             stdio: MessageField::some(stdio),
+            sandbox_namespaces,
             ..Default::default()
         };
         let agent = &self.inner.agent;
@@ -1761,7 +1786,7 @@ mod tests {
             config,
             resources,
             AgentClient::new(client),
-            "fake".into(),
+            ("fake".into(), isola_protocol::API_VERSION),
             Vec::new(),
         );
         (sandbox, server, release)

@@ -628,7 +628,10 @@ impl Service {
             }
         };
         *proc.io.lock().await = Some(attached);
-        proc.set(State::Created, started.pid);
+        // The host pid of every process of the sandbox: its VMM's.
+        let pid = running.sandbox.vmm_pid();
+        tracing::info!(container = %id, pid, guest_pid = started.pid, "created");
+        proc.set(State::Created, pid);
         // Watched from now on: a created init is a process in the guest,
         // and a Kill before Start must end its Wait too.
         self.watch_exit(running.clone(), id.clone(), proc.clone());
@@ -643,7 +646,7 @@ impl Service {
                 paused: false,
             },
         );
-        Ok(started.pid)
+        Ok(pid)
     }
 }
 
@@ -736,7 +739,7 @@ impl Task for Service {
                     {
                         tracing::warn!(container = %req.id, exec_id = %req.exec_id, %err, "killing an exec whose stdio failed");
                     }
-                    proc.set(State::Running, started.pid);
+                    proc.set(State::Running, running.sandbox.vmm_pid());
                     self.watch_exit(running, req.id.clone(), proc);
                     return Err(status(
                         Code::INVALID_ARGUMENT,
@@ -744,7 +747,8 @@ impl Task for Service {
                     ));
                 }
             }
-            started.pid
+            tracing::debug!(container = %req.id, exec_id = %req.exec_id, guest_pid = started.pid, "exec started");
+            running.sandbox.vmm_pid()
         };
         if req.exec_id.is_empty() {
             // Its watcher runs since Create; an exit before this start
@@ -853,20 +857,16 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
+        // Host pids only: callers act on them on the host (Docker's `top`
+        // runs `ps` there for them). Every process of the sandbox is its
+        // VMM on the host, reported once, as Kata reports its hypervisor.
+        self.proc(&req.id, "")?;
         let running = self.running().await?;
-        let processes = running
-            .sandbox
-            .list_processes(&req.id)
-            .await
-            .map_err(from_sandbox)?;
         Ok(api::PidsResponse {
-            processes: processes
-                .into_iter()
-                .map(|p| ProcessInfo {
-                    pid: p.pid,
-                    ..Default::default()
-                })
-                .collect(),
+            processes: vec![ProcessInfo {
+                pid: running.sandbox.vmm_pid(),
+                ..Default::default()
+            }],
             ..Default::default()
         })
     }

@@ -183,7 +183,8 @@ pub fn sandbox_config(pod: &Pod, uid: &str, paths: &PodPaths) -> Result<cri::Pod
 
 /// The pod's namespaces, as kubelet asks for them of the sandbox and of
 /// every container: the node's where hostNetwork, hostPID or hostIPC say
-/// so, else the pod's network and IPC and a PID namespace per container.
+/// so, else the pod's network and IPC, and a PID namespace per container
+/// or the pod's one (shareProcessNamespace).
 fn namespace_options(pod: &Pod) -> cri::NamespaceOption {
     let node_or = |node: bool, otherwise: cri::NamespaceMode| {
         if node {
@@ -194,7 +195,14 @@ fn namespace_options(pod: &Pod) -> cri::NamespaceOption {
     };
     cri::NamespaceOption {
         network: node_or(pod.spec.host_network, cri::NamespaceMode::Pod),
-        pid: node_or(pod.spec.host_pid, cri::NamespaceMode::Container),
+        pid: node_or(
+            pod.spec.host_pid,
+            if pod.spec.share_process_namespace {
+                cri::NamespaceMode::Pod
+            } else {
+                cri::NamespaceMode::Container
+            },
+        ),
         ipc: node_or(pod.spec.host_ipc, cri::NamespaceMode::Pod),
         ..Default::default()
     }
@@ -287,6 +295,12 @@ pub fn container_config(
                 run_as_group: security.run_as_group.map(|value| cri::Int64Value { value }),
                 readonly_rootfs: security.read_only_root_filesystem,
                 namespace_options: Some(namespace_options(pod)),
+                capabilities: security.capabilities.as_ref().map(|c| cri::Capability {
+                    add_capabilities: c.add.clone(),
+                    drop_capabilities: c.drop.clone(),
+                    ..Default::default()
+                }),
+                no_new_privs: security.allow_privilege_escalation == Some(false),
                 ..Default::default()
             }),
         }),
@@ -371,6 +385,45 @@ mod tests {
             assert_eq!(ns.pid, cri::NamespaceMode::Node as i32);
             assert_eq!(ns.ipc, cri::NamespaceMode::Node as i32);
             assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
+        }
+    }
+
+    #[test]
+    fn capabilities_and_privilege_escalation_reach_the_container_config() {
+        let p = pod("");
+        let c = container_config(&p, "u1", 0, 0, &[], &paths(&p)).expect("config");
+        let sc = c.linux.and_then(|l| l.security_context).expect("sc");
+        assert!(sc.capabilities.is_none() && !sc.no_new_privs);
+        let mut p = pod("");
+        p.spec.containers[0].security_context = Some(
+            serde_yaml_ng::from_str(
+                "{allowPrivilegeEscalation: false, capabilities: {add: [NET_ADMIN, NET_RAW], drop: [KILL]}}",
+            )
+            .expect("securityContext"),
+        );
+        let c = container_config(&p, "u1", 0, 0, &[], &paths(&p)).expect("config");
+        let sc = c.linux.and_then(|l| l.security_context).expect("sc");
+        let caps = sc.capabilities.expect("capabilities");
+        assert_eq!(caps.add_capabilities, ["NET_ADMIN", "NET_RAW"]);
+        assert_eq!(caps.drop_capabilities, ["KILL"]);
+        assert!(sc.no_new_privs);
+    }
+
+    #[test]
+    fn share_process_namespace_asks_for_the_pods_pid_namespace() {
+        for (manifest, pid) in [
+            ("", cri::NamespaceMode::Container),
+            ("  shareProcessNamespace: true\n", cri::NamespaceMode::Pod),
+        ] {
+            let p = pod(manifest);
+            let c = container_config(&p, "u1", 0, 0, &[], &paths(&p)).expect("config");
+            let ns = c
+                .linux
+                .and_then(|l| l.security_context)
+                .and_then(|s| s.namespace_options)
+                .expect("ns");
+            assert_eq!(ns.pid, pid as i32, "{manifest:?}");
+            assert_eq!(ns.ipc, cri::NamespaceMode::Pod as i32);
         }
     }
 

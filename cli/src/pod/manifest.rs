@@ -50,6 +50,9 @@ pub struct PodSpec {
     pub host_pid: bool,
     #[serde(default, rename = "hostIPC")]
     pub host_ipc: bool,
+    /// One PID namespace for all the pod's containers (the pause's).
+    #[serde(default)]
+    pub share_process_namespace: bool,
     #[serde(default)]
     pub hostname: Option<String>,
     #[serde(default)]
@@ -134,6 +137,22 @@ pub struct SecurityContext {
     pub run_as_group: Option<i64>,
     #[serde(default)]
     pub read_only_root_filesystem: bool,
+    /// Capabilities added to or dropped from the runtime's default set,
+    /// by name without `CAP_` (as kubelet passes them).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+    /// false sets no_new_privs (kubelet's mapping); default true.
+    #[serde(default)]
+    pub allow_privilege_escalation: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub add: Vec<String>,
+    #[serde(default)]
+    pub drop: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

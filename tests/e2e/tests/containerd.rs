@@ -176,16 +176,33 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
         "exec -t: {status}: {printed:?}"
     );
 
+    // Host pids only: the task's pid, and the one pid its processes show,
+    // is the VM's (a guest pid would name an unrelated host process).
+    let vmm = helpers
+        .iter()
+        .find(|(_, cmd)| cmd.contains("isola-vmm"))
+        .map(|(pid, _)| pid.to_string())
+        .unwrap_or_default();
     let out = c.ctr(&["task", "ps", id])?;
     ensure!(out.status.success(), "{}", c.report("ps", &out));
-    let pids = stdout(&out)
+    let pids: Vec<String> = stdout(&out)
         .lines()
         .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .count();
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
     ensure!(
-        pids >= 2,
-        "ctr task ps shows {pids} processes: {}",
+        pids == [vmm.clone()],
+        "ctr task ps shows {pids:?}, not the VMM's pid {vmm}: {}",
+        stdout(&out)
+    );
+    let out = c.ctr(&["task", "ls"])?;
+    let task_pid = stdout(&out)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string));
+    ensure!(
+        task_pid.as_deref() == Some(vmm.as_str()),
+        "ctr task ls: {id}'s pid is {task_pid:?}, not the VMM's {vmm}: {}",
         stdout(&out)
     );
 

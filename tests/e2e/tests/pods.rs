@@ -25,9 +25,9 @@ fn an_isola_pod_runs_in_its_own_vm_with_containerds_files() -> Result<()> {
     let yaml = manifest(
         "web",
         ISOLA,
-        "  hostname: web-0\n  dnsConfig:\n    nameservers: [198.18.0.53]\n    searches: [svc.isola.test]\n    options: [{name: ndots, value: \"2\"}]\n",
+        "  hostname: web-0\n  shareProcessNamespace: true\n  dnsConfig:\n    nameservers: [198.18.0.53]\n    searches: [svc.isola.test]\n    options: [{name: ndots, value: \"2\"}]\n",
         &format!(
-            "  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"echo out-line; echo err-line >&2; exec sleep 3600\"]\n"
+            "  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"echo out-line; echo err-line >&2; exec sleep 3600\"]\n  - name: side\n    image: {BUSYBOX}\n    command: [sleep, \"3601\"]\n"
         ),
     );
     let _guard = p.guard(&["web"]);
@@ -48,6 +48,22 @@ fn an_isola_pod_runs_in_its_own_vm_with_containerds_files() -> Result<()> {
         boot.trim() != host_boot_id()?,
         "the pod shares the host's kernel"
     );
+
+    // shareProcessNamespace: one PID namespace, the pause's, as with runc;
+    // IPC and UTS are the pod's anyway.
+    let ns = "for n in ipc uts pid; do readlink /proc/self/ns/$n; done";
+    let (app_ns, side_ns) = (p.sh("web", "app", ns)?, p.sh("web", "side", ns)?);
+    ensure!(
+        app_ns == side_ns && app_ns.lines().count() == 3,
+        "app's namespaces {app_ns:?}, side's {side_ns:?}"
+    );
+    let ps = p.sh("web", "side", "ps -o pid,args")?;
+    ensure!(
+        ps.contains("sleep 3600") && ps.contains("sleep 3601"),
+        "side does not see app's process: {ps}"
+    );
+    let init = p.sh("web", "side", "cat /proc/1/cmdline | tr '\\0' ' '")?;
+    ensure!(init.contains("pause"), "PID 1 of the pod is {init:?}");
 
     // The files containerd adds, as the guest sees them.
     let hostname = p.sh("web", "app", "cat /etc/hostname; hostname")?;
@@ -565,10 +581,30 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
         "calm",
         ISOLA,
         "",
-        &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+        &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n  - name: peer\n    image: {BUSYBOX}\n    command: [sleep, \"3601\"]\n"),
     );
     let _guard = p.guard(&["calm", "life"]);
     let calm = p.apply(&calm_yaml)?;
+    // Kubernetes' default: the pod's IPC and UTS namespaces, a PID
+    // namespace per container (each sees only its own processes).
+    let ns = |c: &str| -> Result<Vec<String>> {
+        let out = p.sh(
+            "calm",
+            c,
+            "for n in ipc uts pid; do readlink /proc/self/ns/$n; done",
+        )?;
+        Ok(out.lines().map(str::to_string).collect())
+    };
+    let (app_ns, peer_ns) = (ns("app")?, ns("peer")?);
+    ensure!(
+        app_ns.len() == 3 && app_ns[..2] == peer_ns[..2] && app_ns[2] != peer_ns[2],
+        "app's ipc, uts, pid namespaces {app_ns:?}, peer's {peer_ns:?}"
+    );
+    let ps = p.sh("calm", "peer", "ps -o pid,args")?;
+    ensure!(
+        ps.contains("sleep 3601") && !ps.contains("sleep 3600"),
+        "peer sees another container's processes: {ps}"
+    );
     let c = |name: &str, cpu: &str, mem: &str, script: &str| {
         format!(
             "  - name: {name}\n    image: {BUSYBOX}\n    command: [sh, -c]\n    args: [\"{script}\"]\n    resources: {{limits: {{cpu: {cpu}, memory: {mem}}}}}\n"

@@ -161,7 +161,11 @@ pub fn check_hostname(name: &str) -> Result<(), SpecError> {
     }
 }
 
-/// Mounts the virtio-fs `tag` on `mount_point`.
+/// Mounts the virtio-fs `tag` on `mount_point`: nodev, not nosuid. The
+/// containers' root file systems and volumes are in it, and a setuid
+/// binary there (an image's `sudo`, `ping`) works as under runc: inside
+/// the VM, runc's semantics hold; the VM is the boundary. (Device nodes
+/// stay refused: the container's devices are those its spec gives.)
 pub fn mount_share(tag: &str, mount_point: &Path) -> Result<()> {
     fs::create_dir_all(mount_point)
         .with_context(|| format!("creating {}", mount_point.display()))?;
@@ -169,7 +173,7 @@ pub fn mount_share(tag: &str, mount_point: &Path) -> Result<()> {
         Some(tag),
         mount_point,
         Some("virtiofs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        MsFlags::MS_NODEV,
         None::<&str>,
     )
     .with_context(|| {

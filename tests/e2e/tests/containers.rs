@@ -354,6 +354,67 @@ async fn many_containers(id: &str, run_root: &Path) -> Result<()> {
         "stdout/stderr apart; uid, gid, groups, env, cwd, hostname",
     );
 
+    // setuid in the image is honoured, as runc honours it: a process of
+    // uid 1000 without NoNewPrivileges gets root's euid from a setuid-root
+    // binary. busybox's ping needs a raw socket: CAP_NET_RAW, in the
+    // bounding set only, so only an euid of 0 has it (the guest's
+    // ping_group_range lets no group use ICMP sockets).
+    let suid_root = scratch.path.join("suid-rootfs");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&rootfs)
+        .arg(&suid_root)
+        .status()?;
+    ensure!(copied.success(), "copying the rootfs: {copied}");
+    std::fs::create_dir_all(suid_root.join("suid"))?;
+    std::fs::copy(rootfs.join("bin/busybox"), suid_root.join("suid/busybox"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            suid_root.join("suid/busybox"),
+            std::fs::Permissions::from_mode(0o4755),
+        )?;
+    }
+    let mut suid_spec = spec(&suid_root, &["sleep", "100000"]);
+    if let Some(root) = suid_spec.root_mut() {
+        root.set_readonly(Some(false));
+    }
+    sandbox
+        .create_container(request("suid", suid_spec, &suid_root, NO_STDIO))
+        .await?;
+    sandbox.start_container("suid").await?;
+    let ping = |binary: &str| {
+        let mut p = process(&[binary, "ping", "-c", "1", "-W", "5", "127.0.0.1"]);
+        let mut user = p.user().clone();
+        user.set_uid(1000).set_gid(1000);
+        p.set_user(user);
+        p.set_no_new_privileges(Some(false));
+        let raw = oci_spec::runtime::Capability::NetRaw;
+        let mut caps = oci_spec::runtime::LinuxCapabilities::default();
+        caps.set_bounding(Some([raw].into_iter().collect()))
+            .set_effective(Some(Default::default()))
+            .set_permitted(Some(Default::default()))
+            .set_inheritable(Some(Default::default()))
+            .set_ambient(Some(Default::default()));
+        p.set_capabilities(Some(caps));
+        p
+    };
+    let plain = exec_collect(&sandbox, "suid", "ping-plain", &ping("/bin/busybox")).await?;
+    ensure!(
+        plain.status.status != 0 && plain.stderr.contains("permission denied"),
+        "uid 1000 pinged without setuid: {plain:?}"
+    );
+    let suid = exec_collect(&sandbox, "suid", "ping-suid", &ping("/suid/busybox")).await?;
+    ensure!(
+        suid.status.status == 0 && suid.stdout.contains("1 packets received"),
+        "a setuid-root ping as uid 1000: {suid:?}"
+    );
+    sandbox.remove("suid", true).await?;
+    step(
+        t,
+        "setuid: uid 1000 pings through a setuid-root busybox only",
+    );
+
     // A terminal with a window size.
     let tty = StdioRequest {
         stdin: false,

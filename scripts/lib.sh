@@ -241,7 +241,8 @@ isola_descendants() {
         read -r line 2>/dev/null <"$stat" || continue
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
         rest=${line##*) }
-        read -r _ ppid _ <<<"$rest" || true
+        ppid=${rest#* }
+        ppid=${ppid%% *}
         [ "$ppid" = "$1" ] || continue
         pid=${stat#/proc/}
         pid=${pid%/stat}

@@ -29,6 +29,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
+use isola_protocol::SHAREABLE_NAMESPACES;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::LinuxNamespaceType;
 
@@ -44,13 +45,6 @@ pub const STATE: &str = "/run/isola/state";
 pub const CONSOLES: &str = "/run/isola/consoles";
 /// Where the sandbox container's namespaces are kept ([`pin_namespaces`]).
 pub const POD_NAMESPACES: &str = "/run/isola/namespaces";
-/// The namespaces a pod's containers may share with its sandbox container,
-/// by their names in `/proc/<pid>/ns` and in the agent API.
-pub const SHAREABLE: [(&str, LinuxNamespaceType); 3] = [
-    ("ipc", LinuxNamespaceType::Ipc),
-    ("uts", LinuxNamespaceType::Uts),
-    ("pid", LinuxNamespaceType::Pid),
-];
 /// The sandbox cgroup, relative to the cgroup root.
 pub const CGROUP_PARENT: &str = "/isola";
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -224,7 +218,7 @@ pub fn unmount(path: &Path) -> Result<()> {
 pub fn pin_namespaces(pid: u32, dir: &Path) -> Result<()> {
     unpin_namespaces(dir);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, _) in SHAREABLE {
+    for name in SHAREABLE_NAMESPACES {
         let target = dir.join(name);
         let source = format!("/proc/{pid}/ns/{name}");
         let pinned = fs::write(&target, b"")
@@ -249,31 +243,39 @@ pub fn pin_namespaces(pid: u32, dir: &Path) -> Result<()> {
 
 /// Lets go of the namespaces [`pin_namespaces`] kept (those that are).
 pub fn unpin_namespaces(dir: &Path) {
-    for (name, _) in SHAREABLE {
+    for name in SHAREABLE_NAMESPACES {
         let target = dir.join(name);
         let _ = umount2(&target, MntFlags::MNT_DETACH);
         let _ = fs::remove_file(&target);
     }
 }
 
-/// The namespaces a CreateContainer request names to share, by type, each
-/// once; an unknown or repeated name is an error naming it.
-pub fn shared_namespaces(names: &[String]) -> Result<Vec<LinuxNamespaceType>, SpecError> {
-    let mut types = Vec::new();
+/// The namespaces a CreateContainer request names to share, each once,
+/// with where [`pin_namespaces`] keeps it in `dir`; an unknown or repeated
+/// name is an error naming it.
+pub fn shared_namespaces(
+    names: &[String],
+    dir: &Path,
+) -> Result<Vec<(LinuxNamespaceType, PathBuf)>, SpecError> {
+    let mut shared: Vec<(LinuxNamespaceType, PathBuf)> = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let field = format!("sandbox_namespaces[{i}]");
-        let Some((_, typ)) = SHAREABLE.iter().find(|(n, _)| n == name) else {
-            return Err(err(
-                field,
-                format!("{name:?} is not a namespace a container can share (ipc, uts, pid)"),
-            ));
-        };
-        if types.contains(typ) {
+        let typ = SHAREABLE_NAMESPACES
+            .contains(&name.as_str())
+            .then(|| LinuxNamespaceType::try_from(name.as_str()).ok())
+            .flatten()
+            .ok_or_else(|| {
+                err(
+                    &field,
+                    format!("{name:?} is not a namespace a container can share (ipc, uts, pid)"),
+                )
+            })?;
+        if shared.iter().any(|(t, _)| *t == typ) {
             return Err(err(field, format!("{name:?} is named twice")));
         }
-        types.push(*typ);
+        shared.push((typ, dir.join(name)));
     }
-    Ok(types)
+    Ok(shared)
 }
 
 /// Creates a network namespace with `lo` up and keeps it by bind-mounting
@@ -372,19 +374,20 @@ mod tests {
     #[test]
     fn shared_namespace_names_are_checked() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let dir = Path::new("/pins");
         assert_eq!(
-            shared_namespaces(&names(&["pid", "ipc", "uts"])),
+            shared_namespaces(&names(&["pid", "ipc", "uts"]), dir),
             Ok(vec![
-                LinuxNamespaceType::Pid,
-                LinuxNamespaceType::Ipc,
-                LinuxNamespaceType::Uts
+                (LinuxNamespaceType::Pid, dir.join("pid")),
+                (LinuxNamespaceType::Ipc, dir.join("ipc")),
+                (LinuxNamespaceType::Uts, dir.join("uts"))
             ])
         );
-        assert_eq!(shared_namespaces(&[]), Ok(vec![]));
-        let e = shared_namespaces(&names(&["ipc", "net"])).expect_err("net");
+        assert_eq!(shared_namespaces(&[], dir), Ok(vec![]));
+        let e = shared_namespaces(&names(&["ipc", "net"]), dir).expect_err("net");
         assert_eq!(e.field, "sandbox_namespaces[1]");
         assert!(e.message.contains("\"net\" is not"), "{e}");
-        let e = shared_namespaces(&names(&["uts", "uts"])).expect_err("twice");
+        let e = shared_namespaces(&names(&["uts", "uts"]), dir).expect_err("twice");
         assert!(e.message.contains("twice"), "{e}");
     }
 

@@ -670,20 +670,16 @@ impl AgentService {
         }
         let parsed =
             spec::parse_json(&req.oci_spec_json).map_err(|e| spec_error("oci_spec_json", e))?;
-        let shared = sandbox::shared_namespaces(&req.sandbox_namespaces).map_err(invalid)?;
-        if !shared.is_empty() && !*lock(&self.state.pinned) {
+        let pins =
+            sandbox::shared_namespaces(&req.sandbox_namespaces, Path::new(sandbox::POD_NAMESPACES))
+                .map_err(invalid)?;
+        if !pins.is_empty() && !*lock(&self.state.pinned) {
             return Err(precondition(format!(
                 "container {id}: it shares the sandbox's namespaces, but the sandbox's own \
                  container ({}) does not exist: create it first",
                 self.sandbox_id().unwrap_or_default()
             )));
         }
-        let ns_dir = Path::new(sandbox::POD_NAMESPACES);
-        let pins: Vec<(oci_spec::runtime::LinuxNamespaceType, PathBuf)> = sandbox::SHAREABLE
-            .iter()
-            .filter(|(_, typ)| shared.contains(typ))
-            .map(|(name, typ)| (*typ, ns_dir.join(name)))
-            .collect();
         let joined: Vec<_> = pins.iter().map(|(t, p)| (*t, p.as_path())).collect();
         let owned = [Path::new(sandbox::SANDBOX_DIR)];
         let stdio = req.stdio.clone().unwrap_or_default();

@@ -36,6 +36,11 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// and PID namespaces).
 pub const API_VERSION: u32 = 4;
 
+/// The namespaces a container may share with its sandbox's own container,
+/// by the names `CreateContainerRequest.sandbox_namespaces` carries (the
+/// OCI names, which are also those of `/proc/<pid>/ns`).
+pub const SHAREABLE_NAMESPACES: [&str; 3] = ["ipc", "uts", "pid"];
+
 /// The fully qualified name of the health service, for
 /// `CheckRequest.service`.
 pub const HEALTH_SERVICE: &str = "isola.agent.v1.Health";

@@ -15,21 +15,17 @@
 //! as runc makes it; one left out of the spec (the host's) is the shim's
 //! to refuse.
 
+use isola_protocol::SHAREABLE_NAMESPACES;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-
-/// The namespaces a container may share with its sandbox, by their names
-/// in `/proc/<pid>/ns` (and in the agent API).
-const SHAREABLE: [(LinuxNamespaceType, &str, &str); 3] = [
-    (LinuxNamespaceType::Ipc, "ipc", "IPC"),
-    (LinuxNamespaceType::Uts, "uts", "UTS"),
-    (LinuxNamespaceType::Pid, "pid", "PID"),
-];
 
 /// The pid in a `/proc/<pid>/ns/<name>` path, if it is one.
 fn proc_ns_pid(path: &str, name: &str) -> Option<u32> {
     let rest = path.strip_prefix("/proc/")?;
     let (pid, ns) = rest.split_once('/')?;
-    if ns != format!("ns/{name}") || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+    if ns.strip_prefix("ns/") != Some(name)
+        || pid.is_empty()
+        || !pid.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     pid.parse().ok()
@@ -42,7 +38,10 @@ pub fn shared(spec: &Spec, sandbox_pid: u32) -> Result<Vec<String>, String> {
     let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
     let mut joined = Vec::new();
     for ns in namespaces.into_iter().flatten() {
-        let Some((_, name, label)) = SHAREABLE.iter().find(|(t, _, _)| *t == ns.typ()) else {
+        let Some(name) = SHAREABLE_NAMESPACES
+            .into_iter()
+            .find(|n| LinuxNamespaceType::try_from(*n).ok() == Some(ns.typ()))
+        else {
             continue;
         };
         let Some(path) = ns.path().as_ref().filter(|p| !p.as_os_str().is_empty()) else {
@@ -50,17 +49,19 @@ pub fn shared(spec: &Spec, sandbox_pid: u32) -> Result<Vec<String>, String> {
         };
         let text = path.to_string_lossy();
         match proc_ns_pid(&text, name) {
-            Some(pid) if pid == sandbox_pid => {
+            // 0 is no process: a sandbox without a VMM shares nothing.
+            Some(pid) if pid == sandbox_pid && pid != 0 => {
                 if !joined.iter().any(|n| n == name) {
                     joined.push(name.to_string());
                 }
             }
             _ => {
                 return Err(format!(
-                    "linux.namespaces: the {label} namespace {text} is not this pod's \
+                    "linux.namespaces: the {} namespace {text} is not this pod's \
                      (its tasks' pid is {sandbox_pid}, the VM's): a container in a VM can \
                      share namespaces only with the containers of its own pod, not with \
-                     another VM's or a host process's"
+                     another VM's or a host process's",
+                    name.to_uppercase()
                 ))
             }
         }
@@ -105,6 +106,9 @@ mod tests {
         ]));
         assert_eq!(shared(&s, 4242), Ok(vec![]));
         assert_eq!(shared(&spec(serde_json::json!([])), 1), Ok(vec![]));
+        // No VMM (pid 0): nothing names it.
+        let s = spec(serde_json::json!([{"type": "ipc", "path": "/proc/0/ns/ipc"}]));
+        assert!(shared(&s, 0).is_err());
     }
 
     #[test]

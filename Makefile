@@ -117,6 +117,7 @@ lint: deps
 unit-test: deps
 	tests/scripts/kernel-source.sh
 	tests/scripts/lib-helpers.sh
+	tests/scripts/e2e-resume.sh
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib --bins
 

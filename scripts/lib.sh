@@ -148,6 +148,171 @@ isola_virtiofsd() {
     echo "$bin"
 }
 
+# isola_debian_unpack SUITE DIR PKG...: downloads the packages PKG from
+# Debian's SUITE (bookworm-backports, trixie, unstable) and unpacks them
+# into DIR, made anew; the .debs stay beside it in $(dirname DIR)/debs for a
+# caller that reads their control fields. Nothing is installed: apt works
+# on a private state in the cache that knows only SUITE, so the machine's
+# sources, lists and caches are left alone.
+isola_debian_unpack() {
+    local suite=$1 dest=$2
+    shift 2
+    local apt=$ISOLA_CACHE/apt-$suite
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg signed=
+    [ -r "$keyring" ] && signed=" [signed-by=$keyring]"
+    echo "deb$signed http://deb.debian.org/debian $suite main" >"$apt/sources.list"
+    local opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=-
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
+    isola_as_root apt-get "${opts[@]}" update -qq >&2 || {
+        echo "isola: apt-get update of $suite failed" >&2
+        return 1
+    }
+    local debs
+    debs=$(dirname "$dest")/debs
+    rm -rf "$debs" "$dest"
+    mkdir -p "$debs" "$dest"
+    local pkgs=("$@")
+    (cd "$debs" && isola_as_root apt-get "${opts[@]}" download -qq "${pkgs[@]/%//$suite}" >&2) || {
+        echo "isola: cannot download ${pkgs[*]} from $suite" >&2
+        return 1
+    }
+    local pkg deb
+    for pkg in "${pkgs[@]}"; do
+        if ! compgen -G "$debs/${pkg}_*.deb" >/dev/null; then
+            echo "isola: apt-get download of $pkg from $suite left no .deb" >&2
+            return 1
+        fi
+    done
+    for deb in "$debs"/*.deb; do
+        dpkg-deb -x "$deb" "$dest" || {
+            echo "isola: cannot unpack $deb" >&2
+            return 1
+        }
+    done
+}
+
+# The containerd a node runs, by minor (1.6, 1.7) or major (2) version:
+# prints the directory that holds its containerd, ctr and
+# containerd-shim-runc-v2. 1.6 is the machine's own (bookworm's, which
+# tests/kvm-host/setup-e2e installs); the newer ones come from the Debian
+# suites that carry them, unpacked into the cache, never installed. The
+# pin is the version asked for; a newer point release is accepted (the
+# suites, unstable above all, drop old versions).
+isola_containerd() {
+    local want=$1 suite prefix
+    case "$want" in
+    1.6) suite='' prefix=1.6. ;;
+    1.7) suite=trixie prefix=1.7. ;;
+    2) suite=unstable prefix=2. ;;
+    *)
+        echo "isola: no containerd '$want': 1.6, 1.7 or 2" >&2
+        return 1
+        ;;
+    esac
+    local bin version
+    if [ -z "$suite" ]; then
+        bin=$(command -v containerd 2>/dev/null) || {
+            echo "isola: no containerd on PATH (tests/kvm-host/setup-e2e installs Debian's $want)" >&2
+            return 1
+        }
+        bin=$(dirname "$bin")
+    else
+        bin=$ISOLA_TOOLS/containerd-$want/bin
+    fi
+    if version=$(isola_containerd_version "$bin") && [[ "$version" == "$prefix"* ]]; then
+        echo "$bin"
+        return 0
+    fi
+    if [ -z "$suite" ]; then
+        echo "isola: the containerd in $bin is ${version:-unknown}, not $want" >&2
+        return 1
+    fi
+    local dir=$ISOLA_TOOLS/containerd-$want
+    echo "isola: fetching containerd $want from Debian $suite into $dir" >&2
+    rm -rf "$dir.new"
+    isola_debian_unpack "$suite" "$dir.new/root" containerd || return 1
+    rm -rf "$dir.new/debs"
+    mkdir -p "$dir.new/bin"
+    local tool
+    for tool in containerd ctr containerd-shim-runc-v2; do
+        [ -x "$dir.new/root/usr/bin/$tool" ] || {
+            echo "isola: Debian $suite's containerd has no /usr/bin/$tool" >&2
+            return 1
+        }
+        ln -s "$dir/root/usr/bin/$tool" "$dir.new/bin/$tool"
+    done
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+    if ! version=$(isola_containerd_version "$bin") || [[ "$version" != "$prefix"* ]]; then
+        echo "isola: Debian $suite's containerd is ${version:-not runnable here}, not $want" >&2
+        return 1
+    fi
+    echo "isola: containerd $version in $bin" >&2
+    echo "$bin"
+}
+
+# The version of DIR/containerd (1.7.24~ds1, 2.1.9~ds1), or failure.
+isola_containerd_version() {
+    local out
+    out=$("$1/containerd" --version 2>/dev/null) || return 1
+    # "containerd github.com/containerd/containerd[/v2] VERSION REVISION"
+    out=$(awk '{print $3; exit}' <<<"$out")
+    out=${out#v}
+    [[ "$out" =~ ^[0-9]+\.[0-9]+ ]] || return 1
+    echo "$out"
+}
+
+# Docker's daemon and client, major version ISOLA_DOCKER_MAJOR, from Debian
+# unstable unpacked into the cache (never installed): prints a directory
+# with dockerd, docker, docker-proxy and docker-init. A newer point release
+# of that major is accepted. dockerd needs a containerd (tests start their
+# own: --containerd), runc and iptables from the machine.
+ISOLA_DOCKER_MAJOR=28
+isola_docker() {
+    local dir=$ISOLA_TOOLS/docker-$ISOLA_DOCKER_MAJOR version
+    if version=$(isola_docker_version "$dir/bin") && [[ "$version" == "$ISOLA_DOCKER_MAJOR."* ]]; then
+        echo "$dir/bin"
+        return 0
+    fi
+    echo "isola: fetching Docker $ISOLA_DOCKER_MAJOR from Debian unstable into $dir" >&2
+    rm -rf "$dir.new"
+    isola_debian_unpack unstable "$dir.new/root" docker.io docker-cli tini-static || return 1
+    rm -rf "$dir.new/debs"
+    mkdir -p "$dir.new/bin"
+    local tool path
+    for tool in dockerd docker docker-proxy docker-init; do
+        for path in usr/sbin usr/bin; do
+            [ -x "$dir.new/root/$path/$tool" ] || continue
+            ln -s "$dir/root/$path/$tool" "$dir.new/bin/$tool"
+            break
+        done
+        [ -L "$dir.new/bin/$tool" ] || {
+            echo "isola: Debian unstable's docker.io, docker-cli and tini-static have no $tool" >&2
+            return 1
+        }
+    done
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+    if ! version=$(isola_docker_version "$dir/bin") || [[ "$version" != "$ISOLA_DOCKER_MAJOR."* ]]; then
+        echo "isola: Debian unstable's Docker is ${version:-not runnable here}, not $ISOLA_DOCKER_MAJOR" >&2
+        return 1
+    fi
+    echo "isola: Docker $version in $dir/bin" >&2
+    echo "$dir/bin"
+}
+
+# The version of DIR/dockerd (28.5.2+dfsg4), or failure.
+isola_docker_version() {
+    local out
+    out=$("$1/dockerd" --version 2>/dev/null) || return 1
+    # "Docker version 28.5.2+dfsg4, build 3ef3c07"
+    out=$(awk '{print $3; exit}' <<<"$out")
+    out=${out%,}
+    [[ "$out" =~ ^[0-9]+\.[0-9]+ ]] || return 1
+    echo "$out"
+}
+
 # The QEMU that emulates the KVM host (tests/kvm-host/run), installing it
 # into the cache if missing; prints the path of a qemu-system-x86_64 to
 # give virtme-ng. Debian bookworm's QEMU 7.2 does not apply the SVM
@@ -181,40 +346,19 @@ isola_emulator_qemu() {
         return 0
     fi
     echo "isola: fetching QEMU from $codename-backports into $dir (the system's is ${major:-missing}, older than $ISOLA_QEMU_MIN_MAJOR)" >&2
-    # A private apt state that knows only the backports suite: the
-    # machine's sources, lists and caches are left alone.
-    local apt=$ISOLA_CACHE/apt-$codename-backports
-    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
-    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg signed=
-    [ -r "$keyring" ] && signed=" [signed-by=$keyring]"
-    echo "deb$signed http://deb.debian.org/debian $codename-backports main" >"$apt/sources.list"
-    local opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=-
-        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
-    isola_as_root apt-get "${opts[@]}" update -qq >&2 || {
-        echo "isola: apt-get update of $codename-backports failed" >&2
-        return 1
-    }
-    local tmp
-    tmp=$(mktemp -d)
-    local pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
-    (cd "$tmp" && isola_as_root apt-get "${opts[@]}" download -qq "${pkgs[@]/%//$codename-backports}" >&2) || {
-        echo "isola: cannot download ${pkgs[*]} from $codename-backports" >&2
-        rm -rf "$tmp"
-        return 1
-    }
+    rm -rf "$dir.new"
+    isola_debian_unpack "$codename-backports" "$dir.new/root" \
+        qemu-system-x86 qemu-system-common qemu-system-data seabios || return 1
     # Its libraries come from the release itself: install those missing.
     local depends name need=()
-    depends=$(dpkg-deb -f "$tmp"/qemu-system-x86_*.deb Depends)
+    depends=$(dpkg-deb -f "$dir.new/debs"/qemu-system-x86_*.deb Depends)
     while IFS= read -r name; do
         case "$name" in '' | qemu-* | seabios | ipxe-qemu) continue ;; esac
         isola_pkg_installed "$name" || need+=("$name")
     done < <(tr ',' '\n' <<<"$depends" | sed 's/|.*//; s/(.*//; s/[[:space:]]//g')
     if [ ${#need[@]} -gt 0 ]; then isola_apt_install "${need[@]}"; fi
-    rm -rf "$dir.new"
+    rm -rf "$dir.new/debs"
     mkdir -p "$dir.new/bin"
-    local deb
-    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$dir.new/root"; done
-    rm -rf "$tmp"
     # Its firmware and option ROMs first, before the system QEMU's.
     cat >"$dir.new/bin/qemu-system-x86_64" <<WRAPPER
 #!/bin/sh

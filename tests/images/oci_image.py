@@ -23,6 +23,14 @@ the pod sandbox image containerd's CRI runs as each pod's first container.
 The index names the image twice: `io.containerd.image.name` = REF (what
 `ctr image import` names it) and `org.opencontainers.image.ref.name` = its
 tag (the OCI layout's own name).
+
+The archive also has a `manifest.json` (Docker's archive format), as
+`docker save` writes beside an OCI layout since Docker 25: `docker load`
+reads only that file (without it, it looks for the pre-1.10 format and
+fails with "open .../blobs/json: no such file"). It names the same config
+and layer blobs, and REF as the image's RepoTags, so `ctr image import`
+(which reads both and finds the same image under the same name) and
+`docker load` give the same image.
 """
 
 import argparse
@@ -268,11 +276,21 @@ def main():
         }
     )
     layout = canonical_json({"imageLayoutVersion": "1.0.0"})
+    docker_manifest = canonical_json(
+        [
+            {
+                "Config": "blobs/sha256/" + hashlib.sha256(config).hexdigest(),
+                "RepoTags": [args.name],
+                "Layers": ["blobs/sha256/" + hashlib.sha256(layer_gz).hexdigest()],
+            }
+        ]
+    )
 
     entries = [
         (tar_info("blobs", tarfile.DIRTYPE, 0o755), None),
         (tar_info("blobs/sha256", tarfile.DIRTYPE, 0o755), None),
         (tar_info("index.json", tarfile.REGTYPE, 0o644, size=len(index)), index),
+        (tar_info("manifest.json", tarfile.REGTYPE, 0o644, size=len(docker_manifest)), docker_manifest),
         (tar_info("oci-layout", tarfile.REGTYPE, 0o644, size=len(layout)), layout),
     ]
     for blob in (layer_gz, config, manifest):

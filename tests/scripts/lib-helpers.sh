@@ -317,6 +317,49 @@ isola_emulator_qemu'
     fi
 fi
 
+# --- isola_containerd -----------------------------------------------------------
+# fake_containerd DIR VERSION-LINE: DIR/containerd answering --version so.
+fake_containerd='fake_containerd() { mkdir -p "$1"; printf "#!/bin/sh\necho \"%s\"\n" "$2" >"$1/containerd"; chmod +x "$1/containerd"; }'
+# A newer point release of the pinned major in the cache: taken, no apt-get.
+strict containerd-cached "$fake_containerd"'
+fake_containerd "$ISOLA_TOOLS/containerd-2/bin" "containerd github.com/containerd/containerd/v2 v2.2.1 0123abc"
+isola_containerd 2'
+if expect containerd-cached 0; then
+    if [ "$out" = "$state/cache/tools/containerd-2/bin" ] && [ ! -s "$state/apt-get.log" ]; then
+        pass "containerd-cached: a cached 2.2.1 serves 2"
+    else
+        fail containerd-cached "printed '$out'; apt-get: $(cat "$state/apt-get.log")"
+    fi
+fi
+# 1.6 is the machine's: one on PATH of another version is an error, no fetch.
+strict containerd-system-other "$fake_containerd"'
+fake_containerd "$FAKE_STATE/bin" "containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6"
+PATH=$FAKE_STATE/bin:$PATH isola_containerd 1.6'
+if expect containerd-system-other 1; then
+    if [[ "$err" == *"is 1.7.24~ds1, not 1.6"* ]] && [ ! -s "$state/apt-get.log" ]; then
+        pass "containerd-system-other: 1.7 on PATH is not 1.6"
+    else
+        fail containerd-system-other "stderr does not name the versions"
+    fi
+fi
+# A cached one of another major: fetched anew from unstable; the fake
+# apt-get downloads nothing, which is named.
+strict containerd-refetch "$fake_containerd"'
+fake_containerd "$ISOLA_TOOLS/containerd-2/bin" "containerd github.com/containerd/containerd/v3 v3.0.0 0123abc"
+isola_containerd 2'
+if expect containerd-refetch 1; then
+    if grep -q "download.*containerd/unstable" "$state/apt-get.log" && [[ "$err" == *"download of containerd from unstable left no .deb"* ]]; then
+        pass "containerd-refetch: 3.0 in the cache is not 2: fetched, and the empty download named"
+    else
+        fail containerd-refetch "apt-get: $(cat "$state/apt-get.log")"
+    fi
+fi
+strict containerd-unknown 'isola_containerd 1.5'
+if expect containerd-unknown 1; then
+    if [[ "$err" == *"no containerd '1.5'"* ]]; then pass "containerd-unknown: 1.5 refused"; else
+        fail containerd-unknown "stderr does not name it"; fi
+fi
+
 if [ $failures -gt 0 ]; then
     echo "lib-helpers: $failures failures" >&2
     exit 1

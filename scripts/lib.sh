@@ -192,125 +192,109 @@ isola_debian_unpack() {
     done
 }
 
-# The containerd a node runs, by minor (1.6, 1.7) or major (2) version:
-# prints the directory that holds its containerd, ctr and
-# containerd-shim-runc-v2. 1.6 is the machine's own (bookworm's, which
-# tests/kvm-host/setup-e2e installs); the newer ones come from the Debian
-# suites that carry them, unpacked into the cache, never installed. The
-# pin is the version asked for; a newer point release is accepted (the
-# suites, unstable above all, drop old versions).
-isola_containerd() {
-    local want=$1 suite prefix
-    case "$want" in
-    1.6) suite='' prefix=1.6. ;;
-    1.7) suite=trixie prefix=1.7. ;;
-    2) suite=unstable prefix=2. ;;
-    *)
-        echo "isola: no containerd '$want': 1.6, 1.7 or 2" >&2
-        return 1
-        ;;
-    esac
-    local bin version
-    if [ -z "$suite" ]; then
-        bin=$(command -v containerd 2>/dev/null) || {
-            echo "isola: no containerd on PATH (tests/kvm-host/setup-e2e installs Debian's $want)" >&2
-            return 1
-        }
-        bin=$(dirname "$bin")
-    else
-        bin=$ISOLA_TOOLS/containerd-$want/bin
-    fi
-    if version=$(isola_containerd_version "$bin") && [[ "$version" == "$prefix"* ]]; then
-        echo "$bin"
-        return 0
-    fi
-    if [ -z "$suite" ]; then
-        echo "isola: the containerd in $bin is ${version:-unknown}, not $want" >&2
-        return 1
-    fi
-    local dir=$ISOLA_TOOLS/containerd-$want
-    echo "isola: fetching containerd $want from Debian $suite into $dir" >&2
-    rm -rf "$dir.new"
-    isola_debian_unpack "$suite" "$dir.new/root" containerd || return 1
-    rm -rf "$dir.new/debs"
-    mkdir -p "$dir.new/bin"
-    local tool
-    for tool in containerd ctr containerd-shim-runc-v2; do
-        [ -x "$dir.new/root/usr/bin/$tool" ] || {
-            echo "isola: Debian $suite's containerd has no /usr/bin/$tool" >&2
-            return 1
-        }
-        ln -s "$dir/root/usr/bin/$tool" "$dir.new/bin/$tool"
-    done
-    rm -rf "$dir"
-    mv "$dir.new" "$dir"
-    if ! version=$(isola_containerd_version "$bin") || [[ "$version" != "$prefix"* ]]; then
-        echo "isola: Debian $suite's containerd is ${version:-not runnable here}, not $want" >&2
-        return 1
-    fi
-    echo "isola: containerd $version in $bin" >&2
-    echo "$bin"
-}
-
-# The version of DIR/containerd (1.7.24~ds1, 2.1.9~ds1), or failure.
-isola_containerd_version() {
+# The version that `BIN --version` prints as its third word, without a
+# leading v or a trailing comma (containerd: "containerd
+# github.com/containerd/containerd/v2 v2.1.9 REV" -> 2.1.9; Docker: "Docker
+# version 28.5.2+dfsg4, build REV" -> 28.5.2+dfsg4), or failure.
+isola_tool_version() {
     local out
-    out=$("$1/containerd" --version 2>/dev/null) || return 1
-    # "containerd github.com/containerd/containerd[/v2] VERSION REVISION"
+    out=$("$1" --version 2>/dev/null) || return 1
     out=$(awk '{print $3; exit}' <<<"$out")
     out=${out#v}
+    out=${out%,}
     [[ "$out" =~ ^[0-9]+\.[0-9]+ ]] || return 1
     echo "$out"
 }
 
-# Docker's daemon and client, major version ISOLA_DOCKER_MAJOR, from Debian
-# unstable unpacked into the cache (never installed): prints a directory
-# with dockerd, docker, docker-proxy and docker-init. A newer point release
-# of that major is accepted. dockerd needs a containerd (tests start their
-# own: --containerd), runc and iptables from the machine.
-ISOLA_DOCKER_MAJOR=28
-isola_docker() {
-    local dir=$ISOLA_TOOLS/docker-$ISOLA_DOCKER_MAJOR version
-    if version=$(isola_docker_version "$dir/bin") && [[ "$version" == "$ISOLA_DOCKER_MAJOR."* ]]; then
+# isola_suite_tools DIR PREFIX SUITE PKG... -- TOOL...: tools from Debian's
+# SUITE, unpacked into DIR (never installed), pinned by version PREFIX
+# ("1.7.", "2.", "28."): a newer point release is accepted, because the
+# suites, unstable above all, drop old versions. Prints DIR/bin, which
+# links each TOOL (from the packages' /usr/bin or /usr/sbin); the first
+# TOOL's version is the one checked. Unpacks only when DIR/bin's is not a
+# PREFIX version.
+isola_suite_tools() {
+    local dir=$1 prefix=$2 suite=$3 pkgs=() tools=() version
+    shift 3
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do
+        pkgs+=("$1")
+        shift
+    done
+    [ $# -gt 0 ] && shift
+    tools=("$@")
+    if version=$(isola_tool_version "$dir/bin/${tools[0]}") && [[ "$version" == "$prefix"* ]]; then
         echo "$dir/bin"
         return 0
     fi
-    echo "isola: fetching Docker $ISOLA_DOCKER_MAJOR from Debian unstable into $dir" >&2
+    echo "isola: fetching ${pkgs[*]} (${tools[0]} ${prefix}x) from Debian $suite into $dir" >&2
     rm -rf "$dir.new"
-    isola_debian_unpack unstable "$dir.new/root" docker.io docker-cli tini-static || return 1
+    isola_debian_unpack "$suite" "$dir.new/root" "${pkgs[@]}" || return 1
     rm -rf "$dir.new/debs"
     mkdir -p "$dir.new/bin"
     local tool path
-    for tool in dockerd docker docker-proxy docker-init; do
-        for path in usr/sbin usr/bin; do
+    for tool in "${tools[@]}"; do
+        for path in usr/bin usr/sbin; do
             [ -x "$dir.new/root/$path/$tool" ] || continue
             ln -s "$dir/root/$path/$tool" "$dir.new/bin/$tool"
             break
         done
         [ -L "$dir.new/bin/$tool" ] || {
-            echo "isola: Debian unstable's docker.io, docker-cli and tini-static have no $tool" >&2
+            echo "isola: Debian $suite's ${pkgs[*]} have no $tool" >&2
             return 1
         }
     done
     rm -rf "$dir"
     mv "$dir.new" "$dir"
-    if ! version=$(isola_docker_version "$dir/bin") || [[ "$version" != "$ISOLA_DOCKER_MAJOR."* ]]; then
-        echo "isola: Debian unstable's Docker is ${version:-not runnable here}, not $ISOLA_DOCKER_MAJOR" >&2
+    if ! version=$(isola_tool_version "$dir/bin/${tools[0]}") || [[ "$version" != "$prefix"* ]]; then
+        echo "isola: Debian $suite's ${tools[0]} is ${version:-not runnable here}, not ${prefix}x" >&2
         return 1
     fi
-    echo "isola: Docker $version in $dir/bin" >&2
+    echo "isola: ${tools[0]} $version in $dir/bin" >&2
     echo "$dir/bin"
 }
 
-# The version of DIR/dockerd (28.5.2+dfsg4), or failure.
-isola_docker_version() {
-    local out
-    out=$("$1/dockerd" --version 2>/dev/null) || return 1
-    # "Docker version 28.5.2+dfsg4, build 3ef3c07"
-    out=$(awk '{print $3; exit}' <<<"$out")
-    out=${out%,}
-    [[ "$out" =~ ^[0-9]+\.[0-9]+ ]] || return 1
-    echo "$out"
+# The containerd a node runs, by minor (1.6, 1.7) or major (2) version:
+# prints the directory that holds its containerd, ctr and
+# containerd-shim-runc-v2. 1.6 is the machine's own (bookworm's, which
+# tests/kvm-host/setup-e2e installs); 1.7 comes from Debian trixie, 2 from
+# unstable (isola_suite_tools).
+isola_containerd() {
+    local want=$1 bin version
+    case "$want" in
+    1.6)
+        bin=$(command -v containerd 2>/dev/null) || {
+            echo "isola: no containerd on PATH (tests/kvm-host/setup-e2e installs Debian's $want)" >&2
+            return 1
+        }
+        bin=$(dirname "$bin")
+        if version=$(isola_tool_version "$bin/containerd") && [[ "$version" == 1.6.* ]]; then
+            echo "$bin"
+            return 0
+        fi
+        echo "isola: the containerd in $bin is ${version:-unknown}, not $want" >&2
+        return 1
+        ;;
+    1.7 | 2)
+        local suite=trixie
+        [ "$want" = 2 ] && suite=unstable
+        isola_suite_tools "$ISOLA_TOOLS/containerd-$want" "$want." "$suite" containerd \
+            -- containerd ctr containerd-shim-runc-v2
+        ;;
+    *)
+        echo "isola: no containerd '$want': 1.6, 1.7 or 2" >&2
+        return 1
+        ;;
+    esac
+}
+
+# Docker's daemon and client, major version ISOLA_DOCKER_MAJOR, from Debian
+# unstable (isola_suite_tools): prints a directory with dockerd, docker,
+# docker-proxy and docker-init. dockerd needs a containerd (tests start
+# their own: --containerd), runc and iptables from the machine.
+ISOLA_DOCKER_MAJOR=28
+isola_docker() {
+    isola_suite_tools "$ISOLA_TOOLS/docker-$ISOLA_DOCKER_MAJOR" "$ISOLA_DOCKER_MAJOR." unstable \
+        docker.io docker-cli tini-static -- dockerd docker docker-proxy docker-init
 }
 
 # The QEMU that emulates the KVM host (tests/kvm-host/run), installing it

@@ -21,7 +21,7 @@ INITRD_COMPRESS ?= none
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image pause-image hostile-initrd deps test unit-test lint e2e boot-demo bench fuzz install uninstall demo fresh-check clean
+.PHONY: all binaries agent kernel initrd virtiofsd busybox-rootfs busybox-image pause-image hostile-initrd deps test unit-test lint e2e boot-demo bench bench-kernel fuzz install uninstall demo fresh-check clean
 
 all: binaries kernel initrd virtiofsd
 
@@ -151,6 +151,14 @@ bench: all busybox-rootfs busybox-image pause-image
 	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-shim --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-pods --runs $(or $(RUNS),5)
+
+# This build's guest kernel against another vmlinux (AGAINST=PATH, e.g. an
+# earlier isola.config's build in ~/.cache/isola/kernel/): boot to agent
+# ready and guest RAM touched, side by side (tests/e2e/src/bin/bench-kernel.rs).
+bench-kernel: all
+	@[ -n "$(AGAINST)" ] || { echo "make: bench-kernel needs AGAINST=PATH-OF-A-VMLINUX" >&2; exit 2; }
+	tests/kvm-host/setup-e2e
+	tests/kvm-host/run target/release/bench-kernel --runs $(or $(RUNS),5) --against '$(AGAINST)'
 
 # Every fuzz target for FUZZ_SECONDS (default 60) each; `make test`
 # replays the corpora on stable (unit tests).

@@ -373,6 +373,32 @@ fn namespace(typ: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamesp
 }
 
 /// Checks and rewrites `spec` for the guest (see the module comment).
+/// `linux.rootfsPropagation` in the form libcontainer takes. containerd
+/// writes the recursive names (`rslave` for a Kubernetes HostToContainer
+/// volume, `rshared` for Bidirectional), which runc accepts; libcontainer
+/// knows only the plain ones (and applies them recursively to `/` anyway),
+/// so `rslave` failed the container at create ("failed to prepare
+/// rootfs"). Empty means unset, as for runc.
+fn rootfs_propagation(p: &str) -> Result<Option<String>, SpecError> {
+    let plain = match p {
+        "" => return Ok(None),
+        "shared" | "rshared" => "shared",
+        "slave" | "rslave" => "slave",
+        "private" | "rprivate" => "private",
+        "unbindable" | "runbindable" => "unbindable",
+        other => {
+            return Err(err(
+                "linux.rootfsPropagation",
+                format!(
+                    "{other:?} is not a mount propagation (shared, slave, private, unbindable, \
+                     each also with an r in front)"
+                ),
+            ))
+        }
+    };
+    Ok(Some(plain.to_string()))
+}
+
 pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError> {
     if !spec.version().starts_with("1.") {
         return Err(err(
@@ -412,6 +438,9 @@ pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError>
             "linux.uidMappings",
             "user namespaces are not supported",
         ));
+    }
+    if let Some(p) = linux.rootfs_propagation().clone() {
+        linux.set_rootfs_propagation(rootfs_propagation(&p)?);
     }
     let joined = |typ| {
         ctx.joined
@@ -464,6 +493,47 @@ pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rootfs_propagation_takes_runcs_names() {
+        for (given, plain) in [
+            ("rshared", Some("shared")),
+            ("shared", Some("shared")),
+            ("rslave", Some("slave")),
+            ("slave", Some("slave")),
+            ("rprivate", Some("private")),
+            ("runbindable", Some("unbindable")),
+            ("", None),
+        ] {
+            assert_eq!(
+                rootfs_propagation(given).ok(),
+                Some(plain.map(String::from)),
+                "{given}"
+            );
+        }
+        // Through prepare: containerd's HostToContainer spec.
+        let s = share();
+        let json = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "linux":{"rootfsPropagation":"rslave"}}"#;
+        let p = prepare(spec(json), &ctx(&s, &[])).expect("prepared");
+        assert_eq!(
+            p.spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.rootfs_propagation().clone())
+                .as_deref(),
+            Some("slave")
+        );
+        let json = json.replace("rslave", "sideways");
+        let e = prepare(spec(&json), &ctx(&s, &[])).expect_err("unknown");
+        assert_eq!(e.field, "linux.rootfsPropagation", "{e}");
+        let e = rootfs_propagation("rsharedd").err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("linux.rootfsPropagation") && e.contains("rsharedd")),
+            "{e:?}"
+        );
+    }
 
     struct Share {
         dir: tempfile::TempDir,

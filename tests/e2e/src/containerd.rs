@@ -112,18 +112,7 @@ impl Containerd {
     /// Restarts containerd alone (its shims keep running), as an admin's
     /// `systemctl restart containerd` does.
     pub fn restart(&self) -> Result<()> {
-        let pid: i32 = std::fs::read_to_string(self.dir.join("containerd.pid"))?
-            .trim()
-            .parse()?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            ensure!(
-                Instant::now() < deadline,
-                "containerd (pid {pid}) did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        terminate_from_pidfile(&self.dir.join("containerd.pid"), "containerd")?;
         let project = project_dir();
         let status = Command::new(project.join("tests/containerd/start"))
             .arg(&self.dir)
@@ -292,9 +281,12 @@ impl Containerd {
             problems.push(format!("{} exists", run_dir.display()));
         }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let bundle = format!("/io.containerd.runtime.v2.task/default/{id}/");
+        // The bundle, in any namespace (ctr's default, Docker's moby).
+        let bundle = format!("/{id}/");
         for line in mountinfo.lines() {
-            if line.contains(&format!("{}/", run_dir.display())) || line.contains(&bundle) {
+            if line.contains(&format!("{}/", run_dir.display()))
+                || (line.contains("/io.containerd.runtime.v2.task/") && line.contains(&bundle))
+            {
                 problems.push(format!("mount: {line}"));
             }
         }
@@ -350,6 +342,23 @@ impl Containerd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
+}
+
+/// SIGTERM to the daemon whose pid `pidfile` holds, then waits (60 s at
+/// most) until it is gone.
+pub fn terminate_from_pidfile(pidfile: &Path, what: &str) -> Result<()> {
+    let pid: i32 = std::fs::read_to_string(pidfile)
+        .with_context(|| format!("{what}'s pid file {}", pidfile.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{what}'s pid file {}", pidfile.display()))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        ensure!(Instant::now() < deadline, "{what} (pid {pid}) did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// Every process (not this one) whose command line contains `needle`.

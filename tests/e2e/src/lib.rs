@@ -7,9 +7,11 @@
 //! exit) with a generous deadline, because the emulated host is slow.
 
 pub mod agent;
+pub mod boot;
 pub mod console;
 pub mod containerd;
 pub mod containers;
+pub mod docker;
 pub mod isola;
 pub mod pods;
 pub mod procstat;

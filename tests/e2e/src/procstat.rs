@@ -5,9 +5,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// RSS of the process minus the RSS of its guest RAM mapping (the mapping
-/// whose size is the guest memory size, up to 4 MiB of alignment more).
+/// RSS of the process minus the RSS of its guest RAM mapping, in KiB.
 pub fn overhead_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
+    let (total, guest) = rss_kib(pid, guest_bytes)?;
+    Ok(total - guest)
+}
+
+/// The process's RSS and the RSS of its guest RAM mapping (the mapping
+/// whose size is the guest memory size, up to 4 MiB of alignment more), in
+/// KiB; their difference is the VMM's memory overhead.
+pub fn rss_kib(pid: u32, guest_bytes: u64) -> Result<(u64, u64)> {
     let smaps = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let mut total = 0u64;
@@ -41,7 +48,7 @@ pub fn overhead_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
             guest_bytes >> 20
         );
     }
-    Ok(total - guest)
+    Ok((total, guest))
 }
 
 /// User plus system CPU time of process `pid` so far.

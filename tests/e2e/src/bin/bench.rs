@@ -11,32 +11,18 @@
 //! - start-up CPU: isola-vmm's own report of user+system CPU from exec to
 //!   its first KVM_RUN (QEMU does not report it).
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use isola_e2e::agent;
-use isola_e2e::isola::{vmm_binary, TEST_CMDLINE};
-use isola_e2e::procstat::overhead_kib;
+use isola_e2e::boot::{isola_once, Sample, MEMORY_MIB, VCPUS};
+use isola_e2e::procstat::rss_kib;
 use isola_e2e::qemu::{QemuConfig, QemuVm};
 use isola_e2e::{median, require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
-
-const MEMORY_MIB: u64 = 256;
-const VCPUS: u32 = 1;
 
 fn main() {
     if let Err(err) = run() {
         eprintln!("bench: error: {err:#}");
         std::process::exit(1);
     }
-}
-
-struct Sample {
-    boot: Duration,
-    /// isola-vmm's own record of the agent's first answer (ms since exec).
-    vmm_agent_ready_ms: Option<u64>,
-    overhead_kib: u64,
-    startup_cpu_us: Option<u64>,
 }
 
 fn run() -> Result<()> {
@@ -92,58 +78,6 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-/// Kills the child on drop.
-struct Reap(Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        isola_e2e::kill_and_reap(&mut self.0);
-    }
-}
-
-async fn isola_once(images: &GuestImages) -> Result<Sample> {
-    let scratch = Scratch::new("bench-isola")?;
-    let vsock = scratch.path.join("vsock.sock");
-    let api = scratch.path.join("api.sock");
-    let start = Instant::now();
-    let child = Command::new(vmm_binary()?)
-        .arg("--kernel")
-        .arg(&images.kernel)
-        .arg("--initrd")
-        .arg(&images.initrd)
-        .args(["--cmdline", TEST_CMDLINE, "--console", "off"])
-        .args([
-            "--memory",
-            &MEMORY_MIB.to_string(),
-            "--vcpus",
-            &VCPUS.to_string(),
-        ])
-        .arg("--vsock")
-        .arg(&vsock)
-        .arg("--api-socket")
-        .arg(&api)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting isola-vmm")?;
-    let child = Reap(child);
-    agent::poll_serving_hybrid(&vsock, BOOT_DEADLINE).await?;
-    let boot = start.elapsed();
-    let overhead_kib = overhead_kib(child.0.id(), MEMORY_MIB << 20)?;
-    let info = isola_vmm::api::call(
-        &api,
-        &isola_vmm::api::Request::Info,
-        Duration::from_secs(30),
-    )
-    .context("isola-vmm info")?;
-    Ok(Sample {
-        boot,
-        overhead_kib,
-        startup_cpu_us: info["startup_cpu_us"].as_u64(),
-        vmm_agent_ready_ms: info["boot_time_ms"]["agent_ready"].as_u64(),
-    })
-}
-
 async fn qemu_once(images: &GuestImages, cid: u32) -> Result<Sample> {
     let scratch = Scratch::new("bench-qemu")?;
     let mut config = QemuConfig::new(images.clone());
@@ -155,10 +89,11 @@ async fn qemu_once(images: &GuestImages, cid: u32) -> Result<Sample> {
     let vm = QemuVm::start(&config, &scratch.path)?;
     agent::wait_serving_vsock(cid, BOOT_DEADLINE).await?;
     let boot = vm.started.elapsed();
-    let overhead_kib = overhead_kib(vm.pid(), MEMORY_MIB << 20)?;
+    let (total, guest_rss_kib) = rss_kib(vm.pid(), MEMORY_MIB << 20)?;
     Ok(Sample {
         boot,
-        overhead_kib,
+        overhead_kib: total - guest_rss_kib,
+        guest_rss_kib,
         startup_cpu_us: None,
         vmm_agent_ready_ms: None,
     })

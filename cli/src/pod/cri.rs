@@ -12,7 +12,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::manifest::{Container, Limits, Pod};
+use super::manifest::{Container, Limits, MountPropagation, Pod};
 
 /// The labels kubelet puts on every pod sandbox and container; `isola pod`
 /// finds its pods by them.
@@ -237,6 +237,15 @@ pub fn container_config(
             container_path: m.mount_path.clone(),
             host_path: v.host_path.to_string_lossy().into_owned(),
             readonly: m.read_only,
+            propagation: match m.mount_propagation {
+                None | Some(MountPropagation::None) => cri::MountPropagation::PropagationPrivate,
+                Some(MountPropagation::HostToContainer) => {
+                    cri::MountPropagation::PropagationHostToContainer
+                }
+                Some(MountPropagation::Bidirectional) => {
+                    cri::MountPropagation::PropagationBidirectional
+                }
+            } as i32,
             ..Default::default()
         });
     }

@@ -171,6 +171,18 @@ pub struct VolumeMount {
     pub mount_path: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Kubernetes' mount propagation: `None` (the default),
+    /// `HostToContainer` or `Bidirectional` (privileged containers only,
+    /// which `isola pod` does not run: refused, as the API server does).
+    #[serde(default)]
+    pub mount_propagation: Option<MountPropagation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MountPropagation {
+    None,
+    HostToContainer,
+    Bidirectional,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +320,13 @@ impl Pod {
                 if !names.contains(m.name.as_str()) {
                     bail!(
                         "{at}.volumeMounts: no volume named {:?} in spec.volumes",
+                        m.name
+                    );
+                }
+                if m.mount_propagation == Some(MountPropagation::Bidirectional) {
+                    bail!(
+                        "{at}.volumeMounts[{}].mountPropagation Bidirectional: only a privileged \
+                         container may have it, and isola pod runs none",
                         m.name
                     );
                 }
@@ -664,6 +683,21 @@ spec:
     }
 
     #[test]
+    fn host_to_container_propagation_parses() {
+        let pod = Pod::parse(&POD.replace(
+            "{name: cfg, mountPath: /cfg, readOnly: true}",
+            "{name: cfg, mountPath: /cfg, readOnly: true, mountPropagation: HostToContainer}",
+        ))
+        .expect("parse");
+        let mounts = &pod.spec.containers[0].volume_mounts;
+        assert_eq!(mounts[0].mount_propagation, None);
+        assert_eq!(
+            mounts[1].mount_propagation,
+            Some(MountPropagation::HostToContainer)
+        );
+    }
+
+    #[test]
     fn a_container_without_limits_leaves_the_pod_unbounded() {
         let pod = Pod::parse(&POD.replace("resources: {limits: {cpu: 500m, memory: 64Mi}}", ""))
             .expect("parse");
@@ -700,6 +734,16 @@ spec:
                 "no volume named \"nope\"",
             ),
             ("sizeLimit: 16Mi", "sizeLimit: lots", "sizeLimit"),
+            (
+                "{name: data, mountPath: /data}",
+                "{name: data, mountPath: /data, mountPropagation: Bidirectional}",
+                "volumeMounts[data].mountPropagation Bidirectional: only a privileged",
+            ),
+            (
+                "{name: data, mountPath: /data}",
+                "{name: data, mountPath: /data, mountPropagation: rslave}",
+                "mountPropagation",
+            ),
             ("type: Directory", "type: Socket", "hostPath.type"),
             ("greeting: hello", "../x: hello", "configMap.data"),
             ("kind: Pod", "kind: Deployment", "kind"),

@@ -467,6 +467,29 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     std::fs::write(host.join("dir/hello.txt"), "from-host\n")?;
     std::fs::write(host.join("single.txt"), "one file\n")?;
     std::fs::write(host.join("ro-vol/keep.txt"), "keep\n")?;
+    // A HostToContainer volume (containerd then writes rootfsPropagation
+    // rslave, which failed the container at create: issue 17, item 8).
+    // containerd wants its source on a shared or slave mount, as / is on a
+    // systemd node: a bind of the directory on itself, made shared.
+    let prop = host.join("prop");
+    std::fs::create_dir_all(&prop)?;
+    std::fs::write(prop.join("seen.txt"), "propagated\n")?;
+    let flags = nix::mount::MsFlags::MS_BIND;
+    nix::mount::mount(Some(&prop), &prop, None::<&str>, flags, None::<&str>)?;
+    nix::mount::mount(
+        None::<&str>,
+        &prop,
+        None::<&str>,
+        nix::mount::MsFlags::MS_SHARED,
+        None::<&str>,
+    )?;
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(prop.clone());
     let volumes = format!(
         "  volumes:\n\
          \x20 - {{name: shared, emptyDir: {{}}}}\n\
@@ -474,7 +497,9 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
          \x20 - {{name: cfg, configMap: {{data: {{greeting: v1}}}}}}\n\
          \x20 - {{name: hdir, hostPath: {{path: {dir}, type: Directory}}}}\n\
          \x20 - {{name: hfile, hostPath: {{path: {file}, type: File}}}}\n\
-         \x20 - {{name: hro, hostPath: {{path: {ro}, type: Directory}}}}\n",
+         \x20 - {{name: hro, hostPath: {{path: {ro}, type: Directory}}}}\n\
+         \x20 - {{name: hprop, hostPath: {{path: {prop}, type: Directory}}}}\n",
+        prop = prop.display(),
         dir = host.join("dir").display(),
         file = host.join("single.txt").display(),
         ro = host.join("ro-vol").display(),
@@ -489,7 +514,8 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
          \x20   - {{name: hro, mountPath: /ro, readOnly: true}}\n\
          \x20 - name: reader\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n    volumeMounts:\n\
          \x20   - {{name: shared, mountPath: /shared}}\n\
-         \x20   - {{name: mem, mountPath: /mem}}\n"
+         \x20   - {{name: mem, mountPath: /mem}}\n\
+         \x20   - {{name: hprop, mountPath: /prop, mountPropagation: HostToContainer}}\n"
     );
     let yaml = |greeting: &str| {
         manifest("vol", ISOLA, &volumes, &containers)
@@ -516,6 +542,9 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     // through virtio-fs.
     let mounts = p.sh("vol", "reader", "grep ' /mem ' /proc/mounts")?;
     ensure!(mounts.starts_with("tmpfs /mem tmpfs "), "{mounts}");
+
+    // The HostToContainer volume's container runs and reads it.
+    ensure!(p.sh("vol", "reader", "cat /prop/seen.txt")? == "propagated\n");
 
     // hostPath: a directory both ways, and a single file.
     ensure!(p.sh("vol", "writer", "cat /hdir/hello.txt /hfile.txt")? == "from-host\none file\n");
@@ -558,6 +587,7 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     p.delete("vol", &id, Some(1))?;
     // A hostPath outlives the pod.
     ensure!(host.join("dir/new.txt").exists() && host.join("single.txt").exists());
+    drop(_unmount);
     std::fs::remove_dir_all(&host)?;
     Ok(())
 }

@@ -297,6 +297,22 @@ pub fn confine(
     Ok(())
 }
 
+/// Starts the command's process in the network namespace `netns` (a
+/// descriptor of this process, which must stay open until the spawn).
+pub fn enter_netns(cmd: &mut tokio::process::Command, netns: RawFd) {
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only setns (async-signal-safe) on a descriptor number copied
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Lets the command's process inherit `fds` (descriptors of this process,
 /// close-on-exec here) under the same numbers: the child clears their
 /// FD_CLOEXEC between fork and exec, so no other child spawned meanwhile
@@ -524,6 +540,35 @@ mod tests {
         assert_eq!(status(false).await, "exit status 1");
         let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFD).expect("flags");
         assert_ne!(flags & libc::FD_CLOEXEC, 0);
+    }
+
+    #[tokio::test]
+    async fn a_child_started_in_a_private_netns_is_not_in_ours() {
+        use std::os::fd::AsRawFd;
+        let ns = |path: &str| std::fs::read_link(path).expect("ns link");
+        let ours = ns("/proc/self/ns/net");
+        let private = match crate::network::private_netns() {
+            Ok(fd) => fd,
+            // unshare needs CAP_SYS_ADMIN: as root (make test), it runs.
+            Err(e) if !nix::unistd::geteuid().is_root() => {
+                eprintln!("skipped, not root: {e}");
+                return;
+            }
+            Err(e) => panic!("private_netns: {e}"),
+        };
+        let theirs = ns(&format!("/proc/self/fd/{}", private.as_raw_fd()));
+        assert_ne!(theirs, ours);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("ns");
+        let mut cmd = sh(&format!("readlink /proc/self/ns/net > {}", out.display()));
+        enter_netns(&mut cmd, private.as_raw_fd());
+        let child = Supervised::spawn("in-netns", "sb", cmd).expect("spawn");
+        let death = tokio::time::timeout(Duration::from_secs(20), child.ended())
+            .await
+            .expect("ended");
+        assert_eq!(death.status, "exit status 0");
+        let seen = std::fs::read_to_string(&out).expect("output");
+        assert_eq!(seen.trim(), theirs.to_string_lossy());
     }
 
     #[tokio::test]

@@ -226,6 +226,12 @@ impl PodNetwork {
         &self.interfaces
     }
 
+    /// A descriptor of the pod's namespace (isola-vmm runs in it), while
+    /// the network has not been torn down.
+    pub fn netns_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.netns.as_ref().map(|fd| fd.as_fd())
+    }
+
     /// Each tap's descriptor in the host process with its interface's MAC,
     /// in the order of [`PodNetwork::interfaces`]; empty once closed.
     pub fn taps(&self) -> Vec<(RawFd, Mac)> {
@@ -331,6 +337,22 @@ impl Drop for PodNetwork {
             tracing::error!(%err, "pod network clean-up on drop incomplete");
         }
     }
+}
+
+/// A new network namespace with nothing in it (its loopback down), for an
+/// isola-vmm whose sandbox has no pod network: made by a thread of its own
+/// that `unshare()`s and exits, so no thread of the caller changes
+/// namespace. The descriptor keeps it until isola-vmm, started in it,
+/// holds it.
+pub fn private_netns() -> std::io::Result<OwnedFd> {
+    std::thread::Builder::new()
+        .name("isola-netns".into())
+        .spawn(|| -> std::io::Result<OwnedFd> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(OwnedFd::from(File::open("/proc/thread-self/ns/net")?))
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the netns thread panicked"))?
 }
 
 /// Runs `work` with an rtnetlink handle inside the namespace `netns` (a

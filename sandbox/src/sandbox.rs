@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -571,6 +571,32 @@ impl Sandbox {
             .ok()
             .and_then(|net| net.as_ref().map(PodNetwork::taps))
             .unwrap_or_default();
+        // isola-vmm runs in the pod's network namespace, or in one of its
+        // own: never in the host's. Its pid is the task pid containerd
+        // reports, and Docker and others put a container's network into
+        // `/proc/<task pid>/ns/net`, which must not be the host's.
+        let netns = match resources.network.get_mut().ok().and_then(|n| n.as_ref()) {
+            Some(net) => net
+                .netns_fd()
+                .map(|fd| fd.try_clone_to_owned())
+                .transpose()
+                .map_err(|e| Error::host(&id, "keeping the pod netns for isola-vmm", e))?,
+            None => None,
+        };
+        let netns = match netns {
+            Some(fd) => fd,
+            None => tokio::task::spawn_blocking(network::private_netns)
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Host,
+                        &id,
+                        "making isola-vmm's netns",
+                        e.to_string(),
+                    )
+                })?
+                .map_err(|e| Error::host(&id, "making isola-vmm's netns", e))?,
+        };
         let mut cmd = tokio::process::Command::new(&config.vmm);
         cmd.args(vmm_args(&config, &layout))
             .args(vmm_net_args(&taps, config.net_offloads))
@@ -578,6 +604,7 @@ impl Sandbox {
         child::confine(&mut cmd, config.cgroup.as_deref())
             .map_err(|e| Error::host(&id, "preparing isola-vmm's cgroup", e))?;
         child::inherit(&mut cmd, taps.iter().map(|(fd, _)| *fd).collect());
+        child::enter_netns(&mut cmd, netns.as_raw_fd());
         let vmm = Supervised::spawn("isola-vmm", &id, cmd)
             .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e));
         // isola-vmm holds the taps now (or failed to start): the host's
@@ -585,6 +612,7 @@ impl Sandbox {
         if let Ok(Some(net)) = resources.network.get_mut().map(Option::as_mut) {
             net.close_taps();
         }
+        drop(netns);
         resources.vmm = Some(vmm?);
         let children = resources.children();
 

@@ -60,9 +60,11 @@ impl Docker {
         let config = dir.join("daemon.json");
         let daemon = serde_json::json!({
             "runtimes": { DAEMON_JSON_RUNTIME: { "runtimeType": "io.containerd.isola.v2" } },
+            // Docker's default bridge, on an address of the tests' range;
+            // no iptables: nothing of it is routed anywhere.
+            "bip": "198.19.0.1/24",
             "iptables": false,
             "ip6tables": false,
-            "bridge": "none",
             "userland-proxy-path": bin.join("docker-proxy"),
             "exec-opts": ["native.cgroupdriver=cgroupfs"],
         });

@@ -11,6 +11,17 @@ use isola_e2e::require_kvm_host;
 /// The image archive `make busybox-image` builds, as Docker names it.
 const BUSYBOX: &str = "busybox:latest";
 
+/// The interface names in a `/proc/<pid>/net/dev`.
+fn links(dev: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dev)
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 /// `docker load` takes the project's image archive (issue 17, item 9: an
 /// OCI layout alone made it look for the pre-1.10 format, "open
 /// .../blobs/json"), and containers of both runtime spellings run in a VM,
@@ -109,6 +120,45 @@ fn docker_loads_the_archive_runs_execs_stops_and_leaves_nothing() -> Result<()> 
         text(&cmdline)
     );
     d.ok(&["stop", "-t", "2", "d1"])?;
+
+    // Docker's default network: Docker moves its veth's far end into
+    // /proc/<task pid>/ns/net and names it eth0. That is isola-vmm's own
+    // namespace, never the host's (where it once took the host's routes).
+    let host_links = || links(std::path::Path::new("/proc/self/net/dev"));
+    let before = host_links();
+    let id2 = d
+        .ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            DAEMON_JSON_RUNTIME,
+            "--name",
+            "d2",
+            BUSYBOX,
+            "sleep",
+            "3600",
+        ])?
+        .trim()
+        .to_string();
+    let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", "d2"])?;
+    let pid = pid.trim();
+    let vmm_ns = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
+    ensure!(
+        vmm_ns != std::fs::read_link("/proc/self/ns/net")?,
+        "isola-vmm (pid {pid}) runs in the host's network namespace"
+    );
+    let vmm_links = links(std::path::Path::new(&format!("/proc/{pid}/net/dev")));
+    ensure!(
+        vmm_links.iter().any(|l| l == "eth0"),
+        "Docker's eth0 is not in isola-vmm's namespace: {vmm_links:?}"
+    );
+    let after = host_links();
+    ensure!(
+        !after.iter().any(|l| l == "eth0" && !before.contains(l)),
+        "Docker's eth0 landed in the host's namespace: {after:?}"
+    );
+    d.ok(&["rm", "-f", "d2"])?;
+    d.containerd.assert_clean(&id2)?;
     let exit = d.ok(&["inspect", "-f", "{{.State.ExitCode}}", "d1"])?;
     ensure!(
         exit.trim() == "137",

@@ -908,7 +908,7 @@ fn the_guest_kernel_has_bridges_veth_tun_and_netfilter_with_nat() -> Result<()> 
     let c = Containerd::shared();
     let script = r#"
 H=/host/usr
-host() { "$H/lib64/ld-linux-x86-64.so.2" --library-path "$H/lib/x86_64-linux-gnu" "$@"; }
+host() { "$H/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$H/lib/x86_64-linux-gnu" "$@"; }
 export XTABLES_LIBDIR=$H/lib/x86_64-linux-gnu/xtables
 nft() { host "$H/sbin/xtables-nft-multi" "$@"; }
 legacy() { host "$H/sbin/xtables-legacy-multi" "$@"; }

@@ -86,7 +86,12 @@ fn run() -> Result<()> {
     };
     let (ab, bb, at, bt) = (boot(&a), boot(&b), touched(&a), touched(&b));
     println!();
-    println!("| median of {runs}                 |      this |   against |");
+    println!(
+        "| {:<29} | {:>9} | {:>9} |",
+        format!("median of {runs}"),
+        "this",
+        "against"
+    );
     println!("|-------------------------------|-----------|-----------|");
     println!("| vmlinux (MiB)                 | {this_size:>9.2} | {other_size:>9.2} |");
     println!("| boot to agent ready (ms)      | {ab:>9.0} | {bb:>9.0} |");

@@ -214,25 +214,25 @@ isola_tool_version() {
 # TOOL's version is the one checked. Unpacks only when DIR/bin's is not a
 # PREFIX version.
 isola_suite_tools() {
-    local dir=$1 prefix=$2 suite=$3 pkgs=() tools=() version
+    local dir=$1 prefix=$2 suite=$3 pkgs=() wanted=() version
     shift 3
     while [ $# -gt 0 ] && [ "$1" != -- ]; do
         pkgs+=("$1")
         shift
     done
     [ $# -gt 0 ] && shift
-    tools=("$@")
-    if version=$(isola_tool_version "$dir/bin/${tools[0]}") && [[ "$version" == "$prefix"* ]]; then
+    wanted=("$@")
+    if version=$(isola_tool_version "$dir/bin/${wanted[0]}") && [[ "$version" == "$prefix"* ]]; then
         echo "$dir/bin"
         return 0
     fi
-    echo "isola: fetching ${pkgs[*]} (${tools[0]} ${prefix}x) from Debian $suite into $dir" >&2
+    echo "isola: fetching ${pkgs[*]} (${wanted[0]} ${prefix}x) from Debian $suite into $dir" >&2
     rm -rf "$dir.new"
     isola_debian_unpack "$suite" "$dir.new/root" "${pkgs[@]}" || return 1
     rm -rf "$dir.new/debs"
     mkdir -p "$dir.new/bin"
     local tool path
-    for tool in "${tools[@]}"; do
+    for tool in "${wanted[@]}"; do
         for path in usr/bin usr/sbin; do
             [ -x "$dir.new/root/$path/$tool" ] || continue
             ln -s "$dir/root/$path/$tool" "$dir.new/bin/$tool"
@@ -245,11 +245,11 @@ isola_suite_tools() {
     done
     rm -rf "$dir"
     mv "$dir.new" "$dir"
-    if ! version=$(isola_tool_version "$dir/bin/${tools[0]}") || [[ "$version" != "$prefix"* ]]; then
-        echo "isola: Debian $suite's ${tools[0]} is ${version:-not runnable here}, not ${prefix}x" >&2
+    if ! version=$(isola_tool_version "$dir/bin/${wanted[0]}") || [[ "$version" != "$prefix"* ]]; then
+        echo "isola: Debian $suite's ${wanted[0]} is ${version:-not runnable here}, not ${prefix}x" >&2
         return 1
     fi
-    echo "isola: ${tools[0]} $version in $dir/bin" >&2
+    echo "isola: ${wanted[0]} $version in $dir/bin" >&2
     echo "$dir/bin"
 }
 

@@ -372,7 +372,6 @@ fn namespace(typ: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamesp
         .map_err(|e| err("linux.namespaces", e.to_string()))
 }
 
-/// Checks and rewrites `spec` for the guest (see the module comment).
 /// `linux.rootfsPropagation` in the form libcontainer takes. containerd
 /// writes the recursive names (`rslave` for a Kubernetes HostToContainer
 /// volume, `rshared` for Bidirectional), which runc accepts; libcontainer
@@ -399,6 +398,7 @@ fn rootfs_propagation(p: &str) -> Result<Option<String>, SpecError> {
     Ok(Some(plain.to_string()))
 }
 
+/// Checks and rewrites `spec` for the guest (see the module comment).
 pub fn prepare(mut spec: Spec, ctx: &Context<'_>) -> Result<Prepared, SpecError> {
     if !spec.version().starts_with("1.") {
         return Err(err(

@@ -575,16 +575,17 @@ impl Sandbox {
         // own: never in the host's. Its pid is the task pid containerd
         // reports, and Docker and others put a container's network into
         // `/proc/<task pid>/ns/net`, which must not be the host's.
-        let netns = match resources.network.get_mut().ok().and_then(|n| n.as_ref()) {
-            Some(net) => net
-                .netns_fd()
-                .map(|fd| fd.try_clone_to_owned())
-                .transpose()
-                .map_err(|e| Error::host(&id, "keeping the pod netns for isola-vmm", e))?,
-            None => None,
-        };
-        let netns = match netns {
-            Some(fd) => fd,
+        let pod_netns = resources
+            .network
+            .get_mut()
+            .ok()
+            .and_then(|n| n.as_ref())
+            .and_then(PodNetwork::netns_fd)
+            .map(|fd| fd.try_clone_to_owned());
+        let netns = match pod_netns {
+            Some(fd) => {
+                fd.map_err(|e| Error::host(&id, "keeping the pod netns for isola-vmm", e))?
+            }
             None => tokio::task::spawn_blocking(network::private_netns)
                 .await
                 .map_err(|e| {

@@ -165,6 +165,11 @@ def digest(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def blob_name(data):
+    """The archive's path of blob DATA."""
+    return "blobs/sha256/" + hashlib.sha256(data).hexdigest()
+
+
 def tag_of(ref):
     """The tag of REF (`latest` when it has none)."""
     last = ref.rsplit("/", 1)[-1]
@@ -279,9 +284,9 @@ def main():
     docker_manifest = canonical_json(
         [
             {
-                "Config": "blobs/sha256/" + hashlib.sha256(config).hexdigest(),
+                "Config": blob_name(config),
                 "RepoTags": [args.name],
-                "Layers": ["blobs/sha256/" + hashlib.sha256(layer_gz).hexdigest()],
+                "Layers": [blob_name(layer_gz)],
             }
         ]
     )
@@ -294,7 +299,7 @@ def main():
         (tar_info("oci-layout", tarfile.REGTYPE, 0o644, size=len(layout)), layout),
     ]
     for blob in (layer_gz, config, manifest):
-        name = "blobs/sha256/" + hashlib.sha256(blob).hexdigest()
+        name = blob_name(blob)
         entries.append((tar_info(name, tarfile.REGTYPE, 0o644, size=len(blob)), blob))
     archive = build_tar(entries)
     tmp = f"{args.out}.tmp.{os.getpid()}"

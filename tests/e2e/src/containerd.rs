@@ -361,6 +361,19 @@ pub fn terminate_from_pidfile(pidfile: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Fails unless process `pid` (a VMM: the task pid containerd reports,
+/// into whose `/proc/<pid>/ns/net` Docker puts a container's network) is
+/// in a network namespace other than this process's, the host's.
+pub fn ensure_not_in_host_netns(pid: &str) -> Result<()> {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .with_context(|| format!("/proc/{pid}/ns/net"))?;
+    ensure!(
+        theirs != std::fs::read_link("/proc/self/ns/net")?,
+        "isola-vmm (pid {pid}) runs in the host's network namespace"
+    );
+    Ok(())
+}
+
 /// Every process (not this one) whose command line contains `needle`.
 pub fn processes_containing(needle: &str) -> Vec<(u32, String)> {
     isola_sandbox::child::processes_naming(needle)

@@ -183,13 +183,8 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
         .find(|(_, cmd)| cmd.contains("isola-vmm"))
         .map(|(pid, _)| pid.to_string())
         .unwrap_or_default();
-    // That pid's /proc/<pid>/ns/net (where Docker puts a container's
-    // network) is a namespace of the VM's own, not the host's.
-    let vmm_net = std::fs::read_link(format!("/proc/{vmm}/ns/net"))?;
-    ensure!(
-        vmm_net != std::fs::read_link("/proc/self/ns/net")?,
-        "isola-vmm {vmm} runs in the host's network namespace"
-    );
+    // That pid's network namespace is the VM's own, not the host's.
+    ensure_not_in_host_netns(&vmm)?;
     let out = c.ctr(&["task", "ps", id])?;
     ensure!(out.status.success(), "{}", c.report("ps", &out));
     let pids: Vec<String> = stdout(&out)

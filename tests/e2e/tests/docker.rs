@@ -4,7 +4,7 @@
 //! Every test checks that its containers left nothing behind.
 
 use anyhow::{ensure, Result};
-use isola_e2e::containerd::{code, text, RUNTIME};
+use isola_e2e::containerd::{code, ensure_not_in_host_netns, text, RUNTIME};
 use isola_e2e::docker::{Docker, DAEMON_JSON_RUNTIME};
 use isola_e2e::require_kvm_host;
 
@@ -20,6 +20,17 @@ fn links(dev: &std::path::Path) -> Vec<String> {
         .filter_map(|l| l.split(':').next())
         .map(|n| n.trim().to_string())
         .collect()
+}
+
+/// `docker run -d --runtime isola OPTIONS... --name NAME busybox sleep
+/// 3600`: the container's id.
+fn run_detached(d: &Docker, name: &str, options: &[&str]) -> Result<String> {
+    let mut args = vec!["run", "-d", "--runtime", DAEMON_JSON_RUNTIME];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["--name", name, BUSYBOX, "sleep", "3600"]);
+    let id = d.ok(&args)?.trim().to_string();
+    ensure!(id.len() == 64, "docker run -d printed {id:?}");
+    Ok(id)
 }
 
 /// `docker load` takes the project's image archive (issue 17, item 9: an
@@ -87,23 +98,7 @@ fn docker_loads_the_archive_runs_execs_stops_and_leaves_nothing() -> Result<()> 
 
     // Detached, exec, stop (sleep as PID 1 ignores SIGTERM: the SIGKILL
     // after -t 2 ends it), rm.
-    let id = d
-        .ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            DAEMON_JSON_RUNTIME,
-            "--network",
-            "none",
-            "--name",
-            "d1",
-            BUSYBOX,
-            "sleep",
-            "3600",
-        ])?
-        .trim()
-        .to_string();
-    ensure!(id.len() == 64, "docker run -d printed {id:?}");
+    let id = run_detached(d, "d1", &["--network", "none"])?;
     let out = d.docker(&["exec", "d1", "sh", "-c", "echo from exec; exit 3"])?;
     ensure!(
         code(&out) == 3 && text(&out.stdout) == "from exec\n",
@@ -126,27 +121,10 @@ fn docker_loads_the_archive_runs_execs_stops_and_leaves_nothing() -> Result<()> 
     // namespace, never the host's (where it once took the host's routes).
     let host_links = || links(std::path::Path::new("/proc/self/net/dev"));
     let before = host_links();
-    let id2 = d
-        .ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            DAEMON_JSON_RUNTIME,
-            "--name",
-            "d2",
-            BUSYBOX,
-            "sleep",
-            "3600",
-        ])?
-        .trim()
-        .to_string();
+    let id2 = run_detached(d, "d2", &[])?;
     let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", "d2"])?;
     let pid = pid.trim();
-    let vmm_ns = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
-    ensure!(
-        vmm_ns != std::fs::read_link("/proc/self/ns/net")?,
-        "isola-vmm (pid {pid}) runs in the host's network namespace"
-    );
+    ensure_not_in_host_netns(pid)?;
     let vmm_links = links(std::path::Path::new(&format!("/proc/{pid}/net/dev")));
     ensure!(
         vmm_links.iter().any(|l| l == "eth0"),

@@ -297,6 +297,11 @@ isola_docker() {
         docker.io docker-cli tini-static -- dockerd docker docker-proxy docker-init
 }
 
+# The machine's Debian release (bookworm, ...), empty when it has none.
+isola_debian_codename() {
+    (. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}") || true
+}
+
 # The QEMU that emulates the KVM host (tests/kvm-host/run), installing it
 # into the cache if missing; prints the path of a qemu-system-x86_64 to
 # give virtme-ng. Debian bookworm's QEMU 7.2 does not apply the SVM
@@ -319,7 +324,7 @@ isola_emulator_qemu() {
         fi
     fi
     local codename
-    codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}") || codename=
+    codename=$(isola_debian_codename)
     if [ -z "$codename" ]; then
         echo "isola: no QEMU >= $ISOLA_QEMU_MIN_MAJOR and no Debian release to fetch one from" >&2
         return 1
@@ -378,4 +383,37 @@ isola_descendants() {
         isola_descendants "$pid"
     done
     return 0
+}
+
+# AppArmor's parser and its policy files (tunables, abstractions) from the
+# machine's Debian release, unpacked into the cache, not installed: prints
+# a root with sbin/apparmor_parser and etc/apparmor.d. The tests' AppArmor
+# host (tests/kvm-host/apparmor-host) shows them to containerd and dockerd
+# in the emulated KVM host, whose kernel has AppArmor enabled: they see an
+# AppArmor node exactly when /sbin/apparmor_parser exists.
+isola_apparmor() {
+    local codename version
+    codename=$(isola_debian_codename)
+    if [ -z "$codename" ]; then
+        echo "isola: no Debian release to fetch AppArmor's parser from" >&2
+        return 1
+    fi
+    local dir=$ISOLA_TOOLS/apparmor-$codename
+    if "$dir/root/sbin/apparmor_parser" --version >/dev/null 2>&1 && [ -r "$dir/root/etc/apparmor.d/tunables/global" ]; then
+        echo "$dir/root"
+        return 0
+    fi
+    echo "isola: fetching apparmor from Debian $codename into $dir" >&2
+    rm -rf "$dir.new"
+    isola_debian_unpack "$codename" "$dir.new/root" apparmor || return 1
+    rm -rf "$dir.new/debs"
+    if ! version=$("$dir.new/root/sbin/apparmor_parser" --version 2>/dev/null) ||
+        [ ! -r "$dir.new/root/etc/apparmor.d/tunables/global" ]; then
+        echo "isola: Debian $codename's apparmor has no runnable sbin/apparmor_parser and tunables: ${version:-}" >&2
+        return 1
+    fi
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+    echo "isola: ${version%%$'\n'*} in $dir/root" >&2
+    echo "$dir/root"
 }

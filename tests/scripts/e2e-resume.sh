@@ -33,6 +33,15 @@ fn ran(name: &str) {
     let mark = state().join("wedged");
     if !mark.exists() {
         std::fs::write(&mark, "").unwrap();
+        // A wedge comes long after the output before it reached resume's
+        // log: wait (bounded) until b's result line is there.
+        if let Ok(log) = std::env::var("WEDGE_AFTER") {
+            for _ in 0..500 {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("test b_fails ... FAILED\n") { break; }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         // SAFETY: signals our own process group, as a watchdog would.
         unsafe { libc_kill(0, 9); }
     }
@@ -50,7 +59,7 @@ rustc --edition 2021 --test -o "$tmp/suite-0123abcd" "$tmp/t.rs" 2>"$tmp/rustc.l
 # kills it and not this script. Prints the status.
 resume() {
     local s=0
-    STATE=$tmp/state setsid --wait "$project/tests/e2e/resume" "$@" >>"$tmp/stdout" 2>>"$tmp/stderr" || s=$?
+    STATE=$tmp/state WEDGE_AFTER=$tmp/p1/suite.log.1 setsid --wait "$project/tests/e2e/resume" "$@" >>"$tmp/stdout" 2>>"$tmp/stderr" || s=$?
     echo "$s"
 }
 ran() { tr '\n' ' ' <"$tmp/state/ran" | sed 's/ $//'; }
@@ -67,6 +76,11 @@ s=$(resume "$tmp/p1" 1 --include-ignored "$tmp/suite-0123abcd")
 grep -q "suite: 2 of 5 tests finished in an earlier try; running the other 3" "$tmp/stderr" ||
     fail "the second try should say what it skips: $(cat "$tmp/stderr")"
 grep -q "^    suite: b_fails$" "$tmp/stderr" || fail "the failed test should be named: $(cat "$tmp/stderr")"
+# Each finished test says how long it took, and the binary in all.
+grep -qE "^e2e: suite: d_after ok in [0-9]+ s$" "$tmp/stderr" ||
+    fail "each test's time should be said: $(cat "$tmp/stderr")"
+grep -qE "^e2e: suite: [0-9]+ s in all$" "$tmp/stderr" ||
+    fail "the binary's time should be said: $(cat "$tmp/stderr")"
 # A third try has nothing left to run and still reports the failure.
 s=$(resume "$tmp/p1" 1 --include-ignored "$tmp/suite-0123abcd")
 [ "$s" = 1 ] || fail "a third try should still fail, got $s"
@@ -80,6 +94,13 @@ s=$(resume "$tmp/p2" 2 a_ d_ "$tmp/suite-0123abcd")
 s=$(resume "$tmp/p3" 1 e_ "$tmp/suite-0123abcd")
 [ "$s" = 0 ] || fail "an ignored test alone should pass, got $s"
 [ "$(ran)" = "a_passes d_after" ] || fail "an ignored test ran without --include-ignored"
+
+# A failed test's time is said too.
+: >"$tmp/stderr"
+s=$(resume "$tmp/p5" 1 b_ "$tmp/suite-0123abcd")
+[ "$s" = 1 ] || fail "a failing test alone should fail, got $s"
+grep -qE "^e2e: suite: b_fails FAILED in [0-9]+ s$" "$tmp/stderr" ||
+    fail "a failed test's time should be said: $(cat "$tmp/stderr")"
 
 # --- A binary that cannot list its tests fails the run -------------------------
 printf '#!/bin/sh\nexit 3\n' >"$tmp/broken-0123abcd"

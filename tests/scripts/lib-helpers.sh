@@ -360,6 +360,34 @@ if expect containerd-unknown 1; then
         fail containerd-unknown "stderr does not name it"; fi
 fi
 
+# --- isola_apparmor ---------------------------------------------------------------
+# fake_apparmor ROOT: a parser answering --version and Debian's tunables.
+fake_apparmor='fake_apparmor() { mkdir -p "$1/sbin" "$1/etc/apparmor.d/tunables"; printf "#!/bin/sh\necho AppArmor parser version 3.0.8\n" >"$1/sbin/apparmor_parser"; chmod +x "$1/sbin/apparmor_parser"; : >"$1/etc/apparmor.d/tunables/global"; }'
+codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+strict apparmor-cached "$fake_apparmor"'
+fake_apparmor "$ISOLA_TOOLS/apparmor-'"$codename"'/root"
+isola_apparmor'
+if expect apparmor-cached 0; then
+    if [ "$out" = "$state/cache/tools/apparmor-$codename/root" ] && [ ! -s "$state/apt-get.log" ]; then
+        pass "apparmor-cached: the cached parser and policy files serve"
+    else
+        fail apparmor-cached "printed '$out'; apt-get: $(cat "$state/apt-get.log")"
+    fi
+fi
+# Without its policy files the cached root is fetched anew; the fake
+# apt-get downloads nothing, which is named.
+strict apparmor-refetch "$fake_apparmor"'
+fake_apparmor "$ISOLA_TOOLS/apparmor-'"$codename"'/root"
+rm -r "$ISOLA_TOOLS/apparmor-'"$codename"'/root/etc"
+isola_apparmor'
+if expect apparmor-refetch 1; then
+    if grep -q "download.*apparmor/$codename" "$state/apt-get.log" && [[ "$err" == *"download of apparmor from $codename left no .deb"* ]]; then
+        pass "apparmor-refetch: a cache without tunables is fetched again, the empty download named"
+    else
+        fail apparmor-refetch "apt-get: $(cat "$state/apt-get.log")"
+    fi
+fi
+
 if [ $failures -gt 0 ]; then
     echo "lib-helpers: $failures failures" >&2
     exit 1

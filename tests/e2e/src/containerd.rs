@@ -352,13 +352,35 @@ pub fn terminate_from_pidfile(pidfile: &Path, what: &str) -> Result<()> {
         .trim()
         .parse()
         .with_context(|| format!("{what}'s pid file {}", pidfile.display()))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    while running(pid) {
         ensure!(Instant::now() < deadline, "{what} (pid {pid}) did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// Whether `pid` is a live process: not gone, not a zombie (one that this
+/// process started, as the Docker fixture starts dockerd, is reaped
+/// here; any other's is its parent's to reap, but it runs no more).
+fn running(pid: nix::unistd::Pid) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    if let Ok(status) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        if status != WaitStatus::StillAlive {
+            return false;
+        }
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(_) => false,
+    }
 }
 
 /// Fails unless process `pid` (a VMM: the task pid containerd reports,

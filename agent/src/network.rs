@@ -248,6 +248,17 @@ async fn configure_interface(
         .await
         .map_err(netlink(format!("{name}: renaming {old_name}")))?;
     }
+    if let Some(mac) = interface.new_mac {
+        set_link(
+            handle,
+            LinkUnspec::new_with_index(index)
+                .address(mac.0.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(netlink(format!("{name}: setting MAC {mac}")))?;
+    }
     if let Some(mtu) = interface.mtu {
         set_link(handle, LinkUnspec::new_with_index(index).mtu(mtu).build())
             .execute()
@@ -319,7 +330,9 @@ mod tests {
     use std::path::PathBuf;
     use std::process::Command;
 
-    use isola_protocol::agent::{NetworkNeighbour, NetworkRoute, RouteScope, SetupNetworkRequest};
+    use isola_protocol::agent::{
+        NetworkInterface, NetworkNeighbour, NetworkRoute, RouteScope, SetupNetworkRequest,
+    };
     use isola_protocol::network::{check_request, interface_message};
     use isola_protocol::status::{code, message};
 
@@ -369,7 +382,11 @@ mod tests {
         SetupNetworkRequest {
             // The devices swap their names: eth0 becomes net1, eth1 eth0.
             interfaces: vec![
-                iface("net1", "0a:58:0a:f4:02:05", &[("10.245.0.5", 24)]),
+                // This one takes another MAC once found (a late network).
+                NetworkInterface {
+                    new_mac: "02:42:c6:13:00:02".into(),
+                    ..iface("net1", "0a:58:0a:f4:02:05", &[("10.245.0.5", 24)])
+                },
                 iface(
                     "eth0",
                     "0a:58:0a:f4:01:05",
@@ -446,7 +463,7 @@ mod tests {
         assert!(eth0.contains("inet6 fd00:244::5/64"), "{eth0}");
         assert!(eth0.contains(",UP"), "{eth0}");
         let net1 = must(&["-n", &sandbox, "addr", "show", "dev", "net1"]);
-        assert!(net1.contains("link/ether 0a:58:0a:f4:02:05"), "{net1}");
+        assert!(net1.contains("link/ether 02:42:c6:13:00:02"), "{net1}");
         assert!(net1.contains("inet 10.245.0.5/24"), "{net1}");
         assert!(!ip(&["-n", &guest, "link", "show", "eth0"]).0, "moved away");
 

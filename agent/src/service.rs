@@ -87,6 +87,42 @@ fn internal(message: impl ToString) -> ttrpc::Error {
     status::error(Code::INTERNAL, message)
 }
 
+/// Looks up each of a container's volume submounts (a path under
+/// `containers/<id>/volumes/` of the share: `CreateContainerRequest.
+/// submounts`), so that the guest's virtio-fs submount there is made now,
+/// in the agent's namespace and with the share's flags: the container's
+/// bind of the volume then carries it with those flags.
+fn look_up_submounts(id: &str, share: Option<&Path>, submounts: &[String]) -> RpcResult<()> {
+    if submounts.is_empty() {
+        return Ok(());
+    }
+    if submounts.len() > isola_protocol::MAX_SUBMOUNTS {
+        return Err(invalid(format!(
+            "submounts: more than {}",
+            isola_protocol::MAX_SUBMOUNTS
+        )));
+    }
+    let share = share.ok_or_else(|| precondition("submounts: the sandbox has no share"))?;
+    let prefix = format!("containers/{id}/volumes/");
+    for (i, rel) in submounts.iter().enumerate() {
+        let field = format!("submounts[{i}]");
+        if !rel.starts_with(&prefix) {
+            return Err(invalid(format!("{field}: {rel:?} is not under {prefix}")));
+        }
+        let dir = spec::resolve_inside(share, rel, &field).map_err(invalid)?;
+        // Opening the directory mounts it (stat, and so resolving, does
+        // not automount a path's last component).
+        std::fs::read_dir(&dir)
+            .map_err(|e| invalid(format!("{field}: opening {}: {e}", dir.display())))?;
+    }
+    tracing::debug!(
+        container = id,
+        submounts = submounts.len(),
+        "volume submounts looked up"
+    );
+    Ok(())
+}
+
 /// A spec error as an `INVALID_ARGUMENT` under the request field `field`
 /// (`oci_spec_json: process.args: ...`); errors of request fields that
 /// are not inside the JSON (`rootfs`) are named as they are.
@@ -670,6 +706,7 @@ impl AgentService {
         }
         let parsed =
             spec::parse_json(&req.oci_spec_json).map_err(|e| spec_error("oci_spec_json", e))?;
+        look_up_submounts(id, share.as_deref(), &req.submounts)?;
         let pins =
             sandbox::shared_namespaces(&req.sandbox_namespaces, Path::new(sandbox::POD_NAMESPACES))
                 .map_err(invalid)?;
@@ -1626,6 +1663,40 @@ mod tests {
             "{:?} does not start with {prefix:?}",
             status::message(&err)
         );
+    }
+
+    #[test]
+    fn submounts_are_looked_up_inside_the_containers_volumes_only() {
+        use isola_protocol::status::{code, message};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let share = dir.path().canonicalize().expect("canonical");
+        std::fs::create_dir_all(share.join("containers/c1/volumes/0/tmp")).expect("mkdir");
+        let ok = |subs: &[&str]| {
+            let subs: Vec<String> = subs.iter().map(|s| s.to_string()).collect();
+            look_up_submounts("c1", Some(&share), &subs)
+        };
+        ok(&[]).expect("nothing to do");
+        ok(&["containers/c1/volumes/0/tmp"]).expect("a volume's directory");
+        for (bad, want) in [
+            ("containers/c2/volumes/0/tmp", "submounts[0]: "),
+            ("containers/c1/volumes/0/../../../c2", "submounts[0]: "),
+            ("containers/c1/volumes/0/missing", "submounts[0]: "),
+            ("/containers/c1/volumes/0/tmp", "submounts[0]: "),
+        ] {
+            let err = ok(&[bad]).expect_err(bad);
+            assert_eq!(code(&err), Some(Code::INVALID_ARGUMENT), "{bad}");
+            assert!(message(&err).starts_with(want), "{bad}: {}", message(&err));
+        }
+        let many = vec!["containers/c1/volumes/0/tmp"; isola_protocol::MAX_SUBMOUNTS + 1];
+        let err = ok(&many).expect_err("too many");
+        assert!(
+            message(&err).starts_with("submounts: more than"),
+            "{}",
+            message(&err)
+        );
+        let err = look_up_submounts("c1", None, &["containers/c1/volumes/0/tmp".into()])
+            .expect_err("no share");
+        assert_eq!(code(&err), Some(Code::FAILED_PRECONDITION));
     }
 
     #[test]

@@ -33,8 +33,13 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// fields are added to v1: 1 was `Health` alone, 2 adds the container
 /// service `Agent`, 3 adds `Agent.SetupNetwork` (pod networking), 4 adds
 /// `CreateContainerRequest.sandbox_namespaces` (a pod's shared IPC, UTS
-/// and PID namespaces).
-pub const API_VERSION: u32 = 4;
+/// and PID namespaces), 5 adds `NetworkInterface.new_mac` (a network that
+/// came after the boot), 6 adds `CreateContainerRequest.submounts` (a
+/// read-only volume's writable submounts).
+pub const API_VERSION: u32 = 6;
+
+/// The most `CreateContainerRequest.submounts`.
+pub const MAX_SUBMOUNTS: usize = 64;
 
 /// The namespaces a container may share with its sandbox's own container,
 /// by the names `CreateContainerRequest.sandbox_namespaces` carries (the

@@ -124,6 +124,8 @@ pub struct Interface {
     /// `None`: keep the device's.
     pub mtu: Option<u32>,
     pub addresses: Vec<(IpAddr, u8)>,
+    /// The MAC the device gets once found; `None`: keep `mac`.
+    pub new_mac: Option<Mac>,
 }
 
 /// One route of a checked request.
@@ -260,6 +262,15 @@ fn check_interface(
                 format!("{:?} is not a unicast MAC (aa:bb:cc:dd:ee:ff)", req.mac),
             )
         })?;
+    let new_mac = match req.new_mac.as_str() {
+        "" => None,
+        text => Some(Mac::parse(text).filter(Mac::is_unicast).ok_or_else(|| {
+            invalid(
+                &format!("{field}.new_mac"),
+                format!("{text:?} is not empty or a unicast MAC (aa:bb:cc:dd:ee:ff)"),
+            )
+        })?),
+    };
     let mtu = match req.mtu {
         0 => None,
         68..=65535 => Some(req.mtu),
@@ -291,6 +302,7 @@ fn check_interface(
         mac,
         mtu,
         addresses,
+        new_mac,
     })
 }
 
@@ -560,6 +572,14 @@ mod tests {
         );
         assert_eq!(plan.routes[1].destination, None);
         assert_eq!(plan.neighbours[0].device, 0);
+        assert_eq!(plan.interfaces[0].new_mac, None);
+        let mut late = good();
+        late.interfaces[0].new_mac = "02:42:C6:13:00:02".into();
+        let plan = check_request(&late).expect("valid");
+        assert_eq!(
+            plan.interfaces[0].new_mac.map(|m| m.to_string()).as_deref(),
+            Some("02:42:c6:13:00:02")
+        );
         assert_eq!(
             check_request(&SetupNetworkRequest::default()).expect("empty"),
             Plan::default()
@@ -584,6 +604,14 @@ mod tests {
         rejects(
             &with(&|r| r.interfaces[1].name = "isolatmp3".into()),
             "interfaces[1].name: ",
+        );
+        rejects(
+            &with(&|r| r.interfaces[0].new_mac = "01:00:5e:00:00:01".into()),
+            "interfaces[0].new_mac: ",
+        );
+        rejects(
+            &with(&|r| r.interfaces[1].new_mac = "02:42".into()),
+            "interfaces[1].new_mac: ",
         );
         rejects(
             &with(&|r| r.interfaces[1].name = "eth0".into()),

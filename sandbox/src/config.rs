@@ -85,6 +85,10 @@ pub struct Hypervisor {
     pub kernel_params: String,
     /// Checksum and TSO offloads offered on the pod's virtio-net devices.
     pub net_offloads: bool,
+    /// A VM without a pod network (a spec whose network namespace has no
+    /// path: Docker, `ctr run`) boots with a virtio-net device for the
+    /// network Docker makes after Create ([`crate::network::LateTap`]).
+    pub late_network: bool,
     /// Which of [`ANNOTATABLE`] a pod's annotations may override.
     pub enable_annotations: Vec<String>,
 }
@@ -126,6 +130,7 @@ impl Default for Hypervisor {
             max_memory_mib: 16384,
             kernel_params: String::new(),
             net_offloads: true,
+            late_network: true,
             enable_annotations: Vec::new(),
         }
     }
@@ -372,6 +377,7 @@ impl Config {
         config.memory_mib = h.default_memory_mib;
         config.kernel_cmdline_extra = h.kernel_params.clone();
         config.net_offloads = h.net_offloads;
+        config.late_network = h.late_network;
         config.run_root = self.runtime.run_root.clone();
         config.log_level = self.runtime.log_level.clone();
         config.virtiofs_cache = self.virtiofs.cache.clone();
@@ -672,6 +678,7 @@ mod tests {
         );
         assert_eq!(c.hypervisor.kernel_params, "");
         assert!(c.hypervisor.net_offloads);
+        assert!(c.hypervisor.late_network);
         assert!(c.hypervisor.enable_annotations.is_empty());
         assert_eq!(
             c.virtiofs.virtiofsd,
@@ -700,6 +707,7 @@ max_vcpus = 8
 max_memory_mib = 4096
 kernel_params = "quiet loglevel=3"
 net_offloads = false
+late_network = false
 enable_annotations = ["default_vcpus", "default_memory_mib", "kernel_params", "net_offloads"]
 
 [virtiofs]
@@ -727,6 +735,7 @@ stop_timeout_secs = 5
                     max_memory_mib: 4096,
                     kernel_params: "quiet loglevel=3".into(),
                     net_offloads: false,
+                    late_network: false,
                     enable_annotations: ANNOTATABLE.iter().map(|s| s.to_string()).collect(),
                 },
                 virtiofs: Virtiofs {

@@ -194,6 +194,10 @@ pub struct Interface {
     /// The tap's name (`tap<N>_isola`) and index in the pod netns.
     pub tap: String,
     pub tap_index: u32,
+    /// The MAC of the guest's virtio-net device on the tap: the
+    /// interface's own when the VM boots after CNI (a pod), the tap's boot
+    /// MAC when the interface came after the VM ([`LateTap`]).
+    pub guest_mac: Mac,
 }
 
 /// The pod's interfaces, their taps (the host's descriptors until
@@ -261,12 +265,18 @@ impl PodNetwork {
     pub fn setup_request(&self) -> pb::SetupNetworkRequest {
         let mut req = pb::SetupNetworkRequest::new();
         for i in &self.interfaces {
-            req.interfaces.push(interface_message(
+            let mut message = interface_message(
                 &i.name,
-                i.mac,
+                i.guest_mac,
                 i.mtu,
                 i.addresses.iter().map(|a| (a.ip, a.prefix_len)),
-            ));
+            );
+            // A late network's device takes the interface's MAC, which
+            // its neighbours (Docker's bridge) know.
+            if i.guest_mac != i.mac {
+                message.new_mac = i.mac.to_string();
+            }
+            req.interfaces.push(message);
             for r in &i.routes {
                 req.routes.push(pb::NetworkRoute {
                     destination: r
@@ -353,6 +363,156 @@ pub fn private_netns() -> std::io::Result<OwnedFd> {
         })?
         .join()
         .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+}
+
+/// The name of the tap a [`LateTap`] opens in isola-vmm's namespace.
+pub const LATE_TAP: &str = "tap0_isola";
+
+/// A network that arrives after the VM boots: Docker (26 and later) makes
+/// a container's network after Create, in `/proc/<task pid>/ns/net`, that
+/// is isola-vmm's own namespace ([`private_netns`]), and starts the task
+/// only then. The VM's devices are fixed at boot, so it boots with one
+/// virtio-net device on a tap opened in that namespace beforehand, with a
+/// MAC of its own (random, locally administered); when the container
+/// starts, [`LateTap::attach`] joins the interface found there then
+/// (Docker's `eth0`) to that tap as [`discover_and_plumb`] joins a pod's,
+/// and the guest device takes the interface's MAC (which Docker's bridge
+/// and its neighbours know: `NetworkInterface.new_mac`), addresses and
+/// routes. A namespace in which nothing arrived (`docker run --network
+/// none`, `ctr run`) leaves the device unconfigured, outside the
+/// containers' netns.
+#[derive(Debug)]
+pub struct LateTap {
+    netns: OwnedFd,
+    /// The host's descriptor of the tap, until isola-vmm has it.
+    fd: Option<OwnedFd>,
+    mac: Mac,
+}
+
+/// How [`LateTap`]'s errors name isola-vmm's namespace.
+const VMM_NETNS: &str = "isola-vmm's netns";
+
+impl LateTap {
+    /// Opens the tap (up, not persistent) in the namespace `netns`.
+    pub fn open(netns: &OwnedFd) -> Result<LateTap, NetworkError> {
+        let path = Path::new(VMM_NETNS);
+        let dup = |what: &str| {
+            netns
+                .try_clone()
+                .map_err(|e| At::netns(path).err(what.to_string(), e))
+        };
+        let keep = dup("duplicating the descriptor")?;
+        let fd = in_netns(
+            path,
+            dup("duplicating the descriptor")?,
+            move |handle| async move {
+                let at = At::netns(path);
+                let fd =
+                    open_tap(LATE_TAP).map_err(|e| at.err(format!("create tap {LATE_TAP}"), e))?;
+                let index = link_index(&handle, LATE_TAP)
+                    .await
+                    .map_err(at.netlink(format!("find tap {LATE_TAP}")))?;
+                handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .execute()
+                    .await
+                    .map_err(at.netlink(format!("set {LATE_TAP} up")))?;
+                Ok(fd)
+            },
+        )?;
+        let mac = random_mac().map_err(|e| At::netns(path).err("choosing a MAC", e))?;
+        Ok(LateTap {
+            netns: keep,
+            fd: Some(fd),
+            mac,
+        })
+    }
+
+    /// The tap's descriptor in the host process and the guest device's
+    /// MAC (isola-vmm's `--net`), until closed.
+    pub fn tap(&self) -> Option<(RawFd, Mac)> {
+        self.fd.as_ref().map(|fd| (fd.as_raw_fd(), self.mac))
+    }
+
+    /// Closes the host's descriptor: once isola-vmm has inherited it, the
+    /// tap lives exactly as long as isola-vmm.
+    pub fn close_tap(&mut self) {
+        self.fd = None;
+    }
+
+    /// Joins the interface now in the namespace (not the tap, not
+    /// loopback) to the tap, both ways. `None`: no interface arrived. More
+    /// than one is an error naming them: the VM has one device for them.
+    /// The [`PodNetwork`] returned removes the redirects at its teardown;
+    /// its `setup_request` gives the guest device the interface's
+    /// addresses, routes and neighbours.
+    pub fn attach(&self) -> Result<Option<PodNetwork>, NetworkError> {
+        let path = Path::new(VMM_NETNS);
+        let at = At::netns(path);
+        let netns = self
+            .netns
+            .try_clone()
+            .map_err(|e| at.err("duplicating the descriptor", e))?;
+        let keep = self
+            .netns
+            .try_clone()
+            .map_err(|e| at.err("duplicating the descriptor", e))?;
+        let mac = self.mac;
+        let found = in_netns(path, netns, move |handle| async move {
+            let at = At::netns(path);
+            let mut interfaces = discover(&at, &handle).await?;
+            if interfaces.is_empty() {
+                return Ok(None);
+            }
+            if interfaces.len() > 1 {
+                let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+                return Err(at.err(
+                    "joining the interfaces made after create",
+                    format!(
+                        "{} interfaces ({}); a VM has one device for a network made \
+                         after its boot: give the container one network",
+                        interfaces.len(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            let mut interface = interfaces.remove(0);
+            interface.tap = LATE_TAP.to_string();
+            interface.guest_mac = mac;
+            let iat = at.interface(&interface.name);
+            interface.tap_index = link_index(&handle, LATE_TAP)
+                .await
+                .map_err(iat.netlink(format!("find tap {LATE_TAP}")))?;
+            let mut qdiscs = Vec::new();
+            if let Err(e) = join_tap(&iat, &handle, &interface, &mut qdiscs).await {
+                for undo in remove_qdiscs(&at, &handle, &qdiscs).await {
+                    tracing::error!(err = %undo, "undoing the late network");
+                }
+                return Err(e);
+            }
+            Ok(Some((interface, qdiscs)))
+        })?;
+        Ok(found.map(|(interface, qdiscs)| PodNetwork {
+            netns_path: path.to_path_buf(),
+            netns: Some(keep),
+            interfaces: vec![interface],
+            taps: Vec::new(),
+            qdiscs,
+            forward: None,
+            redirect: None,
+        }))
+    }
+}
+
+/// A random, locally administered unicast MAC (`x2:…`, `x6:…`, `xa:…` or
+/// `xe:…`).
+fn random_mac() -> std::io::Result<Mac> {
+    use std::io::Read;
+    let mut bytes = [0u8; 6];
+    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    bytes[0] = (bytes[0] & 0xfe) | 0x02;
+    Ok(Mac(bytes))
 }
 
 /// Runs `work` with an rtnetlink handle inside the namespace `netns` (a
@@ -617,6 +777,7 @@ fn ethernet_interface(link: &LinkMessage) -> Option<Interface> {
         neighbours: Vec::new(),
         tap: String::new(),
         tap_index: 0,
+        guest_mac: mac,
     })
 }
 
@@ -743,40 +904,56 @@ async fn add_taps(
             .await
             .map_err(at.netlink(format!("find tap {tap}")))?;
         interface.tap_index = tap_index;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(tap_index)
-                    .mtu(interface.mtu)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(at.netlink(format!("set MTU {} and up on {tap}", interface.mtu)))?;
-        handle
-            .qdisc()
-            .add(interface.index as i32)
-            .ingress()
-            .execute()
-            .await
-            .map_err(at.netlink("add ingress qdisc"))?;
-        qdiscs.push((interface.index, interface.name.clone()));
-        handle
-            .qdisc()
-            .add(tap_index as i32)
-            .ingress()
-            .execute()
-            .await
-            .map_err(at.netlink(format!("add ingress qdisc on {tap}")))?;
-        add_redirect(handle, interface.index, tap_index)
-            .await
-            .map_err(at.netlink(format!("add ingress redirect to {tap}")))?;
-        add_redirect(handle, tap_index, interface.index)
-            .await
-            .map_err(at.netlink(format!("add ingress redirect from {tap}")))?;
+        join_tap(&at, handle, interface, qdiscs).await?;
         tracing::debug!(interface = %interface.name, %tap, "pod interface plumbed");
     }
+    Ok(())
+}
+
+/// Joins `interface` and its tap (`interface.tap`, `interface.tap_index`,
+/// both in the handle's namespace) both ways: the tap gets the
+/// interface's MTU and is up, each gets an ingress qdisc (the interface's
+/// recorded in `qdiscs` for the teardown; the tap's goes with the tap)
+/// with a match-all redirect out of the other.
+async fn join_tap(
+    at: &At<'_>,
+    handle: &Handle,
+    interface: &Interface,
+    qdiscs: &mut Vec<(u32, String)>,
+) -> Result<(), NetworkError> {
+    let (tap, tap_index) = (&interface.tap, interface.tap_index);
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(tap_index)
+                .mtu(interface.mtu)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(at.netlink(format!("set MTU {} and up on {tap}", interface.mtu)))?;
+    handle
+        .qdisc()
+        .add(interface.index as i32)
+        .ingress()
+        .execute()
+        .await
+        .map_err(at.netlink("add ingress qdisc"))?;
+    qdiscs.push((interface.index, interface.name.clone()));
+    handle
+        .qdisc()
+        .add(tap_index as i32)
+        .ingress()
+        .execute()
+        .await
+        .map_err(at.netlink(format!("add ingress qdisc on {tap}")))?;
+    add_redirect(handle, interface.index, tap_index)
+        .await
+        .map_err(at.netlink(format!("add ingress redirect to {tap}")))?;
+    add_redirect(handle, tap_index, interface.index)
+        .await
+        .map_err(at.netlink(format!("add ingress redirect from {tap}")))?;
     Ok(())
 }
 
@@ -824,6 +1001,16 @@ mod tests {
     }
 
     #[test]
+    fn a_late_taps_mac_is_random_unicast_and_locally_administered() {
+        let (a, b) = (random_mac().expect("mac"), random_mac().expect("mac"));
+        for mac in [a, b] {
+            assert!(mac.is_unicast(), "{mac}");
+            assert_eq!(mac.0[0] & 0x02, 0x02, "{mac} is not locally administered");
+        }
+        assert_ne!(a, b);
+    }
+
+    #[test]
     fn errors_name_the_netns_the_interface_and_the_step() {
         let at = At::netns(Path::new("/var/run/netns/x"));
         assert_eq!(
@@ -865,7 +1052,26 @@ mod tests {
             }],
             tap: "tap0_isola".into(),
             tap_index: 9,
+            guest_mac: Mac([0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x05]),
         };
+        // A late network's guest device has the tap's boot MAC: the
+        // request finds it by that one.
+        let mut late = interface.clone();
+        late.guest_mac = Mac([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+        let late = PodNetwork {
+            netns_path: PathBuf::from(VMM_NETNS),
+            netns: None,
+            interfaces: vec![late],
+            taps: Vec::new(),
+            qdiscs: Vec::new(),
+            forward: None,
+            redirect: None,
+        };
+        let req = late.setup_request();
+        assert_eq!(req.interfaces[0].mac, "02:11:22:33:44:55");
+        assert_eq!(req.interfaces[0].new_mac, "0a:58:0a:f4:01:05");
+        assert_eq!(req.interfaces[0].name, "eth0");
+        assert_eq!(req.routes[0].device, "eth0");
         let network = PodNetwork {
             netns_path: PathBuf::from("/var/run/netns/x"),
             netns: None,
@@ -876,6 +1082,7 @@ mod tests {
             redirect: None,
         };
         let req = network.setup_request();
+        assert_eq!(req.interfaces[0].new_mac, "", "a pod's device has its MAC");
         let plan = isola_protocol::network::check_request(&req).expect("the guest accepts it");
         assert_eq!(plan.interfaces[0].name, "eth0");
         assert_eq!(plan.interfaces[0].mac.to_string(), "0a:58:0a:f4:01:05");

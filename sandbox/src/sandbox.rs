@@ -92,6 +92,11 @@ pub struct SandboxConfig {
     /// Checksum and TSO offloads on the pod's virtio-net devices (isola-vmm's
     /// `--net …,offload=off` when false).
     pub net_offloads: bool,
+    /// Without `netns`: the VM boots with one virtio-net device on a tap
+    /// in isola-vmm's own namespace, and the interface found there when
+    /// the first container starts (Docker's, made after Create) is joined
+    /// to it ([`network::LateTap`]).
+    pub late_network: bool,
 }
 
 impl SandboxConfig {
@@ -123,6 +128,7 @@ impl SandboxConfig {
             cgroup: None,
             netns: None,
             net_offloads: true,
+            late_network: false,
         }
     }
 
@@ -277,8 +283,12 @@ struct Resources {
     layout: Layout,
     virtiofsd: Option<Supervised>,
     vmm: Option<Supervised>,
-    /// The pod network's taps and tc redirects, removed after the VMM.
+    /// The pod network's taps and tc redirects, removed after the VMM
+    /// (a late network's too, once attached).
     network: Mutex<Option<PodNetwork>>,
+    /// The tap of a network to come ([`network::LateTap`]), until the
+    /// first container's start attaches it.
+    late: tokio::sync::Mutex<Option<network::LateTap>>,
     /// Set when the directory was created by us (and so is ours to remove).
     owns_dir: bool,
     finished: AtomicBool,
@@ -509,6 +519,7 @@ impl Sandbox {
             virtiofsd: None,
             vmm: None,
             network: Mutex::new(None),
+            late: tokio::sync::Mutex::new(None),
             owns_dir: true,
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),
@@ -565,7 +576,7 @@ impl Sandbox {
             .await
             .map_err(|m| Error::new(ErrorKind::Host, &id, "starting virtiofsd", m))?;
 
-        let taps = resources
+        let mut taps = resources
             .network
             .get_mut()
             .ok()
@@ -598,6 +609,24 @@ impl Sandbox {
                 })?
                 .map_err(|e| Error::host(&id, "making isola-vmm's netns", e))?,
         };
+        if config.netns.is_none() && config.late_network {
+            let fd = netns
+                .try_clone()
+                .map_err(|e| Error::host(&id, "keeping isola-vmm's netns", e))?;
+            let late = tokio::task::spawn_blocking(move || network::LateTap::open(&fd))
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Host,
+                        &id,
+                        "opening the tap for a late network",
+                        e.to_string(),
+                    )
+                })?
+                .map_err(|e| Error::host(&id, "opening the tap for a late network", e))?;
+            taps.extend(late.tap());
+            *resources.late.get_mut() = Some(late);
+        }
         let mut cmd = tokio::process::Command::new(&config.vmm);
         cmd.args(vmm_args(&config, &layout))
             .args(vmm_net_args(&taps, config.net_offloads))
@@ -612,6 +641,9 @@ impl Sandbox {
         // copies go, so each tap lives exactly as long as isola-vmm.
         if let Ok(Some(net)) = resources.network.get_mut().map(Option::as_mut) {
             net.close_taps();
+        }
+        if let Some(late) = resources.late.get_mut() {
+            late.close_tap();
         }
         drop(netns);
         resources.vmm = Some(vmm?);
@@ -1024,6 +1056,21 @@ impl Sandbox {
                 .map_err(|e| Error::host(sid, "mounting into the share", e).in_container(cid))?;
         }
         tracing::debug!(sandbox = %sid, container = %cid, mounts = ops.iter().filter(|o| matches!(o, MountOp::Bind { .. })).count(), "container mounted into the share");
+        // A read-only volume's submounts: the guest mounts them before the
+        // container binds the volume, so they keep their own flags.
+        let readonly: Vec<PathBuf> = binds
+            .iter()
+            .filter(|b| b.readonly)
+            .map(|b| layout.volume(cid, b.index))
+            .collect();
+        let mut submounts = share::submounts(layout, &readonly).unwrap_or_else(|err| {
+            tracing::warn!(sandbox = %sid, container = %cid, %err, "cannot list the read-only volumes' submounts; they are read-only in the guest");
+            Vec::new()
+        });
+        if submounts.len() > isola_protocol::MAX_SUBMOUNTS {
+            tracing::warn!(sandbox = %sid, container = %cid, found = submounts.len(), "more read-only volume submounts than the agent takes; the rest are read-only in the guest");
+            submounts.truncate(isola_protocol::MAX_SUBMOUNTS);
+        }
 
         let spec_json = serde_json::to_string(&spec)
             .map_err(|e| invalid(format!("oci spec does not serialize: {e}")))?;
@@ -1034,6 +1081,7 @@ impl Sandbox {
             rootfs: share::guest_rootfs_rel(cid),
             stdio: MessageField::some(stdio),
             sandbox_namespaces,
+            submounts,
             ..Default::default()
         };
         let agent = &self.inner.agent;
@@ -1090,8 +1138,10 @@ impl Sandbox {
         self.lock_containers().remove(cid);
     }
 
-    /// Starts the container's init process.
+    /// Starts the container's init process; the first start attaches a
+    /// late network first.
     pub async fn start_container(&self, cid: &str) -> Result<()> {
+        self.attach_late_network(cid).await?;
         let req = pb::StartContainerRequest {
             container_id: cid.to_string(),
             ..Default::default()
@@ -1103,6 +1153,52 @@ impl Sandbox {
         )
         .await
         .map(drop)
+    }
+
+    /// Joins what arrived in isola-vmm's namespace since the boot (Docker's
+    /// network) to the VM's late tap and gives the guest its addresses and
+    /// routes: once, on the first container's start. Nothing arrived:
+    /// nothing to do.
+    async fn attach_late_network(&self, cid: &str) -> Result<()> {
+        let mut slot = self.inner.resources.late.lock().await;
+        let Some(late) = slot.take() else {
+            return Ok(());
+        };
+        let id = self.inner.id.clone();
+        let step = "attaching the network made after create";
+        let net = tokio::task::spawn_blocking(move || late.attach())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Host, &id, step, e.to_string()))?
+            .map_err(|e| Error::host(&id, step, e).in_container(cid))?;
+        let Some(net) = net else {
+            tracing::debug!(sandbox = %id, "no network arrived in isola-vmm's netns");
+            return Ok(());
+        };
+        let req = net.setup_request();
+        tracing::info!(sandbox = %id, interfaces = ?net.interfaces().iter().map(|i| (&i.name, &i.tap)).collect::<Vec<_>>(), "late network plumbed");
+        // Kept for the teardown whatever the guest answers.
+        if let Ok(mut kept) = self.inner.resources.network.lock() {
+            *kept = Some(net);
+        }
+        if self.inner.agent_api < 5 {
+            return Err(Error::new(
+                ErrorKind::Unimplemented,
+                &id,
+                "SetupNetwork",
+                format!(
+                    "the agent speaks api_version {}; a network made after create needs 5",
+                    self.inner.agent_api
+                ),
+            ));
+        }
+        self.call(
+            "SetupNetwork",
+            Some(cid),
+            self.inner.agent.setup_network(ctx(RPC_TIMEOUT), &req),
+        )
+        .await?;
+        tracing::info!(sandbox = %id, routes = req.routes.len(), "guest network set up");
+        Ok(())
     }
 
     /// Runs another process in a running container.
@@ -1804,6 +1900,7 @@ mod tests {
             ),
             vmm: Some(Supervised::spawn("isola-vmm", "fake", sh("sleep 100")).expect("spawn")),
             network: Mutex::new(None),
+            late: tokio::sync::Mutex::new(None),
             owns_dir: true,
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),

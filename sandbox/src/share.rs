@@ -150,10 +150,13 @@ pub fn plan_share(layout: &Layout) -> Vec<MountOp> {
     ]
 }
 
-/// Binds `source` at `target` under `rw`. A read-only bind is made at
-/// `staging` and made read-only there, bound from there onto `target` (a
-/// bind copies the read-only flag, and so does every propagated copy) and
-/// the staging mount removed.
+/// Binds `source` (with its submounts) at `target` under `rw`. A
+/// read-only bind is made at `staging` and made read-only there, bound
+/// from there onto `target` (a bind copies the read-only flag, and so does
+/// every propagated copy) and the staging mount removed. Read-only is
+/// runc's: the volume's own mount, not its submounts (a tmpfs inside a
+/// read-only hostPath stays writable), which come along with their own
+/// flags.
 pub fn plan_bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Vec<MountOp> {
     if !readonly {
         return vec![MountOp::Bind {
@@ -172,7 +175,7 @@ pub fn plan_bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -
         MountOp::Bind {
             source: staging.to_path_buf(),
             target: target.to_path_buf(),
-            recursive: false,
+            recursive: true,
         },
         MountOp::Unmount(staging.to_path_buf()),
     ]
@@ -331,6 +334,37 @@ fn depth(path: &Path) -> usize {
     path.components()
         .filter(|c| matches!(c, Component::Normal(_)))
         .count()
+}
+
+/// The mount points strictly below each of `volumes` (a container's
+/// volumes under the layout's `rw`: a tmpfs inside a hostPath), as the
+/// guest names them relative to the share's root
+/// (`containers/<id>/volumes/N/...`), sorted (a parent before what is
+/// under it) and each once. One read of mountinfo for all. A path that is
+/// not UTF-8 is left out.
+pub fn submounts(layout: &Layout, volumes: &[PathBuf]) -> io::Result<Vec<String>> {
+    if volumes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?);
+    let rw = layout.rw();
+    let mut rels: Vec<String> = volumes
+        .iter()
+        .flat_map(|volume| {
+            unmount_order(&entries, volume)
+                .into_iter()
+                .filter(move |p| p != volume)
+        })
+        .filter_map(|p| {
+            p.strip_prefix(&rw)
+                .ok()
+                .and_then(Path::to_str)
+                .map(str::to_string)
+        })
+        .collect();
+    rels.sort();
+    rels.dedup();
+    Ok(rels)
 }
 
 /// The mount points at or below `under` in this mount namespace now.

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use isola_sandbox::network::{discover_and_plumb, open_tap, Address, PodNetwork};
+use isola_sandbox::network::{discover_and_plumb, open_tap, Address, LateTap, PodNetwork};
 
 fn run(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -70,10 +70,23 @@ fn pod(tag: &str) -> (Netns, String) {
         "pod networking tests need root (ip netns, /dev/net/tun)"
     );
     let ns = Netns::new(tag);
+    let host = add_veth(&ns, tag, "eth0");
+    (ns, host)
+}
+
+/// That veth pair in `ns` (its end there named `name`, with CNI's
+/// address, MTU, routes and neighbour); the host end's name.
+fn add_veth(ns: &Netns, tag: &str, name: &str) -> String {
     let host = format!("vh{tag}{}", std::process::id() % 100_000);
     run(&[
-        "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns.0,
+        "ip", "link", "add", &host, "type", "veth", "peer", "name", name, "netns", &ns.0,
     ]);
+    if name != "eth0" {
+        run(&[
+            "ip", "netns", "exec", &ns.0, "ip", "link", "set", name, "up",
+        ]);
+        return host;
+    }
     for args in [
         &[
             "ip",
@@ -133,10 +146,22 @@ fn pod(tag: &str) -> (Netns, String) {
         let (ok, out) = in_ns(&ns.0, args);
         assert!(ok, "{args:?}: {out}");
     }
-    (ns, host)
+    host
 }
 
 fn check_plumbed(ns: &Netns, net: &PodNetwork) {
+    check_joined(ns);
+    assert_eq!(net.taps().len(), 1);
+    assert!(
+        redirect_rules(ns).iter().any(|r| r.contains("-j REDIRECT")),
+        "no port-forward redirect: {:?}",
+        redirect_rules(ns)
+    );
+}
+
+/// eth0 and tap0_isola redirect to each other; the tap is up with eth0's
+/// MTU, not persistent.
+fn check_joined(ns: &Netns) {
     let (_, qdiscs) = in_ns(&ns.0, &["tc", "qdisc", "show"]);
     for dev in ["eth0", "tap0_isola"] {
         assert!(
@@ -168,12 +193,6 @@ fn check_plumbed(ns: &Netns, net: &PodNetwork) {
     assert!(
         !tap.contains("persist on"),
         "the tap must not be persistent: {tap}"
-    );
-    assert_eq!(net.taps().len(), 1);
-    assert!(
-        redirect_rules(ns).iter().any(|r| r.contains("-j REDIRECT")),
-        "no port-forward redirect: {:?}",
-        redirect_rules(ns)
     );
 }
 
@@ -426,4 +445,79 @@ async fn a_failed_sandbox_start_leaves_no_tap_and_no_qdisc() {
     assert_eq!(err.step(), "starting virtiofsd", "{err}");
     check_clean(&ns);
     assert!(!config.run_root.join("net").exists(), "run dir left behind");
+}
+
+/// An empty namespace and a late tap opened in it (as isola-vmm's before
+/// its boot).
+fn late_tap(tag: &str) -> (Netns, LateTap) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "pod networking tests need root (ip netns, /dev/net/tun)"
+    );
+    let ns = Netns::new(tag);
+    let netns = std::os::fd::OwnedFd::from(std::fs::File::open(ns.path()).expect("netns"));
+    let late = LateTap::open(&netns).unwrap_or_else(|e| panic!("{e}"));
+    (ns, late)
+}
+
+/// Docker's network, made after the VM booted: the late tap is there from
+/// the start, up and not persistent; nothing arrived yet, nothing is
+/// joined; once a veth arrived it is joined to the tap both ways and the
+/// guest is asked to give the device with the tap's MAC its addresses;
+/// the teardown and the tap's last descriptor leave nothing.
+#[test]
+fn a_late_tap_joins_the_interface_that_arrived_after_it() {
+    let (ns, mut late) = late_tap("late");
+    let (fd, mac) = late.tap().expect("the tap's descriptor");
+    assert!(mac.is_unicast() && mac.0[0] & 2 == 2, "{mac}");
+    let (ok, tap) = in_ns(&ns.0, &["ip", "-d", "link", "show", "tap0_isola"]);
+    assert!(
+        ok && tap.contains("UP") && !tap.contains("persist on"),
+        "{tap}"
+    );
+    assert!(
+        late.attach().expect("attach").is_none(),
+        "nothing arrived yet"
+    );
+    // As isola-vmm holds it: a copy passed on, the host's closed.
+    // SAFETY: `fd` is open (owned by `late`) for the duration of the call.
+    let passed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .expect("dup");
+    late.close_tap();
+    assert!(late.tap().is_none());
+
+    let _host = add_veth(&ns, "late", "eth0");
+    let net = late
+        .attach()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("eth0 arrived");
+    let eth0 = &net.interfaces()[0];
+    assert_eq!(
+        (eth0.name.as_str(), eth0.tap.as_str(), eth0.guest_mac),
+        ("eth0", "tap0_isola", mac)
+    );
+    assert_eq!(eth0.mac.to_string(), "0a:58:0a:f4:01:05");
+    check_joined(&ns);
+    let plan = isola_protocol::network::check_request(&net.setup_request()).expect("valid");
+    assert_eq!(plan.interfaces[0].mac, mac, "the guest device is the tap's");
+    assert_eq!(plan.routes.len(), 2);
+    net.teardown().unwrap_or_else(|e| panic!("{e}"));
+    drop(passed);
+    check_clean(&ns);
+}
+
+#[test]
+fn a_late_tap_refuses_two_interfaces_naming_them() {
+    let (ns, late) = late_tap("late2");
+    let _a = add_veth(&ns, "la", "eth0");
+    let _b = add_veth(&ns, "lb", "eth1");
+    let err = late.attach().expect_err("two interfaces");
+    let text = err.to_string();
+    assert!(
+        text.contains("2 interfaces (eth0, eth1)") && text.starts_with("netns isola-vmm's netns: "),
+        "{text}"
+    );
+    let (_, qdiscs) = in_ns(&ns.0, &["tc", "qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
 }

@@ -79,6 +79,20 @@ async fn share_layout_propagates_into_virtiofsd_namespace() {
         std::fs::create_dir_all(&dir).expect("mkdir");
     }
     std::fs::write(vol.join("data"), b"volume").expect("write");
+    // A tmpfs inside the read-only volume (issue 17, item 8): runc's
+    // read-only is the volume's own mount, not its submounts'.
+    let sub = vol.join("tmp-sub");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("tmpfs in the volume");
+    let _sub_guard = Guard(sub.clone());
+    std::fs::write(sub.join("inside"), b"tmpfs").expect("write");
     let _guard = Guard(layout.dir().to_path_buf());
     for op in share::plan_share(&layout) {
         share::apply(&op).expect("share set-up");
@@ -158,6 +172,28 @@ async fn share_layout_propagates_into_virtiofsd_namespace() {
     assert_eq!(
         std::fs::read(layout.ro().join("containers/c1/volumes/0/data")).ok(),
         Some(b"volume".to_vec())
+    );
+    // Its tmpfs came along, with its content, writable as with runc.
+    let sub_seen = layout.ro().join("containers/c1/volumes/0/tmp-sub");
+    assert_eq!(
+        std::fs::read(sub_seen.join("inside")).ok(),
+        Some(b"tmpfs".to_vec()),
+        "the volume's submount is not in the share"
+    );
+    assert!(writable(&sub_seen), "the volume's tmpfs is read-only");
+    // What the guest is told to mount before the container binds it.
+    assert_eq!(
+        share::submounts(&layout, &[layout.volume("c1", 0), layout.rootfs("c1")])
+            .expect("mountinfo"),
+        vec!["containers/c1/volumes/0/tmp-sub".to_string()]
+    );
+    assert!(share::submounts(&layout, &[layout.rootfs("c1")])
+        .expect("mountinfo")
+        .is_empty());
+    assert_eq!(
+        opts("/containers/c1/volumes/0/tmp-sub"),
+        Some("rw".into()),
+        "{seen:?}"
     );
     assert!(!vol.join(".probe").exists());
     assert!(src.join(".probe").exists());

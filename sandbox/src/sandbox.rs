@@ -490,9 +490,9 @@ impl Sandbox {
                 ));
             }
         }
-        std::fs::create_dir_all(&config.run_root)
-            .map_err(|e| Error::host(&id, format!("creating {}", config.run_root.display()), e))?;
-        match std::fs::create_dir(layout.dir()) {
+        share::prepare_run_root(&config.run_root)
+            .map_err(|e| Error::host(&id, "preparing the run root", e))?;
+        match share::create_private_dir(layout.dir()) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::new(
@@ -526,14 +526,8 @@ impl Sandbox {
             cleaned: watch::channel(false).0,
         };
         // From here on, dropping `resources` undoes everything.
-        for dir in [
-            layout.rw().join("containers"),
-            layout.ro(),
-            layout.staging(),
-        ] {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Error::host(&id, format!("creating {}", dir.display()), e))?;
-        }
+        share::create_dirs(&layout)
+            .map_err(|e| Error::host(&id, "creating the share's directories", e))?;
         for op in share::plan_share(&layout) {
             share::apply(&op).map_err(|e| Error::host(&id, "setting up the share", e))?;
         }

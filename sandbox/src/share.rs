@@ -13,16 +13,28 @@
 //!
 //! The guest can write nothing into the share's own directories (the top of
 //! `ro` is read-only), only inside a container's rootfs, and not into a
-//! read-only volume: a remount to read-only does not propagate, so a
-//! read-only bind is made read-only at `staging/` first and then bound
+//! read-only volume: a remount to read-only does not propagate, so every
+//! bind is made at `staging/` first, given its flags there and then bound
 //! under `rw`, and every propagated copy (under `ro` and in virtiofsd's
-//! mount namespace) is read-only from its birth.
+//! mount namespace) has them from its birth.
+//!
+//! The share is a tenant's files on the host: every mount of it, the
+//! skeleton's and each container's (with their submounts), is `nosuid`
+//! and `nodev` on the host, so a setuid binary or a device node of an
+//! image or planted by the guest is inert there (containerd
+//! CVE-2021-41103, moby CVE-2021-41091). Flags are set with
+//! `mount_setattr(2)`, which changes only the flags named: a read-only
+//! volume keeps its source's `noexec`; on kernels before 5.12 a remount
+//! carries the source's flags over from `statvfs`. The sandbox directory
+//! is 0700, so no other host user reaches any of it
+//! ([`create_private_dir`]).
 //!
 //! Mount work is planned as data ([`MountOp`]) by pure functions and done by
 //! [`apply`]; teardown reads `/proc/self/mountinfo` and unmounts deepest
 //! first ([`unmount_order`]).
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -117,28 +129,42 @@ pub enum MountOp {
     MakePrivate(PathBuf),
     MakeShared(PathBuf),
     MakeSlave(PathBuf),
-    /// Makes the mount at the path read-only (that mount only).
+    /// Makes the mount at the path `nosuid` and `nodev` (and every mount
+    /// below it when `recursive`), its other flags kept.
+    NoSuidNoDev {
+        path: PathBuf,
+        recursive: bool,
+    },
+    /// Makes the mount at the path read-only (that mount only), its other
+    /// flags kept.
     RemountReadOnly(PathBuf),
     /// Unmounts the path, lazily if it is busy.
     Unmount(PathBuf),
 }
 
 /// The share's skeleton: `<dir>` private, `rw` shared, `ro` its read-only
-/// slave. `rw/containers` and `staging` must exist first.
+/// slave, all `nosuid,nodev`. `rw/containers` and `staging` must exist
+/// first.
 pub fn plan_share(layout: &Layout) -> Vec<MountOp> {
     let dir = layout.dir().to_path_buf();
+    let harden = |path: PathBuf| MountOp::NoSuidNoDev {
+        path,
+        recursive: false,
+    };
     vec![
         MountOp::Bind {
             source: dir.clone(),
             target: dir.clone(),
             recursive: false,
         },
+        harden(dir.clone()),
         MountOp::MakePrivate(dir),
         MountOp::Bind {
             source: layout.rw(),
             target: layout.rw(),
             recursive: false,
         },
+        harden(layout.rw()),
         MountOp::MakeShared(layout.rw()),
         MountOp::Bind {
             source: layout.rw(),
@@ -150,35 +176,37 @@ pub fn plan_share(layout: &Layout) -> Vec<MountOp> {
     ]
 }
 
-/// Binds `source` (with its submounts) at `target` under `rw`. A
-/// read-only bind is made at `staging` and made read-only there, bound
-/// from there onto `target` (a bind copies the read-only flag, and so does
-/// every propagated copy) and the staging mount removed. Read-only is
-/// runc's: the volume's own mount, not its submounts (a tmpfs inside a
-/// read-only hostPath stays writable), which come along with their own
-/// flags.
+/// Binds `source` (with its submounts) at `target` under `rw`: the bind
+/// is made at `staging`, made `nosuid,nodev` there with everything below
+/// it (and read-only when `readonly`), bound from there onto `target` (a
+/// bind copies each mount's flags, and so does every propagated copy) and
+/// the staging mount removed. Read-only is runc's: the volume's own mount,
+/// not its submounts (a tmpfs inside a read-only hostPath stays writable),
+/// which keep their own flags but for `nosuid,nodev`.
 pub fn plan_bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Vec<MountOp> {
-    if !readonly {
-        return vec![MountOp::Bind {
-            source: source.to_path_buf(),
-            target: target.to_path_buf(),
-            recursive: true,
-        }];
-    }
-    vec![
+    let mut ops = vec![
         MountOp::Bind {
             source: source.to_path_buf(),
             target: staging.to_path_buf(),
             recursive: true,
         },
-        MountOp::RemountReadOnly(staging.to_path_buf()),
+        MountOp::NoSuidNoDev {
+            path: staging.to_path_buf(),
+            recursive: true,
+        },
+    ];
+    if readonly {
+        ops.push(MountOp::RemountReadOnly(staging.to_path_buf()));
+    }
+    ops.extend([
         MountOp::Bind {
             source: staging.to_path_buf(),
             target: target.to_path_buf(),
             recursive: true,
         },
         MountOp::Unmount(staging.to_path_buf()),
-    ]
+    ]);
+    ops
 }
 
 /// Does one [`MountOp`]; the error names the operation and the path.
@@ -201,15 +229,17 @@ pub fn apply(op: &MountOp) -> io::Result<()> {
             let meta = std::fs::metadata(source)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
             if meta.is_dir() {
-                std::fs::create_dir_all(target)
+                create_private_dir_all(target)
             } else {
                 if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)?;
+                    create_private_dir_all(parent)?;
                 }
                 std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
                     .write(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(target)
                     .map(drop)
             }
@@ -225,16 +255,205 @@ pub fn apply(op: &MountOp) -> io::Result<()> {
         MountOp::MakePrivate(path) => propagation(path, MsFlags::MS_PRIVATE, "private"),
         MountOp::MakeShared(path) => propagation(path, MsFlags::MS_SHARED, "shared"),
         MountOp::MakeSlave(path) => propagation(path, MsFlags::MS_SLAVE, "slave"),
-        MountOp::RemountReadOnly(path) => mount(
-            none,
-            path.as_path(),
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            none,
+        MountOp::NoSuidNoDev { path, recursive } => set_flags(
+            path,
+            libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+            *recursive,
         )
-        .map_err(fail(format!("remount {} read-only", path.display()))),
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("make {} nosuid,nodev: {e}", path.display()),
+            )
+        }),
+        MountOp::RemountReadOnly(path) => {
+            set_flags(path, libc::MOUNT_ATTR_RDONLY, false).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("remount {} read-only: {e}", path.display()),
+                )
+            })
+        }
         MountOp::Unmount(path) => unmount(path),
     }
+}
+
+/// Adds the `MOUNT_ATTR_*` flags `set` to the mount at `path` (and every
+/// mount below it when `recursive`), keeping its other flags:
+/// `mount_setattr(2)`; before Linux 5.12, a remount of each mount that
+/// carries its current flags over from `statvfs` (a bind remount sets all
+/// flags at once and would drop `noexec`, `nosuid`, ... otherwise).
+pub fn set_flags(path: &Path, set: u64, recursive: bool) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let mut flags = libc::AT_SYMLINK_NOFOLLOW;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: `c_path` is a NUL-terminated path and `attr` a mount_attr of
+    // the size passed, both alive across the call; the kernel only reads
+    // them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            flags as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(err);
+    }
+    set_flags_by_remount(path, set, recursive)
+}
+
+/// [`set_flags`] for kernels without `mount_setattr(2)`: a bind remount
+/// of each mount (parents first) with the flags it has (`statvfs`) and
+/// `set`.
+pub fn set_flags_by_remount(path: &Path, set: u64, recursive: bool) -> io::Result<()> {
+    let points = if recursive {
+        // Parents before what is under them.
+        let mut points = mounts_under(path)?;
+        points.reverse();
+        points
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for point in points {
+        remount_keeping(&point, set)?;
+    }
+    Ok(())
+}
+
+/// The `MS_*` flags of the mount at `path` that a bind remount must carry
+/// over (`statvfs`'s `ST_*`), plus the `MOUNT_ATTR_*` flags `set`.
+pub fn remount_flags(current: nix::sys::statvfs::FsFlags, set: u64) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT;
+    for (st, ms) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.contains(st) {
+            flags |= ms;
+        }
+    }
+    for (attr, ms) in [
+        (libc::MOUNT_ATTR_RDONLY, MsFlags::MS_RDONLY),
+        (libc::MOUNT_ATTR_NOSUID, MsFlags::MS_NOSUID),
+        (libc::MOUNT_ATTR_NODEV, MsFlags::MS_NODEV),
+        (libc::MOUNT_ATTR_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if set & attr != 0 {
+            flags |= ms;
+        }
+    }
+    flags
+}
+
+fn remount_keeping(path: &Path, set: u64) -> io::Result<()> {
+    let none: Option<&str> = None;
+    let current = nix::sys::statvfs::statvfs(path).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("statvfs {}: {e}", path.display()),
+        )
+    })?;
+    mount(none, path, none, remount_flags(current.flags(), set), none).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("remount {}: {}", path.display(), e.desc()),
+        )
+    })
+}
+
+/// Makes `dir` and every missing parent with mode 0700 (created so, never
+/// wider for a moment). Parents that exist are left as they are.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Makes the run root (every sandbox's directory is in it) if missing,
+/// with mode 0700, and checks it: a directory, not a symlink, owned by
+/// this user. One with group or other access (made by an older isola, or
+/// by hand) is closed to 0700, with a warning: other users on the host
+/// must not list the sandboxes, let alone reach their shares.
+pub fn prepare_run_root(root: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    create_private_dir_all(root)
+        .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", root.display())))?;
+    let meta = std::fs::symlink_metadata(root)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", root.display())))?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the run root {} is not a directory (a symlink?)",
+                root.display()
+            ),
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the run root {} belongs to uid {}, not to this user (uid {me}): another user may reach the sandboxes in it",
+                root.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(run_root = %root.display(), mode = format!("{mode:o}"), "the run root was open to other users: closing it to 0700");
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io::Error::new(e.kind(), format!("chmod 0700 {}: {e}", root.display())))?;
+    }
+    Ok(())
+}
+
+/// Makes the share's directories in the sandbox directory (which must
+/// exist): `rw/containers`, `ro`, `staging`, each 0700.
+pub fn create_dirs(layout: &Layout) -> io::Result<()> {
+    for dir in [
+        layout.rw().join("containers"),
+        layout.ro(),
+        layout.staging(),
+    ] {
+        create_private_dir_all(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Makes the directory `dir` with mode 0700; its parent must exist. An
+/// existing `dir` is an `AlreadyExists` error.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
 fn propagation(path: &Path, flag: MsFlags, name: &str) -> io::Result<()> {
@@ -497,10 +716,14 @@ mod tests {
     }
 
     #[test]
-    fn share_plan_is_private_dir_shared_rw_readonly_slave_ro() {
+    fn share_plan_is_private_dir_shared_rw_readonly_slave_ro_all_nosuid_nodev() {
         let l = Layout::new("/d");
         let plan = plan_share(&l);
         let p = PathBuf::from;
+        let harden = |path: &str| MountOp::NoSuidNoDev {
+            path: PathBuf::from(path),
+            recursive: false,
+        };
         assert_eq!(
             plan,
             vec![
@@ -509,13 +732,16 @@ mod tests {
                     target: p("/d"),
                     recursive: false
                 },
+                harden("/d"),
                 MountOp::MakePrivate(p("/d")),
                 MountOp::Bind {
                     source: p("/d/rw"),
                     target: p("/d/rw"),
                     recursive: false
                 },
+                harden("/d/rw"),
                 MountOp::MakeShared(p("/d/rw")),
+                // ro: a bind of rw copies its nosuid,nodev.
                 MountOp::Bind {
                     source: p("/d/rw"),
                     target: p("/d/ro"),
@@ -528,37 +754,99 @@ mod tests {
     }
 
     #[test]
-    fn readonly_binds_are_readonly_before_they_reach_rw() {
+    fn binds_get_their_flags_before_they_reach_rw() {
         let (src, dst, stage) = (Path::new("/src"), Path::new("/d/rw/v"), Path::new("/d/st"));
+        for readonly in [false, true] {
+            let plan = plan_bind(src, dst, readonly, stage);
+            let at = |want: &MountOp| plan.iter().position(|op| op == want);
+            let hardened = at(&MountOp::NoSuidNoDev {
+                path: stage.into(),
+                recursive: true,
+            });
+            let remount = at(&MountOp::RemountReadOnly(stage.into()));
+            let into_rw = plan.iter().position(
+                |op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw")),
+            );
+            // The one mount under rw is the bind from the staging mount,
+            // after its flags were set there.
+            assert!(hardened.is_some() && hardened < into_rw, "{plan:?}");
+            assert_eq!(remount.is_some(), readonly, "{plan:?}");
+            assert!(remount < into_rw, "{plan:?}");
+            assert_eq!(plan.last(), Some(&MountOp::Unmount(stage.into())));
+            assert_eq!(
+                plan.iter()
+                    .filter(|op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw")))
+                    .count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn a_remount_keeps_the_flags_the_mount_has() {
+        use nix::sys::statvfs::FsFlags;
+        let flags = remount_flags(
+            FsFlags::ST_NOEXEC | FsFlags::ST_NOSUID | FsFlags::ST_RELATIME,
+            libc::MOUNT_ATTR_RDONLY,
+        );
         assert_eq!(
-            plan_bind(src, dst, false, stage),
-            vec![MountOp::Bind {
-                source: src.into(),
-                target: dst.into(),
-                recursive: true
-            }]
+            flags,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOEXEC
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_RELATIME
         );
-        let plan = plan_bind(src, dst, true, stage);
-        // The first mount under rw is the bind from the read-only staging
-        // mount, after the remount.
-        let remount = plan
-            .iter()
-            .position(|op| op == &MountOp::RemountReadOnly(stage.into()));
-        let into_rw = plan.iter().position(
-            |op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw")),
+        let flags = remount_flags(
+            FsFlags::empty(),
+            libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
         );
-        assert!(
-            remount.is_some() && into_rw.is_some() && remount < into_rw,
-            "{plan:?}"
-        );
-        assert_eq!(plan.last(), Some(&MountOp::Unmount(stage.into())));
         assert_eq!(
-            plan.iter()
-                .filter(
-                    |op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw"))
-                )
-                .count(),
-            1
+            flags,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+        );
+    }
+
+    #[test]
+    fn the_run_root_is_made_closed_and_an_open_one_closed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("run/isola/sandboxes");
+        prepare_run_root(&root).expect("new");
+        for dir in [
+            tmp.path().join("run"),
+            tmp.path().join("run/isola"),
+            root.clone(),
+        ] {
+            let mode = std::fs::metadata(&dir).expect("stat").mode() & 0o7777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+        }
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        prepare_run_root(&root).expect("an older isola's");
+        assert_eq!(
+            std::fs::metadata(&root).expect("stat").mode() & 0o7777,
+            0o700
+        );
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).expect("symlink");
+        let err = prepare_run_root(&link).expect_err("a symlink");
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&root, Some(nix::unistd::Uid::from_raw(65534)), None)
+                .expect("chown");
+            let err = prepare_run_root(&root).expect_err("another user's");
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
+        let sandbox = root.join("sb");
+        create_private_dir(&sandbox).expect("sandbox dir");
+        assert_eq!(
+            std::fs::metadata(&sandbox).expect("stat").mode() & 0o7777,
+            0o700
+        );
+        assert_eq!(
+            create_private_dir(&sandbox).expect_err("exists").kind(),
+            io::ErrorKind::AlreadyExists
         );
     }
 

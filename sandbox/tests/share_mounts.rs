@@ -51,6 +51,28 @@ impl Drop for Guard {
     }
 }
 
+/// Mounts container c1 into the share as the sandbox does: its writable
+/// rootfs `rootfs`, then the volumes (source, read-only) in order.
+fn mount_container(layout: &Layout, rootfs: &Path, volumes: &[(&Path, bool)]) {
+    let mut ops = share::plan_bind(
+        rootfs,
+        &layout.rootfs("c1"),
+        false,
+        &layout.staging_for("c1", "rootfs"),
+    );
+    for (n, (source, readonly)) in volumes.iter().enumerate() {
+        ops.extend(share::plan_bind(
+            source,
+            &layout.volume("c1", n),
+            *readonly,
+            &layout.staging_for("c1", &n.to_string()),
+        ));
+    }
+    for op in &ops {
+        share::apply(op).expect("container mounts");
+    }
+}
+
 fn writable(dir: &Path) -> bool {
     std::fs::write(dir.join(".probe"), b"x").is_ok()
 }
@@ -126,21 +148,7 @@ async fn share_layout_propagates_into_virtiofsd_namespace() {
     }
 
     // Mounted after virtiofsd started: a writable rootfs, a read-only volume.
-    let mut ops = share::plan_bind(
-        &src,
-        &layout.rootfs("c1"),
-        false,
-        &layout.staging_for("c1", "rootfs"),
-    );
-    ops.extend(share::plan_bind(
-        &vol,
-        &layout.volume("c1", 0),
-        true,
-        &layout.staging_for("c1", "0"),
-    ));
-    for op in &ops {
-        share::apply(op).expect("container mounts");
-    }
+    mount_container(&layout, &src, &[(&vol, true)]);
     let seen = mounts_of(pid);
     let opts = |point: &str| {
         seen.iter()
@@ -217,4 +225,206 @@ async fn share_layout_propagates_into_virtiofsd_namespace() {
     assert!(!layout.dir().exists());
     // The sources are untouched.
     assert!(vol.join("data").exists());
+}
+
+/// The per-mount options of every mount at or below `under` in this
+/// mount namespace.
+fn options_under(under: &Path) -> Vec<(PathBuf, Vec<String>)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    share::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|e| e.mount_point.starts_with(under))
+        .map(|e| {
+            let line = text
+                .lines()
+                .find(|l| l.split(' ').next() == Some(&e.id.to_string()))
+                .unwrap_or_default();
+            let opts = line.split(' ').nth(5).unwrap_or_default();
+            (e.mount_point, opts.split(',').map(str::to_string).collect())
+        })
+        .collect()
+}
+
+/// Whether uid/gid 65534 (no supplementary groups) can run `cmd` on `path`.
+fn nobody_can(cmd: &str, path: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(cmd)
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Issue 18, findings 1 and 2: the run root and the sandbox directory are
+/// closed to other host users, every mount of the share is nosuid,nodev
+/// (its submounts too), and a read-only bind keeps its source's noexec.
+#[test]
+fn the_share_is_closed_to_other_users_and_nosuid_nodev() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // An open parent, as /run is: closedness must come from isola's dirs.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let run_root = tmp.path().join("run");
+    share::prepare_run_root(&run_root).expect("run root");
+    let layout = Layout::new(run_root.join("sb"));
+    share::create_private_dir(layout.dir()).expect("sandbox dir");
+    let _guard = Guard(layout.dir().to_path_buf());
+    share::create_dirs(&layout).expect("share dirs");
+    for op in share::plan_share(&layout) {
+        share::apply(&op).expect("share set-up");
+    }
+
+    // A rootfs on a tmpfs that allows setuid and devices, a readable
+    // secret in a volume whose source directory is closed, a read-only
+    // volume on a noexec mount, a submount inside a volume.
+    let tmpfs = |dir: &Path, opts: &str, flags: nix::mount::MsFlags| {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some(opts)).expect("tmpfs");
+        Guard(dir.to_path_buf())
+    };
+    let src = tmp.path().join("rootfs-src");
+    let _g1 = tmpfs(&src, "size=1m,mode=0755", nix::mount::MsFlags::empty());
+    std::fs::copy("/bin/true", src.join("suid")).expect("copy");
+    std::fs::set_permissions(src.join("suid"), std::fs::Permissions::from_mode(0o4755))
+        .expect("setuid");
+    let secret_dir = tmp.path().join("secret-src");
+    std::fs::create_dir_all(&secret_dir).expect("mkdir");
+    std::fs::write(secret_dir.join("key"), b"secret").expect("write");
+    std::fs::set_permissions(
+        secret_dir.join("key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    std::fs::set_permissions(&secret_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let _g2 = tmpfs(
+        &secret_dir.join("sub"),
+        "size=1m",
+        nix::mount::MsFlags::empty(),
+    );
+    let noexec = tmp.path().join("noexec-src");
+    let _g3 = tmpfs(&noexec, "size=1m", nix::mount::MsFlags::MS_NOEXEC);
+
+    mount_container(&layout, &src, &[(&secret_dir, false), (&noexec, true)]);
+
+    // Another host user reaches nothing: not the run root's list, not the
+    // container's files, not the secret, not the setuid binary.
+    assert!(
+        nobody_can("/bin/ls", tmp.path()),
+        "the test's parent should be open"
+    );
+    for path in [
+        run_root.clone(),
+        layout.dir().to_path_buf(),
+        layout.rw().join("containers/c1"),
+        layout.ro().join("containers/c1/rootfs"),
+    ] {
+        assert!(
+            !nobody_can("/bin/ls", &path),
+            "uid 65534 listed {}",
+            path.display()
+        );
+    }
+    assert!(
+        !nobody_can("/bin/cat", &layout.volume("c1", 0).join("key")),
+        "uid 65534 read the secret"
+    );
+    assert!(!nobody_can(
+        "/bin/cat",
+        &layout.ro().join("containers/c1/volumes/0/key")
+    ));
+    assert!(!nobody_can(
+        &layout.rootfs("c1").join("suid").to_string_lossy(),
+        Path::new("/")
+    ));
+
+    // Every mount under the sandbox dir, its skeleton and each bind with
+    // its submounts, in rw and in ro, is nosuid and nodev.
+    let mounts = options_under(layout.dir());
+    assert!(mounts.len() >= 9, "{mounts:?}");
+    for (point, opts) in &mounts {
+        assert!(
+            opts.iter().any(|o| o == "nosuid") && opts.iter().any(|o| o == "nodev"),
+            "{} is {opts:?}",
+            point.display()
+        );
+    }
+    let opts_of = |point: PathBuf| {
+        mounts
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == point)
+            .map(|(_, o)| o.clone())
+            .unwrap_or_default()
+    };
+    for view in [layout.rw(), layout.ro()] {
+        let ro_vol = opts_of(view.join("containers/c1/volumes/1"));
+        assert!(ro_vol.iter().any(|o| o == "ro"), "{ro_vol:?}");
+        assert!(
+            ro_vol.iter().any(|o| o == "noexec"),
+            "the source's noexec was dropped: {ro_vol:?}"
+        );
+        let sub = opts_of(view.join("containers/c1/volumes/0/sub"));
+        assert!(sub.iter().any(|o| o == "nosuid"), "submount: {sub:?}");
+        assert!(sub.iter().any(|o| o == "rw"), "submount: {sub:?}");
+    }
+    // The sources keep their own flags.
+    let src_opts = opts_of(src.clone());
+    assert!(src_opts.iter().all(|o| o != "nosuid"), "{src_opts:?}");
+
+    assert!(share::unmount_all(layout.dir()).is_empty());
+    share::remove_dir_safely(layout.dir()).expect("removed");
+}
+
+/// The remount path of kernels before 5.12 (no mount_setattr): each mount
+/// keeps its flags and gets the new ones, submounts too.
+#[test]
+fn flags_set_by_remount_keep_what_each_mount_had() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let top = tmp.path().join("top");
+    std::fs::create_dir_all(&top).expect("mkdir");
+    let none: Option<&str> = None;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &top,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOEXEC,
+        Some("size=1m"),
+    )
+    .expect("tmpfs");
+    let _guard = Guard(top.clone());
+    std::fs::create_dir_all(top.join("sub")).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &top.join("sub"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOATIME,
+        none,
+    )
+    .expect("tmpfs");
+    share::set_flags_by_remount(&top, libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV, true)
+        .expect("remount");
+    share::set_flags_by_remount(&top, libc::MOUNT_ATTR_RDONLY, false).expect("remount ro");
+    let mounts = options_under(&top);
+    let has = |point: &Path, opt: &str| {
+        mounts
+            .iter()
+            .any(|(p, o)| p == point && o.iter().any(|x| x == opt))
+    };
+    for opt in ["nosuid", "nodev", "noexec", "ro"] {
+        assert!(has(&top, opt), "top lacks {opt}: {mounts:?}");
+    }
+    for opt in ["nosuid", "nodev", "noatime", "rw"] {
+        assert!(has(&top.join("sub"), opt), "sub lacks {opt}: {mounts:?}");
+    }
 }

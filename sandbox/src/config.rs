@@ -116,6 +116,10 @@ pub struct Runtime {
     pub start_timeout_secs: u64,
     /// Seconds a sandbox's stop waits for the guest and the VMM.
     pub stop_timeout_secs: u64,
+    /// A sandbox whose host cgroup (its spec's `linux.cgroupsPath`) cannot
+    /// be made fails to start; false: its VMM and virtiofsd run in the
+    /// shim's cgroup, outside the pod's limits, with a warning.
+    pub host_cgroup_required: bool,
 }
 
 impl Default for Hypervisor {
@@ -152,6 +156,7 @@ impl Default for Runtime {
             run_root: PathBuf::from(crate::DEFAULT_RUN_ROOT),
             start_timeout_secs: 60,
             stop_timeout_secs: 10,
+            host_cgroup_required: true,
         }
     }
 }
@@ -691,6 +696,7 @@ mod tests {
             (c.runtime.start_timeout_secs, c.runtime.stop_timeout_secs),
             (60, 10)
         );
+        assert!(c.runtime.host_cgroup_required);
         assert_eq!(c.validate(), Ok(()));
     }
 
@@ -719,6 +725,7 @@ log_level = "debug"
 run_root = "/run/isola-test"
 start_timeout_secs = 30
 stop_timeout_secs = 5
+host_cgroup_required = false
 "#;
         let c = parse(text).expect("valid");
         assert_eq!(
@@ -747,6 +754,7 @@ stop_timeout_secs = 5
                     run_root: "/run/isola-test".into(),
                     start_timeout_secs: 30,
                     stop_timeout_secs: 5,
+                    host_cgroup_required: false,
                 },
             }
         );

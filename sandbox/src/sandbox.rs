@@ -162,6 +162,11 @@ pub fn virtiofsd_args(layout: &Layout, log_level: &str, cache: &str) -> Vec<Stri
         // guest must see them as mounts of their own (own st_dev, own
         // inode space), or inodes of two file systems collide.
         "--announce-submounts".into(),
+        // Least privilege: file serving keeps chown, dac_override, fowner,
+        // fsetid, setgid and setuid; without mknod a guest cannot plant a
+        // device node in a writable share, without setfcap no file
+        // capabilities.
+        "--modcaps=-mknod:-setfcap".into(),
         "--log-level".into(),
         virtiofsd_level(log_level).into(),
     ]
@@ -1741,7 +1746,7 @@ mod tests {
         assert_eq!(
             fs.join(" "),
             "--socket-path /run/isola/sandboxes/pod1/fs.sock --shared-dir /run/isola/sandboxes/pod1/ro \
-             --sandbox namespace --cache auto --announce-submounts --log-level debug"
+             --sandbox namespace --cache auto --announce-submounts --modcaps=-mknod:-setfcap --log-level debug"
         );
         assert_eq!(virtiofsd_level("bogus"), "info");
     }

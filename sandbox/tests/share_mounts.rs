@@ -147,6 +147,31 @@ async fn share_layout_propagates_into_virtiofsd_namespace() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // It serves without CAP_MKNOD and CAP_SETFCAP (--modcaps), but with
+    // what file serving needs (CAP_CHOWN, CAP_FOWNER).
+    // The serving process is the child the sandboxed virtiofsd forks (the
+    // parent only waits for it).
+    let caps = |pid: u32| -> Option<u64> {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        let child: u32 = children.split_whitespace().next()?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{child}/status")).ok()?;
+        let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+        u64::from_str_radix(hex.trim(), 16).ok()
+    };
+    let (mknod, setfcap, chown, fowner) = (1 << 27, 1 << 31, 1 << 0, 1 << 3);
+    loop {
+        let eff = caps(pid).unwrap_or(u64::MAX);
+        if eff & (mknod | setfcap) == 0 {
+            assert_eq!(eff & (chown | fowner), chown | fowner, "CapEff {eff:x}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "virtiofsd kept CAP_MKNOD or CAP_SETFCAP: CapEff {eff:x}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
     // Mounted after virtiofsd started: a writable rootfs, a read-only volume.
     mount_container(&layout, &src, &[(&vol, true)]);
     let seen = mounts_of(pid);

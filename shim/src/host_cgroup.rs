@@ -82,6 +82,29 @@ fn expand_slice(slice: &str) -> Result<PathBuf, String> {
 
 /// A sandbox's host cgroup, created (with its missing parents) by us and
 /// removed by us once the VM is gone.
+/// The host cgroup of a sandbox whose spec names `cgroups_path`, made
+/// under `root`. When it cannot be made: an error when `required` (the
+/// default: a VM outside its pod's cgroup escapes the pod's limits), else
+/// `None` with a warning (the VM then runs in the shim's cgroup).
+pub fn for_sandbox(
+    root: &Path,
+    cgroups_path: &str,
+    required: bool,
+    sandbox: &str,
+) -> Result<Option<HostCgroup>, String> {
+    let dir = resolve(root, cgroups_path)?;
+    match HostCgroup::create(root, &dir) {
+        Ok(cg) => Ok(Some(cg)),
+        Err(err) if required => Err(format!(
+            "its host cgroup cannot be made: {err} (runtime.host_cgroup_required = false in the isola config runs VMs outside it)"
+        )),
+        Err(err) => {
+            tracing::warn!(sandbox, %err, "the VM runs outside the sandbox's host cgroup (runtime.host_cgroup_required = false)");
+            Ok(None)
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct HostCgroup {
     dir: PathBuf,
@@ -227,6 +250,27 @@ mod tests {
             root.join("default").is_dir(),
             "a parent we did not make stays"
         );
+    }
+
+    #[test]
+    fn a_cgroup_that_cannot_be_made_fails_the_sandbox_unless_allowed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").expect("write");
+        // A file where a parent directory must be: creation fails.
+        std::fs::write(root.join("default"), "").expect("write");
+        let err = for_sandbox(root, "/default/c1", true, "sb").expect_err("required");
+        assert!(err.contains("host cgroup cannot be made"), "{err}");
+        assert!(err.contains("runtime.host_cgroup_required"), "{err}");
+        assert!(for_sandbox(root, "/default/c1", false, "sb")
+            .expect("allowed")
+            .is_none());
+        let cg = for_sandbox(root, "/other/c1", true, "sb")
+            .expect("made")
+            .expect("a cgroup");
+        assert!(cg.dir().ends_with("other/c1"));
+        cg.remove();
+        assert!(for_sandbox(root, "/../x", true, "sb").is_err());
     }
 
     #[test]

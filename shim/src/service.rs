@@ -314,16 +314,22 @@ impl Service {
         {
             Some(path) => {
                 let root = Path::new(host_cgroup::CGROUP_ROOT);
-                let dir = host_cgroup::resolve(root, &path.to_string_lossy()).map_err(|e| {
+                let path = path.to_string_lossy();
+                host_cgroup::resolve(root, &path).map_err(|e| {
                     status(Code::INVALID_ARGUMENT, format!("sandbox {sandbox_id}: {e}"))
                 })?;
-                match HostCgroup::create(root, &dir) {
-                    Ok(cg) => Some(cg),
-                    Err(err) => {
-                        tracing::warn!(sandbox = %sandbox_id, %err, "the VM runs outside the sandbox's host cgroup");
-                        None
-                    }
-                }
+                host_cgroup::for_sandbox(
+                    root,
+                    &path,
+                    config.runtime.host_cgroup_required,
+                    sandbox_id,
+                )
+                .map_err(|e| {
+                    status(
+                        Code::FAILED_PRECONDITION,
+                        format!("sandbox {sandbox_id}: {e}"),
+                    )
+                })?
             }
             None => None,
         };

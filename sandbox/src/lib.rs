@@ -12,6 +12,7 @@
 pub mod child;
 pub mod config;
 pub mod error;
+pub mod log_gate;
 pub mod namespaces;
 pub mod network;
 pub mod portfwd;

@@ -21,6 +21,7 @@ use tokio::task::AbortHandle;
 
 use crate::child::{self, first_death, BoundedLines, Death, Supervised};
 use crate::error::{Error, ErrorKind, Result};
+use crate::log_gate::{self, LogGate, Verdict};
 use crate::network::{self, PodNetwork};
 use crate::portfwd;
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
@@ -300,6 +301,9 @@ struct Resources {
     teardown_lock: tokio::sync::Mutex<()>,
     /// True once `teardown` has finished.
     cleaned: watch::Sender<bool>,
+    /// Agent log lines the [`LogGate`] dropped (a flood, or lines above
+    /// the configured level).
+    dropped_log_lines: Arc<AtomicU64>,
 }
 
 impl Resources {
@@ -529,6 +533,7 @@ impl Sandbox {
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),
             cleaned: watch::channel(false).0,
+            dropped_log_lines: Arc::new(AtomicU64::new(0)),
         };
         // From here on, dropping `resources` undoes everything.
         share::create_dirs(&layout)
@@ -670,7 +675,11 @@ impl Sandbox {
         let mut tasks = Vec::new();
         match stdio::open_stream(&vsock, StreamKind::Log).await {
             Ok(stream) => {
-                tasks.push(tokio::spawn(forward_agent_log(stream, id.clone())).abort_handle())
+                let gate = LogGate::new(
+                    log_gate::level_cap(&config.log_level),
+                    resources.dropped_log_lines.clone(),
+                );
+                tasks.push(tokio::spawn(forward_agent_log(stream, id.clone(), gate)).abort_handle())
             }
             Err(err) => tracing::warn!(sandbox = %id, %err, "no agent log stream"),
         }
@@ -787,6 +796,16 @@ impl Sandbox {
 
     pub fn config(&self) -> &SandboxConfig {
         &self.inner.config
+    }
+
+    /// The agent log lines not forwarded to the host's log so far (a
+    /// flood past the sandbox's budget, or lines above the configured
+    /// level).
+    pub fn dropped_log_lines(&self) -> u64 {
+        self.inner
+            .resources
+            .dropped_log_lines
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The guest kernel's release, as the agent reported it.
@@ -1566,6 +1585,7 @@ async fn event_loop(
 ) {
     let mut after = 0u64;
     let mut failures = 0u32;
+    let mut bad_events = LogGate::new(tracing::Level::WARN, Arc::new(AtomicU64::new(0)));
     loop {
         let req = pb::WaitEventRequest {
             after,
@@ -1600,6 +1620,14 @@ async fn event_loop(
                     },
                     _ => continue,
                 };
+                if !event_ids_ok(&event) {
+                    // Guest-chosen ids: never logged whole, warned about
+                    // within the gate's budget.
+                    if bad_events.admit(tracing::Level::WARN) == Verdict::Pass {
+                        tracing::warn!(sandbox = %sandbox, seq = after, "an agent event with an id that is not an id: ignored");
+                    }
+                    continue;
+                }
                 tracing::debug!(sandbox = %sandbox, seq = after, ?event, "event");
                 let _ = events.send(event);
             }
@@ -1623,16 +1651,42 @@ async fn event_loop(
     }
 }
 
+/// Whether an agent event's ids are ids (the agent's rule): the shim
+/// looks them up and logs them.
+fn event_ids_ok(event: &Event) -> bool {
+    let id_ok = |id: &str| isola_protocol::status::check_id("id", id).is_ok();
+    match event {
+        Event::Exited {
+            container_id,
+            exec_id,
+            ..
+        } => id_ok(container_id) && (exec_id.is_empty() || id_ok(exec_id)),
+        Event::Oom { container_id } => id_ok(container_id),
+        _ => true,
+    }
+}
+
 /// The agent's log lines into `tracing`, with the sandbox id and the level
-/// the line names.
-async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String) {
+/// the line names, through the sandbox's [`LogGate`] (bounded in rate,
+/// level and length).
+async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String, mut gate: LogGate) {
     let mut lines = BoundedLines::new(stream, MAX_AGENT_LOG_LINE);
     while let Ok(Some((line, cut))) = lines.next_line().await {
         let line = line.trim_end();
         if line.is_empty() {
             continue;
         }
-        match agent_line_level(line) {
+        let level = agent_line_level(line);
+        let verdict = gate.admit(level);
+        if let Some(dropped) = gate.report() {
+            tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
+        }
+        if verdict == Verdict::Drop {
+            continue;
+        }
+        let (line, shortened) = log_gate::truncate(line, log_gate::MAX_FORWARDED);
+        let cut = cut || shortened;
+        match level {
             tracing::Level::ERROR => {
                 tracing::error!(target: "isola_agent", sandbox = %sandbox, cut, "{line}")
             }
@@ -1749,6 +1803,27 @@ mod tests {
              --sandbox namespace --cache auto --announce-submounts --modcaps=-mknod:-setfcap --log-level debug"
         );
         assert_eq!(virtiofsd_level("bogus"), "info");
+    }
+
+    #[test]
+    fn events_with_ids_that_are_not_ids_are_refused() {
+        let oom = |id: &str| Event::Oom {
+            container_id: id.into(),
+        };
+        assert!(event_ids_ok(&oom("c1")));
+        assert!(!event_ids_ok(&oom(&"x".repeat(4 << 20))));
+        assert!(!event_ids_ok(&oom("../c1")));
+        assert!(!event_ids_ok(&oom("")));
+        let exited = |exec: &str| Event::Exited {
+            container_id: "c1".into(),
+            exec_id: exec.into(),
+            pid: 1,
+            exit_status: 0,
+            exited_at_ns: 0,
+        };
+        assert!(event_ids_ok(&exited("")));
+        assert!(event_ids_ok(&exited("e1")));
+        assert!(!event_ids_ok(&exited("e\n1")));
     }
 
     #[test]
@@ -1888,6 +1963,7 @@ mod tests {
             finished: AtomicBool::new(false),
             teardown_lock: tokio::sync::Mutex::new(()),
             cleaned: watch::channel(false).0,
+            dropped_log_lines: Arc::new(AtomicU64::new(0)),
         };
         let mut config = SandboxConfig::new("fake", "/vmm", "/vfsd", "/k", "/i");
         config.stop_timeout = Duration::from_secs(5);

@@ -360,15 +360,28 @@ impl Service {
         let this = self.clone();
         let sid = running.sandbox.id().to_string();
         tokio::spawn(async move {
+            // The guest decides how many OOM events come: their log lines
+            // stay within a budget (the events themselves all go out).
+            let mut oom_lines = isola_sandbox::log_gate::LogGate::new(
+                tracing::Level::WARN,
+                std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            );
+            let mut may_log = move || {
+                oom_lines.admit(tracing::Level::WARN) == isola_sandbox::log_gate::Verdict::Pass
+            };
             loop {
                 match events.recv().await {
                     Ok(Event::Oom { container_id })
                         if !this.containers().contains_key(&container_id) =>
                     {
-                        tracing::warn!(sandbox = %sid, container = %container_id, "an OOM event for a container this sandbox does not have: ignored");
+                        if may_log() {
+                            tracing::warn!(sandbox = %sid, container = %container_id, "an OOM event for a container this sandbox does not have: ignored");
+                        }
                     }
                     Ok(Event::Oom { container_id }) => {
-                        tracing::warn!(sandbox = %sid, container = %container_id, "OOM kill in the container");
+                        if may_log() {
+                            tracing::warn!(sandbox = %sid, container = %container_id, "OOM kill in the container");
+                        }
                         this.publish(TaskOOM {
                             container_id,
                             ..Default::default()

@@ -1,0 +1,243 @@
+//! The host side of a running sandbox, as an attacker would try it
+//! (issue 18): another host user, a hostile image, a guest's root. One
+//! sandbox for the checks that need a VM; the image checks need none.
+
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure report
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use isola_e2e::containers::*;
+use isola_e2e::{require_kvm_host, Scratch};
+use isola_sandbox::{ContainerRequest, Sandbox, StdioRequest, Volume};
+
+fn runtime() -> tokio::runtime::Runtime {
+    log_to_test_output();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Whether uid and gid 65534, with no supplementary groups, can run
+/// `cmd` on `path` successfully.
+fn nobody_can(cmd: &str, path: &Path) -> bool {
+    Command::new(cmd)
+        .arg(path)
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The per-mount options of every mount at or below `dir` in the host's
+/// mount namespace.
+fn mount_options_below(dir: &Path) -> Vec<(PathBuf, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = PathBuf::from(fields.get(4)?.replace("\\040", " "));
+            point
+                .starts_with(dir)
+                .then(|| (point, fields.get(5).unwrap_or(&"").to_string()))
+        })
+        .collect()
+}
+
+/// The effective capabilities of `pid`'s first child (the process a
+/// sandboxed virtiofsd serves from), or of `pid` if it has none.
+fn serving_caps(pid: u32) -> Option<u64> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let serving = children
+        .split_whitespace()
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(pid);
+    let status = std::fs::read_to_string(format!("/proc/{serving}/status")).ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+const CAP_CHOWN: u64 = 1 << 0;
+const CAP_MKNOD: u64 = 1 << 27;
+const CAP_SETFCAP: u64 = 1 << 31;
+
+#[test]
+fn a_running_sandbox_is_closed_to_other_host_users_and_its_share_is_inert() {
+    require_kvm_host().unwrap();
+    let rt = runtime();
+    let run_root = run_root("security");
+    let id = format!("e2e-security-{}", std::process::id());
+    if let Err(err) = rt.block_on(closed_sandbox(&id, &run_root)) {
+        eprintln!("console of {id}:\n{}", console_tail(&id, 60));
+        panic!("{err:#}");
+    }
+}
+
+async fn closed_sandbox(id: &str, run_root: &Path) -> Result<()> {
+    let rootfs = busybox_rootfs()?;
+    let scratch = Scratch::new("security")?;
+    // An emptyDir-like volume the container writes, in an open directory.
+    let vol = scratch.path.join("vol");
+    std::fs::create_dir_all(&vol)?;
+    std::fs::set_permissions(&scratch.path, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(vol.join("secret"), b"tenant data\n")?;
+    std::fs::set_permissions(vol.join("secret"), std::fs::Permissions::from_mode(0o644))?;
+    let sandbox = Sandbox::start(sandbox_config(id, run_root, 256)?).await?;
+    let dir = sandbox.dir().to_path_buf();
+    let pids = sandbox.helper_pids();
+    sandbox
+        .create_container(ContainerRequest {
+            id: "main".into(),
+            spec: spec(&rootfs, &["sleep", "100000"]),
+            rootfs: rootfs.clone(),
+            volumes: vec![Volume {
+                host: vol.clone(),
+                guest: "/vol".into(),
+                readonly: false,
+            }],
+            stdio: StdioRequest {
+                stdin: false,
+                stdout: false,
+                stderr: false,
+                terminal: None,
+            },
+        })
+        .await?;
+    sandbox.start_container("main").await?;
+
+    // Another host user: the volume's source is open to it, the same
+    // files through the run root are not.
+    ensure!(
+        nobody_can("/bin/cat", &vol.join("secret")),
+        "the test's source should be readable"
+    );
+    for path in [
+        run_root.to_path_buf(),
+        dir.clone(),
+        dir.join("rw/containers/main/rootfs"),
+    ] {
+        ensure!(
+            !nobody_can("/bin/ls", &path),
+            "uid 65534 listed {}",
+            path.display()
+        );
+    }
+    for path in [
+        dir.join("rw/containers/main/volumes/0/secret"),
+        dir.join("ro/containers/main/volumes/0/secret"),
+    ] {
+        ensure!(
+            !nobody_can("/bin/cat", &path),
+            "uid 65534 read {}",
+            path.display()
+        );
+    }
+
+    // Every mount of the share on the host is nosuid,nodev.
+    let mounts = mount_options_below(&dir);
+    ensure!(mounts.len() >= 7, "too few share mounts: {mounts:?}");
+    for (point, options) in &mounts {
+        let options: Vec<&str> = options.split(',').collect();
+        ensure!(
+            options.contains(&"nosuid") && options.contains(&"nodev"),
+            "{} is mounted {options:?}",
+            point.display()
+        );
+    }
+
+    // virtiofsd serves without CAP_MKNOD and CAP_SETFCAP, with CAP_CHOWN.
+    let (_, fs_pid) = pids
+        .iter()
+        .find(|(name, _)| name == "virtiofsd")
+        .context("no virtiofsd among the helpers")?;
+    let caps = serving_caps(*fs_pid).context("virtiofsd's capabilities")?;
+    ensure!(
+        caps & (CAP_MKNOD | CAP_SETFCAP) == 0,
+        "virtiofsd CapEff {caps:x}"
+    );
+    ensure!(caps & CAP_CHOWN != 0, "virtiofsd lost CAP_CHOWN: {caps:x}");
+
+    // The guest's root (CAP_MKNOD in the container) cannot make a device
+    // node on the host through the share.
+    let done = exec_collect(
+        &sandbox,
+        "main",
+        "mknod",
+        &process(&[
+            "sh",
+            "-c",
+            "mknod /vol/mem c 1 1 && echo made || echo refused",
+        ]),
+    )
+    .await?;
+    ensure!(done.stdout == "refused\n", "{done:?}");
+    ensure!(!vol.join("mem").exists(), "a device node reached the host");
+
+    sandbox.stop().await?;
+    assert_nothing_left(run_root, &dir, &pids)?;
+    let _ = std::fs::remove_dir(run_root);
+    Ok(())
+}
+
+/// An image whose `/etc/passwd` is a FIFO (it would block a reader for
+/// ever): `isola run --user` refuses it at once, naming the file, and
+/// starts nothing.
+#[test]
+fn an_image_with_a_fifo_passwd_is_refused_at_once() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("fifo-passwd").unwrap();
+    let rootfs = scratch.path.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+    let status = Command::new("mkfifo")
+        .arg(rootfs.join("etc/passwd"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let run_root = run_root("fifo-passwd");
+    let mut child = Command::new(release_binary("isola").unwrap())
+        .args(["run", "--run-root"])
+        .arg(&run_root)
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--user", "1000", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A reader of the FIFO would block for ever: a hang guard, not a
+    // speed goal.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("isola run hung on a FIFO /etc/passwd");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("/etc/passwd") && stderr.contains("FIFO"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&run_root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the run root: {left:?}");
+    let _ = std::fs::remove_dir(&run_root);
+}

@@ -98,6 +98,12 @@ pub struct SandboxConfig {
     /// the first container starts (Docker's, made after Create) is joined
     /// to it ([`network::LateTap`]).
     pub late_network: bool,
+    /// Who made the sandbox (the shim: its first container's bundle, whose
+    /// path names the containerd namespace), written to `<dir>/owner`
+    /// before anything runs; empty: no file. The shim's delete action
+    /// touches a sandbox directory only when its owner is the bundle it
+    /// was called for.
+    pub owner: String,
 }
 
 impl SandboxConfig {
@@ -130,6 +136,7 @@ impl SandboxConfig {
             netns: None,
             net_offloads: true,
             late_network: false,
+            owner: String::new(),
         }
     }
 
@@ -536,6 +543,10 @@ impl Sandbox {
             dropped_log_lines: Arc::new(AtomicU64::new(0)),
         };
         // From here on, dropping `resources` undoes everything.
+        if !config.owner.is_empty() {
+            share::write_owner(&layout, &config.owner)
+                .map_err(|e| Error::host(&id, "recording the sandbox's owner", e))?;
+        }
         share::create_dirs(&layout)
             .map_err(|e| Error::host(&id, "creating the share's directories", e))?;
         for op in share::plan_share(&layout) {

@@ -77,6 +77,10 @@ impl Layout {
     pub fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")
     }
+    /// Who made the sandbox ([`write_owner`]).
+    pub fn owner_file(&self) -> PathBuf {
+        self.dir.join("owner")
+    }
     pub fn console_file(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -433,6 +437,44 @@ pub fn prepare_run_root(root: &Path) -> io::Result<()> {
             .map_err(|e| io::Error::new(e.kind(), format!("chmod 0700 {}: {e}", root.display())))?;
     }
     Ok(())
+}
+
+/// Records who made the sandbox in its directory (mode 0600, a new file:
+/// never through a link). [`owner`] reads it back.
+pub fn write_owner(layout: &Layout, owner: &str) -> io::Result<()> {
+    use std::io::Write;
+    let path = layout.owner_file();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
+    file.write_all(owner.as_bytes())
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+}
+
+/// Who made the sandbox of `layout` ([`write_owner`]); `None` when no
+/// owner was recorded (an older isola's, or `isola run`'s sandbox).
+/// Bounded: at most 4 KiB are read.
+pub fn owner(layout: &Layout) -> io::Result<Option<String>> {
+    use std::io::Read;
+    let path = layout.owner_file();
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    };
+    let mut text = String::new();
+    file.take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?;
+    Ok(Some(text))
 }
 
 /// Makes the share's directories in the sandbox directory (which must

@@ -23,6 +23,31 @@ pub struct Report {
     pub removed_run_dir: bool,
     /// A shim still served the sandbox: it was left to it.
     pub shim_alive: bool,
+    /// The run directory with the sandbox's id was made for another bundle
+    /// (the same id in another containerd namespace): left alone.
+    pub other_owner: bool,
+}
+
+/// Whether `a` and `b` name one directory (a bundle path given with a
+/// symlink in it, as `/var/run/...`, is the same bundle).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// The owner recorded in `run_dir` when it is not `bundle` (as text for
+/// the log; an unreadable record counts as another's). `None`: no record
+/// (an older isola's directory), or this bundle's.
+fn other_owner(run_dir: &Path, bundle: &Path) -> Option<String> {
+    match share::owner(&share::Layout::new(run_dir)) {
+        Ok(None) => None,
+        Ok(Some(owner)) if same_path(Path::new(&owner), bundle) => None,
+        Ok(Some(owner)) => Some(owner.chars().take(256).collect()),
+        Err(err) => Some(format!("unreadable: {err}")),
+    }
 }
 
 /// Cleans up container `id` of the bundle `bundle`, whose sandboxes live
@@ -46,6 +71,14 @@ pub fn delete(bundle: &Path, id: &str, run_root: &Path, helpers: &[String]) -> R
     }
     if sandbox == id && isola_protocol_id_ok(&sandbox) {
         let run_dir = run_root.join(&sandbox);
+        if let Some(other) = other_owner(&run_dir, bundle) {
+            // The same id in another containerd namespace: its sandbox,
+            // not this container's, lives there.
+            tracing::warn!(sandbox = %sandbox, dir = %run_dir.display(), owner = %other, "the run directory belongs to another bundle: left alone");
+            report.other_owner = true;
+            remove_stale_socket(bundle);
+            return report;
+        }
         report.killed = kill_helpers(&run_dir, helpers);
         if run_dir.exists() {
             let errors = share::unmount_all(&run_dir);
@@ -175,6 +208,11 @@ mod tests {
         let bundle = tempfile::tempdir().expect("tempdir");
         let run_dir = root.path().join("sb1");
         std::fs::create_dir_all(run_dir.join("rw")).expect("mkdir");
+        // Made for this bundle, named through a symlink.
+        let link = root.path().join("bundle-link");
+        std::os::unix::fs::symlink(bundle.path(), &link).expect("symlink");
+        share::write_owner(&share::Layout::new(&run_dir), &link.display().to_string())
+            .expect("owner");
         // A helper: its command line names the run directory.
         let sleep = run_dir.join("sleep");
         std::fs::copy("/usr/bin/sleep", &sleep).expect("copy sleep");
@@ -203,6 +241,26 @@ mod tests {
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(9)
+        );
+    }
+
+    #[test]
+    fn the_same_id_in_another_namespace_is_left_alone() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let ours = tempfile::tempdir().expect("tempdir");
+        let run_dir = root.path().join("sb1");
+        std::fs::create_dir_all(run_dir.join("rw")).expect("mkdir");
+        share::write_owner(
+            &share::Layout::new(&run_dir),
+            "/run/containerd/io.containerd.runtime.v2.task/other/sb1",
+        )
+        .expect("owner");
+        let report = delete(ours.path(), "sb1", root.path(), &["sleep".to_string()]);
+        assert!(report.other_owner, "{report:?}");
+        assert!(!report.removed_run_dir && report.killed.is_empty());
+        assert!(
+            run_dir.join("rw").exists(),
+            "another namespace's sandbox was removed"
         );
     }
 

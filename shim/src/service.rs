@@ -264,6 +264,7 @@ impl Service {
         sandbox_id: &str,
         spec: &Spec,
         options: Option<&Any>,
+        bundle: &str,
     ) -> TtrpcResult<Arc<Running>> {
         let explicit = options::config_path(options)
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("sandbox {sandbox_id}: {e}")))?;
@@ -299,6 +300,9 @@ impl Service {
         )
         .map_err(|e| status(Code::INVALID_ARGUMENT, format!("sandbox {sandbox_id}: {e}")))?;
         let mut sandbox_config = config.sandbox_config(sandbox_id);
+        // The delete action of a container with the same id in another
+        // namespace (another bundle) then leaves this sandbox alone.
+        sandbox_config.owner = bundle.to_string();
         sandbox_config.vcpus = size.vcpus;
         sandbox_config.memory_mib = size.memory_mib;
         if let Some(hostname) = spec.hostname().as_ref().filter(|h| !h.is_empty()) {
@@ -572,7 +576,7 @@ impl Service {
                     running.clone()
                 }
                 None => match self
-                    .start_sandbox(sandbox_id, &spec, req.options.as_ref())
+                    .start_sandbox(sandbox_id, &spec, req.options.as_ref(), &req.bundle)
                     .await
                 {
                     Ok(running) => {

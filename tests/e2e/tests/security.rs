@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use isola_e2e::containers::*;
 use isola_e2e::{require_kvm_host, Scratch};
 use isola_sandbox::{ContainerRequest, Sandbox, StdioRequest, Volume};
+use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxDeviceCgroup, Process, Spec};
 
 fn runtime() -> tokio::runtime::Runtime {
     log_to_test_output();
@@ -66,6 +67,49 @@ fn serving_caps(pid: u32) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
+/// `process` holding, beyond runc's default capabilities, those a root
+/// container uses on files it owns or makes.
+fn with_file_caps(mut process: Process) -> Process {
+    let caps: std::collections::HashSet<Capability> = [
+        Capability::AuditWrite,
+        Capability::Kill,
+        Capability::NetBindService,
+        Capability::Chown,
+        Capability::DacOverride,
+        Capability::Fowner,
+        Capability::Fsetid,
+        Capability::Mknod,
+    ]
+    .into_iter()
+    .collect();
+    let mut set = LinuxCapabilities::default();
+    set.set_bounding(Some(caps.clone()))
+        .set_effective(Some(caps.clone()))
+        .set_permitted(Some(caps));
+    process.set_capabilities(Some(set));
+    process
+}
+
+/// runc's default spec over `rootfs` running `args` with
+/// [`with_file_caps`], every device allowed by its cgroup (creating a
+/// node then depends on the share alone).
+fn root_spec(rootfs: &Path, args: &[&str]) -> Spec {
+    let mut spec = spec(rootfs, args);
+    if let Some(process) = spec.process().clone() {
+        spec.set_process(Some(with_file_caps(process)));
+    }
+    let mut allow_all = LinuxDeviceCgroup::default();
+    allow_all.set_allow(true).set_access(Some("rwm".into()));
+    if let Some(resources) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.resources_mut().as_mut())
+    {
+        resources.set_devices(Some(vec![allow_all]));
+    }
+    spec
+}
+
 const CAP_CHOWN: u64 = 1 << 0;
 const CAP_MKNOD: u64 = 1 << 27;
 const CAP_SETFCAP: u64 = 1 << 31;
@@ -98,7 +142,7 @@ async fn closed_sandbox(id: &str, run_root: &Path) -> Result<()> {
     sandbox
         .create_container(ContainerRequest {
             id: "main".into(),
-            spec: spec(&rootfs, &["sleep", "100000"]),
+            spec: root_spec(&rootfs, &["sleep", "100000"]),
             rootfs: rootfs.clone(),
             volumes: vec![Volume {
                 host: vol.clone(),
@@ -167,20 +211,32 @@ async fn closed_sandbox(id: &str, run_root: &Path) -> Result<()> {
     );
     ensure!(caps & CAP_CHOWN != 0, "virtiofsd lost CAP_CHOWN: {caps:x}");
 
-    // The guest's root (CAP_MKNOD in the container) cannot make a device
-    // node on the host through the share.
+    // The guest's root, with the file capabilities a root container may
+    // hold and every device allowed by its cgroup: chown and chmod (setuid
+    // too) reach the host through virtiofsd, a device node does not
+    // (virtiofsd serves without CAP_MKNOD: finding 9).
     let done = exec_collect(
         &sandbox,
         "main",
-        "mknod",
-        &process(&[
+        "owner",
+        &with_file_caps(process(&[
             "sh",
             "-c",
-            "mknod /vol/mem c 1 1 && echo made || echo refused",
-        ]),
+            "touch /vol/owned && chown 1000:1000 /vol/owned && chmod 4755 /vol/owned \
+             && stat -c owned=%u:%g:%a /vol/owned; \
+             mknod /vol/mem c 1 1 && echo made || echo refused",
+        ])),
     )
     .await?;
-    ensure!(done.stdout == "refused\n", "{done:?}");
+    ensure!(done.stdout == "owned=1000:1000:4755\nrefused\n", "{done:?}");
+    let owned = std::fs::metadata(vol.join("owned"))?;
+    ensure!(
+        (owned.uid(), owned.gid(), owned.mode() & 0o7777) == (1000, 1000, 0o4755),
+        "the host sees {}:{} {:o}",
+        owned.uid(),
+        owned.gid(),
+        owned.mode()
+    );
     ensure!(!vol.join("mem").exists(), "a device node reached the host");
 
     sandbox.stop().await?;

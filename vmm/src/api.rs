@@ -63,21 +63,24 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
 }
 
-/// The listening socket; removes its file on drop.
+/// The listening socket; removes its file on drop (unless jailed: the
+/// path is not in the jail, and its owner removes it).
 #[derive(Debug)]
 pub struct ApiServer {
+    path: Option<PathBuf>,
+}
+
+/// A bound API socket whose thread has not started yet (bound before the
+/// jail, served inside it).
+#[derive(Debug)]
+pub struct ApiListener {
+    listener: UnixListener,
     path: PathBuf,
 }
 
-impl ApiServer {
-    /// Binds `path` and starts the API thread. Calls arrive on the returned
-    /// receiver, each announced by a write to `notify`.
-    /// With `seccomp`, the API threads run under the API filter.
-    pub fn start(
-        path: &Path,
-        notify: EventFd,
-        seccomp: bool,
-    ) -> std::io::Result<(ApiServer, Receiver<Call>)> {
+impl ApiListener {
+    /// Binds `path`, replacing a stale socket nothing answers on.
+    pub fn bind(path: &Path) -> std::io::Result<ApiListener> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(std::io::Error::new(
@@ -94,7 +97,38 @@ impl ApiServer {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)?;
+        Ok(ApiListener {
+            listener: UnixListener::bind(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl ApiServer {
+    /// Binds `path` and starts the API thread (see [`ApiServer::serve`]).
+    pub fn start(
+        path: &Path,
+        notify: EventFd,
+        seccomp: bool,
+    ) -> std::io::Result<(ApiServer, Receiver<Call>)> {
+        ApiServer::serve(ApiListener::bind(path)?, notify, seccomp, false)
+    }
+
+    /// Starts the API thread on `listener`. Calls arrive on the returned
+    /// receiver, each announced by a write to `notify`. With `seccomp`,
+    /// the API threads run under the API filter; `jailed`: the socket's
+    /// file is left alone at the end.
+    pub fn serve(
+        listener: ApiListener,
+        notify: EventFd,
+        seccomp: bool,
+        jailed: bool,
+    ) -> std::io::Result<(ApiServer, Receiver<Call>)> {
+        let ApiListener { listener, path } = listener;
         let (tx, rx) = mpsc::channel();
         crate::seccomp::spawn_filtered(
             "api",
@@ -104,7 +138,7 @@ impl ApiServer {
         )?;
         Ok((
             ApiServer {
-                path: path.to_path_buf(),
+                path: (!jailed).then_some(path),
             },
             rx,
         ))
@@ -113,7 +147,9 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

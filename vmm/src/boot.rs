@@ -137,16 +137,30 @@ pub struct LoadedKernel {
 
 /// Loads an ELF vmlinux (which must have a PVH entry) or a bzImage.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let display = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| BootError::KernelOpen {
-        path: display.clone(),
+    let mut file = open_kernel(path)?;
+    load_kernel_file(mem, &mut file, path)
+}
+
+/// Opens the kernel image (before the jail: see [`load_kernel_file`]).
+pub fn open_kernel(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::KernelOpen {
+        path: path.display().to_string(),
         source,
-    })?;
+    })
+}
+
+/// Loads the kernel from an open `file`; `path` names it in errors.
+pub fn load_kernel_file(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &Path,
+) -> Result<LoadedKernel, BootError> {
+    let display = path.display().to_string();
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    if let Some(span) = elf_load_span(&mut file) {
+    if let Some(span) = elf_load_span(file) {
         populate(mem, span.0, span.1);
     }
-    match Elf::load(mem, None, &mut file, himem) {
+    match Elf::load(mem, None, file, himem) {
         Ok(result) => match result.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
                 result,
@@ -154,7 +168,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             }),
             _ => Err(BootError::NoPvhEntry { path: display }),
         },
-        Err(elf_err) => match BzImage::load(mem, None, &mut file, himem) {
+        Err(elf_err) => match BzImage::load(mem, None, file, himem) {
             Ok(result) => Ok(LoadedKernel {
                 result,
                 pvh_entry: None,
@@ -210,12 +224,31 @@ pub fn load_initrd(
     mem_size: u64,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
+    let mut file = open_initrd(path)?;
+    load_initrd_file(mem, &mut file, path, mem_size, kernel_end)
+}
+
+/// Opens the initrd (before the jail: see [`load_initrd_file`]).
+pub fn open_initrd(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::Initrd {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Loads the initrd from an open `file`; `path` names it in errors.
+pub fn load_initrd_file(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &Path,
+    mem_size: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
     let display = path.display().to_string();
     let err = |source| BootError::Initrd {
         path: display.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(err)?;
     let size = file.metadata().map_err(err)?.len();
     let top = layout::low_ram_end(mem_size);
     let addr = top
@@ -229,7 +262,7 @@ pub fn load_initrd(
         })?;
     populate(mem, addr, size);
     // Straight from the file into guest memory: no copy in between.
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize)
         .map_err(|e| BootError::Write("the initrd", format!("{display}: {e}")))?;
     Ok((addr, size))
 }

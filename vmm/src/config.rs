@@ -92,6 +92,9 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Per-thread seccomp filters (`--no-seccomp` turns them off).
     pub seccomp: bool,
+    /// The VMM runs in its jail ([`crate::jail`]): the event loop gets the
+    /// jailed filter, and the API socket's file is not removed at the end.
+    pub jailed: bool,
 }
 
 impl VmConfig {
@@ -142,6 +145,7 @@ impl VmConfig {
             console_limit: crate::devices::console::DEFAULT_CONSOLE_LIMIT,
             api_socket,
             seccomp: true,
+            jailed: false,
         };
         // The full line (with what the VMM adds) is checked when it is built;
         // the user's part alone must already fit.

@@ -6,7 +6,7 @@
 //! `boot` (loading the kernel and initrd), `vcpu` (one thread per vCPU),
 //! `vm` (building a VM), `runtime` (the running VM's event loop),
 //! `guest_log` and `metrics` (bounded, counted guest-triggered logs),
-//! `config` and `api`.
+//! `config` and `api`, `jail` (the VMM confining itself).
 
 pub mod api;
 pub mod arch;
@@ -17,6 +17,7 @@ pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guest_log;
+pub mod jail;
 pub mod metrics;
 pub mod runtime;
 pub mod seccomp;

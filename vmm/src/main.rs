@@ -5,7 +5,8 @@
 //!           [--memory MIB] [--vsock SOCKET] [--console off|stdout|FILE]
 //!           [--fs tag=TAG,socket=PATH[,queues=N,queue_size=N]]...
 //!           [--net fd=N,mac=MAC | --net tap=NAME,mac=MAC]...
-//!           [--api-socket PATH]
+//!           [--api-socket PATH] [--jail uid=U,gid=G,root=DIR]
+//! isola-vmm --check-jail --jail uid=U,gid=G,root=DIR
 //! ```
 //! Exits 0 when the guest powers off or reboots, or on SIGTERM/SIGINT
 //! (the VM is stopped); non-zero with a message naming the problem
@@ -21,12 +22,14 @@ use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
 use isola_vmm::devices::boot_timer::BootTimes;
 use isola_vmm::devices::virtio::fs::config::{check_unique_tags, FsConfig};
 use isola_vmm::devices::virtio::fs::Fs;
+use isola_vmm::devices::virtio::net::config::NetBackendSpec;
 use isola_vmm::devices::virtio::net::config::{check_net_configs, NetConfig};
 use isola_vmm::devices::virtio::net::Net;
 use isola_vmm::devices::virtio::rng::Rng;
 use isola_vmm::devices::virtio::vsock::{Vsock, FD_RESERVE, MAX_CONNECTIONS};
+use isola_vmm::jail::{self, JailConfig};
 use isola_vmm::vcpu::GuestExit;
-use isola_vmm::vm::{raise_fd_limit, VirtioEntry, Vm};
+use isola_vmm::vm::{raise_fd_limit, HostFiles, VirtioEntry, Vm};
 
 /// The guest agent's vsock port (isola_protocol::AGENT_VSOCK_PORT): the
 /// first answer the agent gives on it is the "agent ready" boot milestone.
@@ -43,8 +46,8 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Args {
     /// Guest kernel: an ELF vmlinux with a PVH entry (CONFIG_PVH) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "check_jail")]
+    kernel: Option<PathBuf>,
     /// initrd (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -104,6 +107,17 @@ struct Args {
     /// No seccomp filters on the VMM's threads (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Confine the VMM (as root) before the guest runs: a pid namespace of
+    /// its own under a supervisor that keeps this pid, its own mount, IPC,
+    /// UTS and network namespaces, an empty read-only root (a tmpfs over
+    /// DIR, an existing directory), user U and group G (not 0), no
+    /// capabilities, no_new_privs. Everything the VM needs is opened
+    /// before; taps must be `--net fd=N`.
+    #[arg(long, value_name = "uid=U,gid=G,root=DIR")]
+    jail: Option<JailConfig>,
+    /// Enter the --jail, report what it is, and exit (no VM).
+    #[arg(long, requires = "jail")]
+    check_jail: bool,
 }
 
 fn main() {
@@ -124,6 +138,19 @@ fn main() {
             .error(clap::error::ErrorKind::ValueValidation, err)
             .exit();
     }
+    if args.jail.is_some()
+        && args
+            .net
+            .iter()
+            .any(|n| !matches!(n.backend, NetBackendSpec::Fd(_)))
+    {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--jail takes taps as --net fd=N only: a jailed VMM has no network namespace to find a tap NAME in",
+            )
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -132,6 +159,26 @@ fn main() {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if args.check_jail {
+        let result = args
+            .jail
+            .as_ref()
+            .context("--check-jail needs --jail")
+            .and_then(|config| {
+                jail::enter_pid_namespace(&[])?;
+                jail::check(config)
+            });
+        match result {
+            Ok(report) => {
+                println!("{report}");
+                std::process::exit(0);
+            }
+            Err(err) => {
+                eprintln!("isola-vmm: error: the jail does not work here: {err:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     match run(args, started) {
         Ok(exit) => {
             tracing::info!(?exit, ms = started.elapsed().as_millis() as u64, "VM ended");
@@ -145,6 +192,20 @@ fn main() {
 }
 
 fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
+    // The jail's first phases: a pid namespace (this process stays outside
+    // as the supervisor), then its other namespaces and its empty root.
+    if let Some(config) = &args.jail {
+        let taps: Vec<i32> = args
+            .net
+            .iter()
+            .filter_map(|n| match n.backend {
+                NetBackendSpec::Fd(fd) => Some(fd),
+                _ => None,
+            })
+            .collect();
+        jail::enter_pid_namespace(&taps).context("jail: the pid namespace")?;
+        jail::isolate(config).with_context(|| format!("jail: isolating ({config})"))?;
+    }
     // The taps first: an inherited fd must be taken over before the VMM
     // opens anything of its own that could be mistaken for it.
     let mut nets = Vec::with_capacity(args.net.len());
@@ -152,8 +213,9 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         nets.push(Net::open(net)?);
     }
     let console: Console = args.console.parse()?;
+    let kernel = args.kernel.context("--kernel is required")?;
     let mut config = VmConfig::new(
-        args.kernel,
+        kernel,
         args.initrd,
         Some(args.cmdline),
         args.vcpus,
@@ -165,6 +227,7 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     )?;
     config.console_limit = args.console_limit;
     config.seccomp = !args.no_seccomp;
+    config.jailed = args.jail.is_some();
     let boot_times = Arc::new(Mutex::new(BootTimes::default()));
     let mut virtio: Vec<VirtioEntry> = Vec::new();
     if let Some(path) = &config.vsock {
@@ -195,6 +258,9 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
                 );
             }
         });
+        if config.jailed {
+            vsock.refuse_guest_connections();
+        }
         let vsock = Arc::new(Mutex::new(vsock));
         virtio.push((vsock.clone(), vsock));
     }
@@ -203,16 +269,28 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         virtio.push((rng.clone(), rng));
     }
     // Each share's back end is connected to now: one nobody serves is an
-    // error before the VM is built.
+    // error before the VM is built. (The handshake starts a thread: after
+    // the jail.)
+    let mut shares = Vec::with_capacity(args.fs.len());
     for share in args.fs {
-        let fs = Arc::new(Mutex::new(Fs::connect(share, config.seccomp)?));
+        let stream = Fs::dial(&share)?;
+        shares.push((share, stream));
+    }
+    let host = HostFiles::open(&config)?;
+    if let Some(jail_config) = &args.jail {
+        jail::lock_down(jail_config)
+            .with_context(|| format!("jail: locking down ({jail_config})"))?;
+        tracing::info!(uid = jail_config.uid, gid = jail_config.gid, "jailed");
+    }
+    for (share, stream) in shares {
+        let fs = Arc::new(Mutex::new(Fs::on_stream(share, stream, config.seccomp)?));
         virtio.push((fs.clone(), fs));
     }
     for net in nets {
         let net = Arc::new(Mutex::new(net));
         virtio.push((net.clone(), net));
     }
-    let vm = Vm::build(config, started, boot_times, virtio)?;
+    let vm = Vm::build_with(config, host, started, boot_times, virtio)?;
     match vm.run()? {
         GuestExit::Failed(why) => anyhow::bail!("the guest could not run: {why}"),
         other => Ok(other),

@@ -28,6 +28,11 @@ pub const EXIT_SECCOMP: i32 = 159;
 pub enum ThreadKind {
     /// The main thread, once it runs the event loop.
     EventLoop,
+    /// The main thread of a jailed VMM ([`crate::jail`]): the event loop
+    /// without `socket`, `connect`, `unlink` and `unlinkat` (its sockets
+    /// were made before the jail; there is no host path to reach or
+    /// remove in it).
+    JailedEventLoop,
     /// A vCPU thread.
     Vcpu,
     /// The API's accept thread and its per-client threads.
@@ -42,6 +47,7 @@ impl ThreadKind {
     fn name(self) -> &'static str {
         match self {
             ThreadKind::EventLoop => "event loop",
+            ThreadKind::JailedEventLoop => "event loop (jailed)",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
             ThreadKind::Console => "console",
@@ -94,12 +100,11 @@ const COMMON: &[i64] = &[
 ];
 
 /// The event loop: epoll, eventfds, signalfd, timerfds, the vsock device's
-/// Unix sockets (accept, connect, read, write), virtio-net's taps (read,
-/// write; `write`/`writev` are in [`COMMON`]), kicking vCPU threads,
-/// removing its sockets at exit.
+/// Unix sockets (accept, read, write), virtio-net's taps (read, write;
+/// `write`/`writev` are in [`COMMON`]), kicking vCPU threads. Unjailed, it
+/// also has [`UNJAILED_EVENT_LOOP`].
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_accept4,
-    libc::SYS_connect,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
@@ -121,9 +126,12 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_tgkill,
     libc::SYS_timerfd_settime,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
 ];
+
+/// What only an unjailed event loop does: connect the guest's vsock
+/// connections to host sockets (`socket` is allowed for Unix sockets
+/// only), remove its sockets at exit.
+const UNJAILED_EVENT_LOOP: &[i64] = &[libc::SYS_connect, libc::SYS_unlink, libc::SYS_unlinkat];
 
 /// The API threads: accept clients, a thread each (clone and what a new
 /// thread does first), read a line with a timeout, answer, back off.
@@ -161,12 +169,16 @@ fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendErro
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let extra: &[i64] = match kind {
-        ThreadKind::EventLoop => EVENT_LOOP,
+        ThreadKind::EventLoop | ThreadKind::JailedEventLoop => EVENT_LOOP,
         ThreadKind::Api => API,
         ThreadKind::Watchdog => WATCHDOG,
         ThreadKind::Vcpu | ThreadKind::Console => &[],
     };
-    for nr in COMMON.iter().chain(extra) {
+    let unjailed: &[i64] = match kind {
+        ThreadKind::EventLoop => UNJAILED_EVENT_LOOP,
+        _ => &[],
+    };
+    for nr in COMMON.iter().chain(extra).chain(unjailed) {
         rules.insert(*nr, Vec::new());
     }
     match kind {
@@ -180,7 +192,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 ],
             );
         }
-        ThreadKind::EventLoop => {
+        ThreadKind::EventLoop | ThreadKind::JailedEventLoop => {
             rules.insert(
                 libc::SYS_ioctl,
                 vec![
@@ -189,7 +201,9 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                     arg_eq(1, TUNSETOFFLOAD)?,
                 ],
             );
-            rules.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+            if kind == ThreadKind::EventLoop {
+                rules.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+            }
         }
         ThreadKind::Api | ThreadKind::Console | ThreadKind::Watchdog => {}
     }
@@ -300,6 +314,16 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 mod tests {
     use super::*;
 
+    /// Runs the test `name` alone in a new process with `env` set (a
+    /// filter stays for good once installed).
+    fn run_child(name: &str, env: &str) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture"])
+            .env(env, "1")
+            .output()
+            .unwrap()
+    }
+
     #[test]
     fn the_register_ioctls_are_the_kernel_numbers() {
         // _IOR: direction read (2) << 30 | size << 16 | type << 8 | nr.
@@ -318,6 +342,7 @@ mod tests {
     fn every_filter_compiles() {
         for kind in [
             ThreadKind::EventLoop,
+            ThreadKind::JailedEventLoop,
             ThreadKind::Vcpu,
             ThreadKind::Api,
             ThreadKind::Console,
@@ -326,6 +351,55 @@ mod tests {
             let prog = program(kind).unwrap();
             assert!(!prog.is_empty(), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn the_jailed_event_loop_cannot_reach_or_remove_host_paths() {
+        let free = rules(ThreadKind::EventLoop).unwrap();
+        let jailed = rules(ThreadKind::JailedEventLoop).unwrap();
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+        ] {
+            assert!(free.contains_key(&nr), "{nr}");
+            assert!(!jailed.contains_key(&nr), "{nr}");
+        }
+        // Everything else is the same filter.
+        assert_eq!(free.len(), jailed.len() + 4);
+        assert!(jailed.keys().all(|nr| free.contains_key(nr)));
+    }
+
+    /// Run by `a_jailed_event_loop_dies_on_connect` in a process of its own.
+    #[test]
+    fn jailed_connect_child() {
+        if std::env::var_os("ISOLA_SECCOMP_JAILED_CHILD").is_none() {
+            return;
+        }
+        install_violation_handler().unwrap();
+        install(ThreadKind::JailedEventLoop).unwrap();
+        // SAFETY: a connect on a descriptor that is not open, with no
+        // address: EBADF if the filter let it through.
+        unsafe { libc::connect(-1, std::ptr::null(), 0) };
+        unreachable!("connect went through the jailed event loop's filter");
+    }
+
+    #[test]
+    fn a_jailed_event_loop_dies_on_connect() {
+        let out = run_child(
+            "seccomp::tests::jailed_connect_child",
+            "ISOLA_SECCOMP_JAILED_CHILD",
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
+        let nr = libc::SYS_connect.to_string();
+        assert!(
+            stderr.contains(&format!(
+                "the event loop (jailed) thread made system call {nr},"
+            )),
+            "{stderr}"
+        );
     }
 
     #[test]
@@ -370,15 +444,10 @@ mod tests {
 
     #[test]
     fn the_event_loop_may_set_tap_offloads_and_nothing_more() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::tap_offload_child",
-                "--nocapture",
-            ])
-            .env("ISOLA_SECCOMP_TAP_CHILD", "1")
-            .output()
-            .unwrap();
+        let out = run_child(
+            "seccomp::tests::tap_offload_child",
+            "ISOLA_SECCOMP_TAP_CHILD",
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -395,15 +464,10 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_kills_with_a_clear_line() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::forbidden_call_child",
-                "--nocapture",
-            ])
-            .env("ISOLA_SECCOMP_CHILD", "1")
-            .output()
-            .unwrap();
+        let out = run_child(
+            "seccomp::tests::forbidden_call_child",
+            "ISOLA_SECCOMP_CHILD",
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
         let nr = libc::SYS_getppid.to_string();

@@ -16,7 +16,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::ApiServer;
+use crate::api::{ApiListener, ApiServer};
 use crate::arch::cpuid;
 use crate::arch::layout;
 use crate::arch::regs::{self, BootEntry};
@@ -63,6 +63,52 @@ pub fn check_kvm() -> Result<Kvm> {
     Ok(kvm)
 }
 
+/// What a VM needs of the host's file system, opened (and its API socket
+/// bound) before the VMM locks itself in its jail, which has none of it.
+pub struct HostFiles {
+    kvm: Kvm,
+    kernel: std::fs::File,
+    initrd: Option<std::fs::File>,
+    console: Option<ConsoleDest>,
+    api: Option<ApiListener>,
+}
+
+impl std::fmt::Debug for HostFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostFiles")
+            .field("api", &self.api)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostFiles {
+    /// Opens `/dev/kvm` (checked), the kernel, the initrd and the console
+    /// file, and binds the API socket.
+    pub fn open(config: &VmConfig) -> Result<HostFiles> {
+        let kvm = check_kvm()?;
+        let kernel = boot::open_kernel(&config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::open_initrd(path)?),
+            None => None,
+        };
+        let console = console_dest(config)?;
+        let api = match &config.api_socket {
+            Some(path) => Some(
+                ApiListener::bind(path)
+                    .with_context(|| format!("API socket {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(HostFiles {
+            kvm,
+            kernel,
+            initrd,
+            console,
+            api,
+        })
+    }
+}
+
 /// A built VM, not yet running.
 pub struct Vm {
     config: VmConfig,
@@ -76,6 +122,7 @@ pub struct Vm {
     start: Instant,
     cmdline: String,
     devices: Devices,
+    api: Option<ApiListener>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -218,26 +265,45 @@ impl Vm {
         boot_times: Arc<Mutex<BootTimes>>,
         virtio: Vec<VirtioEntry>,
     ) -> Result<Vm> {
-        let kvm = check_kvm()?;
+        let host = HostFiles::open(&config)?;
+        Vm::build_with(config, host, start, boot_times, virtio)
+    }
+
+    /// [`Vm::build`] from host files opened before (by a jailed VMM).
+    pub fn build_with(
+        config: VmConfig,
+        host: HostFiles,
+        start: Instant,
+        boot_times: Arc<Mutex<BootTimes>>,
+        virtio: Vec<VirtioEntry>,
+    ) -> Result<Vm> {
+        let HostFiles {
+            kvm,
+            mut kernel,
+            initrd,
+            console,
+            api,
+        } = host;
         let vm_fd = create_vm(&kvm)?;
         tracing::debug!(phase = "vm created", ms = ms(start), "build");
         let mem_size = config.memory_bytes();
         let mem = create_memory(&vm_fd, mem_size)?;
         tracing::debug!(phase = "memory mapped", ms = ms(start), "build");
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(
+        let kernel = boot::load_kernel_file(&mem, &mut kernel, &config.kernel)?;
+        let initrd = match (initrd, &config.initrd) {
+            (Some(mut file), Some(path)) => Some(boot::load_initrd_file(
                 &mem,
+                &mut file,
                 path,
                 mem_size,
                 kernel.result.kernel_end,
             )?),
-            None => None,
+            _ => None,
         };
         tracing::debug!(phase = "kernel and initrd loaded", ms = ms(start), "build");
 
         let mut dm = DeviceManager::new(&vm_fd, mem.clone())?;
-        if let Some((dest, limit)) = console_dest(&config)? {
+        if let Some((dest, limit)) = console {
             dm.add_serial(dest, limit, config.seccomp)?;
         }
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
@@ -289,6 +355,7 @@ impl Vm {
             start,
             cmdline,
             devices,
+            api,
         })
     }
 
@@ -318,6 +385,7 @@ impl Vm {
             start,
             cmdline: _,
             devices,
+            api,
         } = self;
         let Devices {
             subscribers,
@@ -336,15 +404,19 @@ impl Vm {
             .context("signalfd")?;
 
         let api_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
-        let api = match &config.api_socket {
-            Some(path) => Some(
-                ApiServer::start(
-                    path,
-                    api_evt.try_clone().context("eventfd")?,
-                    config.seccomp,
+        let api = match api {
+            Some(listener) => {
+                let path = listener.path().to_path_buf();
+                Some(
+                    ApiServer::serve(
+                        listener,
+                        api_evt.try_clone().context("eventfd")?,
+                        config.seccomp,
+                        config.jailed,
+                    )
+                    .with_context(|| format!("API socket {}", path.display()))?,
                 )
-                .with_context(|| format!("API socket {}", path.display()))?,
-            ),
+            }
             None => None,
         };
         let control = Arc::new(Mutex::new(Control {
@@ -380,8 +452,12 @@ impl Vm {
             }
         }
         if ready.is_ok() && config.seccomp {
-            ready = seccomp::install(seccomp::ThreadKind::EventLoop)
-                .context("installing the event loop's seccomp filter");
+            let kind = if config.jailed {
+                seccomp::ThreadKind::JailedEventLoop
+            } else {
+                seccomp::ThreadKind::EventLoop
+            };
+            ready = seccomp::install(kind).context("installing the event loop's seccomp filter");
         }
         if ready.is_err() {
             // The threads leave through the open gate; the guard joins them.

@@ -103,6 +103,30 @@ impl Fs {
         Fs::with_backend(config, backend)
     }
 
+    /// Connects to the back end's socket only (before the jail, which has
+    /// no path to it); [`Fs::on_stream`] goes on from there.
+    pub fn dial(config: &FsConfig) -> Result<std::os::unix::net::UnixStream, FsError> {
+        std::os::unix::net::UnixStream::connect(&config.socket)
+            .map_err(|e| FsError::new(config, FrontendError::Connect(e)))
+    }
+
+    /// [`Fs::connect`] on a stream [`Fs::dial`] connected.
+    pub fn on_stream(
+        config: FsConfig,
+        stream: std::os::unix::net::UnixStream,
+        seccomp: bool,
+    ) -> Result<Fs, FsError> {
+        let backend = Backend::handshake(
+            stream,
+            &config.socket,
+            config.num_queues(),
+            frontend::REPLY_DEADLINE,
+            seccomp,
+        )
+        .map_err(|source| FsError::new(&config, source))?;
+        Fs::with_backend(config, backend)
+    }
+
     /// The device on an already connected back end.
     pub fn with_backend(config: FsConfig, backend: Backend) -> Result<Fs, FsError> {
         let n = config.num_queues();

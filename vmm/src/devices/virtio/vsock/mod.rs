@@ -312,6 +312,12 @@ impl Vsock {
         self.muxer.set_max_connections(max);
     }
 
+    /// Refuses every guest connection to a host port (a jailed VMM: there
+    /// is no `<uds>_P` it could reach, nor `connect` in its filter).
+    pub fn refuse_guest_connections(&mut self) {
+        self.muxer.set_guest_connects(false);
+    }
+
     /// The connection cap in force.
     pub fn max_connections(&self) -> usize {
         self.muxer.max_connections()

@@ -562,6 +562,21 @@ fn guest_connect_without_listener_gets_rst() {
 }
 
 #[test]
+fn a_jailed_device_refuses_guest_connections_even_to_a_listener() {
+    let mut h = Harness::new();
+    h.dev.lock().unwrap().refuse_guest_connections();
+    let listener = UnixListener::bind(h.port_path(8002)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    h.give_rx(1);
+    h.send(gpkt(op::REQUEST, 5002, 8002), &[]);
+    let pkt = h.recv_one().hdr;
+    assert_eq!(pkt.op, op::RST);
+    assert_eq!((pkt.src_port, pkt.dst_port), (8002, 5002));
+    assert_eq!(h.stats().conns_rejected, 1);
+    assert!(listener.accept().is_err(), "the listener was connected to");
+}
+
+#[test]
 fn unknown_connection_gets_rst_but_rst_does_not() {
     let mut h = Harness::new();
     h.give_rx(4);

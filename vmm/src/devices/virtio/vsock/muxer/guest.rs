@@ -116,6 +116,15 @@ impl Muxer {
 
     /// A guest REQUEST to host port P: connect to `<uds_path>_P`.
     pub(super) fn connect_to_host(&mut self, hdr: &Header) {
+        if !self.guest_connects {
+            inc(&self.metrics.conns_rejected);
+            debug!(
+                port = hdr.dst_port,
+                "vsock: guest connection refused: the jailed VMM reaches no host socket"
+            );
+            self.reply_rst(hdr);
+            return;
+        }
         if self.open_count() >= self.max_connections {
             inc(&self.metrics.conns_rejected);
             if self.limiter.allow() {

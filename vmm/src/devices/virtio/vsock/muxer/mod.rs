@@ -90,6 +90,9 @@ pub(crate) struct Muxer {
     dirty_buf: Vec<ConnKey>,
     budget: Arc<HostBufBudget>,
     max_connections: usize,
+    /// Whether the guest's connections to host ports reach `<uds>_P`
+    /// (false in a jail: they are refused without a system call).
+    guest_connects: bool,
     next_local_port: u32,
     next_id: u64,
     metrics: Arc<VsockMetrics>,
@@ -122,6 +125,7 @@ impl Muxer {
             dirty_buf: Vec::new(),
             budget: HostBufBudget::new(HOST_BUFFER_LIMIT),
             max_connections: MAX_CONNECTIONS,
+            guest_connects: true,
             next_local_port: LOCAL_PORT_BASE,
             next_id: 1,
             metrics,
@@ -138,6 +142,10 @@ impl Muxer {
     /// when the process may not open that many file descriptors.
     pub(crate) fn set_max_connections(&mut self, max: usize) {
         self.max_connections = max.clamp(1, MAX_CONNECTIONS);
+    }
+
+    pub(crate) fn set_guest_connects(&mut self, allowed: bool) {
+        self.guest_connects = allowed;
     }
 
     pub(crate) fn max_connections(&self) -> usize {

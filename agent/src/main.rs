@@ -13,6 +13,7 @@ mod config;
 mod events;
 mod executor;
 mod init;
+mod kmsg;
 mod logstream;
 mod mounts;
 mod network;
@@ -78,6 +79,9 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
         tracing::warn!("unknown option agent.{key} ignored");
     }
     tracing::debug!(?config, "options");
+    let kmsg = kmsg::open()
+        .map_err(|err| tracing::warn!("the kernel's log (/dev/kmsg) is not followed: {err}"))
+        .ok();
     // Whether containers can pivot_root is the kernel's word, whatever the
     // switch reported: the mount on / must not be the initramfs.
     // Read once: the state report below lists the same mounts.
@@ -108,6 +112,9 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
     let boot_timer = config.boot_timer;
     runtime.block_on(async move {
         let mut signals = init::InitSignals::install()?;
+        if let Some(kmsg) = kmsg {
+            tokio::spawn(kmsg::follow(kmsg));
+        }
         // The container service: its process table takes the statuses the
         // reaper collects.
         let registry = std::sync::Arc::new(streams::Registry::new(

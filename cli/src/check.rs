@@ -30,6 +30,7 @@ const DEV_TUN: &str = "/dev/net/tun";
 const HUGEPAGES: &str = "transparent hugepages";
 const CONFIG: &str = "config";
 const VMM: &str = "isola-vmm";
+const JAIL: &str = "jail";
 const KERNEL: &str = "guest kernel";
 const INITRD: &str = "guest initrd";
 const VERSIONS: &str = "versions";
@@ -118,6 +119,13 @@ pub fn run(options: &Options) -> i32 {
         Ok(config) => {
             let vmm = isola_vmm(config);
             report(Check::new(VMM, vmm.clone().map(|(detail, _)| detail)));
+            report(Check::new(
+                JAIL,
+                match &vmm {
+                    Ok(_) => jail(config),
+                    Err(_) => Err("not checked: isola-vmm is not usable (see above)".to_string()),
+                },
+            ));
             report(Check::new(KERNEL, kernel(config)));
             let initrd = initrd(config);
             report(Check::new(INITRD, initrd.clone().map(|(detail, _)| detail)));
@@ -131,7 +139,7 @@ pub fn run(options: &Options) -> i32 {
             report(Check::new(VIRTIOFSD, virtiofsd(config)));
         }
         Err(_) => {
-            for name in [VMM, KERNEL, INITRD, VERSIONS, VIRTIOFSD] {
+            for name in [VMM, JAIL, KERNEL, INITRD, VERSIONS, VIRTIOFSD] {
                 report(Check::new(
                     name,
                     Err("not checked: the config did not load (see `config` above)".to_string()),
@@ -428,6 +436,47 @@ fn isola_vmm(config: &Config) -> Result<(String, Option<String>), String> {
     let line = first_line(vmm, &["--version"])?;
     let version = version_in(&line).map(str::to_string);
     Ok((format!("{} ({line})", vmm.display()), version))
+}
+
+/// Whether isola-vmm's jail works here: `isola-vmm --check-jail` as a
+/// user of the configured range (taken for the check), on an empty
+/// directory of its own.
+fn jail(config: &Config) -> Result<String, String> {
+    let Some(uids) = config.jail.uids() else {
+        return Ok(format!(
+            "off (jail.enabled = false in {}): isola-vmm runs as root, unconfined",
+            config_file(config)
+        ));
+    };
+    let lease = isola_sandbox::jail::UidLease::acquire(&uids, "isola check")
+        .map_err(|err| format!("no uid for the jail: {err}"))?;
+    let root = std::env::temp_dir().join(format!("isola-check-jail-{}", std::process::id()));
+    isola_sandbox::share::create_private_dir(&root)
+        .map_err(|err| format!("creating {}: {err}", root.display()))?;
+    let out = output_within(
+        Command::new(&config.hypervisor.vmm)
+            .arg("--check-jail")
+            .arg("--jail")
+            .arg(format!(
+                "uid={0},gid={0},root={1}",
+                lease.uid(),
+                root.display()
+            )),
+        COMMAND_TIMEOUT,
+    );
+    let _ = std::fs::remove_dir(&root);
+    let out = out?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_string();
+    if out.status.success() {
+        let report = text(&out.stdout);
+        Ok(report.strip_prefix("jail: ").unwrap_or(&report).to_string())
+    } else {
+        Err(format!(
+            "{} (isola runs VMMs unjailed only with jail.enabled = false in {})",
+            text(&out.stderr),
+            config_file(config)
+        ))
+    }
 }
 
 /// What a guest kernel image is.

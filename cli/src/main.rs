@@ -127,7 +127,7 @@ struct RunArgs {
     vmm: Option<PathBuf>,
     #[arg(long, value_name = "PATH")]
     virtiofsd: Option<PathBuf>,
-    /// Where sandbox directories are made.
+    /// Where sandbox directories are made (each as DIR/_direct/ID).
     #[arg(long, value_name = "DIR", default_value = isola_sandbox::DEFAULT_RUN_ROOT)]
     run_root: PathBuf,
     /// The guest's serial console into this file (for debugging).

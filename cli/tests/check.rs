@@ -6,13 +6,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Every check's name, in order.
-const NAMES: [&str; 12] = [
+const NAMES: [&str; 13] = [
     "kvm",
     "/dev/kvm",
     "/dev/net/tun",
     "transparent hugepages",
     "config",
     "isola-vmm",
+    "jail",
     "guest kernel",
     "guest initrd",
     "versions",
@@ -148,4 +149,57 @@ fn the_shipped_config_is_valid() {
         "{:#?}",
         lines(&out)
     );
+}
+
+/// With the isola-vmm built beside this `isola`, the jail is tried for
+/// real: entered as root, refused with the reason otherwise.
+#[test]
+fn the_jail_is_tried_with_the_configured_vmm() {
+    let vmm = Path::new(env!("CARGO_BIN_EXE_isola")).with_file_name("isola-vmm");
+    if !vmm.exists() {
+        eprintln!("skipped: no {} (cargo build -p isola-vmm)", vmm.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("config.toml");
+    let leases = tmp.path().join("leases");
+    std::fs::write(
+        &config,
+        format!(
+            "[hypervisor]\nvmm = \"{}\"\n[jail]\nfirst_uid = 1879100000\nuid_count = 4\n\
+             lease_dir = \"{}\"\n",
+            vmm.display(),
+            leases.display()
+        ),
+    )
+    .expect("write");
+    let out = check(&config, &tmp.path().join("containerd.sock"));
+    assert_report_shape(&out);
+    let lines = lines(&out);
+    let jail = lines
+        .iter()
+        .find(|l| l.contains(" jail: "))
+        .expect("a jail line");
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            jail.starts_with("ok   jail: ok (pid 1 in its own pid, mount, IPC, UTS and network namespaces; uid 18791000"),
+            "{lines:#?}"
+        );
+    } else {
+        assert!(
+            jail.starts_with("FAIL jail: isola-vmm: error: the jail does not work here"),
+            "{jail}"
+        );
+    }
+    // The lease was given back: every uid of the range is free again.
+    for uid in 1_879_100_000u32..1_879_100_004 {
+        let file = leases.join(uid.to_string());
+        if let Ok(f) = std::fs::File::open(&file) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor `f` owns.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            assert_eq!(r, 0, "{} still held", file.display());
+        }
+    }
 }

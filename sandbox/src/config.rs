@@ -61,6 +61,45 @@ pub struct Config {
     pub hypervisor: Hypervisor,
     pub virtiofs: Virtiofs,
     pub runtime: Runtime,
+    pub jail: Jail,
+}
+
+/// `[jail]`: how isola-vmm is confined ([`crate::jail`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Jail {
+    /// Each isola-vmm runs jailed: its own namespaces, an empty read-only
+    /// root, no capabilities, a user of its own from the range below.
+    pub enabled: bool,
+    /// The first uid (and gid) of the range jailed VMMs run as.
+    pub first_uid: u32,
+    /// How many: one per running sandbox.
+    pub uid_count: u32,
+    /// Where the uids in use are recorded (a lock file each), host-wide.
+    pub lease_dir: PathBuf,
+}
+
+impl Default for Jail {
+    fn default() -> Self {
+        let uids = crate::jail::JailUids::default();
+        Jail {
+            enabled: true,
+            first_uid: uids.first,
+            uid_count: uids.count,
+            lease_dir: uids.lease_dir,
+        }
+    }
+}
+
+impl Jail {
+    /// The range, when the jail is on.
+    pub fn uids(&self) -> Option<crate::jail::JailUids> {
+        self.enabled.then(|| crate::jail::JailUids {
+            first: self.first_uid,
+            count: self.uid_count,
+            lease_dir: self.lease_dir.clone(),
+        })
+    }
 }
 
 /// `[hypervisor]`: isola-vmm, the guest images and the VM's size.
@@ -110,7 +149,8 @@ pub struct Runtime {
     /// The agent's and virtiofsd's log level: error, warn, info, debug or
     /// trace.
     pub log_level: String,
-    /// Sandbox directories are `<run_root>/<id>`.
+    /// Sandbox directories are `<run_root>/<namespace>/<id>`
+    /// ([`crate::share::sandbox_dir`]).
     pub run_root: PathBuf,
     /// Seconds a VM may take to boot and answer.
     pub start_timeout_secs: u64,
@@ -168,6 +208,7 @@ struct File {
     hypervisor: Hypervisor,
     virtiofs: Virtiofs,
     runtime: Runtime,
+    jail: Jail,
 }
 
 /// A line and column in a file, from 1.
@@ -279,6 +320,7 @@ impl Config {
             hypervisor: Hypervisor::default(),
             virtiofs: Virtiofs::default(),
             runtime: Runtime::default(),
+            jail: Jail::default(),
         }
     }
 
@@ -323,6 +365,7 @@ impl Config {
             hypervisor: file.hypervisor,
             virtiofs: file.virtiofs,
             runtime: file.runtime,
+            jail: file.jail,
         };
         config.validate()?;
         Ok(config)
@@ -388,6 +431,7 @@ impl Config {
         config.virtiofs_cache = self.virtiofs.cache.clone();
         config.start_timeout = Duration::from_secs(self.runtime.start_timeout_secs);
         config.stop_timeout = Duration::from_secs(self.runtime.stop_timeout_secs);
+        config.jail = self.jail.uids();
         config
     }
 
@@ -489,6 +533,22 @@ impl Config {
             key: key.to_string(),
             message,
         };
+        if let Some(uids) = self.jail.uids() {
+            uids.validate().map_err(|message| {
+                let key = if message.contains("uid_count") && !message.contains("first_uid") {
+                    "jail.uid_count"
+                } else {
+                    "jail.first_uid"
+                };
+                invalid(key, message)
+            })?;
+            if !uids.lease_dir.is_absolute() {
+                return Err(invalid(
+                    "jail.lease_dir",
+                    format!("{} must be an absolute path", uids.lease_dir.display()),
+                ));
+            }
+        }
         let h = &self.hypervisor;
         if !(1..=VMM_MAX_VCPUS).contains(&h.max_vcpus) {
             return Err(invalid(
@@ -584,8 +644,8 @@ impl Config {
                 "runtime.run_root",
                 format!(
                     "{:?} is {run_root_len} bytes; at most {MAX_RUN_ROOT_LEN} fit: a sandbox's \
-                     sockets (<run_root>/<64-character CRI id>/vsock.sock) must fit a Unix socket \
-                     address ({} bytes)",
+                     sockets (at shortest <run_root>/_hashed/<32 hex digits>/vsock.sock) must \
+                     fit a Unix socket address ({} bytes)",
                     self.runtime.run_root.display(),
                     crate::sandbox::MAX_SOCKET_PATH
                 ),
@@ -612,10 +672,13 @@ impl Config {
     }
 }
 
-/// The longest `runtime.run_root`: a CRI sandbox id is 64 characters,
-/// and `<run_root>/<id>/vsock.sock` must fit a Unix socket address.
+/// The longest `runtime.run_root`: a sandbox's sockets must fit a Unix
+/// socket address in its directory, which is at shortest
+/// `<run_root>/_hashed/<32 hex digits>` ([`crate::share::sandbox_dir`]).
+/// A root of at most 20 bytes keeps a CRI sandbox (64-character id) of the
+/// `k8s.io` namespace at `<run_root>/k8s.io/<id>`.
 pub const MAX_RUN_ROOT_LEN: usize =
-    crate::sandbox::MAX_SOCKET_PATH - 1 - 64 - 1 - "vsock.sock".len();
+    crate::sandbox::MAX_SOCKET_PATH - "/_hashed/".len() - 32 - "/vsock.sock".len();
 
 /// Why `params` cannot go on the kernel command line, if it cannot.
 fn kernel_params_problem(params: &str) -> Option<&'static str> {
@@ -697,6 +760,10 @@ mod tests {
             (60, 10)
         );
         assert!(c.runtime.host_cgroup_required);
+        assert_eq!(
+            c.sandbox_config("x").jail,
+            Some(crate::jail::JailUids::default())
+        );
         assert_eq!(c.validate(), Ok(()));
     }
 
@@ -726,6 +793,12 @@ run_root = "/run/isola-test"
 start_timeout_secs = 30
 stop_timeout_secs = 5
 host_cgroup_required = false
+
+[jail]
+enabled = false
+first_uid = 3000000
+uid_count = 100
+lease_dir = "/run/isola-test/uids"
 "#;
         let c = parse(text).expect("valid");
         assert_eq!(
@@ -756,10 +829,17 @@ host_cgroup_required = false
                     stop_timeout_secs: 5,
                     host_cgroup_required: false,
                 },
+                jail: Jail {
+                    enabled: false,
+                    first_uid: 3_000_000,
+                    uid_count: 100,
+                    lease_dir: "/run/isola-test/uids".into(),
+                },
             }
         );
         let s = c.sandbox_config("pod-1");
         assert_eq!(s.id, "pod-1");
+        assert_eq!(s.jail, None);
         assert_eq!(s.vmm, Path::new("/opt/isola/bin/isola-vmm"));
         assert_eq!(s.virtiofsd, Path::new("/usr/libexec/virtiofsd"));
         assert_eq!(s.kernel, Path::new("/opt/isola/vmlinux"));
@@ -872,6 +952,10 @@ host_cgroup_required = false
                 "hypervisor.default_vcpus",
             ),
             ("[hypervisor]\nmax_vcpus = 0", "hypervisor.max_vcpus"),
+            ("[jail]\nfirst_uid = 0", "jail.first_uid"),
+            ("[jail]\nuid_count = 0", "jail.uid_count"),
+            ("[jail]\nfirst_uid = 4294967290", "jail.first_uid"),
+            ("[jail]\nlease_dir = \"uids\"", "jail.lease_dir"),
             ("[hypervisor]\nmax_vcpus = 255", "hypervisor.max_vcpus"),
             (
                 "[hypervisor]\ndefault_memory_mib = 63",
@@ -908,7 +992,7 @@ host_cgroup_required = false
             ("[runtime]\nlog_level = \"verbose\"", "runtime.log_level"),
             ("[runtime]\nrun_root = \"run\"", "runtime.run_root"),
             (
-                "[runtime]\nrun_root = \"/run/a-run-root-longer-than-31-bytes\"",
+                "[runtime]\nrun_root = \"/run/a-run-root-much-much-longer-than-the-55-bytes-that-fit\"",
                 "runtime.run_root",
             ),
             (

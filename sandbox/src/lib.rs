@@ -12,6 +12,7 @@
 pub mod child;
 pub mod config;
 pub mod error;
+pub mod jail;
 pub mod log_gate;
 pub mod namespaces;
 pub mod network;
@@ -26,8 +27,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use isola_protocol::agent as proto;
 pub use network::{discover_and_plumb, NetworkError, PodNetwork};
 pub use sandbox::{
-    agent_line_level, virtiofsd_args, vmm_args, vmm_net_args, Console, ContainerRequest, Event,
-    ExitStatus, Sandbox, SandboxConfig, Started, BASE_CMDLINE, DEFAULT_RUN_ROOT, RPC_TIMEOUT,
+    agent_line_level, virtiofsd_args, vmm_args, vmm_jail_args, vmm_net_args, Console,
+    ContainerRequest, Event, ExitStatus, Sandbox, SandboxConfig, Started, BASE_CMDLINE,
+    DEFAULT_RUN_ROOT, RPC_TIMEOUT,
 };
 pub use spec::Volume;
 pub use stdio::{OutputReader, ProcessIo, StdinWriter, StdioRequest, WindowSize};

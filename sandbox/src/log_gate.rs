@@ -103,6 +103,14 @@ impl LogGate {
     }
 }
 
+impl LogGate {
+    /// The number of lines dropped since the last report, now whatever
+    /// the time (for the last summary, when the stream ends).
+    pub fn final_report(&mut self) -> Option<u64> {
+        Some(std::mem::take(&mut self.unreported)).filter(|n| *n > 0)
+    }
+}
+
 /// `text` cut to at most `max` bytes on a character boundary, and whether
 /// it was cut.
 pub fn truncate(text: &str, max: usize) -> (&str, bool) {
@@ -160,6 +168,14 @@ mod tests {
             .filter(|_| gate.admit_at(Level::WARN, t2) == Verdict::Pass)
             .count();
         assert_eq!(passed, LogGate::BURST as usize);
+        // The stream's end reports what is left, at once, and only once.
+        assert_eq!(gate.report_at(t2), Some(800));
+        for _ in 0..5 {
+            assert_eq!(gate.admit_at(Level::WARN, t2), Verdict::Drop);
+        }
+        assert_eq!(gate.report_at(t2), None, "within the second");
+        assert_eq!(gate.final_report(), Some(5));
+        assert_eq!(gate.final_report(), None);
     }
 
     #[test]

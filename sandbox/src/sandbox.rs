@@ -21,6 +21,7 @@ use tokio::task::AbortHandle;
 
 use crate::child::{self, first_death, BoundedLines, Death, Supervised};
 use crate::error::{Error, ErrorKind, Result};
+use crate::jail::{JailUids, UidLease};
 use crate::log_gate::{self, LogGate, Verdict};
 use crate::network::{self, PodNetwork};
 use crate::portfwd;
@@ -67,8 +68,12 @@ pub struct SandboxConfig {
     pub memory_mib: u32,
     /// Appended to [`BASE_CMDLINE`] (and the agent options).
     pub kernel_cmdline_extra: String,
-    /// The sandbox's directory is `<run_root>/<id>`.
+    /// The sandbox's directory is `<run_root>/<namespace>/<id>`
+    /// ([`share::sandbox_dir`]).
     pub run_root: PathBuf,
+    /// The containerd namespace the sandbox belongs to
+    /// ([`share::DIRECT_NAMESPACE`] for `isola run`'s).
+    pub namespace: String,
     /// The agent's and virtiofsd's log level (error, warn, info, debug, trace).
     pub log_level: String,
     /// The guest's hostname; empty: the agent's default.
@@ -104,6 +109,10 @@ pub struct SandboxConfig {
     /// touches a sandbox directory only when its owner is the bundle it
     /// was called for.
     pub owner: String,
+    /// isola-vmm runs jailed (`--jail`: its own namespaces, an empty root,
+    /// no capabilities) as a user of this range of its own
+    /// ([`crate::jail`]); `None`: unjailed, as root.
+    pub jail: Option<JailUids>,
 }
 
 impl SandboxConfig {
@@ -126,6 +135,7 @@ impl SandboxConfig {
             memory_mib: 256,
             kernel_cmdline_extra: String::new(),
             run_root: PathBuf::from(DEFAULT_RUN_ROOT),
+            namespace: share::DIRECT_NAMESPACE.to_string(),
             log_level: "info".to_string(),
             hostname: String::new(),
             console: Console::Off,
@@ -137,6 +147,7 @@ impl SandboxConfig {
             net_offloads: true,
             late_network: false,
             owner: String::new(),
+            jail: Some(JailUids::default()),
         }
     }
 
@@ -216,6 +227,15 @@ pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
         layout.api_socket().display().to_string(),
         "--console".into(),
         console,
+    ]
+}
+
+/// isola-vmm's `--jail` as user and group `uid`, its root in the
+/// sandbox's `jail/` directory.
+pub fn vmm_jail_args(uid: u32, layout: &Layout) -> Vec<String> {
+    vec![
+        "--jail".into(),
+        format!("uid={uid},gid={uid},root={}", layout.jail_root().display()),
     ]
 }
 
@@ -311,6 +331,9 @@ struct Resources {
     /// Agent log lines the [`LogGate`] dropped (a flood, or lines above
     /// the configured level).
     dropped_log_lines: Arc<AtomicU64>,
+    /// The jailed isola-vmm's user, held until the sandbox is gone (its
+    /// supervisor holds it too).
+    jail_uid: Option<UidLease>,
 }
 
 impl Resources {
@@ -485,7 +508,7 @@ impl Sandbox {
                 ));
             }
         }
-        let layout = Layout::new(config.run_root.join(&id));
+        let layout = Layout::new(share::sandbox_dir(&config.run_root, &config.namespace, &id));
         for socket in [
             layout.fs_socket(),
             layout.vsock_socket(),
@@ -508,6 +531,10 @@ impl Sandbox {
         }
         share::prepare_run_root(&config.run_root)
             .map_err(|e| Error::host(&id, "preparing the run root", e))?;
+        if let Some(parent) = layout.dir().parent() {
+            share::prepare_run_root(parent)
+                .map_err(|e| Error::host(&id, "preparing the namespace's run directory", e))?;
+        }
         match share::create_private_dir(layout.dir()) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -541,6 +568,7 @@ impl Sandbox {
             teardown_lock: tokio::sync::Mutex::new(()),
             cleaned: watch::channel(false).0,
             dropped_log_lines: Arc::new(AtomicU64::new(0)),
+            jail_uid: None,
         };
         // From here on, dropping `resources` undoes everything.
         if !config.owner.is_empty() {
@@ -648,7 +676,18 @@ impl Sandbox {
             .stdout(std::process::Stdio::piped());
         child::confine(&mut cmd, config.cgroup.as_deref())
             .map_err(|e| Error::host(&id, "preparing isola-vmm's cgroup", e))?;
-        child::inherit(&mut cmd, taps.iter().map(|(fd, _)| *fd).collect());
+        let mut inherited: Vec<RawFd> = taps.iter().map(|(fd, _)| *fd).collect();
+        if let Some(uids) = &config.jail {
+            let lease = UidLease::acquire(uids, &layout.dir().to_string_lossy())
+                .map_err(|e| Error::host(&id, "taking a user for isola-vmm's jail", e))?;
+            share::create_private_dir(&layout.jail_root())
+                .map_err(|e| Error::host(&id, "creating isola-vmm's jail root", e))?;
+            cmd.args(vmm_jail_args(lease.uid(), &layout));
+            inherited.push(lease.fd());
+            tracing::debug!(sandbox = %id, uid = lease.uid(), "isola-vmm jailed");
+            resources.jail_uid = Some(lease);
+        }
+        child::inherit(&mut cmd, inherited);
         child::enter_netns(&mut cmd, netns.as_raw_fd());
         let vmm = Supervised::spawn("isola-vmm", &id, cmd)
             .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e));
@@ -1713,6 +1752,9 @@ async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String, mut 
             _ => tracing::info!(target: "isola_agent", sandbox = %sandbox, cut, "{line}"),
         }
     }
+    if let Some(dropped) = gate.final_report() {
+        tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
+    }
     tracing::debug!(sandbox = %sandbox, "agent log stream ended");
 }
 
@@ -1865,7 +1907,10 @@ mod tests {
             // Without CAP_SYS_ADMIN the share's first mount fails.
             assert_eq!(err.step(), "setting up the share", "{err}");
         }
-        assert!(!c.run_root.join("bad").exists(), "run dir left behind");
+        assert!(
+            !c.run_root.join("_direct/bad").exists(),
+            "run dir left behind"
+        );
 
         // A missing binary is named before anything is made.
         c.vmm = tmp.path().join("no-vmm");
@@ -1875,17 +1920,19 @@ mod tests {
 
         // An existing directory is someone else's: refused and kept.
         c.vmm = "/bin/true".into();
-        std::fs::create_dir_all(c.run_root.join("bad")).expect("mkdir");
+        std::fs::create_dir_all(c.run_root.join("_direct/bad")).expect("mkdir");
         let err = Sandbox::start(c.clone()).await.expect_err("failed");
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
-        assert!(c.run_root.join("bad").exists());
+        assert!(c.run_root.join("_direct/bad").exists());
 
         // A CRI id (64 characters) under a long run root: its sockets
         // would not fit a Unix socket address. Refused, naming the root,
         // before anything is made.
         let mut long = c.clone();
         long.id = "a".repeat(64);
-        long.run_root = tmp.path().join("a-run-root-too-long-for-sockets");
+        long.run_root = tmp
+            .path()
+            .join("a-run-root-too-long-for-sockets-even-under-_hashed-sandbox-dirs");
         let err = Sandbox::start(long.clone()).await.expect_err("failed");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.message().contains("shorten the run root"), "{err}");
@@ -1975,6 +2022,7 @@ mod tests {
             teardown_lock: tokio::sync::Mutex::new(()),
             cleaned: watch::channel(false).0,
             dropped_log_lines: Arc::new(AtomicU64::new(0)),
+            jail_uid: None,
         };
         let mut config = SandboxConfig::new("fake", "/vmm", "/vfsd", "/k", "/i");
         config.stop_timeout = Duration::from_secs(5);

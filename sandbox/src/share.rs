@@ -77,6 +77,19 @@ impl Layout {
     pub fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")
     }
+    /// The length of the longest socket path in the directory.
+    pub fn longest_socket_len(&self) -> usize {
+        [self.fs_socket(), self.vsock_socket(), self.api_socket()]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0)
+    }
+    /// An empty directory the jailed isola-vmm mounts its root over (in
+    /// its own mount namespace: on the host it stays empty).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("jail")
+    }
     /// Who made the sandbox ([`write_owner`]).
     pub fn owner_file(&self) -> PathBuf {
         self.dir.join("owner")
@@ -397,6 +410,56 @@ pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// The run root's subdirectory of sandboxes `isola run` starts (no
+/// containerd namespace): not a valid containerd namespace name, so no
+/// namespace's sandboxes share it.
+pub const DIRECT_NAMESPACE: &str = "_direct";
+
+/// The run root's subdirectory of sandboxes whose namespace and id do not
+/// fit a socket path (or whose namespace is not a plain name).
+const HASHED_DIR: &str = "_hashed";
+
+/// Whether `name` is a containerd namespace name (an identifier:
+/// alphanumeric runs joined by single `.`, `_` or `-`, at most 76 bytes),
+/// and so a safe directory name.
+fn is_namespace_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 76
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
+        && !bytes
+            .windows(2)
+            .any(|w| !w[0].is_ascii_alphanumeric() && !w[1].is_ascii_alphanumeric())
+}
+
+/// The directory of sandbox `id` of containerd namespace `namespace`
+/// ([`DIRECT_NAMESPACE`] for `isola run`'s): `<run_root>/<namespace>/<id>`,
+/// so the same id in two namespaces never shares one. When that would
+/// make a socket path too long for a Unix socket address (a long
+/// namespace), or the namespace is not a plain name, it is
+/// `<run_root>/_hashed/<sha256 of namespace and id, 32 hex digits>`; the
+/// delete action computes the same.
+pub fn sandbox_dir(run_root: &Path, namespace: &str, id: &str) -> PathBuf {
+    use sha2::Digest;
+    if is_namespace_name(namespace) || namespace == DIRECT_NAMESPACE {
+        let dir = run_root.join(namespace).join(id);
+        if Layout::new(&dir).longest_socket_len() <= crate::sandbox::MAX_SOCKET_PATH {
+            return dir;
+        }
+    }
+    let mut hash = sha2::Sha256::new();
+    hash.update(namespace.as_bytes());
+    hash.update([0u8]);
+    hash.update(id.as_bytes());
+    let digest = hash.finalize();
+    let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    run_root.join(HASHED_DIR).join(name)
 }
 
 /// Makes the run root (every sandbox's directory is in it) if missing,
@@ -729,6 +792,38 @@ fn remove_tree(path: &Path, dev: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sandbox_dirs_are_keyed_by_namespace_and_id() {
+        let root = Path::new("/run/isola/sandboxes");
+        let id = "a".repeat(64);
+        assert_eq!(
+            sandbox_dir(root, "k8s.io", &id),
+            root.join("k8s.io").join(&id)
+        );
+        assert_eq!(
+            sandbox_dir(root, DIRECT_NAMESPACE, "c1"),
+            root.join("_direct/c1")
+        );
+        assert_ne!(
+            sandbox_dir(root, "default", "c1"),
+            sandbox_dir(root, "moby", "c1")
+        );
+        // Too long for vsock.sock's address: hashed, stable, distinct, short.
+        let long = "n".repeat(40);
+        let hashed = sandbox_dir(root, &long, &id);
+        assert!(hashed.starts_with(root.join("_hashed")), "{hashed:?}");
+        assert_eq!(hashed, sandbox_dir(root, &long, &id));
+        assert_ne!(hashed, sandbox_dir(root, &"m".repeat(40), &id));
+        assert!(Layout::new(&hashed).longest_socket_len() <= crate::sandbox::MAX_SOCKET_PATH);
+        // Not a plain name: never a path component.
+        for bad in ["..", ".", "", "a/b", "_hashed", "a..b", "-a", "a-"] {
+            let dir = sandbox_dir(root, bad, "c1");
+            assert!(dir.starts_with(root.join("_hashed")), "{bad:?}: {dir:?}");
+        }
+        assert!(is_namespace_name("k8s.io") && is_namespace_name("a_b-c.d"));
+        assert!(!is_namespace_name(&"x".repeat(77)));
+    }
 
     #[test]
     fn layout_paths() {

@@ -50,13 +50,19 @@ fn other_owner(run_dir: &Path, bundle: &Path) -> Option<String> {
     }
 }
 
-/// Cleans up container `id` of the bundle `bundle`, whose sandboxes live
-/// under `run_root`; `helpers` are the file names of isola-vmm and
+/// Cleans up container `id` of the bundle `bundle` in containerd
+/// namespace `namespace`, whose sandboxes live under `run_root`; `helpers` are the file names of isola-vmm and
 /// virtiofsd (only processes running those are killed). containerd runs
 /// the action after every delete, also when the shim lives on (it then
 /// stops its sandbox itself): with a shim answering on the bundle's
 /// address, only the rootfs is unmounted.
-pub fn delete(bundle: &Path, id: &str, run_root: &Path, helpers: &[String]) -> Report {
+pub fn delete(
+    bundle: &Path,
+    id: &str,
+    namespace: &str,
+    run_root: &Path,
+    helpers: &[String],
+) -> Report {
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
     let annotations = spec.as_ref().and_then(|s| s.annotations().clone());
     let sandbox = grouping::sandbox_id(id, annotations.as_ref());
@@ -70,10 +76,11 @@ pub fn delete(bundle: &Path, id: &str, run_root: &Path, helpers: &[String]) -> R
         return report;
     }
     if sandbox == id && isola_protocol_id_ok(&sandbox) {
-        let run_dir = run_root.join(&sandbox);
+        let run_dir = share::sandbox_dir(run_root, namespace, &sandbox);
         if let Some(other) = other_owner(&run_dir, bundle) {
-            // The same id in another containerd namespace: its sandbox,
-            // not this container's, lives there.
+            // Made for another bundle (run directories of an older isola
+            // were named by id alone): its sandbox, not this container's,
+            // lives there.
             tracing::warn!(sandbox = %sandbox, dir = %run_dir.display(), owner = %other, "the run directory belongs to another bundle: left alone");
             report.other_owner = true;
             remove_stale_socket(bundle);
@@ -206,7 +213,7 @@ mod tests {
     fn helpers_naming_the_run_dir_are_killed_and_the_dir_removed() {
         let root = tempfile::tempdir().expect("tempdir");
         let bundle = tempfile::tempdir().expect("tempdir");
-        let run_dir = root.path().join("sb1");
+        let run_dir = share::sandbox_dir(root.path(), "default", "sb1");
         std::fs::create_dir_all(run_dir.join("rw")).expect("mkdir");
         // Made for this bundle, named through a symlink.
         let link = root.path().join("bundle-link");
@@ -233,7 +240,13 @@ mod tests {
             assert!(Instant::now() < deadline, "the helper never started");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let report = delete(bundle.path(), "sb1", root.path(), &["sleep".to_string()]);
+        let report = delete(
+            bundle.path(),
+            "sb1",
+            "default",
+            root.path(),
+            &["sleep".to_string()],
+        );
         assert!(report.killed.contains(&child.id()), "{:?}", report.killed);
         assert!(report.removed_run_dir);
         assert!(!run_dir.exists());
@@ -248,18 +261,40 @@ mod tests {
     fn the_same_id_in_another_namespace_is_left_alone() {
         let root = tempfile::tempdir().expect("tempdir");
         let ours = tempfile::tempdir().expect("tempdir");
-        let run_dir = root.path().join("sb1");
-        std::fs::create_dir_all(run_dir.join("rw")).expect("mkdir");
+        let theirs = share::sandbox_dir(root.path(), "other", "sb1");
+        std::fs::create_dir_all(theirs.join("rw")).expect("mkdir");
         share::write_owner(
-            &share::Layout::new(&run_dir),
+            &share::Layout::new(&theirs),
             "/run/containerd/io.containerd.runtime.v2.task/other/sb1",
         )
         .expect("owner");
-        let report = delete(ours.path(), "sb1", root.path(), &["sleep".to_string()]);
+        // Our namespace's directory of the id, made for another bundle.
+        let foreign = share::sandbox_dir(root.path(), "default", "sb1");
+        std::fs::create_dir_all(foreign.join("rw")).expect("mkdir");
+        share::write_owner(&share::Layout::new(&foreign), "/elsewhere/sb1").expect("owner");
+        let report = delete(
+            ours.path(),
+            "sb1",
+            "default",
+            root.path(),
+            &["sleep".to_string()],
+        );
         assert!(report.other_owner, "{report:?}");
         assert!(!report.removed_run_dir && report.killed.is_empty());
         assert!(
-            run_dir.join("rw").exists(),
+            foreign.join("rw").exists(),
+            "another bundle's sandbox was removed"
+        );
+        assert!(
+            theirs.join("rw").exists(),
+            "another namespace's sandbox was removed"
+        );
+        // With no directory of ours, the other namespace's is not looked at.
+        std::fs::remove_dir_all(&foreign).expect("rm");
+        let report = delete(ours.path(), "sb1", "default", root.path(), &[]);
+        assert!(!report.other_owner && !report.removed_run_dir, "{report:?}");
+        assert!(
+            theirs.join("rw").exists(),
             "another namespace's sandbox was removed"
         );
     }
@@ -268,16 +303,17 @@ mod tests {
     fn a_pod_container_leaves_its_sandbox_alone() {
         let root = tempfile::tempdir().expect("tempdir");
         let bundle = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(root.path().join("pod1")).expect("mkdir");
+        let pod = share::sandbox_dir(root.path(), "k8s.io", "pod1");
+        std::fs::create_dir_all(&pod).expect("mkdir");
         std::fs::write(
             bundle.path().join("config.json"),
             r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod1"}}"#,
         )
         .expect("write");
-        let report = delete(bundle.path(), "c1", root.path(), &[]);
+        let report = delete(bundle.path(), "c1", "k8s.io", root.path(), &[]);
         assert_eq!(report.sandbox, "pod1");
         assert!(!report.removed_run_dir);
-        assert!(root.path().join("pod1").exists());
+        assert!(pod.exists());
     }
 
     #[test]
@@ -303,7 +339,8 @@ mod more_tests {
     fn a_live_shim_keeps_its_sandbox() {
         let root = tempfile::tempdir().expect("tempdir");
         let bundle = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(root.path().join("sb2")).expect("mkdir");
+        let run_dir = share::sandbox_dir(root.path(), "default", "sb2");
+        std::fs::create_dir_all(&run_dir).expect("mkdir");
         let sock = bundle.path().join("shim.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
         std::fs::write(
@@ -311,9 +348,9 @@ mod more_tests {
             format!("unix://{}", sock.display()),
         )
         .expect("write");
-        let report = delete(bundle.path(), "sb2", root.path(), &[]);
+        let report = delete(bundle.path(), "sb2", "default", root.path(), &[]);
         assert!(report.shim_alive);
-        assert!(root.path().join("sb2").exists());
+        assert!(run_dir.exists());
         assert!(sock.exists());
     }
 
@@ -321,7 +358,7 @@ mod more_tests {
     fn only_helper_executables_are_killed() {
         let root = tempfile::tempdir().expect("tempdir");
         let bundle = tempfile::tempdir().expect("tempdir");
-        let run_dir = root.path().join("sb3");
+        let run_dir = share::sandbox_dir(root.path(), "default", "sb3");
         std::fs::create_dir_all(&run_dir).expect("mkdir");
         let sleep = run_dir.join("sleep");
         std::fs::copy("/usr/bin/sleep", &sleep).expect("copy sleep");
@@ -337,6 +374,7 @@ mod more_tests {
         let report = delete(
             bundle.path(),
             "sb3",
+            "default",
             root.path(),
             &["isola-vmm".to_string()],
         );

@@ -112,6 +112,7 @@ fn delete_action(flags: &Flags) -> i32 {
     let report = cleanup::delete(
         &bundle_of(flags),
         &flags.id,
+        &flags.namespace,
         &config.runtime.run_root,
         &helpers,
     );

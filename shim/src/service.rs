@@ -303,6 +303,7 @@ impl Service {
         // The delete action of a container with the same id in another
         // namespace (another bundle) then leaves this sandbox alone.
         sandbox_config.owner = bundle.to_string();
+        sandbox_config.namespace = self.shared.namespace.clone();
         sandbox_config.vcpus = size.vcpus;
         sandbox_config.memory_mib = size.memory_mib;
         if let Some(hostname) = spec.hostname().as_ref().filter(|h| !h.is_empty()) {

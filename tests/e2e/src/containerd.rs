@@ -60,8 +60,8 @@ impl Containerd {
 
     fn start(dir: &Path) -> Result<Containerd> {
         let project = project_dir();
-        // Short: `<run_root>/<64-character CRI id>/vsock.sock` must fit a
-        // Unix socket address (runtime.run_root takes at most 31 bytes).
+        // Short: `<run_root>/k8s.io/<64-character CRI id>/vsock.sock` fits
+        // a Unix socket address (a longer root goes to `_hashed/`).
         let run_root = PathBuf::from("/run/isola-e2e");
         std::fs::create_dir_all(dir)?;
         let config = dir.join("isola.toml");
@@ -231,10 +231,29 @@ impl Containerd {
         }
     }
 
+    /// Sandbox `id`'s run directories, one per containerd namespace seen
+    /// under the run root (`<run_root>/<namespace>/<id>`), whether they
+    /// exist or not.
+    pub fn run_dirs(&self, id: &str) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.run_root)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let ns = e.file_name().into_string().ok()?;
+                        Some(isola_sandbox::share::sandbox_dir(&self.run_root, &ns, id))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The processes whose command line names sandbox `id`'s run
     /// directory (its isola-vmm, virtiofsd).
     pub fn helpers(&self, id: &str) -> Vec<(u32, String)> {
-        processes_containing(&format!("{}/", self.run_root.join(id).display()))
+        self.run_dirs(id)
+            .iter()
+            .flat_map(|dir| processes_containing(&format!("{}/", dir.display())))
+            .collect()
     }
 
     /// The shim serving container `id`.
@@ -276,15 +295,17 @@ impl Containerd {
         if let Some(pid) = self.shim_pid(id) {
             problems.push(format!("shim {pid}"));
         }
-        let run_dir = self.run_root.join(id);
-        if run_dir.exists() {
+        let run_dirs = self.run_dirs(id);
+        for run_dir in run_dirs.iter().filter(|d| d.exists()) {
             problems.push(format!("{} exists", run_dir.display()));
         }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         // The bundle, in any namespace (ctr's default, Docker's moby).
         let bundle = format!("/{id}/");
         for line in mountinfo.lines() {
-            if line.contains(&format!("{}/", run_dir.display()))
+            if run_dirs
+                .iter()
+                .any(|d| line.contains(&format!("{}/", d.display())))
                 || (line.contains("/io.containerd.runtime.v2.task/") && line.contains(&bundle))
             {
                 problems.push(format!("mount: {line}"));

@@ -90,6 +90,30 @@ pub fn run_root(test: &str) -> PathBuf {
     PathBuf::from(format!("/run/isola/e2e-{test}-{}", std::process::id()))
 }
 
+/// The sandbox directories under `run_root` (`<run_root>/<namespace>/<id>`).
+pub fn sandbox_dirs(run_root: &Path) -> Vec<PathBuf> {
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    entries(run_root)
+        .iter()
+        .flat_map(|ns| entries(ns))
+        .collect()
+}
+
+/// Removes a test's run root once its sandboxes are gone (the namespace
+/// directories the sandboxes leave, then the root; anything else stays).
+pub fn remove_run_root(run_root: &Path) {
+    if let Ok(d) = std::fs::read_dir(run_root) {
+        for e in d.flatten() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(run_root);
+}
+
 /// Where the consoles of the tests' guests go (the project's build dir is
 /// writable from the emulated host and survives it).
 pub fn console_file(name: &str) -> PathBuf {

@@ -73,9 +73,7 @@ fn isola_run(
         .status
         .code()
         .with_context(|| format!("isola killed: {}\n{stderr}", out.status))?;
-    let left: Vec<_> = std::fs::read_dir(run_root)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let left: Vec<_> = sandbox_dirs(run_root);
     ensure!(left.is_empty(), "isola run left {left:?} behind\n{stderr}");
     ensure!(mounts_below(run_root).is_empty(), "isola run left mounts");
     Ok((code, out.stdout, stderr))
@@ -191,7 +189,7 @@ fn isola_run_relays_stdio_and_exits_with_the_container_status() {
     )
     .unwrap();
     assert_eq!(code, 137, "{stderr}");
-    let _ = std::fs::remove_dir(&run_root);
+    remove_run_root(&run_root);
 }
 
 // ---------------------------------------------------------------------------
@@ -818,7 +816,7 @@ async fn many_containers(id: &str, run_root: &Path) -> Result<()> {
     );
     sandbox.stop().await?;
     assert_nothing_left(run_root, &dir, &pids)?;
-    let _ = std::fs::remove_dir(run_root);
+    remove_run_root(run_root);
     step(t, "removed and stopped: no dir, mount or process left");
     Ok(())
 }
@@ -872,7 +870,7 @@ where
     let run_root = run_root(tag);
     let id = format!("e2e-{tag}-{}", std::process::id());
     let result = rt.block_on(body(id.clone(), run_root.clone()));
-    let _ = std::fs::remove_dir(&run_root);
+    remove_run_root(&run_root);
     if let Err(err) = result {
         eprintln!("console:\n{}", console_tail(&id, 40));
         panic!("{err:#}");

@@ -132,10 +132,7 @@ fn nothing_left(d: &Docker) -> Result<()> {
     ensure!(left.trim().is_empty(), "docker ps -a lists {left:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     loop {
-        let dirs: Vec<_> = std::fs::read_dir(&d.containerd.run_root)?
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let dirs = isola_e2e::containers::sandbox_dirs(&d.containerd.run_root);
         let vmms = isola_e2e::containerd::processes_containing("isola-vmm");
         if dirs.is_empty() && vmms.is_empty() {
             return Ok(());

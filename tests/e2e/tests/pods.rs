@@ -459,7 +459,10 @@ fn ten_pods_created_and_removed_in_a_loop_leave_nothing() -> Result<()> {
 /// Mounts under sandbox `id`'s run directory whose source root ends with
 /// `suffix`: (mount point, options).
 fn share_mounts(p: &Pods, id: &str, suffix: &str) -> Vec<(String, String)> {
-    let run_dir = format!("{}/", p.containerd.run_root.join(id).display());
+    let run_dir = format!(
+        "{}/",
+        isola_sandbox::share::sandbox_dir(&p.containerd.run_root, "k8s.io", id).display()
+    );
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()

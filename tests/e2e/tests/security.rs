@@ -25,6 +25,82 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// What the jail promises, seen from the host: the supervisor `pid`'s
+/// only child is pid 1 of its own pid namespace, in mount, IPC, UTS and
+/// network namespaces of its own (the network one not the supervisor's
+/// either), a user and group of the jail's range, no capabilities in any
+/// set, no_new_privs, seccomp on, an empty root, the supervisor's cgroup.
+fn check_jailed(pid: u32) -> Result<()> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
+    let kids: Vec<u32> = children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    ensure!(kids.len() == 1, "isola-vmm {pid} has children {kids:?}");
+    let vm = kids[0];
+    let status = std::fs::read_to_string(format!("/proc/{vm}/status"))?;
+    let field = |name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or("")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let uid = field("Uid:");
+    let first: u32 = uid.split(' ').next().unwrap_or("").parse()?;
+    ensure!(
+        first >= isola_sandbox::jail::DEFAULT_FIRST_UID
+            && uid == vec![first.to_string(); 4].join(" ")
+            && field("Gid:") == uid,
+        "the jailed VMM runs as Uid {uid} Gid {}",
+        field("Gid:")
+    );
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        ensure!(
+            u64::from_str_radix(&field(set), 16) == Ok(0),
+            "the jailed VMM holds {set} {}",
+            field(set)
+        );
+    }
+    ensure!(
+        field("NoNewPrivs:") == "1",
+        "no_new_privs is {}",
+        field("NoNewPrivs:")
+    );
+    ensure!(
+        field("Seccomp:") == "2",
+        "seccomp mode {}",
+        field("Seccomp:")
+    );
+    ensure!(
+        field("NSpid:") == format!("{vm} 1"),
+        "NSpid {}",
+        field("NSpid:")
+    );
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        let jailed = ns(&vm.to_string(), kind);
+        ensure!(jailed.is_some(), "no {kind} namespace for {vm}");
+        ensure!(
+            jailed != ns("self", kind) && jailed != ns(&pid.to_string(), kind),
+            "the jailed VMM shares the {kind} namespace {jailed:?}"
+        );
+    }
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{vm}/root"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(root.is_empty(), "the jail's root holds {root:?}");
+    let cgroup = |p: u32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok();
+    ensure!(
+        cgroup(vm) == cgroup(pid),
+        "the jailed VMM left its supervisor's cgroup"
+    );
+    Ok(())
+}
+
 /// Whether uid and gid 65534, with no supplementary groups, can run
 /// `cmd` on `path` successfully.
 fn nobody_can(cmd: &str, path: &Path) -> bool {
@@ -211,6 +287,14 @@ async fn closed_sandbox(id: &str, run_root: &Path) -> Result<()> {
     );
     ensure!(caps & CAP_CHOWN != 0, "virtiofsd lost CAP_CHOWN: {caps:x}");
 
+    // isola-vmm is jailed: the pid the sandbox knows is its supervisor
+    // (root, in the host's mount namespace), whose one child runs the VM.
+    let (_, vmm_pid) = pids
+        .iter()
+        .find(|(name, _)| name == "isola-vmm")
+        .context("no isola-vmm among the helpers")?;
+    check_jailed(*vmm_pid)?;
+
     // The guest's root, with the file capabilities a root container may
     // hold and every device allowed by its cgroup: chown and chmod (setuid
     // too) reach the host through virtiofsd, a device node does not
@@ -241,7 +325,7 @@ async fn closed_sandbox(id: &str, run_root: &Path) -> Result<()> {
 
     sandbox.stop().await?;
     assert_nothing_left(run_root, &dir, &pids)?;
-    let _ = std::fs::remove_dir(run_root);
+    remove_run_root(run_root);
     Ok(())
 }
 
@@ -291,9 +375,84 @@ fn an_image_with_a_fifo_passwd_is_refused_at_once() {
         stderr.contains("/etc/passwd") && stderr.contains("FIFO"),
         "{stderr}"
     );
-    let left: Vec<_> = std::fs::read_dir(&run_root)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let left: Vec<_> = sandbox_dirs(&run_root);
     assert!(left.is_empty(), "left in the run root: {left:?}");
-    let _ = std::fs::remove_dir(&run_root);
+    remove_run_root(&run_root);
+}
+
+/// A guest's root flooding the kernel's log (it switches the kernel's
+/// `/dev/kmsg` rate limit off, as a compromised guest may, and writes
+/// 5000 error records; the agent follows `/dev/kmsg` into its log) leaves
+/// containerd's log under a fixed bound: the sandbox's burst plus its rate
+/// for as long as it ran, with the drop reported, while far more than
+/// that reached the host.
+#[test]
+fn a_guest_flooding_its_log_leaves_containerds_log_bounded() -> Result<()> {
+    use isola_e2e::containerd::{Containerd, BUSYBOX, RUNTIME};
+    use isola_sandbox::log_gate::LogGate;
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "flood1";
+    let marker = "isola-flood-";
+    let records = 5000;
+    let script = format!(
+        "echo on > /proc/sys/kernel/printk_devkmsg && i=0 && \
+         while [ $i -lt {records} ]; do echo \"<3>{marker}$i\" > /dev/kmsg; i=$((i+1)); done"
+    );
+    let started = Instant::now();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--privileged",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        id,
+        "sh",
+        "-c",
+        &script,
+    ])?;
+    ensure!(out.status.success(), "{}", c.report("the flood", &out));
+    // The shim is gone: everything it logged is in containerd's log
+    // (containerd copies the shim's stderr: wait for the last summary).
+    c.assert_clean(id)?;
+    let tag = format!("sandbox={id} ");
+    let summary = |log: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains(&tag) && l.contains("agent log lines dropped"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("dropped="))
+                    .and_then(|n| {
+                        let digits: String = n.chars().take_while(char::is_ascii_digit).collect();
+                        digits.parse::<u64>().ok()
+                    })
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = c.log();
+    while summary(&log) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        log = c.log();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let forwarded = log.lines().filter(|l| l.contains(marker)).count() as f64;
+    let dropped = summary(&log) as f64;
+    let bound = LogGate::BURST + LogGate::PER_SECOND * elapsed.ceil();
+    eprintln!(
+        "flood: {records} records in the guest; containerd's log got {forwarded}, \
+         {dropped} dropped, bound {bound} for {elapsed:.0} s"
+    );
+    ensure!(forwarded >= 1.0, "no flood line reached containerd's log");
+    ensure!(
+        forwarded <= bound,
+        "containerd's log got {forwarded} flood lines in {elapsed:.0} s, over the bound {bound}"
+    );
+    ensure!(
+        forwarded + dropped > bound,
+        "the flood that reached the host ({forwarded} logged + {dropped} dropped) was not \
+         above the bound {bound}: the test proved nothing"
+    );
+    Ok(())
 }

@@ -256,6 +256,12 @@ impl Containerd {
             .collect()
     }
 
+    /// Sandbox `id`'s isola-vmm: the process the shim started (the jail's
+    /// supervisor; its jailed child, same command line, is left out).
+    pub fn vmms(&self, id: &str) -> Vec<u32> {
+        vmm_supervisors(&self.helpers(id))
+    }
+
     /// The shim serving container `id`.
     pub fn shim_pid(&self, id: &str) -> Option<u32> {
         processes_containing("containerd-shim-isola-v2")
@@ -418,6 +424,30 @@ pub fn ensure_not_in_host_netns(pid: &str) -> Result<()> {
 }
 
 /// Every process (not this one) whose command line contains `needle`.
+/// The isola-vmm processes of `helpers` whose parent is not an isola-vmm
+/// of them: the ones started by a shim (a jailed VMM runs as the child
+/// of its supervisor, with the same command line).
+pub fn vmm_supervisors(helpers: &[(u32, String)]) -> Vec<u32> {
+    let vmms: Vec<u32> = helpers
+        .iter()
+        .filter(|(_, cmd)| cmd.contains("isola-vmm"))
+        .map(|(pid, _)| *pid)
+        .collect();
+    let parent = |pid: u32| -> Option<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    vmms.iter()
+        .copied()
+        .filter(|pid| !parent(*pid).is_some_and(|p| vmms.contains(&p)))
+        .collect()
+}
+
 pub fn processes_containing(needle: &str) -> Vec<(u32, String)> {
     isola_sandbox::child::processes_naming(needle)
 }

@@ -178,10 +178,9 @@ fn a_running_container_execs_pauses_reports_and_is_killed() -> Result<()> {
 
     // Host pids only: the task's pid, and the one pid its processes show,
     // is the VM's (a guest pid would name an unrelated host process).
-    let vmm = helpers
-        .iter()
-        .find(|(_, cmd)| cmd.contains("isola-vmm"))
-        .map(|(pid, _)| pid.to_string())
+    let vmm = vmm_supervisors(&helpers)
+        .first()
+        .map(|pid| pid.to_string())
         .unwrap_or_default();
     // That pid's network namespace is the VM's own, not the host's.
     ensure_not_in_host_netns(&vmm)?;
@@ -306,12 +305,12 @@ fn containers_annotated_into_one_cri_sandbox_share_its_vm() -> Result<()> {
     };
     let (a, b) = (boot_id("pod1")?, boot_id("pod1-c2")?);
     ensure!(a == b, "one VM has one boot id: {a:?} vs {b:?}");
-    let vmms: Vec<_> = c
-        .helpers("pod1")
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("isola-vmm"))
-        .collect();
-    ensure!(vmms.len() == 1, "one isola-vmm for the pod: {vmms:?}");
+    let vmms = c.vmms("pod1");
+    ensure!(
+        vmms.len() == 1,
+        "one isola-vmm for the pod: {vmms:?} of {:?}",
+        c.helpers("pod1")
+    );
     ensure!(
         c.helpers("pod1-c2").is_empty(),
         "the member has no VM of its own"
@@ -379,12 +378,7 @@ fn a_killed_vmm_ends_the_task_and_leaves_nothing() -> Result<()> {
         "100000",
     ])?;
     c.wait_status(id, "RUNNING")?;
-    let vmm = c
-        .helpers(id)
-        .into_iter()
-        .find(|(_, cmd)| cmd.contains("isola-vmm"))
-        .map(|(pid, _)| pid);
-    let Some(vmm) = vmm else {
+    let Some(vmm) = c.vmms(id).first().copied() else {
         anyhow::bail!("no isola-vmm for {id}: {:?}", c.helpers(id));
     };
     nix::sys::signal::kill(

@@ -534,14 +534,8 @@ impl Config {
             message,
         };
         if let Some(uids) = self.jail.uids() {
-            uids.validate().map_err(|message| {
-                let key = if message.contains("uid_count") && !message.contains("first_uid") {
-                    "jail.uid_count"
-                } else {
-                    "jail.first_uid"
-                };
-                invalid(key, message)
-            })?;
+            uids.validate()
+                .map_err(|(key, message)| invalid(key, message))?;
             if !uids.lease_dir.is_absolute() {
                 return Err(invalid(
                     "jail.lease_dir",

@@ -43,19 +43,26 @@ impl Default for JailUids {
 
 impl JailUids {
     /// Checks the range: not empty, no uid 0, nothing at or past
-    /// `u32::MAX` (which is -1, "no change", to the kernel).
-    pub fn validate(&self) -> Result<(), String> {
+    /// `u32::MAX` (which is -1, "no change", to the kernel). An error names
+    /// the config key at fault and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.count == 0 {
-            return Err("jail.uid_count must be at least 1".into());
+            return Err(("jail.uid_count", "jail.uid_count must be at least 1".into()));
         }
         if self.first == 0 {
-            return Err("jail.first_uid must not be 0 (the jail never runs as root)".into());
+            return Err((
+                "jail.first_uid",
+                "jail.first_uid must not be 0 (the jail never runs as root)".into(),
+            ));
         }
         match self.first.checked_add(self.count) {
             Some(_) => Ok(()),
-            None => Err(format!(
-                "jail.first_uid {} + jail.uid_count {} runs past uid 4294967294",
-                self.first, self.count
+            None => Err((
+                "jail.first_uid",
+                format!(
+                    "jail.first_uid {} + jail.uid_count {} runs past uid 4294967294",
+                    self.first, self.count
+                ),
             )),
         }
     }
@@ -79,7 +86,7 @@ impl UidLease {
     /// contend.
     pub fn acquire(uids: &JailUids, key: &str) -> io::Result<UidLease> {
         uids.validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            .map_err(|(_, e)| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         crate::share::prepare_run_root(&uids.lease_dir)?;
         let start = fnv1a(key.as_bytes()) % u64::from(uids.count);
         for step in 0..u64::from(uids.count) {

@@ -88,6 +88,12 @@ impl LogGate {
         self.report_at(Instant::now())
     }
 
+    /// The number of lines dropped since the last report, now whatever
+    /// the time (for the last summary, when the stream ends).
+    pub fn final_report(&mut self) -> Option<u64> {
+        Some(std::mem::take(&mut self.unreported)).filter(|n| *n > 0)
+    }
+
     fn report_at(&mut self, now: Instant) -> Option<u64> {
         if self.unreported == 0 {
             return None;
@@ -100,14 +106,6 @@ impl LogGate {
         }
         self.last_report = Some(now);
         Some(std::mem::take(&mut self.unreported))
-    }
-}
-
-impl LogGate {
-    /// The number of lines dropped since the last report, now whatever
-    /// the time (for the last summary, when the stream ends).
-    pub fn final_report(&mut self) -> Option<u64> {
-        Some(std::mem::take(&mut self.unreported)).filter(|n| *n > 0)
     }
 }
 

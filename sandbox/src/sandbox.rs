@@ -509,11 +509,7 @@ impl Sandbox {
             }
         }
         let layout = Layout::new(share::sandbox_dir(&config.run_root, &config.namespace, &id));
-        for socket in [
-            layout.fs_socket(),
-            layout.vsock_socket(),
-            layout.api_socket(),
-        ] {
+        for socket in layout.sockets() {
             let len = socket.as_os_str().len();
             if len > MAX_SOCKET_PATH {
                 return Err(Error::new(

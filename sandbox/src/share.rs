@@ -77,9 +77,13 @@ impl Layout {
     pub fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")
     }
+    /// The sockets made in the directory.
+    pub fn sockets(&self) -> [PathBuf; 3] {
+        [self.fs_socket(), self.vsock_socket(), self.api_socket()]
+    }
     /// The length of the longest socket path in the directory.
     pub fn longest_socket_len(&self) -> usize {
-        [self.fs_socket(), self.vsock_socket(), self.api_socket()]
+        self.sockets()
             .iter()
             .map(|p| p.as_os_str().len())
             .max()

@@ -1101,17 +1101,25 @@ impl Sandbox {
         }
 
         // The rootfs and volumes into the share.
+        // The rootfs is private: nothing the host mounts in it later is
+        // the container's.
         let mut ops = share::plan_bind(
             &req.rootfs,
             &layout.rootfs(cid),
-            spec::root_readonly(&spec),
+            share::BindMode {
+                readonly: spec::root_readonly(&spec),
+                private: true,
+            },
             &layout.staging_for(cid, "rootfs"),
         );
         for bind in &binds {
             ops.extend(share::plan_bind(
                 &bind.source,
                 &layout.volume(cid, bind.index),
-                bind.readonly,
+                share::BindMode {
+                    readonly: bind.readonly,
+                    private: bind.private,
+                },
                 &layout.staging_for(cid, &bind.index.to_string()),
             ));
         }

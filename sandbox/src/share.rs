@@ -148,6 +148,9 @@ pub enum MountOp {
         recursive: bool,
     },
     MakePrivate(PathBuf),
+    /// Makes the mount at the path and every mount below it private: the
+    /// host's later mounts under their sources no longer arrive.
+    MakePrivateRecursive(PathBuf),
     MakeShared(PathBuf),
     MakeSlave(PathBuf),
     /// Makes the mount at the path `nosuid` and `nodev` (and every mount
@@ -197,14 +200,29 @@ pub fn plan_share(layout: &Layout) -> Vec<MountOp> {
     ]
 }
 
+/// How a bind reaches the share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BindMode {
+    /// The bind's own mount read-only (not its submounts: runc's
+    /// non-recursive read-only).
+    pub readonly: bool,
+    /// The spec asked for private propagation (`private`, `rprivate`,
+    /// `unbindable`): mounts the host makes under the source after the
+    /// container's creation do not reach it. Otherwise the bind keeps
+    /// receiving them, as runc's container mounts are slaves of the host's
+    /// (host-to-container propagation, where the source is shared).
+    pub private: bool,
+}
+
 /// Binds `source` (with its submounts) at `target` under `rw`: the bind
 /// is made at `staging`, made `nosuid,nodev` there with everything below
-/// it (and read-only when `readonly`), bound from there onto `target` (a
-/// bind copies each mount's flags, and so does every propagated copy) and
-/// the staging mount removed. Read-only is runc's: the volume's own mount,
-/// not its submounts (a tmpfs inside a read-only hostPath stays writable),
-/// which keep their own flags but for `nosuid,nodev`.
-pub fn plan_bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -> Vec<MountOp> {
+/// it (read-only when `mode.readonly`, cut from the host's propagation
+/// when `mode.private`), bound from there onto `target` (a bind copies
+/// each mount's flags, and so does every propagated copy) and the staging
+/// mount removed. Read-only is runc's: the volume's own mount, not its
+/// submounts (a tmpfs inside a read-only hostPath stays writable), which
+/// keep their own flags but for `nosuid,nodev`.
+pub fn plan_bind(source: &Path, target: &Path, mode: BindMode, staging: &Path) -> Vec<MountOp> {
     let mut ops = vec![
         MountOp::Bind {
             source: source.to_path_buf(),
@@ -216,8 +234,11 @@ pub fn plan_bind(source: &Path, target: &Path, readonly: bool, staging: &Path) -
             recursive: true,
         },
     ];
-    if readonly {
+    if mode.readonly {
         ops.push(MountOp::RemountReadOnly(staging.to_path_buf()));
+    }
+    if mode.private {
+        ops.push(MountOp::MakePrivateRecursive(staging.to_path_buf()));
     }
     ops.extend([
         MountOp::Bind {
@@ -274,6 +295,11 @@ pub fn apply(op: &MountOp) -> io::Result<()> {
             ))
         }
         MountOp::MakePrivate(path) => propagation(path, MsFlags::MS_PRIVATE, "private"),
+        MountOp::MakePrivateRecursive(path) => propagation(
+            path,
+            MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            "recursively private",
+        ),
         MountOp::MakeShared(path) => propagation(path, MsFlags::MS_SHARED, "shared"),
         MountOp::MakeSlave(path) => propagation(path, MsFlags::MS_SLAVE, "slave"),
         MountOp::NoSuidNoDev { path, recursive } => set_flags(
@@ -897,14 +923,15 @@ mod tests {
     #[test]
     fn binds_get_their_flags_before_they_reach_rw() {
         let (src, dst, stage) = (Path::new("/src"), Path::new("/d/rw/v"), Path::new("/d/st"));
-        for readonly in [false, true] {
-            let plan = plan_bind(src, dst, readonly, stage);
+        for (readonly, private) in [(false, false), (true, false), (false, true), (true, true)] {
+            let plan = plan_bind(src, dst, BindMode { readonly, private }, stage);
             let at = |want: &MountOp| plan.iter().position(|op| op == want);
             let hardened = at(&MountOp::NoSuidNoDev {
                 path: stage.into(),
                 recursive: true,
             });
             let remount = at(&MountOp::RemountReadOnly(stage.into()));
+            let cut = at(&MountOp::MakePrivateRecursive(stage.into()));
             let into_rw = plan.iter().position(
                 |op| matches!(op, MountOp::Bind { target, .. } if target.starts_with("/d/rw")),
             );
@@ -913,6 +940,9 @@ mod tests {
             assert!(hardened.is_some() && hardened < into_rw, "{plan:?}");
             assert_eq!(remount.is_some(), readonly, "{plan:?}");
             assert!(remount < into_rw, "{plan:?}");
+            // Cut from the host before anything under rw can receive.
+            assert_eq!(cut.is_some(), private, "{plan:?}");
+            assert!(cut < into_rw, "{plan:?}");
             assert_eq!(plan.last(), Some(&MountOp::Unmount(stage.into())));
             assert_eq!(
                 plan.iter()

@@ -89,6 +89,9 @@ pub struct HostBind {
     pub index: usize,
     pub source: PathBuf,
     pub readonly: bool,
+    /// The mount's options ask for private propagation
+    /// ([`crate::share::BindMode::private`]).
+    pub private: bool,
 }
 
 /// Why a spec cannot be sent to the guest; names the field.
@@ -105,6 +108,23 @@ pub(crate) fn is_bind(mount: &Mount) -> bool {
             .options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+}
+
+/// Whether the mount's options make it private (runc's `private`,
+/// `rprivate`, `unbindable`, `runbindable`; the last one given wins, as
+/// runc applies them in order).
+fn is_private(mount: &Mount) -> bool {
+    mount
+        .options()
+        .as_ref()
+        .and_then(|o| {
+            o.iter().rev().find_map(|o| match o.as_str() {
+                "private" | "rprivate" | "unbindable" | "runbindable" => Some(true),
+                "shared" | "rshared" | "slave" | "rslave" => Some(false),
+                _ => None,
+            })
+        })
+        .unwrap_or(false)
 }
 
 fn is_readonly(mount: &Mount) -> bool {
@@ -275,6 +295,7 @@ pub fn rewrite(spec: &mut Spec, cid: &str) -> Result<Vec<HostBind>, SpecError> {
                 index,
                 source,
                 readonly: is_readonly(mount),
+                private: is_private(mount),
             });
             mount.set_source(Some(PathBuf::from(guest_volume(cid, index))));
         }
@@ -343,8 +364,9 @@ mod tests {
     fn bind_sources_become_share_paths_and_others_stay() {
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]},
+            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rprivate", "rw"]},
             {"destination": "/etc/hosts", "source": "/var/lib/x/hosts", "options": ["bind", "ro"]},
+            {"destination": "/prop", "source": "/srv/prop", "options": ["rbind", "rprivate", "rslave"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
         ]));
         let volume = Volume::parse("/home/u/cfg:/cfg:ro").expect("volume");
@@ -358,17 +380,27 @@ mod tests {
                 HostBind {
                     index: 0,
                     source: "/srv/data".into(),
-                    readonly: false
+                    readonly: false,
+                    private: true,
                 },
                 HostBind {
                     index: 1,
                     source: "/var/lib/x/hosts".into(),
-                    readonly: true
+                    readonly: true,
+                    private: false,
                 },
+                // The last propagation option wins, as runc applies them.
                 HostBind {
                     index: 2,
+                    source: "/srv/prop".into(),
+                    readonly: false,
+                    private: false,
+                },
+                HostBind {
+                    index: 3,
                     source: "/home/u/cfg".into(),
-                    readonly: true
+                    readonly: true,
+                    private: false,
                 },
             ]
         );
@@ -388,13 +420,14 @@ mod tests {
                 "proc",
                 "/run/isola/share/containers/web/volumes/0",
                 "/run/isola/share/containers/web/volumes/1",
-                "shm",
                 "/run/isola/share/containers/web/volumes/2",
+                "shm",
+                "/run/isola/share/containers/web/volumes/3",
             ]
         );
         // Options (ro) travel unchanged: the guest mounts read-only too.
         assert_eq!(
-            mounts[4].options().clone().unwrap_or_default(),
+            mounts[5].options().clone().unwrap_or_default(),
             ["rbind", "ro"]
         );
         assert_eq!(
@@ -582,7 +615,8 @@ mod tests {
             vec![HostBind {
                 index: 0,
                 source: empty.join("plain"),
-                readonly: false
+                readonly: false,
+                private: false,
             }]
         );
         let mounts: Vec<serde_json::Value> = spec

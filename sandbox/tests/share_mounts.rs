@@ -57,14 +57,20 @@ fn mount_container(layout: &Layout, rootfs: &Path, volumes: &[(&Path, bool)]) {
     let mut ops = share::plan_bind(
         rootfs,
         &layout.rootfs("c1"),
-        false,
+        share::BindMode {
+            readonly: false,
+            private: true,
+        },
         &layout.staging_for("c1", "rootfs"),
     );
     for (n, (source, readonly)) in volumes.iter().enumerate() {
         ops.extend(share::plan_bind(
             source,
             &layout.volume("c1", n),
-            *readonly,
+            share::BindMode {
+                readonly: *readonly,
+                private: false,
+            },
             &layout.staging_for("c1", &n.to_string()),
         ));
     }
@@ -452,4 +458,70 @@ fn flags_set_by_remount_keep_what_each_mount_had() {
     for opt in ["nosuid", "nodev", "noatime", "rw"] {
         assert!(has(&top.join("sub"), opt), "sub lacks {opt}: {mounts:?}");
     }
+}
+
+/// A volume keeps receiving what the host mounts under its (shared) source
+/// after the container's creation, as runc's slave mounts do, unless its
+/// spec made it private (`rprivate`, CRI's and Docker's default).
+#[test]
+fn private_binds_stop_receiving_the_hosts_later_mounts() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting needs root");
+        return;
+    }
+    let none: Option<&str> = None;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = Layout::new(tmp.path().join("sb"));
+    let src = tmp.path().join("src");
+    for dir in [
+        layout.rw().join("containers"),
+        layout.ro(),
+        layout.staging(),
+        src.join("later"),
+    ] {
+        std::fs::create_dir_all(&dir).expect("mkdir");
+    }
+    // The source on a shared mount, as / is on a systemd node.
+    nix::mount::mount(Some(&src), &src, none, nix::mount::MsFlags::MS_BIND, none)
+        .expect("bind the source on itself");
+    let _src_guard = Guard(src.clone());
+    nix::mount::mount(none, &src, none, nix::mount::MsFlags::MS_SHARED, none)
+        .expect("make the source shared");
+    let _guard = Guard(layout.dir().to_path_buf());
+    for op in share::plan_share(&layout) {
+        share::apply(&op).expect("share set-up");
+    }
+    for (n, private) in [(0, false), (1, true)] {
+        let mode = share::BindMode {
+            readonly: false,
+            private,
+        };
+        for op in share::plan_bind(
+            &src,
+            &layout.volume("c1", n),
+            mode,
+            &layout.staging_for("c1", &n.to_string()),
+        ) {
+            share::apply(&op).expect("volume bind");
+        }
+    }
+    let later = src.join("later");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &later,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("the host's later mount");
+    let _later_guard = Guard(later.clone());
+    std::fs::write(later.join("file"), b"later").expect("write");
+    let served = |n: usize| {
+        layout
+            .ro()
+            .join(format!("containers/c1/volumes/{n}/later/file"))
+    };
+    assert!(served(0).exists(), "the receiving volume missed the mount");
+    assert!(!served(1).exists(), "the private volume received the mount");
+    let _ = nix::mount::umount2(&later, nix::mount::MntFlags::MNT_DETACH);
 }

@@ -153,6 +153,17 @@ fn main() {
         return;
     }
     logging::init(&flags);
+    // The server keeps the sandbox's mounts (the share, the rootfs it
+    // mounts) in a mount namespace of its own, entered before the runtime's
+    // threads exist (`isola_sandbox::mount_ns`). `start` and `delete` stay
+    // in the host's: `delete` cleans up there.
+    if flags.action.is_empty() {
+        if let Err(err) = isola_sandbox::mount_ns::enter_private() {
+            eprintln!("{RUNTIME_ID}: {err}");
+            tracing::error!(%err, "cannot enter a private mount namespace");
+            std::process::exit(1);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -197,6 +197,8 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
     let scratch = Scratch::new("agent-api").unwrap();
     let share = scratch.path.join("share");
     busybox_rootfs(&share, CONTAINER);
+    busybox_rootfs(&share, "rshared");
+    std::fs::create_dir_all(share.join("containers/rshared/volumes/0")).unwrap();
     let fs_socket = scratch.path.join("virtiofsd.sock");
     let _fsd = Virtiofsd::start(&fs_socket, &share);
     let mut config = IsolaConfig::new(GuestImages::from_build_dir().unwrap());
@@ -492,6 +494,54 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
 
         let logged = read_until(&mut log, "container removed").await;
         assert!(logged.contains("sandbox created"), "{logged}");
+
+        // containerd's spec for a Bidirectional volume (Docker's for
+        // `:rshared`): the root and the bind rshared, in runc's names
+        // (issue 17, item 8: "failed to prepare rootfs" at create). The bind
+        // is a shared mount in the container, so mounts under it propagate
+        // in the guest as in runc's container on a host.
+        let shared_out = open_stream(&vsock, StreamKind::Stdio(20)).await;
+        let mut shared = CreateContainerRequest::new();
+        shared.container_id = "rshared".into();
+        shared.rootfs = "containers/rshared/rootfs".into();
+        let caps = [DOCKER_DEFAULT_CAPS, &["CAP_SYS_ADMIN"]].concat();
+        shared.oci_spec_json = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "args": ["sh", "-c", "exec 2>&1; grep ' /vol ' /proc/self/mountinfo; \
+                    mkdir -p /vol/inner && mount -t tmpfs none /vol/inner && echo mounted"],
+                "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps}
+            },
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/vol", "type": "bind",
+                 "source": "/run/isola/share/containers/rshared/volumes/0",
+                 "options": ["rbind", "rshared", "rw"]}
+            ],
+            "linux": {"rootfsPropagation": "rshared"}
+        })
+        .to_string();
+        let mut stdio = Stdio::new();
+        stdio.stdout = 20;
+        shared.stdio = Some(stdio).into();
+        if let Err(err) = agent.create_container(ctx(), &shared).await {
+            panic!("an rshared container: {}", status::message(&err));
+        }
+        let mut start = StartContainerRequest::new();
+        start.container_id = "rshared".into();
+        agent.start_container(ctx(), &start).await.unwrap();
+        let mut wait = WaitProcessRequest::new();
+        wait.container_id = "rshared".into();
+        let (waited, text) =
+            tokio::join!(agent.wait_process(ctx(), &wait), read_to_eof(shared_out));
+        assert_eq!(waited.unwrap().exit_status, 0, "{text}");
+        let vol_line = text.lines().next().unwrap_or_default();
+        assert!(vol_line.contains(" shared:"), "/vol is not shared: {text}");
+        assert!(text.contains("mounted"), "{text}");
+        rm.container_id = "rshared".into();
+        agent.remove_container(ctx(), &rm).await.unwrap();
 
         agent
             .destroy_sandbox(ctx(), &DestroySandboxRequest::new())

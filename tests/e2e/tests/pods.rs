@@ -457,13 +457,14 @@ fn ten_pods_created_and_removed_in_a_loop_leave_nothing() -> Result<()> {
 }
 
 /// Mounts under sandbox `id`'s run directory whose source root ends with
-/// `suffix`: (mount point, options).
-fn share_mounts(p: &Pods, id: &str, suffix: &str) -> Vec<(String, String)> {
+/// `suffix`, in mount namespace of `pid` (the shim keeps the share's
+/// mounts in one of its own): (mount point, options).
+fn share_mounts(p: &Pods, pid: u32, id: &str, suffix: &str) -> Vec<(String, String)> {
     let run_dir = format!(
         "{}/",
         isola_sandbox::share::sandbox_dir(&p.containerd.run_root, "k8s.io", id).display()
     );
-    std::fs::read_to_string("/proc/self/mountinfo")
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
@@ -593,7 +594,17 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     p.sh("vol", "writer", "echo from-guest > /ro/scratch/new.txt")
         .context("writing to a tmpfs inside a read-only hostPath")?;
     ensure!(std::fs::read_to_string(scratch.join("new.txt"))? == "from-guest\n");
-    let binds = share_mounts(p, &id, "/ro-vol");
+    // The share's mounts are the shim's, in a mount namespace of its own:
+    // none of them is in the host's.
+    let shim = p
+        .containerd
+        .shim_pid(&id)
+        .context("no shim serving the pod")?;
+    ensure!(
+        share_mounts(p, std::process::id(), &id, "").is_empty(),
+        "the share's mounts are in the host's mount namespace"
+    );
+    let binds = share_mounts(p, shim, &id, "/ro-vol");
     ensure!(!binds.is_empty(), "no share bind of the read-only volume");
     for (at, options) in &binds {
         ensure!(
@@ -601,6 +612,39 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
             "{at} is {options} on the host"
         );
     }
+
+    // What the host mounts under a volume's source after the start:
+    // received by the HostToContainer volume (rslave), not by the private
+    // one (CRI's rprivate), as with runc (critest's "mount with 'rprivate'
+    // should not support propagation" on a node whose / is shared).
+    let mut later_mounts = Vec::new();
+    for dir in [prop.join("later"), host.join("dir/later")] {
+        std::fs::create_dir_all(&dir)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )?;
+        later_mounts.push(Unmount(dir.clone()));
+        std::fs::write(dir.join("file"), "mounted later\n")?;
+    }
+    ensure!(p.sh("vol", "reader", "cat /prop/later/file")? == "mounted later\n");
+    ensure!(
+        p.sh("vol", "writer", "ls -A /hdir/later")?.is_empty(),
+        "a private volume received the host's later mount"
+    );
+    drop(later_mounts);
+
+    // The host takes a mount inside a volume's source down and removes its
+    // directory while the pod runs (critest's non-recursive read-only
+    // spec does, and kubelet with its volumes): the share's copies are in
+    // the shim's namespace, so the rmdir detaches them instead of failing
+    // with EBUSY.
+    drop(_unmount_scratch);
+    std::fs::remove_dir(&scratch)
+        .with_context(|| format!("removing {} while the pod runs", scratch.display()))?;
 
     // configMap: kubelet's atomic ..data swap on the host, seen in the
     // guest.
@@ -623,7 +667,6 @@ fn volumes_host_path_empty_dirs_read_only_and_config_map_updates() -> Result<()>
     // A hostPath outlives the pod.
     ensure!(host.join("dir/new.txt").exists() && host.join("single.txt").exists());
     drop(_unmount);
-    drop(_unmount_scratch);
     std::fs::remove_dir_all(&host).with_context(|| format!("removing {}", host.display()))?;
     Ok(())
 }

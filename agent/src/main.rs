@@ -18,6 +18,7 @@ mod logstream;
 mod mounts;
 mod network;
 mod procs;
+mod propagation;
 mod rpc;
 mod sandbox;
 mod seccomp;

@@ -774,6 +774,7 @@ impl AgentService {
         } else {
             None
         };
+        let propagation = crate::propagation::plan(&prepared.spec);
         let seccomp = prepared.seccomp.map(Arc::new);
         let executor = IsolaExecutor {
             seccomp: seccomp.clone(),
@@ -818,6 +819,12 @@ impl AgentService {
                 nix::sys::signal::Signal::SIGKILL,
             );
         };
+        // The mounts' propagation options, which libcontainer leaves out,
+        // before anything runs in the container.
+        if let Err(e) = crate::propagation::apply(pid, &propagation) {
+            kill();
+            return Err(step("setting its mounts' propagation", &format!("{e:#}")));
+        }
         // The sandbox's own container (a pod's pause): its IPC, UTS and
         // PID namespaces are the pod's, kept for the containers that
         // share them (CreateContainerRequest.sandbox_namespaces).

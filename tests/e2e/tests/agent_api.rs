@@ -516,6 +516,7 @@ fn agent_runs_a_container_and_an_exec_in_a_real_guest() {
             "root": {"path": "rootfs"},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
                 {"destination": "/vol", "type": "bind",
                  "source": "/run/isola/share/containers/rshared/volumes/0",
                  "options": ["rbind", "rshared", "rw"]}

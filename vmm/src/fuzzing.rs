@@ -22,6 +22,11 @@
 //!   seqpacket socket standing in for the tap); optionally a reset and a
 //!   second activation, or the back end hanging up. Checks the used rings
 //!   and the frames that reach the back end.
+//! - [`balloon_device`]: a virtio-balloon device activated through its
+//!   MMIO registers, with or without free page reporting, its three rings
+//!   from the input (the reporting queue's buffers are ranges the host
+//!   then gives back); optionally a reset and a second activation. Checks
+//!   the used rings.
 //! - [`mmio_sequence`]: register reads and writes of any size and offset,
 //!   queue notifies, on virtio-rng or vsock, guest memory from the input.
 //! - [`connect_line`]: the hybrid vsock `CONNECT <port>` line parser.
@@ -43,6 +48,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::{parse_request, Request, MAX_REQUEST};
 use crate::devices::bus::BusDevice;
+use crate::devices::virtio::balloon::{Balloon, F_PAGE_REPORTING};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::config::MacAddr;
 use crate::devices::virtio::net::frame::{MAX_BUFFER_LEN, MIN_TX_LEN};
@@ -372,23 +378,30 @@ fn rx_capacity(table: &[(u64, u32, u16, u16)], head: u16) -> u64 {
     total
 }
 
+/// The (id, len) entries of a queue's used ring, as far as its index and
+/// the queue's size go.
+fn used_entries(mem: &GuestMemoryMmap, ring: Ring) -> Vec<(u32, u32)> {
+    let Ok(idx) = mem.read_obj::<u16>(GuestAddress(ring.used + 2)) else {
+        return Vec::new();
+    };
+    (0..idx.min(ring.size))
+        .filter_map(|i| {
+            let at = ring.used + 4 + 8 * u64::from(i);
+            Some((
+                mem.read_obj::<u32>(GuestAddress(at)).ok()?,
+                mem.read_obj::<u32>(GuestAddress(at + 4)).ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// Checks what the device put in the rx and tx used rings: ids inside the
 /// queue, nothing written into tx buffers, rx lengths within their chains
 /// (and, if not zero, at least `min_rx`).
 fn check_used(mem: &GuestMemoryMmap, rx: Ring, tx: Ring, min_rx: u32) {
     let rx_table = descriptor_table(mem, rx);
     for (q, ring) in [(RXQ, rx), (TXQ, tx)] {
-        let Ok(idx) = mem.read_obj::<u16>(GuestAddress(ring.used + 2)) else {
-            continue;
-        };
-        for i in 0..idx.min(ring.size) {
-            let at = GuestAddress(ring.used + 4 + 8 * u64::from(i));
-            let (Ok(id), Ok(len)) = (
-                mem.read_obj::<u32>(at),
-                mem.read_obj::<u32>(GuestAddress(at.0 + 4)),
-            ) else {
-                continue;
-            };
+        for (id, len) in used_entries(mem, ring) {
             assert!(
                 id < u32::from(ring.size),
                 "queue {q}: used id {id} outside the queue"
@@ -666,6 +679,79 @@ pub fn net_device(data: &[u8]) {
     }
 }
 
+/// A virtio-balloon device driven like a guest driver would, from the
+/// input:
+///
+/// ```text
+/// flags: u8            bit 0: the driver takes PAGE_REPORTING,
+///                      F_RESET (8): reset, then a second activation
+/// sizes: u8            log2 of the queues' sizes
+/// inflate, deflate, reporting: ndesc u8, ndesc x 16-byte descriptors,
+///         avail_idx u16, nheads u8, nheads x u16
+/// rest                 guest memory from 0x8000 on
+/// ```
+///
+/// Reported ranges are given back (guest memory zeroed): the rings may
+/// be among them, which is the guest's own loss. Every used entry must
+/// name a descriptor of its queue and say 0 bytes written.
+pub fn balloon_device(data: &[u8]) {
+    let mut input = Input(data);
+    let flags = input.u8();
+    let size = 1u16 << (input.u8() & 0xf).min(7);
+    let rings = [
+        Ring::at(0, size),
+        Ring::at(0x2000, size),
+        Ring::at(0x4000, size),
+    ];
+    let queues = [
+        RingInput::read(&mut input),
+        RingInput::read(&mut input),
+        RingInput::read(&mut input),
+    ];
+    let features = VIRTIO_F_VERSION_1 | if flags & 1 != 0 { F_PAGE_REPORTING } else { 0 };
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), VSOCK_MEM)]) else {
+        return;
+    };
+    let _ = mem.write_slice(input.rest(), GuestAddress(VSOCK_DATA));
+    for (queue, ring) in queues.iter().zip(rings) {
+        queue.write(&mem, ring);
+    }
+    let Ok(balloon) = Balloon::new() else {
+        return;
+    };
+    let Some(mut rig) = Rig::new(balloon, &mem) else {
+        return;
+    };
+    let round = |rig: &mut Rig| {
+        driver_init(&mut rig.transport, &rings, features);
+        run_until_quiet(&mut rig.events);
+        for (i, (queue, ring)) in queues.iter().zip(rings).enumerate() {
+            queue.publish(&mem, ring);
+            rig.notify(i);
+        }
+        for (q, ring) in rings.iter().enumerate() {
+            // A reported range over the used ring zeroes it: 0 is a valid
+            // id with 0 bytes.
+            for (id, len) in used_entries(&mem, *ring) {
+                assert!(
+                    id < u32::from(ring.size),
+                    "queue {q}: used id {id} outside the queue"
+                );
+                assert_eq!(len, 0, "queue {q}: buffer {id} returned with {len} bytes");
+            }
+        }
+    };
+    round(&mut rig);
+    if flags & F_RESET != 0 {
+        write_reg(&mut rig.transport, REG_STATUS, 0);
+        run_until_quiet(&mut rig.events);
+        for ring in rings {
+            let _ = mem.write_obj(0u16, GuestAddress(ring.used + 2));
+        }
+        round(&mut rig);
+    }
+}
+
 // ---------------------------------------------------------------------
 // virtio-mmio register sequences.
 
@@ -824,6 +910,11 @@ mod tests {
     }
 
     #[test]
+    fn corpus_balloon_device() {
+        replay("balloon_device", balloon_device);
+    }
+
+    #[test]
     fn corpus_mmio_sequence() {
         replay("mmio_sequence", mmio_sequence);
     }
@@ -844,6 +935,7 @@ mod tests {
             vsock_chains,
             vsock_device,
             net_device,
+            balloon_device,
             mmio_sequence,
             connect_line,
             api_request,

@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use isola_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE};
 use isola_vmm::devices::boot_timer::BootTimes;
+use isola_vmm::devices::virtio::balloon::Balloon;
 use isola_vmm::devices::virtio::fs::config::{check_unique_tags, FsConfig};
 use isola_vmm::devices::virtio::fs::Fs;
 use isola_vmm::devices::virtio::net::config::NetBackendSpec;
@@ -79,6 +80,10 @@ struct Args {
     /// host's getrandom, so its CRNG is seeded early).
     #[arg(long)]
     no_rng: bool,
+    /// No virtio-balloon device (by default the guest gets one that only
+    /// reports its free pages, whose memory the host then frees).
+    #[arg(long)]
+    no_balloon: bool,
     /// A virtio-fs share served by a vhost-user back end (virtiofsd) listening
     /// on PATH; the guest mounts it with `mount -t virtiofs TAG DIR`. TAG is 1
     /// to 36 bytes and unique; queues (request queues, default 1) from 1 to 16;
@@ -289,6 +294,12 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     for net in nets {
         let net = Arc::new(Mutex::new(net));
         virtio.push((net.clone(), net));
+    }
+    if !args.no_balloon {
+        let balloon = Arc::new(Mutex::new(
+            Balloon::new().context("creating virtio-balloon")?,
+        ));
+        virtio.push((balloon.clone(), balloon));
     }
     let vm = Vm::build_with(config, host, started, boot_times, virtio)?;
     match vm.run()? {

@@ -961,3 +961,79 @@ done
     c.assert_clean("kernel-features")?;
     Ok(())
 }
+
+/// The host PSS of sandbox `id`'s processes (isola-vmm and virtiofsd,
+/// jailed children included: they map the guest RAM), in MiB.
+fn sandbox_pss_mib(c: &Containerd, id: &str) -> Result<f64> {
+    let helpers = c.helpers(id);
+    ensure!(!helpers.is_empty(), "no helper processes for {id}");
+    let mut kib = 0;
+    for (pid, _) in helpers {
+        // A process that is gone between the listing and the read counts 0.
+        kib += isola_e2e::pss::pss_kib(pid).unwrap_or(0);
+    }
+    Ok(kib as f64 / 1024.0)
+}
+
+#[test]
+fn guest_memory_a_container_frees_goes_back_to_the_host() -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "balloon1";
+    // 256 MiB more than the default for a 256 MiB tmpfs in the guest's RAM.
+    c.run_detached(
+        RUNTIME,
+        &[
+            "--memory-limit",
+            "268435456",
+            "--mount",
+            "type=tmpfs,src=tmpfs,dst=/big,options=size=256m",
+        ],
+        id,
+    )?;
+    c.wait_status(id, "RUNNING")?;
+    let exec = |exec_id: &str, script: &str| -> Result<()> {
+        let out = c.ctr(&["task", "exec", "--exec-id", exec_id, id, "sh", "-c", script])?;
+        ensure!(out.status.success(), "{}", c.report(exec_id, &out));
+        Ok(())
+    };
+    let idle = isola_e2e::pss::settle(|| {
+        Ok(vec![isola_e2e::pss::Proc {
+            name: "sandbox".into(),
+            pid: 0,
+            pss_kib: (sandbox_pss_mib(c, id)? * 1024.0) as u64,
+        }])
+    })?
+    .total_mib();
+    // 200 MiB written into the guest's RAM reach the host...
+    exec("fill", "head -c 209715200 /dev/zero > /big/x")?;
+    let full = sandbox_pss_mib(c, id)?;
+    ensure!(
+        full >= idle + 150.0,
+        "200 MiB in the guest's tmpfs: host PSS {full:.1} MiB, idle {idle:.1} MiB"
+    );
+    // ...and go back once the guest frees them (its kernel reports free
+    // pages a few seconds later, in rounds).
+    exec("free", "rm /big/x")?;
+    let freed = Instant::now();
+    let deadline = freed + Duration::from_secs(120);
+    let mut now_mib;
+    loop {
+        now_mib = sandbox_pss_mib(c, id)?;
+        if now_mib <= idle + 30.0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "2 min after the free: host PSS {now_mib:.1} MiB, idle {idle:.1}, full {full:.1}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "balloon: idle {idle:.1} MiB, with 200 MiB in the guest {full:.1} MiB, \
+         {now_mib:.1} MiB {:.1} s after the free",
+        freed.elapsed().as_secs_f64()
+    );
+    c.kill_and_remove(id)?;
+    c.assert_clean(id)
+}

@@ -18,12 +18,16 @@
 //! addresses, lengths and chains are validated, and a malformed request
 //! must not panic the VMM (at worst the device stops serving the guest).
 
+pub mod balloon;
 pub mod fs;
 pub mod lifecycle;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod rate_timer;
 pub mod rng;
+#[cfg(test)]
+pub mod test_utils;
 pub mod vsock;
 
 use std::io;
@@ -39,6 +43,7 @@ pub mod device_type {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
     pub const FS: u32 = 26;
 }

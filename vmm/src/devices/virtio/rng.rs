@@ -14,21 +14,18 @@
 //! entropy without end costs the host a bounded share of one CPU, and the
 //! event loop stays free for everything else.
 
-use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use nix::sys::time::TimeSpec;
-use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::lifecycle::{DeviceEvent, DeviceLifecycle};
 use super::queue::{add_used, pop, QUEUE_BUDGET};
+use super::rate_timer::{RateTimer, EV_TIMER};
 use super::{device_type, ActivateError, InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::guest_log::LogLimiter;
 
@@ -40,8 +37,6 @@ pub const MAX_REQUEST: u32 = 64 << 10;
 pub const RATE_BYTES_PER_SEC: u64 = 1 << 20;
 /// Bytes a guest may take at once before the rate applies.
 pub const BURST_BYTES: u64 = 256 << 10;
-
-const EV_TIMER: u32 = 1;
 
 /// A token bucket of bytes.
 #[derive(Debug)]
@@ -84,7 +79,7 @@ pub struct Rng {
     buf: Vec<u8>,
     bucket: Bucket,
     /// Wakes the device when the bucket has refilled enough.
-    timer: TimerFd,
+    timer: RateTimer,
     waiting_for_tokens: bool,
     limiter: LogLimiter,
     /// Bytes given to the guest so far.
@@ -98,11 +93,7 @@ impl Rng {
             descs: Vec::new(),
             buf: Vec::new(),
             bucket: Bucket::new(Instant::now()),
-            timer: TimerFd::new(
-                ClockId::CLOCK_MONOTONIC,
-                TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?,
+            timer: RateTimer::new("virtio-rng")?,
             waiting_for_tokens: false,
             limiter: LogLimiter::new("virtio-rng"),
             bytes_served: 0,
@@ -133,12 +124,7 @@ impl Rng {
             self.bucket.refill(now);
             if self.bucket.tokens == 0 {
                 let wait = self.bucket.wait_for(4096);
-                if let Err(err) = self.timer.set(
-                    Expiration::OneShot(TimeSpec::from_duration(wait)),
-                    TimerSetTimeFlags::empty(),
-                ) {
-                    tracing::error!(%err, "virtio-rng: arming the rate-limit timer");
-                } else {
+                if self.timer.arm(wait) {
                     self.waiting_for_tokens = true;
                 }
                 break;
@@ -262,18 +248,14 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps<'_>) {
         self.life.register(ops);
-        let fd = self.timer.as_fd().as_raw_fd();
-        if let Err(err) = ops.add(Events::with_data_raw(fd, EV_TIMER, EventSet::IN)) {
-            tracing::error!(?err, "virtio-rng: registering the timer");
-        }
+        self.timer.register(ops);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
         match self.life.event(&events) {
             DeviceEvent::StateChanged | DeviceEvent::Queue(_) => {}
             DeviceEvent::Other(EV_TIMER) => {
-                let mut buf = [0u8; 8];
-                let _ = nix::unistd::read(self.timer.as_fd(), &mut buf);
+                self.timer.drain();
                 self.waiting_for_tokens = false;
             }
             DeviceEvent::Other(other) => {
@@ -289,48 +271,16 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
 
-    #[derive(Debug, Default)]
-    struct Irq(std::sync::atomic::AtomicUsize);
-    impl InterruptSignal for Irq {
-        fn signal_used_queue(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-        fn signal_config_change(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::virtio::test_utils::{single_descriptor_ring, CountingIrq as Irq};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap()
     }
 
-    /// A ring of `size` entries whose chain `i` is the single descriptor
-    /// `descs[i]`, all made available.
-    fn ring<'a>(
-        mem: &'a GuestMemoryMmap,
-        size: u16,
-        descs: &[(u64, u32, u16)],
-    ) -> MockSplitQueue<'a, GuestMemoryMmap> {
-        let mock = MockSplitQueue::create(mem, GuestAddress(0), size);
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let d = SplitDescriptor::new(addr, len, flags, 0);
-            mem.write_obj(
-                RawDescriptor::from(d),
-                mock.desc_table_addr().unchecked_add(16 * i as u64),
-            )
-            .unwrap();
-            mem.write_obj(i as u16, mock.avail_addr().unchecked_add(4 + 2 * i as u64))
-                .unwrap();
-        }
-        mem.write_obj(descs.len() as u16, mock.avail_addr().unchecked_add(2))
-            .unwrap();
-        mock
-    }
+    use single_descriptor_ring as ring;
 
     /// An activated device on a ring made by [`ring`].
     fn active<'a>(

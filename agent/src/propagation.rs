@@ -20,17 +20,18 @@ use oci_spec::runtime::Spec;
 
 /// A propagation option's flags, or None for any other option.
 pub fn flags_of(option: &str) -> Option<MsFlags> {
-    let rec = MsFlags::MS_REC;
-    Some(match option {
-        "shared" => MsFlags::MS_SHARED,
-        "rshared" => MsFlags::MS_SHARED | rec,
-        "slave" => MsFlags::MS_SLAVE,
-        "rslave" => MsFlags::MS_SLAVE | rec,
-        "private" => MsFlags::MS_PRIVATE,
-        "rprivate" => MsFlags::MS_PRIVATE | rec,
-        "unbindable" => MsFlags::MS_UNBINDABLE,
-        "runbindable" => MsFlags::MS_UNBINDABLE | rec,
-        _ => return None,
+    use isola_protocol::propagation::{parse, Propagation};
+    let (p, recursive) = parse(option)?;
+    let flags = match p {
+        Propagation::Shared => MsFlags::MS_SHARED,
+        Propagation::Slave => MsFlags::MS_SLAVE,
+        Propagation::Private => MsFlags::MS_PRIVATE,
+        Propagation::Unbindable => MsFlags::MS_UNBINDABLE,
+    };
+    Some(if recursive {
+        flags | MsFlags::MS_REC
+    } else {
+        flags
     })
 }
 
@@ -41,13 +42,11 @@ pub fn plan(spec: &Spec) -> Vec<(PathBuf, MsFlags)> {
         .iter()
         .flatten()
         .flat_map(|m| {
-            let dest = m.destination().clone();
             m.options()
                 .iter()
                 .flatten()
                 .filter_map(|o| flags_of(o))
-                .map(move |f| (dest.clone(), f))
-                .collect::<Vec<_>>()
+                .map(move |f| (m.destination().clone(), f))
         })
         .collect()
 }
@@ -90,16 +89,16 @@ pub fn apply(pid: u32, plan: &[(PathBuf, MsFlags)]) -> Result<()> {
     match unsafe { nix::unistd::fork() }.context("forking")? {
         nix::unistd::ForkResult::Child => {
             drop(read_end);
-            let failed = child(&mnt_ns, &root, &targets, plan);
-            let code: [u8; 8] = match failed {
-                None => [0; 8],
-                Some((index, errno)) => {
-                    let mut b = [0u8; 8];
-                    b[..4].copy_from_slice(&(index as u32 + 1).to_le_bytes());
-                    b[4..].copy_from_slice(&(errno as i32).to_le_bytes());
-                    b
-                }
+            // The answer: the step that failed (0: none, 1: entering the
+            // container, 2 + i: change i) and its errno.
+            let (step, errno) = match child(&mnt_ns, &root, &targets, plan) {
+                Ok(()) => (0u32, 0i32),
+                Err((None, e)) => (1, e as i32),
+                Err((Some(i), e)) => (2u32.saturating_add(i as u32), e as i32),
             };
+            let mut code = [0u8; 8];
+            code[..4].copy_from_slice(&step.to_le_bytes());
+            code[4..].copy_from_slice(&errno.to_le_bytes());
             let _ = nix::unistd::write(&write_end, &code);
             // SAFETY: _exit ends the child without running the parent's
             // atexit handlers or destructors.
@@ -113,59 +112,52 @@ pub fn apply(pid: u32, plan: &[(PathBuf, MsFlags)]) -> Result<()> {
             if got != answer.len() {
                 bail!("the child that sets mount propagation died without an answer");
             }
-            let index = u32::from_le_bytes([answer[0], answer[1], answer[2], answer[3]]);
-            if index == 0 {
-                return Ok(());
-            }
+            let step = u32::from_le_bytes([answer[0], answer[1], answer[2], answer[3]]);
             let errno = nix::errno::Errno::from_raw(i32::from_le_bytes([
                 answer[4], answer[5], answer[6], answer[7],
             ]));
-            if index == u32::MAX {
-                bail!(
+            match step {
+                0 => Ok(()),
+                1 => bail!(
                     "entering the container's mount namespace and root: {}",
                     errno.desc()
-                );
+                ),
+                n => {
+                    let (dest, flags) = plan
+                        .get(n as usize - 2)
+                        .map(|(d, f)| (d.as_path(), *f))
+                        .unwrap_or((Path::new("?"), MsFlags::empty()));
+                    bail!("{} ({flags:?}): {}", dest.display(), errno.desc())
+                }
             }
-            let (dest, flags) = plan
-                .get(index as usize - 1)
-                .map(|(d, f)| (d.as_path(), *f))
-                .unwrap_or((Path::new("?"), MsFlags::empty()));
-            bail!("{} ({flags:?}): {}", dest.display(), errno.desc())
         }
     }
 }
 
 /// In the forked child: into the container's mount namespace and root,
-/// then each change. The first failure: (its index, or u32::MAX - 1 for
-/// entering, and the errno).
+/// then each change. The first failure: the change's index (None while
+/// entering) and the errno.
 fn child(
     mnt_ns: &OwnedFd,
     root: &OwnedFd,
     targets: &[std::ffi::CString],
     plan: &[(PathBuf, MsFlags)],
-) -> Option<(usize, nix::errno::Errno)> {
-    let enter = (u32::MAX - 1) as usize;
-    if let Err(e) = nix::sched::setns(mnt_ns, nix::sched::CloneFlags::CLONE_NEWNS) {
-        return Some((enter, e));
-    }
-    if let Err(e) = nix::unistd::fchdir(root) {
-        return Some((enter, e));
-    }
-    if let Err(e) = nix::unistd::chroot(".") {
-        return Some((enter, e));
-    }
+) -> Result<(), (Option<usize>, nix::errno::Errno)> {
+    nix::sched::setns(mnt_ns, nix::sched::CloneFlags::CLONE_NEWNS)
+        .and_then(|()| nix::unistd::fchdir(root))
+        .and_then(|()| nix::unistd::chroot("."))
+        .map_err(|e| (None, e))?;
     for (i, (target, (_, flags))) in targets.iter().zip(plan).enumerate() {
-        if let Err(e) = mount(
+        mount(
             None::<&str>,
             target.as_c_str(),
             None::<&str>,
             *flags,
             None::<&str>,
-        ) {
-            return Some((i, e));
-        }
+        )
+        .map_err(|e| (Some(i), e))?;
     }
-    None
+    Ok(())
 }
 
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {

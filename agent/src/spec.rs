@@ -379,23 +379,19 @@ fn namespace(typ: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamesp
 /// so `rslave` failed the container at create ("failed to prepare
 /// rootfs"). Empty means unset, as for runc.
 fn rootfs_propagation(p: &str) -> Result<Option<String>, SpecError> {
-    let plain = match p {
-        "" => return Ok(None),
-        "shared" | "rshared" => "shared",
-        "slave" | "rslave" => "slave",
-        "private" | "rprivate" => "private",
-        "unbindable" | "runbindable" => "unbindable",
-        other => {
-            return Err(err(
-                "linux.rootfsPropagation",
-                format!(
-                    "{other:?} is not a mount propagation (shared, slave, private, unbindable, \
-                     each also with an r in front)"
-                ),
-            ))
-        }
-    };
-    Ok(Some(plain.to_string()))
+    if p.is_empty() {
+        return Ok(None);
+    }
+    match isola_protocol::propagation::parse(p) {
+        Some((plain, _)) => Ok(Some(plain.name().to_string())),
+        None => Err(err(
+            "linux.rootfsPropagation",
+            format!(
+                "{p:?} is not a mount propagation (shared, slave, private, unbindable, \
+                 each also with an r in front)"
+            ),
+        )),
+    }
 }
 
 /// Checks and rewrites `spec` for the guest (see the module comment).

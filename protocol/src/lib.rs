@@ -90,6 +90,7 @@ pub mod ephemeral;
 #[cfg(feature = "host")]
 pub mod hybrid;
 pub mod network;
+pub mod propagation;
 pub mod status;
 pub mod stream;
 

@@ -110,21 +110,15 @@ pub(crate) fn is_bind(mount: &Mount) -> bool {
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
 }
 
-/// Whether the mount's options make it private (runc's `private`,
-/// `rprivate`, `unbindable`, `runbindable`; the last one given wins, as
-/// runc applies them in order).
+/// Whether the mount's options make it private or unbindable (the last
+/// propagation option holds, as runc applies them in order).
 fn is_private(mount: &Mount) -> bool {
+    use isola_protocol::propagation::{last, Propagation};
     mount
         .options()
-        .as_ref()
-        .and_then(|o| {
-            o.iter().rev().find_map(|o| match o.as_str() {
-                "private" | "rprivate" | "unbindable" | "runbindable" => Some(true),
-                "shared" | "rshared" | "slave" | "rslave" => Some(false),
-                _ => None,
-            })
-        })
-        .unwrap_or(false)
+        .as_deref()
+        .and_then(last)
+        .is_some_and(|p| matches!(p, Propagation::Private | Propagation::Unbindable))
 }
 
 fn is_readonly(mount: &Mount) -> bool {

@@ -423,7 +423,6 @@ pub fn ensure_not_in_host_netns(pid: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every process (not this one) whose command line contains `needle`.
 /// The isola-vmm processes of `helpers` whose parent is not an isola-vmm
 /// of them: the ones started by a shim (a jailed VMM runs as the child
 /// of its supervisor, with the same command line).
@@ -448,6 +447,7 @@ pub fn vmm_supervisors(helpers: &[(u32, String)]) -> Vec<u32> {
         .collect()
 }
 
+/// Every process (not this one) whose command line contains `needle`.
 pub fn processes_containing(needle: &str) -> Vec<(u32, String)> {
     isola_sandbox::child::processes_naming(needle)
 }

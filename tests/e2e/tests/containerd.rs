@@ -962,16 +962,25 @@ done
     Ok(())
 }
 
-/// The host PSS of sandbox `id`'s processes (isola-vmm and virtiofsd,
-/// jailed children included: they map the guest RAM), in MiB.
-fn sandbox_pss_mib(c: &Containerd, id: &str) -> Result<f64> {
+/// Sandbox `id`'s processes (isola-vmm and virtiofsd, jailed children
+/// included: they map the guest RAM) with their host PSS; one gone
+/// between the listing and the read counts 0.
+fn sandbox_procs(c: &Containerd, id: &str) -> Result<Vec<isola_e2e::pss::Proc>> {
+    use isola_e2e::pss::{program, pss_kib, Proc};
     let helpers = c.helpers(id);
     ensure!(!helpers.is_empty(), "no helper processes for {id}");
-    let mut kib = 0;
-    for (pid, _) in helpers {
-        // A process that is gone between the listing and the read counts 0.
-        kib += isola_e2e::pss::pss_kib(pid).unwrap_or(0);
-    }
+    Ok(helpers
+        .into_iter()
+        .map(|(pid, cmd)| Proc {
+            name: program(&cmd),
+            pid,
+            pss_kib: pss_kib(pid).unwrap_or(0),
+        })
+        .collect())
+}
+
+fn sandbox_pss_mib(c: &Containerd, id: &str) -> Result<f64> {
+    let kib: u64 = sandbox_procs(c, id)?.iter().map(|p| p.pss_kib).sum();
     Ok(kib as f64 / 1024.0)
 }
 
@@ -997,14 +1006,7 @@ fn guest_memory_a_container_frees_goes_back_to_the_host() -> Result<()> {
         ensure!(out.status.success(), "{}", c.report(exec_id, &out));
         Ok(())
     };
-    let idle = isola_e2e::pss::settle(|| {
-        Ok(vec![isola_e2e::pss::Proc {
-            name: "sandbox".into(),
-            pid: 0,
-            pss_kib: (sandbox_pss_mib(c, id)? * 1024.0) as u64,
-        }])
-    })?
-    .total_mib();
+    let idle = isola_e2e::pss::settle(|| sandbox_procs(c, id))?.total_mib();
     // 200 MiB written into the guest's RAM reach the host...
     exec("fill", "head -c 209715200 /dev/zero > /big/x")?;
     let full = sandbox_pss_mib(c, id)?;

@@ -9,8 +9,10 @@
 //!
 //! The device never asks for memory (`num_pages` stays 0), so the inflate
 //! and deflate queues only ever get a hostile guest's buffers: they are
-//! returned untouched. Only `VIRTIO_BALLOON_F_PAGE_REPORTING` is offered;
-//! a driver that does not take it gets a device with nothing to do.
+//! returned untouched. Only `VIRTIO_BALLOON_F_PAGE_REPORTING` is offered:
+//! a driver that does not take it sets up two queues, which activation
+//! refuses (the guest then runs without the device; the guest kernel isola
+//! builds has `CONFIG_PAGE_REPORTING`).
 //!
 //! The guest is untrusted: a reported range must be page-aligned and lie
 //! in one region of guest RAM, or it is skipped (counted, logged at a
@@ -254,7 +256,9 @@ impl VirtioDevice for Balloon {
         interrupt: Arc<dyn InterruptSignal>,
     ) -> Result<(), ActivateError> {
         if self.acked & F_PAGE_REPORTING == 0 {
-            tracing::info!("virtio-balloon: the driver does not report free pages");
+            tracing::warn!(
+                "virtio-balloon: the driver does not report free pages; the device is not used"
+            );
         }
         self.life.activate(mem, queues, interrupt)
     }

@@ -48,6 +48,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::cgstats;
 use crate::events::{Event, Events};
 use crate::executor::IsolaExecutor;
+use crate::identity;
 use crate::lock;
 use crate::network;
 use crate::procs::{now_ns, ExitInfo, ExitRouter};
@@ -1196,6 +1197,7 @@ impl isola_protocol::Agent for AgentService {
         if !req.hostname.is_empty() {
             sandbox::check_hostname(&req.hostname).map_err(invalid)?;
         }
+        identity::check_entropy(&req.entropy).map_err(invalid)?;
         let dns = req.dns.clone().unwrap_or_default();
         let resolv =
             sandbox::resolv_conf(&dns.nameservers, &dns.searches, &dns.options).map_err(invalid)?;
@@ -1204,6 +1206,10 @@ impl isola_protocol::Agent for AgentService {
         let step = |what: &str, e: &dyn std::fmt::Display| {
             internal(format!("sandbox {sid}: {what}: {e:#}"))
         };
+        // First of all: this guest's own randomness and clock (a clone of
+        // a template has the template's).
+        identity::set_realtime(req.realtime_ns).map_err(|e| step("setting the clock", &e))?;
+        identity::reseed(&req.entropy).map_err(|e| step("reseeding the RNG", &e))?;
         for dir in [
             sandbox::SANDBOX_DIR,
             sandbox::BUNDLES,

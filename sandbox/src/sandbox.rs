@@ -760,6 +760,12 @@ impl Sandbox {
             share_tag: SHARE_TAG.to_string(),
             share_mount_point: GUEST_SHARE_DIR.to_string(),
             stop_timeout_secs: config.stop_timeout.as_secs().clamp(1, 3600) as u32,
+            entropy: host_entropy().map_err(|e| {
+                Error::new(ErrorKind::Host, &id, "reading host entropy", e.to_string())
+            })?,
+            realtime_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
             ..Default::default()
         };
         let created = race_death(&children, agent.create_sandbox(ctx(RPC_TIMEOUT), &req))
@@ -1794,6 +1800,18 @@ fn create_mount_points(rootfs: &Path, spec: &oci_spec::runtime::Spec) -> std::io
         image.make_mount_point(mount.destination(), file_source)?;
     }
     Ok(())
+}
+
+/// Bytes of host randomness every sandbox's agent mixes into its guest's
+/// pool (a guest restored from a template starts with the template's).
+pub const ENTROPY_BYTES: usize = 64;
+
+/// [`ENTROPY_BYTES`] from the host's CRNG.
+fn host_entropy() -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
 }
 
 #[cfg(test)]

@@ -49,6 +49,9 @@ pub enum Request {
         timeout_ms: Option<u64>,
     },
     Stop,
+    /// A template VMM (`--template DIR`) saves the VM into DIR and exits;
+    /// the reply comes once the state is written.
+    Snapshot,
 }
 
 /// A request and where its reply goes.

@@ -95,6 +95,12 @@ pub struct VmConfig {
     /// The VMM runs in its jail ([`crate::jail`]): the event loop gets the
     /// jailed filter, and the API socket's file is not removed at the end.
     pub jailed: bool,
+    /// A template VM: guest RAM in `DIR/memory`, saved on the API's
+    /// `snapshot` ([`crate::snapshot`]).
+    pub template: Option<PathBuf>,
+    /// A clone: restored from the template in this directory (no kernel
+    /// is booted; vCPUs, memory and the command line are the template's).
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -146,6 +152,8 @@ impl VmConfig {
             api_socket,
             seccomp: true,
             jailed: false,
+            template: None,
+            restore: None,
         };
         // The full line (with what the VMM adds) is checked when it is built;
         // the user's part alone must already fit.
@@ -153,6 +161,44 @@ impl VmConfig {
             return Err(ConfigError::CmdlineTooLong(config.cmdline.len()));
         }
         Ok(config)
+    }
+
+    /// A clone's configuration: what the template in `dir` was (`vcpus`,
+    /// `memory_mib`, `vsock_cid`, `cmdline`, from its state) with this
+    /// VM's own vsock socket, console and API socket.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_restore(
+        dir: PathBuf,
+        cmdline: String,
+        vcpus: u8,
+        memory_mib: u64,
+        vsock: Option<PathBuf>,
+        vsock_cid: u64,
+        console: Console,
+        api_socket: Option<PathBuf>,
+    ) -> Result<VmConfig, ConfigError> {
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(ConfigError::Vcpus(u32::from(vcpus)));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(ConfigError::Memory(memory_mib));
+        }
+        Ok(VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline,
+            vcpus,
+            memory_mib,
+            vsock,
+            vsock_cid,
+            console,
+            console_limit: crate::devices::console::DEFAULT_CONSOLE_LIMIT,
+            api_socket,
+            seccomp: true,
+            jailed: false,
+            template: None,
+            restore: Some(dir),
+        })
     }
 
     /// The console part of the command line the VMM adds.

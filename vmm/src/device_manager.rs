@@ -24,6 +24,7 @@ use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_LEN};
 use crate::devices::virtio::lifecycle::FatalSignal;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::VirtioDevice;
+use crate::snapshot::SerialState;
 
 /// A virtio device, both as the transport sees it and as an event
 /// subscriber of the VMM's loop (usually the same object).
@@ -80,6 +81,8 @@ pub struct DeviceManager<'a> {
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     console: Option<ConsoleWriter>,
     fatal: FatalSignal,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl std::fmt::Debug for DeviceManager<'_> {
@@ -100,6 +103,9 @@ pub struct Devices {
     pub console: Option<ConsoleWriter>,
     /// Raised by a device that cannot go on; the event loop ends the VM.
     pub fatal: FatalSignal,
+    /// For snapshots: the UART and the virtio transports, in order.
+    pub serial: Option<Arc<Mutex<SerialConsole>>>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -121,6 +127,8 @@ impl<'a> DeviceManager<'a> {
             subscribers: Vec::new(),
             console: None,
             fatal: FatalSignal::new().context("eventfd")?,
+            serial: None,
+            transports: Vec::new(),
         })
     }
 
@@ -134,18 +142,25 @@ impl<'a> DeviceManager<'a> {
     }
 
     /// COM1, writing through a console writer thread into `dest` (capped
-    /// at `limit` bytes if given; the thread filtered if `seccomp`).
+    /// at `limit` bytes if given; the thread filtered if `seccomp`), with
+    /// the registers of a snapshot if `state`.
     pub fn add_serial(
         &mut self,
         dest: Box<dyn Write + Send>,
         limit: Option<u64>,
         seccomp: bool,
+        state: Option<&SerialState>,
     ) -> Result<()> {
         let (writer, sink): (ConsoleWriter, ConsoleSink) =
             ConsoleWriter::start(dest, limit, seccomp).context("starting the console writer")?;
-        let serial = SerialConsole::new(self.irqfd(layout::SERIAL_IRQ)?, Box::new(sink));
-        self.pio
-            .insert(Arc::new(Mutex::new(serial)), COM1_BASE, COM1_LEN)?;
+        let irq = self.irqfd(layout::SERIAL_IRQ)?;
+        let serial = match state {
+            Some(state) => SerialConsole::from_state(irq, Box::new(sink), state)?,
+            None => SerialConsole::new(irq, Box::new(sink)),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+        self.serial = Some(serial);
         self.console = Some(writer);
         Ok(())
     }
@@ -183,14 +198,18 @@ impl<'a> DeviceManager<'a> {
         }
         let transport = MmioTransport::new(device, self.mem.clone(), self.irqfd(slot.irq)?)
             .context("creating a virtio-mmio transport")?;
-        self.mmio.insert(
-            Arc::new(Mutex::new(transport)),
-            slot.base,
-            layout::VIRTIO_MMIO_SIZE,
-        )?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), slot.base, layout::VIRTIO_MMIO_SIZE)?;
+        self.transports.push(transport);
         self.slots.push(slot);
         self.subscribers.push(subscriber);
         Ok(slot)
+    }
+
+    /// The virtio devices' transports, in order.
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 
     /// The virtio devices' slots, in order.
@@ -205,6 +224,8 @@ impl<'a> DeviceManager<'a> {
             subscribers: self.subscribers,
             console: self.console,
             fatal: self.fatal,
+            serial: self.serial,
+            transports: self.transports,
         }
     }
 }

@@ -21,5 +21,6 @@ pub mod jail;
 pub mod metrics;
 pub mod runtime;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

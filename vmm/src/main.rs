@@ -47,7 +47,7 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Args {
     /// Guest kernel: an ELF vmlinux with a PVH entry (CONFIG_PVH) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "check_jail")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["check_jail", "restore"])]
     kernel: Option<PathBuf>,
     /// initrd (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -123,6 +123,23 @@ struct Args {
     /// Enter the --jail, report what it is, and exit (no VM).
     #[arg(long, requires = "jail")]
     check_jail: bool,
+    /// Boot a template VM: guest RAM lives in DIR/memory (DIR must exist
+    /// and hold no memory or state.json), and the API's `snapshot` saves
+    /// the VM into DIR/state.json and ends the VMM. Clones start from DIR
+    /// with --restore.
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    template: Option<PathBuf>,
+    /// Start as a clone of the template saved in DIR instead of booting:
+    /// guest RAM is mapped copy-on-write from DIR/memory; vCPUs, memory,
+    /// command line and the kinds and order of virtio devices are the
+    /// template's (give the same --vsock/--fs/--net kinds, and no --rng or
+    /// --balloon change). vsock streams of the template are reset.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "vsock_cid"]
+    )]
+    restore: Option<PathBuf>,
 }
 
 fn main() {
@@ -218,18 +235,36 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         nets.push(Net::open(net)?);
     }
     let console: Console = args.console.parse()?;
-    let kernel = args.kernel.context("--kernel is required")?;
-    let mut config = VmConfig::new(
-        kernel,
-        args.initrd,
-        Some(args.cmdline),
-        args.vcpus,
-        args.memory,
-        args.vsock,
-        args.vsock_cid,
-        console,
-        args.api_socket,
-    )?;
+    let mut config = match &args.restore {
+        Some(dir) => {
+            let saved = isola_vmm::snapshot::RestoreFiles::open(dir)?.snapshot;
+            VmConfig::for_restore(
+                dir.clone(),
+                saved.cmdline,
+                saved.vcpus,
+                saved.memory_mib,
+                args.vsock,
+                saved.vsock_cid,
+                console,
+                args.api_socket,
+            )?
+        }
+        None => {
+            let kernel = args.kernel.context("--kernel is required")?;
+            VmConfig::new(
+                kernel,
+                args.initrd,
+                Some(args.cmdline),
+                args.vcpus,
+                args.memory,
+                args.vsock,
+                args.vsock_cid,
+                console,
+                args.api_socket,
+            )?
+        }
+    };
+    config.template = args.template;
     config.console_limit = args.console_limit;
     config.seccomp = !args.no_seccomp;
     config.jailed = args.jail.is_some();

@@ -118,6 +118,11 @@ pub struct EventLoop<'a> {
     pub startup_cpu: Duration,
     /// Set by a `shutdown` request: when to stop the guest regardless.
     pub shutdown_deadline: Option<Instant>,
+    /// A template VM (it can be saved).
+    pub template: bool,
+    /// Set by a `snapshot` request: where its reply goes once the VM is
+    /// saved (after the loop).
+    pub snapshot_reply: Option<std::sync::mpsc::Sender<serde_json::Value>>,
 }
 
 impl std::fmt::Debug for EventLoop<'_> {
@@ -187,6 +192,9 @@ impl EventLoop<'_> {
                 let mut stop = false;
                 while let Ok(call) = calls.try_recv() {
                     stop |= self.handle_call(call);
+                }
+                if self.snapshot_reply.is_some() {
+                    return Ok(GuestExit::Snapshotted);
                 }
                 if stop {
                     return Ok(GuestExit::PowerOff);
@@ -266,6 +274,21 @@ impl EventLoop<'_> {
             Request::Stop => {
                 stop = true;
                 json!({"ok": true, "state": "stopping"})
+            }
+            Request::Snapshot if !self.template => {
+                json!({"ok": false, "error": "only a template VM (isola-vmm --template DIR) can be saved"})
+            }
+            Request::Snapshot => {
+                // The vCPUs stop after the loop; the reply waits for the
+                // state to be written.
+                shared.set(RunState::Paused);
+                if vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
+                    tracing::info!("vCPUs paused for the snapshot");
+                    self.snapshot_reply = Some(call.reply);
+                    return false;
+                }
+                shared.set(RunState::Running);
+                json!({"ok": false, "error": format!("vCPUs did not pause within {} s", PAUSE_TIMEOUT.as_secs())})
             }
         };
         let _ = call.reply.send(reply);

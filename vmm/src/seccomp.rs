@@ -33,6 +33,11 @@ pub enum ThreadKind {
     /// were made before the jail; there is no host path to reach or
     /// remove in it).
     JailedEventLoop,
+    /// The event loop of a template VM (`--template`): it also saves the
+    /// VM ([`SNAPSHOT_IOCTLS`], `fsync`).
+    TemplateEventLoop,
+    /// [`ThreadKind::JailedEventLoop`] of a template VM.
+    JailedTemplateEventLoop,
     /// A vCPU thread.
     Vcpu,
     /// The API's accept thread and its per-client threads.
@@ -48,6 +53,8 @@ impl ThreadKind {
         match self {
             ThreadKind::EventLoop => "event loop",
             ThreadKind::JailedEventLoop => "event loop (jailed)",
+            ThreadKind::TemplateEventLoop => "event loop (template)",
+            ThreadKind::JailedTemplateEventLoop => "event loop (template, jailed)",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
             ThreadKind::Console => "console",
@@ -62,6 +69,36 @@ const KVM_RUN: u64 = 0xae80;
 /// triple-faulted was.
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
+/// `_IOR(KVMIO, nr, T)` and `_IOWR(KVMIO, nr, T)`.
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+}
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+}
+
+/// What saving a template VM asks of KVM: every vCPU's state (from the
+/// main thread, once the vCPU threads ended) and the VM's.
+const SNAPSHOT_IOCTLS: &[u64] = {
+    use kvm_bindings::*;
+    &[
+        kvm_iowr::<kvm_cpuid2>(0x91),     // KVM_GET_CPUID2
+        kvm_iowr::<kvm_msrs>(0x88),       // KVM_GET_MSRS
+        KVM_GET_REGS,                     // (also a vCPU's)
+        KVM_GET_SREGS,                    // (also a vCPU's)
+        kvm_ior::<kvm_xsave>(0xa4),       // KVM_GET_XSAVE
+        kvm_ior::<kvm_xcrs>(0xa6),        // KVM_GET_XCRS
+        kvm_ior::<kvm_debugregs>(0xa1),   // KVM_GET_DEBUGREGS
+        kvm_ior::<kvm_lapic_state>(0x8e), // KVM_GET_LAPIC
+        kvm_ior::<kvm_mp_state>(0x98),    // KVM_GET_MP_STATE
+        kvm_ior::<kvm_vcpu_events>(0x9f), // KVM_GET_VCPU_EVENTS
+        0xaea3,                           // KVM_GET_TSC_KHZ (_IO)
+        kvm_iowr::<kvm_irqchip>(0x62),    // KVM_GET_IRQCHIP
+        kvm_ior::<kvm_pit_state2>(0x9f),  // KVM_GET_PIT2
+        kvm_ior::<kvm_clock_data>(0x7c),  // KVM_GET_CLOCK
+    ]
+};
+
 const FIONBIO: u64 = 0x5421;
 const FIOCLEX: u64 = 0x5451;
 /// virtio-net sets a tap's offloads when the driver's features are known.
@@ -169,16 +206,23 @@ fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendErro
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let extra: &[i64] = match kind {
-        ThreadKind::EventLoop | ThreadKind::JailedEventLoop => EVENT_LOOP,
+        ThreadKind::EventLoop
+        | ThreadKind::JailedEventLoop
+        | ThreadKind::TemplateEventLoop
+        | ThreadKind::JailedTemplateEventLoop => EVENT_LOOP,
         ThreadKind::Api => API,
         ThreadKind::Watchdog => WATCHDOG,
         ThreadKind::Vcpu | ThreadKind::Console => &[],
     };
     let unjailed: &[i64] = match kind {
-        ThreadKind::EventLoop => UNJAILED_EVENT_LOOP,
+        ThreadKind::EventLoop | ThreadKind::TemplateEventLoop => UNJAILED_EVENT_LOOP,
         _ => &[],
     };
-    for nr in COMMON.iter().chain(extra).chain(unjailed) {
+    let template: &[i64] = match kind {
+        ThreadKind::TemplateEventLoop | ThreadKind::JailedTemplateEventLoop => &[libc::SYS_fsync],
+        _ => &[],
+    };
+    for nr in COMMON.iter().chain(extra).chain(unjailed).chain(template) {
         rules.insert(*nr, Vec::new());
     }
     match kind {
@@ -192,16 +236,25 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 ],
             );
         }
-        ThreadKind::EventLoop | ThreadKind::JailedEventLoop => {
-            rules.insert(
-                libc::SYS_ioctl,
-                vec![
-                    arg_eq(1, FIONBIO)?,
-                    arg_eq(1, FIOCLEX)?,
-                    arg_eq(1, TUNSETOFFLOAD)?,
-                ],
-            );
-            if kind == ThreadKind::EventLoop {
+        ThreadKind::EventLoop
+        | ThreadKind::JailedEventLoop
+        | ThreadKind::TemplateEventLoop
+        | ThreadKind::JailedTemplateEventLoop => {
+            let mut ioctls = vec![
+                arg_eq(1, FIONBIO)?,
+                arg_eq(1, FIOCLEX)?,
+                arg_eq(1, TUNSETOFFLOAD)?,
+            ];
+            if matches!(
+                kind,
+                ThreadKind::TemplateEventLoop | ThreadKind::JailedTemplateEventLoop
+            ) {
+                for &nr in SNAPSHOT_IOCTLS {
+                    ioctls.push(arg_eq(1, nr)?);
+                }
+            }
+            rules.insert(libc::SYS_ioctl, ioctls);
+            if matches!(kind, ThreadKind::EventLoop | ThreadKind::TemplateEventLoop) {
                 rules.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
             }
         }

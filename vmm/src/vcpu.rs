@@ -49,6 +49,8 @@ pub enum GuestExit {
     PowerOff,
     /// KVM could not run the guest.
     Failed(String),
+    /// A template VM was saved (the API's `snapshot`).
+    Snapshotted,
 }
 
 /// The run state and how many vCPU threads are parked (paused) or gone.
@@ -224,15 +226,16 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 }
 
 impl Vcpu {
-    /// Starts the vCPU's thread.
-    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+    /// Starts the vCPU's thread; joined, it gives the vCPU's fd back (for
+    /// a snapshot of its state).
+    pub fn spawn(self) -> std::io::Result<JoinHandle<VcpuFd>> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .stack_size(VCPU_STACK_SIZE)
             .spawn(move || self.run())
     }
 
-    fn run(mut self) {
+    fn run(mut self) -> VcpuFd {
         let kvm_run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
         // SAFETY: `kvm_run` is the live mapping of this vCPU's kvm_run
         // structure; taking a field's address does not access it.
@@ -260,16 +263,21 @@ impl Vcpu {
             Err(why) => shared.end(GuestExit::Failed(format!("vCPU {}: {why}", self.index))),
         }
         IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
-        drop(self);
+        let Vcpu { fd, .. } = self;
         shared.thread_exited();
+        fd
     }
 
     fn run_loop(&mut self) {
         loop {
             match self.shared.run_state() {
-                RunState::Stopping => return,
+                RunState::Stopping => {
+                    self.complete_pending_io();
+                    return;
+                }
                 RunState::Paused => {
                     if !self.shared.park_while_paused() {
+                        self.complete_pending_io();
                         return;
                     }
                     continue;
@@ -282,6 +290,17 @@ impl Vcpu {
                 return;
             }
         }
+    }
+
+    /// An I/O or MMIO read the VMM answered is finished by KVM only at the
+    /// next KVM_RUN, and its state is not in the registers userspace can
+    /// save: before the thread leaves (and its vCPU may be saved), one
+    /// KVM_RUN with `immediate_exit` set completes it without running a
+    /// guest instruction (KVM's API documentation, `kvm_run`).
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// One KVM_RUN; returns why the VM ends, if it does.
@@ -380,7 +399,7 @@ fn unblock_kick_signal() -> std::io::Result<()> {
 /// Kicks every live vCPU thread out of KVM_RUN once, then waits until they
 /// are all parked (for a pause) or gone (for a stop), or `deadline` passes.
 /// True when they are.
-pub fn kick_all(handles: &[JoinHandle<()>], shared: &VcpuShared, deadline: Duration) -> bool {
+pub fn kick_all<T>(handles: &[JoinHandle<T>], shared: &VcpuShared, deadline: Duration) -> bool {
     let until = Instant::now() + deadline;
     for h in handles.iter().filter(|h| !h.is_finished()) {
         use std::os::unix::thread::JoinHandleExt;
@@ -397,21 +416,27 @@ pub fn kick_all(handles: &[JoinHandle<()>], shared: &VcpuShared, deadline: Durat
 /// run, errors included) stops and joins them, so guest memory is never
 /// unmapped under a vCPU still in KVM_RUN.
 #[derive(Debug)]
-pub struct VcpuThreads {
-    pub handles: Vec<JoinHandle<()>>,
+pub struct VcpuThreads<T = VcpuFd> {
+    pub handles: Vec<JoinHandle<T>>,
     pub shared: Arc<VcpuShared>,
 }
 
 /// How long stopping the vCPUs may take before the VMM gives up on them.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl VcpuThreads {
+impl<T> VcpuThreads<T> {
     /// Stops every vCPU thread and joins it. If one does not stop within
     /// [`STOP_TIMEOUT`] the process exits at once: freeing guest memory
     /// under a running vCPU is not an option.
     pub fn stop(&mut self) {
+        drop(self.stop_and_collect());
+    }
+
+    /// [`VcpuThreads::stop`], giving back what the threads returned (the
+    /// vCPUs' fds), in order, of those that did not panic.
+    pub fn stop_and_collect(&mut self) -> Vec<T> {
         if self.handles.is_empty() {
-            return;
+            return Vec::new();
         }
         self.shared.set(RunState::Stopping);
         if !kick_all(&self.handles, &self.shared, STOP_TIMEOUT) {
@@ -424,13 +449,14 @@ impl VcpuThreads {
             // so nothing unmaps guest memory while a vCPU may still use it.
             unsafe { libc::_exit(1) };
         }
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
+        self.handles
+            .drain(..)
+            .filter_map(|h| h.join().ok())
+            .collect()
     }
 }
 
-impl Drop for VcpuThreads {
+impl<T> Drop for VcpuThreads<T> {
     fn drop(&mut self) {
         self.stop();
     }

@@ -27,6 +27,7 @@ use crate::devices::boot_timer::{BootTimer, BootTimes};
 use crate::devices::i8042::I8042;
 use crate::runtime::{process_cpu_time, Control, EventLoop, Pending};
 use crate::seccomp;
+use crate::snapshot::{self, DeviceState, RestoreFiles, Snapshot, TemplateFiles, MEMORY_FILE};
 use crate::vcpu::{self, GuestExit, Vcpu, VcpuShared, VcpuThreads};
 
 pub use crate::device_manager::VirtioEntry;
@@ -67,10 +68,15 @@ pub fn check_kvm() -> Result<Kvm> {
 /// bound) before the VMM locks itself in its jail, which has none of it.
 pub struct HostFiles {
     kvm: Kvm,
-    kernel: std::fs::File,
+    /// None for a clone (`restore`): it boots no kernel.
+    kernel: Option<std::fs::File>,
     initrd: Option<std::fs::File>,
     console: Option<ConsoleDest>,
     api: Option<ApiListener>,
+    /// A template VM's directory files (`--template DIR`).
+    template: Option<TemplateFiles>,
+    /// A clone's template (`--restore DIR`).
+    restore: Option<RestoreFiles>,
 }
 
 impl std::fmt::Debug for HostFiles {
@@ -83,12 +89,26 @@ impl std::fmt::Debug for HostFiles {
 
 impl HostFiles {
     /// Opens `/dev/kvm` (checked), the kernel, the initrd and the console
-    /// file, and binds the API socket.
+    /// file, binds the API socket, and creates a template's files.
     pub fn open(config: &VmConfig) -> Result<HostFiles> {
         let kvm = check_kvm()?;
-        let kernel = boot::open_kernel(&config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::open_initrd(path)?),
+        let kernel = match config.restore {
+            Some(_) => None,
+            None => Some(boot::open_kernel(&config.kernel)?),
+        };
+        let initrd = match (&config.initrd, &config.restore) {
+            (Some(path), None) => Some(boot::open_initrd(path)?),
+            _ => None,
+        };
+        let template = match &config.template {
+            Some(dir) => Some(
+                TemplateFiles::create(dir, &kvm)
+                    .with_context(|| format!("template directory {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let restore = match &config.restore {
+            Some(dir) => Some(RestoreFiles::open(dir)?),
             None => None,
         };
         let console = console_dest(config)?;
@@ -105,6 +125,8 @@ impl HostFiles {
             initrd,
             console,
             api,
+            template,
+            restore,
         })
     }
 }
@@ -123,6 +145,7 @@ pub struct Vm {
     cmdline: String,
     devices: Devices,
     api: Option<ApiListener>,
+    template: Option<TemplateFiles>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -214,9 +237,28 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     Ok(vm_fd)
 }
 
-/// Creates guest RAM and hands it to KVM.
-fn create_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
-    let mem = boot::create_memory(size)?;
+/// Creates guest RAM (in a template's memory file if given) and hands it
+/// to KVM.
+fn create_memory(
+    vm_fd: &VmFd,
+    size: u64,
+    template: Option<&TemplateFiles>,
+) -> Result<GuestMemoryMmap> {
+    let mem = match template {
+        Some(t) => {
+            t.memory
+                .set_len(size)
+                .with_context(|| format!("sizing {}", t.dir.join(MEMORY_FILE).display()))?;
+            snapshot::map_memory(&t.memory, size, false)?
+        }
+        None => boot::create_memory(size)?,
+    };
+    register_memory(vm_fd, &mem)?;
+    Ok(mem)
+}
+
+/// Hands every guest RAM region to KVM.
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -233,7 +275,7 @@ fn create_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         // drops only after every vCPU thread has stopped.
         unsafe { vm_fd.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// A console destination and its size limit.
@@ -277,17 +319,23 @@ impl Vm {
         boot_times: Arc<Mutex<BootTimes>>,
         virtio: Vec<VirtioEntry>,
     ) -> Result<Vm> {
+        if host.restore.is_some() {
+            return Vm::restore(config, host, start, boot_times, virtio);
+        }
         let HostFiles {
             kvm,
-            mut kernel,
+            kernel,
             initrd,
             console,
             api,
+            template,
+            restore: _,
         } = host;
+        let mut kernel = kernel.context("no kernel to boot")?;
         let vm_fd = create_vm(&kvm)?;
         tracing::debug!(phase = "vm created", ms = ms(start), "build");
         let mem_size = config.memory_bytes();
-        let mem = create_memory(&vm_fd, mem_size)?;
+        let mem = create_memory(&vm_fd, mem_size, template.as_ref())?;
         tracing::debug!(phase = "memory mapped", ms = ms(start), "build");
         let kernel = boot::load_kernel_file(&mem, &mut kernel, &config.kernel)?;
         let initrd = match (initrd, &config.initrd) {
@@ -304,7 +352,7 @@ impl Vm {
 
         let mut dm = DeviceManager::new(&vm_fd, mem.clone())?;
         if let Some((dest, limit)) = console {
-            dm.add_serial(dest, limit, config.seccomp)?;
+            dm.add_serial(dest, limit, config.seccomp, None)?;
         }
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
         let i8042 = dm.add_i8042(reset_evt.try_clone().context("eventfd")?)?;
@@ -356,7 +404,191 @@ impl Vm {
             cmdline,
             devices,
             api,
+            template,
         })
+    }
+
+    /// Builds a clone of the template in `host.restore` (see
+    /// [`crate::snapshot`]): guest RAM mapped private from the template's
+    /// file, the VM's and vCPUs' KVM state restored before any device can
+    /// raise an interrupt, then the devices (`virtio`: the same kinds in
+    /// the same order as the template's) restored and restarted.
+    fn restore(
+        config: VmConfig,
+        host: HostFiles,
+        start: Instant,
+        boot_times: Arc<Mutex<BootTimes>>,
+        virtio: Vec<VirtioEntry>,
+    ) -> Result<Vm> {
+        let HostFiles {
+            kvm,
+            console,
+            api,
+            restore,
+            ..
+        } = host;
+        let RestoreFiles {
+            dir,
+            memory,
+            snapshot,
+        } = restore.context("no snapshot to restore")?;
+        let what = || format!("restoring from {}", dir.display());
+        if virtio.len() != snapshot.devices.len() {
+            bail!(
+                "{}: the template has {} virtio devices, this VM {}",
+                what(),
+                snapshot.devices.len(),
+                virtio.len()
+            );
+        }
+        for (i, (entry, saved)) in virtio.iter().zip(&snapshot.devices).enumerate() {
+            let kind = entry
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_type();
+            if kind != saved.device_type {
+                bail!(
+                    "{}: virtio device {i} is of type {kind}, the template's of type {}",
+                    what(),
+                    saved.device_type
+                );
+            }
+        }
+        let vm_fd = create_vm(&kvm)?;
+        let mem_size = snapshot.memory_mib << 20;
+        let mem = snapshot::map_memory(&memory, mem_size, true).with_context(what)?;
+        register_memory(&vm_fd, &mem)?;
+        tracing::debug!(phase = "memory mapped", ms = ms(start), "restore");
+        snapshot::restore_vm(&vm_fd, &snapshot.vm).with_context(what)?;
+        let mut fds = Vec::with_capacity(snapshot.vcpu.len());
+        for (index, state) in snapshot.vcpu.iter().enumerate() {
+            let fd = vm_fd
+                .create_vcpu(index as u64)
+                .with_context(|| format!("KVM_CREATE_VCPU {index}"))?;
+            snapshot::restore_vcpu(&fd, state, index).with_context(what)?;
+            fds.push(fd);
+        }
+        snapshot::restore_clock(&vm_fd, &fds, &snapshot).with_context(what)?;
+        tracing::debug!(phase = "vcpus restored", ms = ms(start), "restore");
+
+        let mut dm = DeviceManager::new(&vm_fd, mem.clone())?;
+        match (console, &snapshot.serial) {
+            (Some((dest, limit)), Some(state)) => {
+                dm.add_serial(dest, limit, config.seccomp, Some(state))?
+            }
+            // The guest's driver still talks to its UART: to nowhere.
+            (None, Some(state)) => {
+                dm.add_serial(Box::new(std::io::sink()), None, config.seccomp, Some(state))?
+            }
+            (Some(_), None) => bail!(
+                "{}: the template has no console, so a clone cannot have one (--console off)",
+                what()
+            ),
+            (None, None) => {}
+        }
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+        let i8042 = dm.add_i8042(reset_evt.try_clone().context("eventfd")?)?;
+        i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&snapshot.i8042);
+        dm.add_boot_timer(BootTimer::new(start, boot_times.clone()))?;
+        for (i, (entry, saved)) in virtio.into_iter().zip(&snapshot.devices).enumerate() {
+            dm.add_virtio(entry)?;
+            let transport = dm.transports().last().cloned().context("no transport")?;
+            transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(&saved.transport)
+                .map_err(|e| anyhow::anyhow!("{}: virtio device {i}: {e}", what()))?;
+        }
+        let devices = dm.finish();
+        let shared = VcpuShared::new().context("eventfd")?;
+        let vcpus = fds
+            .into_iter()
+            .enumerate()
+            .map(|(index, fd)| new_vcpu(index as u8, fd, &devices, &shared, config.seccomp))
+            .collect();
+        tracing::info!(
+            vcpus = snapshot.vcpus,
+            memory_mib = snapshot.memory_mib,
+            template = %dir.display(),
+            build_ms = start.elapsed().as_millis() as u64,
+            "VM restored"
+        );
+        Ok(Vm {
+            config,
+            vm_fd,
+            mem,
+            i8042,
+            shared,
+            vcpus,
+            reset_evt,
+            boot_times,
+            start,
+            cmdline: snapshot.cmdline,
+            devices,
+            api,
+            template: None,
+        })
+    }
+
+    /// Saves the stopped VM into its template directory: every vCPU (from
+    /// the fds their threads gave back), the VM's KVM state, the devices.
+    #[allow(clippy::too_many_arguments)]
+    fn save(
+        template: &mut TemplateFiles,
+        config: &VmConfig,
+        cmdline: &str,
+        vm_fd: &VmFd,
+        fds: &[kvm_ioctls::VcpuFd],
+        i8042: &Mutex<I8042>,
+        serial: Option<&Arc<Mutex<crate::devices::serial::SerialConsole>>>,
+        transports: &[Arc<Mutex<crate::devices::virtio::mmio::MmioTransport>>],
+    ) -> Result<()> {
+        if fds.len() != usize::from(config.vcpus) {
+            bail!(
+                "only {} of {} vCPU threads ended cleanly",
+                fds.len(),
+                config.vcpus
+            );
+        }
+        let mut vcpu = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                snapshot::save_vcpu(fd, &template.msr_index)
+                    .with_context(|| format!("saving vCPU {i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut vm = snapshot::save_vm(vm_fd).context("saving the VM")?;
+        vm.clock = snapshot::save_clock(vm_fd, fds, &mut vcpu).context("saving the clock")?;
+        let mut devices = Vec::with_capacity(transports.len());
+        for (i, t) in transports.iter().enumerate() {
+            let t = t.lock().unwrap_or_else(|p| p.into_inner());
+            let transport = t
+                .save()
+                .map_err(|e| anyhow::anyhow!("saving virtio device {i}: {e}"))?;
+            devices.push(DeviceState {
+                device_type: t.device_type(),
+                transport,
+            });
+        }
+        let snapshot = Snapshot {
+            format: snapshot::FORMAT,
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            vsock_cid: config.vsock_cid,
+            cmdline: cmdline.to_string(),
+            vm,
+            vcpu,
+            serial: serial.map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).save()),
+            i8042: i8042.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            devices,
+        };
+        template.write_state(&snapshot)
     }
 
     /// Shared boot milestones (the vsock device records the agent's).
@@ -383,14 +615,17 @@ impl Vm {
             reset_evt,
             boot_times,
             start,
-            cmdline: _,
+            cmdline,
             devices,
             api,
+            mut template,
         } = self;
         let Devices {
             subscribers,
             console,
             fatal,
+            serial,
+            transports,
             ..
         } = devices;
 
@@ -452,10 +687,11 @@ impl Vm {
             }
         }
         if ready.is_ok() && config.seccomp {
-            let kind = if config.jailed {
-                seccomp::ThreadKind::JailedEventLoop
-            } else {
-                seccomp::ThreadKind::EventLoop
+            let kind = match (config.jailed, template.is_some()) {
+                (true, false) => seccomp::ThreadKind::JailedEventLoop,
+                (false, false) => seccomp::ThreadKind::EventLoop,
+                (true, true) => seccomp::ThreadKind::JailedTemplateEventLoop,
+                (false, true) => seccomp::ThreadKind::TemplateEventLoop,
             };
             ready = seccomp::install(kind).context("installing the event loop's seccomp filter");
         }
@@ -482,17 +718,68 @@ impl Vm {
             start,
             startup_cpu,
             shutdown_deadline: None,
+            template: template.is_some(),
+            snapshot_reply: None,
         };
         let outcome = event_loop.run();
+        let snapshot_reply = event_loop.snapshot_reply.take();
         drop(event_loop);
+        let outcome = match (outcome, snapshot_reply, template.as_mut()) {
+            (Ok(GuestExit::Snapshotted), Some(reply), Some(template)) => {
+                let fds = threads.stop_and_collect();
+                let saved = Vm::save(
+                    template,
+                    &config,
+                    &cmdline,
+                    &vm_fd,
+                    &fds,
+                    &i8042,
+                    serial.as_ref(),
+                    &transports,
+                )
+                .with_context(|| format!("saving the VM into {}", template.dir.display()));
+                let answer = match &saved {
+                    Ok(()) => serde_json::json!({"ok": true, "state": "saved"}),
+                    Err(err) => serde_json::json!({"ok": false, "error": format!("{err:#}")}),
+                };
+                if saved.is_ok() {
+                    tracing::info!(dir = %template.dir.display(), "VM saved");
+                }
+                let _ = reply.send(answer);
+                saved.map(|()| GuestExit::Snapshotted)
+            }
+            (outcome, _, _) => outcome,
+        };
         threads.stop();
         drop(threads);
+        drop(transports);
+        drop(serial);
         drop(api);
         // The console puts out what the guest wrote last.
         drop(console);
         drop(vm_fd);
         drop(mem);
         outcome
+    }
+}
+
+/// A vCPU on the VM's buses, ready for its thread.
+fn new_vcpu(
+    index: u8,
+    fd: kvm_ioctls::VcpuFd,
+    devices: &Devices,
+    shared: &Arc<VcpuShared>,
+    seccomp: bool,
+) -> Vcpu {
+    Vcpu {
+        index,
+        fd,
+        pio: devices.pio.clone(),
+        mmio: devices.mmio.clone(),
+        shared: shared.clone(),
+        seccomp,
+        gate: None,
+        limiter: crate::guest_log::LogLimiter::new("vCPU exits"),
     }
 }
 
@@ -529,16 +816,7 @@ fn create_vcpus(
                 .context("KVM_SET_REGS")?;
             fd.set_fpu(&regs::boot_fpu()).context("KVM_SET_FPU")?;
         }
-        vcpus.push(Vcpu {
-            index,
-            fd,
-            pio: devices.pio.clone(),
-            mmio: devices.mmio.clone(),
-            shared: shared.clone(),
-            seccomp: config.seccomp,
-            gate: None,
-            limiter: crate::guest_log::LogLimiter::new("vCPU exits"),
-        });
+        vcpus.push(new_vcpu(index, fd, devices, shared, config.seccomp));
     }
     Ok(vcpus)
 }

@@ -42,6 +42,9 @@ pub struct IsolaConfig {
     pub echo: bool,
     /// More isola-vmm arguments (e.g. `--fs ...`).
     pub extra_args: Vec<String>,
+    /// Start as a clone of the template saved in this directory
+    /// (`--restore`): no kernel, initrd, command line, vCPUs or memory.
+    pub restore: Option<PathBuf>,
 }
 
 impl IsolaConfig {
@@ -57,6 +60,7 @@ impl IsolaConfig {
             vsock: true,
             echo: true,
             extra_args: Vec::new(),
+            restore: None,
         }
     }
 }
@@ -78,19 +82,24 @@ impl IsolaVm {
         let api_socket = scratch.join("api.sock");
         let vsock_socket = config.vsock.then(|| scratch.join("vsock.sock"));
         let mut cmd = Command::new(vmm_binary()?);
-        cmd.arg("--kernel")
-            .arg(&config.images.kernel)
-            .arg("--initrd")
-            .arg(&config.images.initrd)
-            .arg("--cmdline")
-            .arg(format!("{TEST_CMDLINE} {}", config.extra_cmdline).trim_end())
-            .arg("--vcpus")
-            .arg(config.vcpus.to_string())
-            .arg("--memory")
-            .arg(config.memory_mib.to_string())
-            .arg("--api-socket")
-            .arg(&api_socket)
-            .arg("--console");
+        match &config.restore {
+            Some(dir) => {
+                cmd.arg("--restore").arg(dir);
+            }
+            None => {
+                cmd.arg("--kernel")
+                    .arg(&config.images.kernel)
+                    .arg("--initrd")
+                    .arg(&config.images.initrd)
+                    .arg("--cmdline")
+                    .arg(format!("{TEST_CMDLINE} {}", config.extra_cmdline).trim_end())
+                    .arg("--vcpus")
+                    .arg(config.vcpus.to_string())
+                    .arg("--memory")
+                    .arg(config.memory_mib.to_string());
+            }
+        }
+        cmd.arg("--api-socket").arg(&api_socket).arg("--console");
         match &config.console_file {
             Some((path, limit)) => {
                 cmd.arg(path).arg("--console-limit").arg(limit.to_string());

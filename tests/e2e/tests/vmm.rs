@@ -226,3 +226,115 @@ fn boots_a_bzimage_through_the_linux_64bit_entry() {
     .unwrap();
     assert!(vm.wait_exit(SHUTDOWN_DEADLINE).unwrap().success());
 }
+
+/// A field of `/proc/PID/smaps_rollup`, in KiB.
+fn smaps_kib(pid: u32, field: &str) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {rollup}"))
+}
+
+/// A template VM saved through the API starts clones without a boot: each
+/// clone's agent answers (the template's vsock streams are reset, its
+/// listener stays), each clone writes only its own copy-on-write pages of
+/// the template's memory file (the file stays as saved, and a clone's
+/// private memory is a fraction of what the template touched), and a
+/// clone still powers off through the API or stops on SIGTERM.
+#[test]
+fn a_saved_template_starts_clones_that_share_its_memory() {
+    use std::os::unix::fs::MetadataExt;
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("vmm-template").unwrap();
+    let dir = scratch.path.join("template");
+    std::fs::create_dir(&dir).unwrap();
+    let rt = agent::runtime().unwrap();
+
+    let template_scratch = scratch.path.join("template-vm");
+    std::fs::create_dir(&template_scratch).unwrap();
+    let mut c = config();
+    c.extra_args = vec!["--template".into(), dir.display().to_string()];
+    let mut template = IsolaVm::start(&c, &template_scratch).unwrap();
+    template.wait_ready().unwrap();
+    let socket = template.vsock_socket.clone().unwrap();
+    rt.block_on(async {
+        let health = agent::wait_serving_hybrid(&socket, BOOT_DEADLINE)
+            .await
+            .unwrap();
+        // A stream still open when the template is saved.
+        std::mem::forget(health);
+    });
+    let saved = template.api(Request::Snapshot).unwrap();
+    assert_eq!(saved["ok"], true, "{saved}");
+    let status = template.wait_exit(SHUTDOWN_DEADLINE).unwrap();
+    assert!(status.success(), "the template VMM exited with {status}");
+    let memory = dir.join("memory");
+    let before = std::fs::metadata(&memory).unwrap();
+    let touched_kib = before.blocks() * 512 / 1024;
+    assert!(
+        touched_kib > 8 * 1024,
+        "the template touched {touched_kib} KiB"
+    );
+    assert!(dir.join("state.json").is_file());
+
+    let mut clones = Vec::new();
+    for i in 0..2 {
+        let clone_scratch = scratch.path.join(format!("clone-{i}"));
+        std::fs::create_dir(&clone_scratch).unwrap();
+        let mut c = config();
+        c.restore = Some(dir.clone());
+        clones.push(IsolaVm::start(&c, &clone_scratch).unwrap());
+    }
+    for clone in &clones {
+        let socket = clone.vsock_socket.clone().unwrap();
+        let version = rt.block_on(async {
+            let health = agent::wait_serving_hybrid(&socket, BOOT_DEADLINE)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}\nVMM log:\n{}", clone.log().join("\n")));
+            agent::version(&health).await.unwrap()
+        });
+        assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+        let info = clone.api(Request::Info).unwrap();
+        assert_eq!(info["state"], "running", "{info}");
+        assert_eq!(info["memory_mib"], c.memory_mib, "{info}");
+    }
+    for clone in &clones {
+        let pid = clone.pid();
+        let (rss, pss, private) = (
+            smaps_kib(pid, "Rss"),
+            smaps_kib(pid, "Pss"),
+            smaps_kib(pid, "Private_Dirty"),
+        );
+        eprintln!(
+            "clone {pid}: Rss {rss} KiB, Pss {pss} KiB, Private_Dirty {private} KiB; \
+             the template touched {touched_kib} KiB"
+        );
+        assert!(
+            private < touched_kib / 2,
+            "clone {pid} has {private} KiB of private memory for a template of {touched_kib} KiB"
+        );
+    }
+    let after = std::fs::metadata(&memory).unwrap();
+    assert_eq!(
+        (after.mtime(), after.mtime_nsec(), after.len()),
+        (before.mtime(), before.mtime_nsec(), before.len()),
+        "a clone changed the template's memory file"
+    );
+
+    let mut first = clones.remove(0);
+    let reply = first
+        .api(Request::Shutdown {
+            timeout_ms: Some(120_000),
+        })
+        .unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let status = first.wait_exit(SHUTDOWN_DEADLINE).unwrap();
+    assert!(status.success(), "a clone exited with {status}");
+    let mut second = clones.remove(0);
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(second.pid() as i32, libc::SIGTERM) }, 0);
+    let status = second.wait_exit(SHUTDOWN_DEADLINE).unwrap();
+    assert!(status.success(), "a clone exited with {status} on SIGTERM");
+}

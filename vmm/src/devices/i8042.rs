@@ -77,6 +77,26 @@ impl I8042 {
         }
     }
 
+    /// The controller's registers, for a snapshot.
+    pub fn save(&self) -> crate::snapshot::I8042State {
+        crate::snapshot::I8042State {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            pending: self.pending,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    /// Takes the registers of a snapshot (the buffer bounded as ever).
+    pub fn restore(&mut self, state: &crate::snapshot::I8042State) {
+        self.status = state.status;
+        self.control = state.control;
+        self.outp = state.outp;
+        self.pending = state.pending;
+        self.buffer = state.buffer.iter().copied().take(BUFFER_MAX).collect();
+    }
+
     /// Queues Ctrl-Alt-Del key presses for the guest.
     pub fn trigger_ctrl_alt_del(&mut self) {
         for b in CTRL_ALT_DEL {

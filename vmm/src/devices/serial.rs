@@ -42,6 +42,49 @@ impl SerialConsole {
     }
 }
 
+impl SerialConsole {
+    /// The UART's registers, for a snapshot.
+    pub fn save(&self) -> crate::snapshot::SerialState {
+        let s = self.serial.state();
+        crate::snapshot::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART with the registers of a snapshot; an error if its input
+    /// buffer is more than the FIFO holds.
+    pub fn from_state(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &crate::snapshot::SerialState,
+    ) -> io::Result<Self> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&s, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| io::Error::other(format!("restoring the UART: {e:?}")))?;
+        Ok(SerialConsole { serial })
+    }
+}
+
 impl BusDevice for SerialConsole {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() != 1 || offset >= COM1_LEN {

@@ -263,6 +263,10 @@ impl VirtioDevice for Balloon {
         self.life.activate(mem, queues, interrupt)
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.life.queue_states()
+    }
+
     fn reset(&mut self) -> bool {
         self.life.reset();
         true

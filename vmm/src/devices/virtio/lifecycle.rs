@@ -216,6 +216,13 @@ impl DeviceLifecycle {
         self.active.as_mut()
     }
 
+    /// The active queues' states (ring positions included), for a
+    /// snapshot; an inactive device has none to give.
+    pub fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
     pub fn is_active(&self) -> bool {
         self.active.is_some()
     }

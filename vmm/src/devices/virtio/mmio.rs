@@ -15,7 +15,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,6 +66,68 @@ impl InterruptSignal for MmioInterrupt {
     fn signal_config_change(&self) -> std::io::Result<()> {
         self.raise(VIRTIO_MMIO_INT_CONFIG)
     }
+}
+
+/// A queue's configuration and ring positions (virtio-queue's
+/// `QueueState`), as saved in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport's registers and queues, as saved in a snapshot. For an
+/// activated device the queue positions are the device's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// One device's virtio-mmio register window.
@@ -123,6 +186,104 @@ impl MmioTransport {
             activated: false,
             limiter: LogLimiter::new("virtio-mmio"),
         })
+    }
+
+    /// The device's virtio type.
+    pub fn device_type(&self) -> u32 {
+        lock(&self.device).device_type()
+    }
+
+    /// The registers and queues for a snapshot; an error names a device
+    /// whose started rings the VMM cannot save.
+    pub fn save(&self) -> Result<TransportState, String> {
+        let queues: Vec<QueueSnapshot> = if self.activated {
+            let device = lock(&self.device);
+            device
+                .queue_states()
+                .ok_or_else(|| {
+                    format!(
+                        "virtio device type {} cannot be saved while it runs",
+                        device.device_type()
+                    )
+                })?
+                .into_iter()
+                .map(QueueSnapshot::from)
+                .collect()
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        Ok(TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            activated: self.activated,
+            queues,
+        })
+    }
+
+    /// Puts the transport back as saved. A device that was running is
+    /// given its acked features and activated on the saved queues (ring
+    /// positions included), then told it was restored.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "the snapshot has {} queues for a device with {}",
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (saved, ours)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != ours.max_size() {
+                return Err(format!(
+                    "queue {i}: saved with {} entries at most, the device has {}",
+                    saved.max_size,
+                    ours.max_size()
+                ));
+            }
+            let q = Queue::try_from(QueueState::from(*saved))
+                .map_err(|e| format!("queue {i}: {e:?}"))?;
+            queues.push(q);
+        }
+        let offered = lock(&self.device).avail_features() | VIRTIO_F_VERSION_1;
+        if state.acked_features & !offered != 0 {
+            return Err(format!(
+                "the snapshot's driver accepted features {:#x}, the device offers {offered:#x}",
+                state.acked_features
+            ));
+        }
+        self.queues = queues;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.interrupt_status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        if self.status & STATUS_FEATURES_OK != 0 {
+            lock(&self.device).set_acked_features(self.acked_features);
+        }
+        if state.activated {
+            // The device's copies go on from the saved ring positions.
+            let copies = state
+                .queues
+                .iter()
+                .map(|q| Queue::try_from(QueueState::from(*q)))
+                .collect::<Result<Vec<Queue>, _>>()
+                .map_err(|e| format!("copying the queues: {e:?}"))?;
+            let mut device = lock(&self.device);
+            device
+                .activate(self.mem.clone(), copies, self.interrupt.clone())
+                .map_err(|e| format!("activating: {e}"))?;
+            self.activated = true;
+            device.restored();
+        }
+        Ok(())
     }
 
     /// A write the transport refused: counted, and logged within limits.
@@ -367,6 +528,10 @@ mod tests {
         resets: usize,
         config: [u8; 8],
         evts: Vec<EventFd>,
+        /// The active queues, when the device can be saved.
+        saveable: bool,
+        queues: Vec<Queue>,
+        restored: usize,
     }
 
     impl VirtioDevice for Dummy {
@@ -399,11 +564,19 @@ mod tests {
         ) -> Result<(), ActivateError> {
             assert_eq!(queues.len(), 2);
             self.activated += 1;
+            self.queues = queues;
             Ok(())
         }
         fn reset(&mut self) -> bool {
             self.resets += 1;
             true
+        }
+        fn queue_states(&self) -> Option<Vec<QueueState>> {
+            self.saveable
+                .then(|| self.queues.iter().map(|q| q.state()).collect())
+        }
+        fn restored(&mut self) {
+            self.restored += 1;
         }
     }
 
@@ -485,6 +658,61 @@ mod tests {
         assert_eq!(dev.lock().unwrap().resets, 1);
         assert_eq!(r(&mut t, 0x70), 0);
         assert_eq!(r(&mut t, 0x44), 0);
+    }
+
+    fn activate_fully(t: &mut MmioTransport) {
+        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, 0x24, 1);
+        w(t, 0x20, 1);
+        w(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        configure_queue(t, 0, 0x1000);
+        configure_queue(t, 1, 0x2000);
+        let all = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        w(t, 0x70, all);
+    }
+
+    #[test]
+    fn a_saved_transport_restores_its_running_device_where_it_was() {
+        let (mut t, dev) = setup();
+        activate_fully(&mut t);
+        // The device moved on in its rings; the saved state has that.
+        dev.lock().unwrap().queues[1].set_next_avail(7);
+        dev.lock().unwrap().queues[1].set_next_used(5);
+        // A device whose rings the VMM does not hold cannot be saved.
+        let err = t.save().unwrap_err();
+        assert!(err.contains("type 19 cannot be saved"), "{err}");
+        dev.lock().unwrap().saveable = true;
+        let state = t.save().unwrap();
+        assert!(state.activated);
+        assert_eq!(state.queues[1].next_avail, 7);
+        assert_eq!(state.queues[1].desc_table, 0x2000);
+
+        let (mut clone, cdev) = setup();
+        clone.restore(&state).unwrap();
+        let c = cdev.lock().unwrap();
+        assert_eq!((c.activated, c.restored), (1, 1));
+        assert_eq!(c.acked, VIRTIO_F_VERSION_1);
+        assert_eq!(c.queues[1].next_avail(), 7);
+        assert_eq!(c.queues[1].next_used(), 5);
+        drop(c);
+        assert_eq!(r(&mut clone, 0x70), state.status);
+        w(&mut clone, 0x30, 1);
+        assert_eq!(r(&mut clone, 0x44), 1);
+        // What the driver may not have accepted, or a queue the device
+        // does not have, is refused.
+        let mut bad = state.clone();
+        bad.acked_features |= 1 << 40;
+        assert!(setup().0.restore(&bad).unwrap_err().contains("features"));
+        let mut bad = state.clone();
+        bad.queues.pop();
+        assert!(setup().0.restore(&bad).unwrap_err().contains("1 queues"));
+        let mut bad = state;
+        bad.queues[0].max_size = 32;
+        assert!(setup().0.restore(&bad).is_err());
     }
 
     #[test]

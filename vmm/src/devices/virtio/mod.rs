@@ -34,7 +34,7 @@ use std::io;
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -127,4 +127,14 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// back end that died); the device manager hands every device the
     /// VMM's one signal. Devices that cannot fail that way ignore it.
     fn set_fatal_signal(&mut self, _fatal: lifecycle::FatalSignal) {}
+    /// The state of its queues while it is active (ring positions
+    /// included), for a snapshot; None when the VMM cannot save them (a
+    /// device whose rings another process serves).
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        None
+    }
+    /// The device was restored from a snapshot and activated on the saved
+    /// queues: what the template's host side held is gone, and the device
+    /// tells the guest where it has to (vsock: a transport reset).
+    fn restored(&mut self) {}
 }

@@ -239,6 +239,10 @@ impl VirtioDevice for Rng {
         self.life.activate(mem, queues, interrupt)
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.life.queue_states()
+    }
+
     fn reset(&mut self) -> bool {
         self.life.reset();
         true

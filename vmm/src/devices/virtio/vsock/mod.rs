@@ -72,7 +72,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use thiserror::Error;
 use tracing::{debug, error, warn};
 use virtio_queue::{Queue, QueueOwnedT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -114,6 +114,11 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const NUM_QUEUES: usize = 3;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+/// The event queue: the device tells the driver of a transport reset.
+const EVQ: usize = 2;
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2, 5.10.6.4): the driver
+/// resets every connection and re-reads the guest CID.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 // Event data of the device's own file descriptors (the lifecycle's are
 // above `lifecycle::EV_LIFECYCLE_BASE`).
@@ -534,6 +539,48 @@ impl Vsock {
     }
 }
 
+impl Vsock {
+    /// Tells the driver that every connection it had is gone (after a
+    /// restore from a snapshot: the template's host streams do not exist
+    /// in this process): one event on the event queue, whose buffers the
+    /// driver keeps posted. Listening sockets in the guest stay.
+    fn send_transport_reset(&mut self) {
+        let Some(active) = self.life.active_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(EVQ) else {
+            return;
+        };
+        let mem = &active.mem;
+        let mut descs = Vec::new();
+        let Some((head, walked)) = pop(
+            queue,
+            mem,
+            &mut descs,
+            &mut self.limiter,
+            "the vsock event queue",
+        ) else {
+            warn!("vsock: no event buffer for the transport reset after the restore");
+            return;
+        };
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match (walked, descs.first()) {
+            (Ok(()), Some(d)) if d.is_write_only() && d.len() as usize >= event.len() => mem
+                .write_slice(&event, d.addr())
+                .map(|()| event.len() as u32)
+                .unwrap_or(0),
+            _ => 0,
+        };
+        if written == 0 && self.limiter.allow() {
+            warn!("vsock: the driver's event buffer cannot take the transport reset");
+        }
+        if add_used(queue, mem, head, written).is_ok() {
+            active.signal_used(&mut self.limiter, "vsock");
+            debug!("vsock: transport reset sent to the guest");
+        }
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         device_type::VSOCK
@@ -576,6 +623,14 @@ impl VirtioDevice for Vsock {
         self.life.activate(mem, queues, interrupt)?;
         debug!(guest_cid = self.guest_cid, "vsock: activated");
         Ok(())
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.life.queue_states()
+    }
+
+    fn restored(&mut self) {
+        self.send_transport_reset();
     }
 
     fn reset(&mut self) -> bool {

@@ -160,6 +160,10 @@ pub struct Runtime {
     /// be made fails to start; false: its VMM and virtiofsd run in the
     /// shim's cgroup, outside the pod's limits, with a warning.
     pub host_cgroup_required: bool,
+    /// Start sandboxes from a template VM of their shape (booted once per
+    /// node and shape, then cloned copy-on-write: [`crate::template`]);
+    /// false: every sandbox boots, and clones share no memory.
+    pub templates: bool,
 }
 
 impl Default for Hypervisor {
@@ -197,6 +201,7 @@ impl Default for Runtime {
             start_timeout_secs: 60,
             stop_timeout_secs: 10,
             host_cgroup_required: true,
+            templates: true,
         }
     }
 }
@@ -432,6 +437,7 @@ impl Config {
         config.start_timeout = Duration::from_secs(self.runtime.start_timeout_secs);
         config.stop_timeout = Duration::from_secs(self.runtime.stop_timeout_secs);
         config.jail = self.jail.uids();
+        config.templates = self.runtime.templates;
         config
     }
 
@@ -787,6 +793,7 @@ run_root = "/run/isola-test"
 start_timeout_secs = 30
 stop_timeout_secs = 5
 host_cgroup_required = false
+templates = false
 
 [jail]
 enabled = false
@@ -822,6 +829,7 @@ lease_dir = "/run/isola-test/uids"
                     start_timeout_secs: 30,
                     stop_timeout_secs: 5,
                     host_cgroup_required: false,
+                    templates: false,
                 },
                 jail: Jail {
                     enabled: false,

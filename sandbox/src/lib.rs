@@ -23,6 +23,7 @@ mod sandbox;
 pub mod share;
 pub mod spec;
 pub mod stdio;
+pub mod template;
 
 pub use error::{Error, ErrorKind, Result};
 pub use isola_protocol::agent as proto;

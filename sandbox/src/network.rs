@@ -253,6 +253,22 @@ impl PodNetwork {
         self.forward.take()
     }
 
+    /// The guest's devices have other MACs than the pod's interfaces (a VM
+    /// cloned from a template keeps the template's, `mac(i)` for device
+    /// `i`): the guest finds them by those and gives them the pod's.
+    pub fn set_guest_macs(&mut self, mac: impl Fn(usize) -> Mac) {
+        for (i, interface) in self.interfaces.iter_mut().enumerate() {
+            interface.guest_mac = mac(i);
+        }
+    }
+
+    /// The guest's devices have the pod's MACs (a VM that booted).
+    pub fn set_guest_macs_own(&mut self) {
+        for interface in &mut self.interfaces {
+            interface.guest_mac = interface.mac;
+        }
+    }
+
     /// Closes the host's tap descriptors: once isola-vmm has inherited
     /// them, the taps live exactly as long as it does.
     pub fn close_taps(&mut self) {
@@ -433,6 +449,12 @@ impl LateTap {
     /// MAC (isola-vmm's `--net`), until closed.
     pub fn tap(&self) -> Option<(RawFd, Mac)> {
         self.fd.as_ref().map(|fd| (fd.as_raw_fd(), self.mac))
+    }
+
+    /// The guest's device has `mac` (a VM cloned from a template keeps the
+    /// template's): the interface that arrives is joined to it by that.
+    pub fn set_guest_mac(&mut self, mac: Mac) {
+        self.mac = mac;
     }
 
     /// Closes the host's descriptor: once isola-vmm has inherited it, the

@@ -28,6 +28,7 @@ use crate::portfwd;
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::spec::{self, Volume};
 use crate::stdio::{self, OutputReader, ProcessIo, StdioRequest, WindowSize};
+use crate::template;
 
 /// The kernel command line every sandbox boots with (the VMM adds the
 /// console and its devices).
@@ -113,6 +114,10 @@ pub struct SandboxConfig {
     /// no capabilities) as a user of this range of its own
     /// ([`crate::jail`]); `None`: unjailed, as root.
     pub jail: Option<JailUids>,
+    /// Start from a template VM of this VM's shape when there is one, and
+    /// build one when there is not ([`crate::template`]); false: always
+    /// boot (the node's `runtime.templates = false`).
+    pub templates: bool,
 }
 
 impl SandboxConfig {
@@ -148,6 +153,7 @@ impl SandboxConfig {
             late_network: false,
             owner: String::new(),
             jail: Some(JailUids::default()),
+            templates: true,
         }
     }
 
@@ -157,11 +163,23 @@ impl SandboxConfig {
         if !self.hostname.is_empty() {
             cmdline.push_str(&format!(" agent.hostname={}", self.hostname));
         }
+        self.push_extra(&mut cmdline);
+        cmdline
+    }
+
+    /// The kernel command line of a template of this VM's shape: no
+    /// hostname (a clone gets its own in CreateSandbox).
+    pub fn template_cmdline(&self) -> String {
+        let mut cmdline = format!("{BASE_CMDLINE} agent.log={}", self.log_level);
+        self.push_extra(&mut cmdline);
+        cmdline
+    }
+
+    fn push_extra(&self, cmdline: &mut String) {
         if !self.kernel_cmdline_extra.trim().is_empty() {
             cmdline.push(' ');
             cmdline.push_str(self.kernel_cmdline_extra.trim());
         }
-        cmdline
     }
 }
 
@@ -228,6 +246,18 @@ pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
         "--console".into(),
         console,
     ]
+}
+
+/// The isola-vmm command line of a clone of the template in `dir`: the
+/// template's kernel, command line, vCPUs and memory; the sandbox's own
+/// sockets and console.
+pub fn vmm_restore_args(config: &SandboxConfig, layout: &Layout, dir: &Path) -> Vec<String> {
+    let mut args = vec!["--restore".to_string(), dir.display().to_string()];
+    // What follows --memory in `vmm_args` is the sandbox's own.
+    let own = vmm_args(config, layout);
+    let from = own.iter().position(|a| a == "--vsock").unwrap_or(own.len());
+    args.extend(own.into_iter().skip(from));
+    args
 }
 
 /// isola-vmm's `--jail` as user and group `uid`, its root in the
@@ -666,29 +696,78 @@ impl Sandbox {
             taps.extend(late.tap());
             *resources.late.get_mut() = Some(late);
         }
-        let mut cmd = tokio::process::Command::new(&config.vmm);
-        cmd.args(vmm_args(&config, &layout))
-            .args(vmm_net_args(&taps, config.net_offloads))
-            .stdout(std::process::Stdio::piped());
-        child::confine(&mut cmd, config.cgroup.as_deref())
-            .map_err(|e| Error::host(&id, "preparing isola-vmm's cgroup", e))?;
-        let mut inherited: Vec<RawFd> = taps.iter().map(|(fd, _)| *fd).collect();
-        if let Some(uids) = &config.jail {
-            let lease = UidLease::acquire(uids, &layout.dir().to_string_lossy())
-                .map_err(|e| Error::host(&id, "taking a user for isola-vmm's jail", e))?;
-            share::create_private_dir(&layout.jail_root())
-                .map_err(|e| Error::host(&id, "creating isola-vmm's jail root", e))?;
-            cmd.args(vmm_jail_args(lease.uid(), &layout));
-            inherited.push(lease.fd());
-            tracing::debug!(sandbox = %id, uid = lease.uid(), "isola-vmm jailed");
-            resources.jail_uid = Some(lease);
+        // A template of this VM's shape: a clone of it starts instead of a
+        // boot; without one, this sandbox boots cold and the template is
+        // built beside it.
+        let mut restore = None;
+        if config.templates {
+            match template::Inputs::of(&config, taps.len()) {
+                Ok(inputs) => {
+                    match template::ready(&template::root_for(&config.run_root), &inputs) {
+                        Some(dir) => restore = Some(dir),
+                        None => template::build_in_background(&config, inputs),
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(sandbox = %id, %err, "no template: reading the VM's files")
+                }
+            }
         }
-        child::inherit(&mut cmd, inherited);
-        child::enter_netns(&mut cmd, netns.as_raw_fd());
-        let vmm = Supervised::spawn("isola-vmm", &id, cmd)
-            .map_err(|e| Error::host(&id, format!("starting {}", config.vmm.display()), e));
-        // isola-vmm holds the taps now (or failed to start): the host's
-        // copies go, so each tap lives exactly as long as isola-vmm.
+        let late_boot_mac = resources
+            .late
+            .get_mut()
+            .as_ref()
+            .and_then(|late| late.tap())
+            .map(|(_, mac)| mac);
+        if restore.is_some() {
+            // The guest's virtio-net devices have the template's MACs.
+            if let Ok(Some(net)) = resources.network.get_mut().map(Option::as_mut) {
+                net.set_guest_macs(template::template_mac);
+            }
+            if let Some(late) = resources.late.get_mut() {
+                late.set_guest_mac(template::template_mac(taps.len().saturating_sub(1)));
+            }
+        }
+        spawn_vmm(
+            &config,
+            &layout,
+            &mut resources,
+            &taps,
+            &netns,
+            restore.as_deref(),
+        )?;
+
+        let vsock = layout.vsock_socket();
+        let client = loop {
+            let deadline = match restore {
+                // A clone answers at once; one that does not is given up
+                // on well before a cold boot's deadline.
+                Some(_) => config.start_timeout / 3,
+                None => config.start_timeout,
+            };
+            let dialed = dial_agent(&id, &resources, &vsock, deadline).await;
+            match (dialed, restore.take()) {
+                (Ok(client), _) => break client,
+                (Err(err), Some(dir)) => {
+                    template::discard(&dir, &err.to_string());
+                    tracing::warn!(sandbox = %id, template = %dir.display(), %err, "the VM did not start from its template; booting it cold");
+                    if let Some(vmm) = resources.vmm.take() {
+                        vmm.kill();
+                        let _ = vmm.stop(Duration::ZERO, config.stop_timeout).await;
+                    }
+                    if let Ok(Some(net)) = resources.network.get_mut().map(Option::as_mut) {
+                        net.set_guest_macs_own();
+                    }
+                    if let (Some(late), Some(mac)) = (resources.late.get_mut(), late_boot_mac) {
+                        late.set_guest_mac(mac);
+                    }
+                    spawn_vmm(&config, &layout, &mut resources, &taps, &netns, None)?;
+                }
+                (Err(err), None) => return Err(err),
+            }
+        };
+        // isola-vmm holds the taps now: the host's copies go, so each tap
+        // lives exactly as long as isola-vmm.
         if let Ok(Some(net)) = resources.network.get_mut().map(Option::as_mut) {
             net.close_taps();
         }
@@ -696,18 +775,7 @@ impl Sandbox {
             late.close_tap();
         }
         drop(netns);
-        resources.vmm = Some(vmm?);
         let children = resources.children();
-
-        let vsock = layout.vsock_socket();
-        let dial =
-            isola_protocol::hybrid::dial_agent(&vsock, AGENT_VSOCK_PORT, config.start_timeout);
-        let client = tokio::select! {
-            dialed = dial => dialed.map_err(|e| Error::new(ErrorKind::Unavailable, &id, "dialing the agent", e.to_string()))?,
-            death = first_death(&children) => {
-                return Err(Error::new(ErrorKind::Dead, &id, "dialing the agent", death.to_string()));
-            }
-        };
         let health = HealthClient::new(client.clone());
         let version = race_death(
             &children,
@@ -1582,6 +1650,71 @@ fn gone_text(gone: &Gone) -> String {
 }
 
 /// Races `fut` against the first death of `children`.
+/// Starts isola-vmm for the sandbox: booting `config`'s kernel, or as a
+/// clone of the template in `restore`; on the pod's taps, in `netns`,
+/// jailed if configured (one jail user for the sandbox, whichever VMM).
+fn spawn_vmm(
+    config: &SandboxConfig,
+    layout: &Layout,
+    resources: &mut Resources,
+    taps: &[(RawFd, Mac)],
+    netns: &std::os::fd::OwnedFd,
+    restore: Option<&Path>,
+) -> Result<()> {
+    let id = &config.id;
+    let mut cmd = tokio::process::Command::new(&config.vmm);
+    match restore {
+        Some(dir) => cmd.args(vmm_restore_args(config, layout, dir)),
+        None => cmd.args(vmm_args(config, layout)),
+    };
+    cmd.args(vmm_net_args(taps, config.net_offloads))
+        .stdout(std::process::Stdio::piped());
+    child::confine(&mut cmd, config.cgroup.as_deref())
+        .map_err(|e| Error::host(id, "preparing isola-vmm's cgroup", e))?;
+    let mut inherited: Vec<RawFd> = taps.iter().map(|(fd, _)| *fd).collect();
+    if let Some(uids) = &config.jail {
+        if resources.jail_uid.is_none() {
+            let lease = UidLease::acquire(uids, &layout.dir().to_string_lossy())
+                .map_err(|e| Error::host(id, "taking a user for isola-vmm's jail", e))?;
+            share::create_private_dir(&layout.jail_root())
+                .map_err(|e| Error::host(id, "creating isola-vmm's jail root", e))?;
+            tracing::debug!(sandbox = %id, uid = lease.uid(), "isola-vmm jailed");
+            resources.jail_uid = Some(lease);
+        }
+        if let Some(lease) = &resources.jail_uid {
+            cmd.args(vmm_jail_args(lease.uid(), layout));
+            inherited.push(lease.fd());
+        }
+    }
+    child::inherit(&mut cmd, inherited);
+    child::enter_netns(&mut cmd, netns.as_raw_fd());
+    let vmm = Supervised::spawn("isola-vmm", id, cmd)
+        .map_err(|e| Error::host(id, format!("starting {}", config.vmm.display()), e))?;
+    if let Some(dir) = restore {
+        tracing::info!(sandbox = %id, template = %dir.display(), "isola-vmm started from the template");
+    }
+    resources.vmm = Some(vmm);
+    Ok(())
+}
+
+/// Dials the agent through the sandbox's hybrid vsock socket within
+/// `deadline`, unless isola-vmm or virtiofsd dies first.
+async fn dial_agent(
+    id: &str,
+    resources: &Resources,
+    vsock: &Path,
+    deadline: Duration,
+) -> Result<ttrpc::r#async::Client> {
+    let children = resources.children();
+    let dial = isola_protocol::hybrid::dial_agent(vsock, AGENT_VSOCK_PORT, deadline);
+    tokio::select! {
+        dialed = dial => dialed.map_err(|e| Error::new(ErrorKind::Unavailable, id, "dialing the agent", e.to_string())),
+        death = first_death(&children) => {
+            Err(Error::new(ErrorKind::Dead, id, "dialing the agent", death.to_string()))
+        }
+    }
+}
+
 async fn race_death<T>(children: &[&Supervised], fut: impl Future<Output = T>) -> Result<T, Death> {
     tokio::select! {
         out = fut => Ok(out),

@@ -109,6 +109,11 @@ struct RunArgs {
     /// Make the container's root file system read-only.
     #[arg(long)]
     read_only: bool,
+    /// Boot the VM even if a template VM of its shape is there (by default
+    /// it starts as a clone of it, and the first run of a shape builds one
+    /// beside its own boot).
+    #[arg(long)]
+    no_template: bool,
     /// A host directory in the container (repeatable); `:ro` makes it
     /// read-only.
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]", value_parser = Volume::parse)]
@@ -275,6 +280,7 @@ fn plan(args: RunArgs) -> Result<Plan> {
     config.run_root = args.run_root.clone();
     config.log_level = args.log_level.clone();
     config.start_timeout = Duration::from_secs(args.boot_timeout.max(1));
+    config.templates = !args.no_template;
     if let Some(hostname) = oci.hostname().clone() {
         config.hostname = hostname;
     }

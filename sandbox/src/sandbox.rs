@@ -364,6 +364,8 @@ struct Resources {
     /// The jailed isola-vmm's user, held until the sandbox is gone (its
     /// supervisor holds it too).
     jail_uid: Option<UidLease>,
+    /// The template the VM was cloned from (None: it booted).
+    from_template: Option<PathBuf>,
 }
 
 impl Resources {
@@ -595,6 +597,7 @@ impl Sandbox {
             cleaned: watch::channel(false).0,
             dropped_log_lines: Arc::new(AtomicU64::new(0)),
             jail_uid: None,
+            from_template: None,
         };
         // From here on, dropping `resources` undoes everything.
         if !config.owner.is_empty() {
@@ -747,7 +750,10 @@ impl Sandbox {
             };
             let dialed = dial_agent(&id, &resources, &vsock, deadline).await;
             match (dialed, restore.take()) {
-                (Ok(client), _) => break client,
+                (Ok(client), from) => {
+                    resources.from_template = from;
+                    break client;
+                }
                 (Err(err), Some(dir)) => {
                     template::discard(&dir, &err.to_string());
                     tracing::warn!(sandbox = %id, template = %dir.display(), %err, "the VM did not start from its template; booting it cold");
@@ -907,6 +913,11 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The template the VM was cloned from; None when it booted.
+    pub fn template(&self) -> Option<&Path> {
+        self.inner.resources.from_template.as_deref()
     }
 
     /// The sandbox's run directory.
@@ -2178,6 +2189,7 @@ mod tests {
             cleaned: watch::channel(false).0,
             dropped_log_lines: Arc::new(AtomicU64::new(0)),
             jail_uid: None,
+            from_template: None,
         };
         let mut config = SandboxConfig::new("fake", "/vmm", "/vfsd", "/k", "/i");
         config.stop_timeout = Duration::from_secs(5);

@@ -16,15 +16,18 @@
 //!   root-only (0700), on tmpfs by default: templates are rebuilt after a
 //!   reboot, and their memory is in the page cache every clone maps.
 //! - **Building** ([`build_in_background`]): the first sandbox of a shape
-//!   that finds no template boots cold and starts the build beside it, in
-//!   a task of its own: a lock file (`<key>.lock`, flock) lets one
-//!   builder per shape run on the node; the others go on cold. The build
-//!   runs virtiofsd on an empty directory and isola-vmm unjailed (no
-//!   tenant code runs in a template: our kernel and agent only) in a
-//!   network namespace of its own with taps `isola-tpl<N>` whose MACs are
-//!   [`template_mac`]; it waits for the agent, asks for the snapshot, and
-//!   renames the finished directory into place: a template is there
-//!   whole or not at all.
+//!   that finds no template boots cold and starts the build beside it: a
+//!   lock file (`<key>.lock`, flock) lets one builder per shape run on the
+//!   node; the others go on cold. The builder starts virtiofsd on an empty
+//!   directory and isola-vmm unjailed (no tenant code runs in a template:
+//!   our kernel and agent only) in a network namespace of its own, with
+//!   taps `isola-tpl<N>` whose MACs are [`template_mac`], each in a
+//!   process group of its own, and hands isola-vmm the lock: the VM saves
+//!   itself when its agent is ready (`--save-when-ready`), so a build
+//!   finishes even if the process that started it ends first (the shim of
+//!   a short pod). The state file appears by a rename once the template
+//!   is whole; a build that failed leaves `<key>.failed` (why), and the
+//!   shape is not tried again for [`RETRY_AFTER`].
 //! - **Using** ([`ready`]): a clone's virtio-net devices keep the
 //!   template's MACs in the guest; the host finds them by those MACs and
 //!   gives them the pod's (`NetworkInterface.new_mac`). Its virtio-fs
@@ -43,9 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use isola_protocol::network::Mac;
-use isola_protocol::{HealthClient, AGENT_VSOCK_PORT};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::sandbox::{Console, SandboxConfig};
 use crate::share::{self, Layout, SHARE_TAG};
@@ -241,10 +242,16 @@ fn try_lock(path: &Path) -> io::Result<Option<fs::File>> {
 }
 
 /// Builds the template; Ok(false) when there was nothing to do.
+///
+/// The template VM saves itself when its agent is ready (isola-vmm's
+/// `--save-when-ready`) and holds the shape's lock until it exits, so the
+/// build finishes (or fails, and the next builder cleans up) even if this
+/// process ends first: a shim of a short-lived pod, `isola run`. Its
+/// sockets, empty share and log are in `<key>/build/`.
 async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<bool, String> {
     let key = inputs.key();
     share::create_private_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
-    let Some(_lock) = try_lock(&root.join(format!("{key}.lock")))
+    let Some(lock) = try_lock(&root.join(format!("{key}.lock")))
         .map_err(|e| format!("locking the template {key}: {e}"))?
     else {
         return Ok(false);
@@ -252,37 +259,23 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     if ready(root, inputs).is_some() {
         return Ok(false);
     }
-    let work = root.join(format!("{key}.build"));
-    if work.exists() {
-        // A builder that died: its lock is free, its leftovers go.
-        fs::remove_dir_all(&work).map_err(|e| format!("removing {}: {e}", work.display()))?;
+    let dir = root.join(&key);
+    if dir.exists() {
+        // A build that did not finish: its lock is free, its leftovers go.
+        fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
     }
-    share::create_private_dir_all(&work)
-        .map_err(|e| format!("creating {}: {e}", work.display()))?;
-    let result = boot_and_save(config, inputs, &work).await;
-    let outcome = result.and_then(|saved| {
-        fs::write(saved.join(INPUTS_FILE), inputs.describe())
-            .map_err(|e| format!("writing the template's inputs: {e}"))?;
-        fs::rename(&saved, root.join(&key))
-            .map_err(|e| format!("putting the template in place: {e}"))
-    });
-    let _ = fs::remove_dir_all(&work);
-    outcome.map(|()| true)
-}
-
-/// Boots the template VM in `work`, waits for its agent, saves it into
-/// `work/template` and returns that directory.
-async fn boot_and_save(
-    config: &SandboxConfig,
-    inputs: &Inputs,
-    work: &Path,
-) -> Result<PathBuf, String> {
+    share::create_private_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    fs::write(dir.join(INPUTS_FILE), inputs.describe())
+        .map_err(|e| format!("writing the template's inputs: {e}"))?;
+    let work = dir.join("build");
     let layout = Layout::new(work.join("vm"));
-    share::create_private_dir(layout.dir()).map_err(|e| format!("creating the VM dir: {e}"))?;
     let empty = work.join("share");
-    share::create_private_dir(&empty).map_err(|e| format!("creating the empty share: {e}"))?;
-    let saved = work.join("template");
-    share::create_private_dir(&saved).map_err(|e| format!("creating the template dir: {e}"))?;
+    for d in [&work, &layout.dir().to_path_buf(), &empty] {
+        share::create_private_dir(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    let log = |name: &str| {
+        fs::File::create(work.join(name)).map_err(|e| format!("creating the build's {name}: {e}"))
+    };
 
     let mut fs_cmd = tokio::process::Command::new(&config.virtiofsd);
     fs_cmd
@@ -290,25 +283,30 @@ async fn boot_and_save(
         .arg(layout.fs_socket())
         .arg("--shared-dir")
         .arg(&empty)
-        .arg("--sandbox")
-        .arg("none")
-        .arg("--cache")
-        .arg("never")
-        .arg("--log-level")
-        .arg("error")
+        .args([
+            "--sandbox",
+            "none",
+            "--cache",
+            "never",
+            "--log-level",
+            "error",
+        ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .kill_on_drop(true);
+        .stderr(log("virtiofsd.log")?)
+        .process_group(0);
     let mut virtiofsd = fs_cmd
         .spawn()
         .map_err(|e| format!("starting {}: {e}", config.virtiofsd.display()))?;
     let deadline = Instant::now() + config.start_timeout;
     while !layout.fs_socket().exists() {
-        if Instant::now() >= deadline {
-            return Err("virtiofsd did not make its socket in time".into());
-        }
-        if let Ok(Some(status)) = virtiofsd.try_wait() {
-            return Err(format!("virtiofsd exited with {status}"));
+        let gone = virtiofsd.try_wait().ok().flatten();
+        if gone.is_some() || Instant::now() >= deadline {
+            let _ = virtiofsd.start_kill();
+            return Err(format!(
+                "virtiofsd did not make its socket ({})",
+                gone.map_or_else(|| "in time".to_string(), |s| s.to_string())
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -318,26 +316,30 @@ async fn boot_and_save(
         Console::File(_) => work.join("console").display().to_string(),
     };
     let mut cmd = tokio::process::Command::new(&config.vmm);
-    cmd.arg("--template").arg(&saved).args([
-        "--kernel".to_string(),
-        config.kernel.display().to_string(),
-        "--initrd".to_string(),
-        config.initrd.display().to_string(),
-        "--cmdline".to_string(),
-        inputs.cmdline.clone(),
-        "--vcpus".to_string(),
-        inputs.vcpus.to_string(),
-        "--memory".to_string(),
-        inputs.memory_mib.to_string(),
-        "--vsock".to_string(),
-        layout.vsock_socket().display().to_string(),
-        "--fs".to_string(),
-        format!("tag={SHARE_TAG},socket={}", layout.fs_socket().display()),
-        "--api-socket".to_string(),
-        layout.api_socket().display().to_string(),
-        "--console".to_string(),
-        console,
-    ]);
+    cmd.arg("--template")
+        .arg(&dir)
+        .arg("--save-when-ready")
+        .arg(config.start_timeout.as_secs().max(1).to_string())
+        .args([
+            "--kernel".to_string(),
+            config.kernel.display().to_string(),
+            "--initrd".to_string(),
+            config.initrd.display().to_string(),
+            "--cmdline".to_string(),
+            inputs.cmdline.clone(),
+            "--vcpus".to_string(),
+            inputs.vcpus.to_string(),
+            "--memory".to_string(),
+            inputs.memory_mib.to_string(),
+            "--vsock".to_string(),
+            layout.vsock_socket().display().to_string(),
+            "--fs".to_string(),
+            format!("tag={SHARE_TAG},socket={}", layout.fs_socket().display()),
+            "--api-socket".to_string(),
+            layout.api_socket().display().to_string(),
+            "--console".to_string(),
+            console,
+        ]);
     let off = if inputs.offloads { "" } else { ",offload=off" };
     for i in 0..inputs.nets {
         cmd.arg("--net")
@@ -345,76 +347,42 @@ async fn boot_and_save(
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .kill_on_drop(true);
+        .stderr(log("isola-vmm.log")?)
+        .process_group(0);
     let netns = tokio::task::spawn_blocking(crate::network::private_netns)
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("a network namespace for the template: {e}"))?;
     crate::child::enter_netns(&mut cmd, netns.as_raw_fd());
-    let mut vmm = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", config.vmm.display()))?;
+    // The lock goes with the VMM: held until it exits.
+    crate::child::inherit(&mut cmd, vec![lock.as_raw_fd()]);
+    let vmm = cmd.spawn();
     drop(netns);
-
-    let ready = async {
-        let client = isola_protocol::hybrid::dial_agent(
-            &layout.vsock_socket(),
-            AGENT_VSOCK_PORT,
-            config.start_timeout,
-        )
+    drop(lock);
+    let mut vmm = match vmm {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            let _ = virtiofsd.start_kill();
+            return Err(format!("starting {}: {e}", config.vmm.display()));
+        }
+    };
+    let status = vmm
+        .wait()
         .await
-        .map_err(|e| format!("dialing the template's agent: {e}"))?;
-        let health = HealthClient::new(client);
-        let ctx = isola_protocol::ttrpc::context::with_timeout(
-            config.start_timeout.as_nanos().min(i64::MAX as u128) as i64,
-        );
-        health
-            .check(ctx, &isola_protocol::agent::CheckRequest::new())
-            .await
-            .map_err(|e| format!("the template's agent: {e}"))?;
-        Ok::<_, String>(health)
-    };
-    let health = tokio::select! {
-        r = ready => r?,
-        status = vmm.wait() => return Err(format!("the template's isola-vmm exited ({}) before its agent answered", status.map_or_else(|e| e.to_string(), |s| s.to_string()))),
-    };
-    let reply = api_call(
-        &layout.api_socket(),
-        r#"{"action":"snapshot"}"#,
-        config.start_timeout,
-    )
-    .await?;
-    drop(health);
-    if !reply.contains("\"ok\":true") {
-        return Err(format!("the template's isola-vmm did not save it: {reply}"));
-    }
-    match tokio::time::timeout(config.stop_timeout, vmm.wait()).await {
-        Ok(Ok(status)) if status.success() => {}
-        Ok(Ok(status)) => return Err(format!("the template's isola-vmm exited with {status}")),
-        Ok(Err(e)) => return Err(format!("waiting for the template's isola-vmm: {e}")),
-        Err(_) => return Err("the template's isola-vmm did not exit after the snapshot".into()),
-    }
+        .map_err(|e| format!("waiting for the template's isola-vmm: {e}"))?;
+    // virtiofsd ends when its client does; make sure.
     let _ = virtiofsd.start_kill();
     let _ = virtiofsd.wait().await;
-    Ok(saved)
-}
-
-/// One request on isola-vmm's control API; its reply line.
-async fn api_call(socket: &Path, request: &str, timeout: Duration) -> Result<String, String> {
-    let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await?;
-        stream.write_all(request.as_bytes()).await?;
-        stream.write_all(b"\n").await?;
-        let mut line = String::new();
-        BufReader::new(stream.take(64 << 10))
-            .read_line(&mut line)
-            .await?;
-        Ok::<_, io::Error>(line)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("the API of isola-vmm ({}) did not answer", socket.display()))?
-        .map_err(|e| format!("the API of isola-vmm ({}): {e}", socket.display()))
+    if status.success() && ready(root, inputs).is_some() {
+        let _ = fs::remove_dir_all(&work);
+        return Ok(true);
+    }
+    let tail = fs::read_to_string(work.join("isola-vmm.log")).unwrap_or_default();
+    let last: Vec<&str> = tail.lines().rev().take(3).collect();
+    Err(format!(
+        "the template's isola-vmm exited with {status}: {}",
+        last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    ))
 }
 
 #[cfg(test)]

@@ -101,6 +101,9 @@ pub struct VmConfig {
     /// A clone: restored from the template in this directory (no kernel
     /// is booted; vCPUs, memory and the command line are the template's).
     pub restore: Option<PathBuf>,
+    /// A template that saves itself when the guest is ready (the boot
+    /// timer), or fails if it is not within this long.
+    pub save_when_ready: Option<std::time::Duration>,
 }
 
 impl VmConfig {
@@ -154,6 +157,7 @@ impl VmConfig {
             jailed: false,
             template: None,
             restore: None,
+            save_when_ready: None,
         };
         // The full line (with what the VMM adds) is checked when it is built;
         // the user's part alone must already fit.
@@ -198,6 +202,7 @@ impl VmConfig {
             jailed: false,
             template: None,
             restore: Some(dir),
+            save_when_ready: None,
         })
     }
 

@@ -129,6 +129,11 @@ struct Args {
     /// with --restore.
     #[arg(long, value_name = "DIR", conflicts_with = "restore")]
     template: Option<PathBuf>,
+    /// With --template: save the VM as soon as the guest is ready (its init
+    /// writes the boot timer; isola's agent does once its API listens),
+    /// with no API call; exit with an error if it is not within SECS.
+    #[arg(long, value_name = "SECS", requires = "template")]
+    save_when_ready: Option<u64>,
     /// Start as a clone of the template saved in DIR instead of booting:
     /// guest RAM is mapped copy-on-write from DIR/memory; vCPUs, memory,
     /// command line and the kinds and order of virtio devices are the
@@ -265,6 +270,7 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         }
     };
     config.template = args.template;
+    config.save_when_ready = args.save_when_ready.map(std::time::Duration::from_secs);
     config.console_limit = args.console_limit;
     config.seccomp = !args.no_seccomp;
     config.jailed = args.jail.is_some();

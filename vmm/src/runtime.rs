@@ -42,6 +42,9 @@ pub struct Pending {
     pub signal: Option<u32>,
     /// A device could not go on: why.
     pub fatal: Option<String>,
+    /// The guest signalled init ready (the boot timer), for a template VM
+    /// that saves itself then.
+    pub ready: bool,
 }
 
 /// The VMM's own events: vCPU exits, i8042 reset, API calls, signals,
@@ -53,6 +56,8 @@ pub struct Control {
     pub api_evt: EventFd,
     pub signal_fd: SignalFd,
     pub fatal: FatalSignal,
+    /// Written by the boot timer at init ready (a self-saving template).
+    pub ready_evt: Option<EventFd>,
     pub pending: Pending,
 }
 
@@ -61,6 +66,7 @@ const EV_RESET: u32 = 2;
 const EV_API: u32 = 3;
 const EV_SIGNAL: u32 = 4;
 const EV_FATAL: u32 = 5;
+const EV_READY: u32 = 6;
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps<'_>) {
@@ -72,6 +78,15 @@ impl MutEventSubscriber for Control {
             (self.fatal.event_fd().as_raw_fd(), EV_FATAL),
         ] {
             if let Err(err) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                tracing::error!(?err, "registering a VMM event");
+            }
+        }
+        if let Some(ready) = &self.ready_evt {
+            if let Err(err) = ops.add(Events::with_data_raw(
+                ready.as_raw_fd(),
+                EV_READY,
+                EventSet::IN,
+            )) {
                 tracing::error!(?err, "registering a VMM event");
             }
         }
@@ -100,6 +115,12 @@ impl MutEventSubscriber for Control {
                     self.pending.fatal.get_or_insert(why);
                 }
             }
+            EV_READY => {
+                if let Some(ready) = &self.ready_evt {
+                    let _ = ready.read();
+                }
+                self.pending.ready = true;
+            }
             _ => {}
         }
     }
@@ -120,9 +141,20 @@ pub struct EventLoop<'a> {
     pub shutdown_deadline: Option<Instant>,
     /// A template VM (it can be saved).
     pub template: bool,
-    /// Set by a `snapshot` request: where its reply goes once the VM is
-    /// saved (after the loop).
-    pub snapshot_reply: Option<std::sync::mpsc::Sender<serde_json::Value>>,
+    /// A template VM that saves itself when the guest is ready, unless
+    /// this passes first (an error: no template).
+    pub save_when_ready: Option<Instant>,
+    /// Set when the VM is to be saved (after the loop).
+    pub snapshot: Option<SnapshotBy>,
+}
+
+/// Who asked for a snapshot.
+#[derive(Debug)]
+pub enum SnapshotBy {
+    /// The API's `snapshot`: its reply goes here once the VM is saved.
+    Api(std::sync::mpsc::Sender<serde_json::Value>),
+    /// The guest became ready (`--save-when-ready`).
+    Ready,
 }
 
 impl std::fmt::Debug for EventLoop<'_> {
@@ -153,7 +185,11 @@ impl EventLoop<'_> {
         loop {
             // Sleep until an event; wake on a clock only while a shutdown
             // request waits for the guest (an idle VM costs no wake-ups).
-            let timeout_ms = self.shutdown_deadline.map_or(-1, |d| {
+            let deadline = match (self.shutdown_deadline, self.save_when_ready) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout_ms = deadline.map_or(-1, |d| {
                 d.saturating_duration_since(Instant::now())
                     .as_millis()
                     .clamp(1, i32::MAX as u128) as i32
@@ -188,12 +224,28 @@ impl EventLoop<'_> {
                 tracing::info!(signal = sig, "stopping the VM on signal");
                 return Ok(GuestExit::PowerOff);
             }
+            if pending.ready && self.save_when_ready.is_some() {
+                let shared = &self.vcpus.shared;
+                shared.set(RunState::Paused);
+                if !vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
+                    anyhow::bail!(
+                        "the vCPUs did not pause within {} s to save the template",
+                        PAUSE_TIMEOUT.as_secs()
+                    );
+                }
+                tracing::info!("the guest is ready: saving the template");
+                self.snapshot = Some(SnapshotBy::Ready);
+                return Ok(GuestExit::Snapshotted);
+            }
+            if self.save_when_ready.is_some_and(|d| Instant::now() >= d) {
+                anyhow::bail!("the guest was not ready in time: no template saved");
+            }
             if let Some(calls) = self.calls {
                 let mut stop = false;
                 while let Ok(call) = calls.try_recv() {
                     stop |= self.handle_call(call);
                 }
-                if self.snapshot_reply.is_some() {
+                if self.snapshot.is_some() {
                     return Ok(GuestExit::Snapshotted);
                 }
                 if stop {
@@ -284,7 +336,7 @@ impl EventLoop<'_> {
                 shared.set(RunState::Paused);
                 if vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
                     tracing::info!("vCPUs paused for the snapshot");
-                    self.snapshot_reply = Some(call.reply);
+                    self.snapshot = Some(SnapshotBy::Api(call.reply));
                     return false;
                 }
                 shared.set(RunState::Running);

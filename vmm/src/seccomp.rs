@@ -34,7 +34,7 @@ pub enum ThreadKind {
     /// remove in it).
     JailedEventLoop,
     /// The event loop of a template VM (`--template`): it also saves the
-    /// VM ([`SNAPSHOT_IOCTLS`], `fsync`).
+    /// VM ([`SNAPSHOT_IOCTLS`], `fsync`, the state file's rename).
     TemplateEventLoop,
     /// [`ThreadKind::JailedEventLoop`] of a template VM.
     JailedTemplateEventLoop,
@@ -219,7 +219,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         _ => &[],
     };
     let template: &[i64] = match kind {
-        ThreadKind::TemplateEventLoop | ThreadKind::JailedTemplateEventLoop => &[libc::SYS_fsync],
+        ThreadKind::TemplateEventLoop | ThreadKind::JailedTemplateEventLoop => &[
+            libc::SYS_fsync,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+        ],
         _ => &[],
     };
     for nr in COMMON.iter().chain(extra).chain(unjailed).chain(template) {

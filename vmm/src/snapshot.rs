@@ -49,8 +49,11 @@ use crate::devices::virtio::mmio::TransportState;
 pub const FORMAT: u32 = 1;
 /// Guest RAM's file in a template directory.
 pub const MEMORY_FILE: &str = "memory";
-/// The state's file in a template directory.
+/// The state's file in a template directory: it appears (a rename) only
+/// once the template is whole.
 pub const STATE_FILE: &str = "state.json";
+/// The state's file while it is written.
+const STATE_PARTIAL: &str = "state.json.partial";
 /// The largest state file a clone reads (the real one is well under).
 const STATE_MAX: u64 = 16 << 20;
 /// MSRs read or written per KVM_GET/SET_MSRS.
@@ -190,11 +193,14 @@ fn create_new(dir: &Path, name: &str) -> Result<File> {
 }
 
 impl TemplateFiles {
-    /// Creates `dir/memory` and `dir/state.json` (`dir` must exist and
-    /// hold neither) and reads KVM's MSR list.
+    /// Creates `dir/memory` and `dir/state.json.partial` (`dir` must exist
+    /// and hold neither, nor a `state.json`) and reads KVM's MSR list.
     pub fn create(dir: &Path, kvm: &Kvm) -> Result<TemplateFiles> {
+        if dir.join(STATE_FILE).exists() {
+            bail!("{} holds a saved template already", dir.display());
+        }
         let memory = create_new(dir, MEMORY_FILE)?;
-        let state = create_new(dir, STATE_FILE)?;
+        let state = create_new(dir, STATE_PARTIAL)?;
         let msr_index = kvm
             .get_msr_index_list()
             .context("KVM_GET_MSR_INDEX_LIST")?
@@ -208,13 +214,17 @@ impl TemplateFiles {
         })
     }
 
-    /// Writes the state file (once).
+    /// Writes the state file (once), then renames it into place: a
+    /// directory with a `state.json` is a whole template.
     pub fn write_state(&mut self, snapshot: &Snapshot) -> Result<()> {
         let json = serde_json::to_vec(snapshot).context("encoding the snapshot")?;
+        let partial = self.dir.join(STATE_PARTIAL);
         self.state
             .write_all(&json)
             .and_then(|()| self.state.sync_all())
-            .with_context(|| format!("writing {}", self.dir.join(STATE_FILE).display()))
+            .with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, self.dir.join(STATE_FILE))
+            .with_context(|| format!("renaming {} into place", partial.display()))
     }
 }
 
@@ -570,12 +580,14 @@ mod tests {
         let kvm_free = TemplateFiles {
             dir: dir.path().to_path_buf(),
             memory: create_new(dir.path(), MEMORY_FILE).unwrap(),
-            state: create_new(dir.path(), STATE_FILE).unwrap(),
+            state: create_new(dir.path(), STATE_PARTIAL).unwrap(),
             msr_index: Vec::new(),
         };
         kvm_free.memory.set_len(128 << 20).unwrap();
         let mut files = kvm_free;
+        assert!(!dir.path().join(STATE_FILE).exists());
         files.write_state(&sample()).unwrap();
+        assert!(!dir.path().join(STATE_PARTIAL).exists());
         // Never overwritten: a second template in the same place fails.
         assert!(create_new(dir.path(), STATE_FILE).is_err());
 

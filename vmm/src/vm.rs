@@ -25,7 +25,7 @@ use crate::config::{Console, VmConfig};
 use crate::device_manager::{DeviceManager, Devices, VirtioSlot};
 use crate::devices::boot_timer::{BootTimer, BootTimes};
 use crate::devices::i8042::I8042;
-use crate::runtime::{process_cpu_time, Control, EventLoop, Pending};
+use crate::runtime::{process_cpu_time, Control, EventLoop, Pending, SnapshotBy};
 use crate::seccomp;
 use crate::snapshot::{self, DeviceState, RestoreFiles, Snapshot, TemplateFiles, MEMORY_FILE};
 use crate::vcpu::{self, GuestExit, Vcpu, VcpuShared, VcpuThreads};
@@ -146,6 +146,9 @@ pub struct Vm {
     devices: Devices,
     api: Option<ApiListener>,
     template: Option<TemplateFiles>,
+    /// Written by the boot timer when the guest is ready (a template that
+    /// saves itself then).
+    ready_evt: Option<EventFd>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -356,7 +359,17 @@ impl Vm {
         }
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
         let i8042 = dm.add_i8042(reset_evt.try_clone().context("eventfd")?)?;
-        dm.add_boot_timer(BootTimer::new(start, boot_times.clone()))?;
+        let mut timer = BootTimer::new(start, boot_times.clone());
+        let ready_evt = match (config.save_when_ready, &template) {
+            (Some(_), Some(_)) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+                timer = timer.with_ready_event(evt.try_clone().context("eventfd")?);
+                Some(evt)
+            }
+            (Some(_), None) => bail!("saving when ready needs a template directory"),
+            _ => None,
+        };
+        dm.add_boot_timer(timer)?;
         for entry in virtio {
             dm.add_virtio(entry)?;
         }
@@ -405,6 +418,7 @@ impl Vm {
             devices,
             api,
             template,
+            ready_evt,
         })
     }
 
@@ -531,6 +545,7 @@ impl Vm {
             devices,
             api,
             template: None,
+            ready_evt: None,
         })
     }
 
@@ -619,6 +634,7 @@ impl Vm {
             devices,
             api,
             mut template,
+            ready_evt,
         } = self;
         let Devices {
             subscribers,
@@ -660,6 +676,7 @@ impl Vm {
             api_evt,
             signal_fd,
             fatal,
+            ready_evt,
             pending: Pending::default(),
         }));
         let events = EventLoop::new_manager(control.clone(), subscribers)?;
@@ -719,13 +736,14 @@ impl Vm {
             startup_cpu,
             shutdown_deadline: None,
             template: template.is_some(),
-            snapshot_reply: None,
+            save_when_ready: config.save_when_ready.map(|d| start + d),
+            snapshot: None,
         };
         let outcome = event_loop.run();
-        let snapshot_reply = event_loop.snapshot_reply.take();
+        let snapshot = event_loop.snapshot.take();
         drop(event_loop);
-        let outcome = match (outcome, snapshot_reply, template.as_mut()) {
-            (Ok(GuestExit::Snapshotted), Some(reply), Some(template)) => {
+        let outcome = match (outcome, snapshot, template.as_mut()) {
+            (Ok(GuestExit::Snapshotted), Some(by), Some(template)) => {
                 let fds = threads.stop_and_collect();
                 let saved = Vm::save(
                     template,
@@ -745,7 +763,9 @@ impl Vm {
                 if saved.is_ok() {
                     tracing::info!(dir = %template.dir.display(), "VM saved");
                 }
-                let _ = reply.send(answer);
+                if let SnapshotBy::Api(reply) = by {
+                    let _ = reply.send(answer);
+                }
                 saved.map(|()| GuestExit::Snapshotted)
             }
             (outcome, _, _) => outcome,

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -970,4 +970,199 @@ fn a_guest_kernel_that_dies_under_the_sandbox_kills_it_and_leaves_nothing() {
         );
         Ok(())
     });
+}
+
+// ---------------------------------------------------------------------------
+// Templates
+
+/// Waits until `cond` holds, polling every 100 ms, or fails naming `what`
+/// after `deadline` (an event on the host's file system, not a sleep).
+async fn wait_until(what: &str, deadline: Duration, cond: impl Fn() -> bool) -> Result<()> {
+    let until = Instant::now() + deadline;
+    while !cond() {
+        ensure!(Instant::now() < until, "{what}: not within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The pids of the processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A container `main` sleeping in `sandbox`; an exec in it printing the
+/// guest's boot_id, 16 bytes of /dev/urandom and the hostname.
+async fn identity(sandbox: &Sandbox, rootfs: &Path) -> Result<(String, String, String)> {
+    sandbox
+        .create_container(request(
+            "main",
+            spec(rootfs, &["sleep", "100000"]),
+            rootfs,
+            NO_STDIO,
+        ))
+        .await?;
+    sandbox.start_container("main").await?;
+    let done = exec_collect(
+        sandbox,
+        "main",
+        "who",
+        &process(&[
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname",
+        ]),
+    )
+    .await?;
+    ensure!(done.status.status == 0, "{done:?}");
+    let lines: Vec<&str> = done.stdout.lines().collect();
+    ensure!(lines.len() == 3, "{done:?}");
+    Ok((lines[0].into(), lines[1].into(), lines[2].into()))
+}
+
+/// Sandboxes start from a template VM of their shape: the first boots cold
+/// and builds the template beside it (killing that build fails it, logged,
+/// with no failed sandbox); later ones are clones that run containers and
+/// execs, each with its own boot_id, randomness and hostname; a corrupted
+/// template falls back to a cold boot and is removed; another kernel is
+/// another template, built anew.
+#[test]
+fn sandboxes_start_from_a_template_of_their_shape() {
+    require_kvm_host().unwrap();
+    let rt = runtime();
+    let base = PathBuf::from(format!("/run/isola/e2e-templates-{}", std::process::id()));
+    let run_root = base.join("sandboxes");
+    let result = rt.block_on(templates(&base, &run_root));
+    remove_run_root(&run_root);
+    let _ = std::fs::remove_dir_all(&base);
+    if let Err(err) = result {
+        panic!("{err:#}");
+    }
+}
+
+async fn templates(base: &Path, run_root: &Path) -> Result<()> {
+    use isola_sandbox::template;
+    let t = Instant::now();
+    let rootfs = busybox_rootfs()?;
+    let root = template::root_for(run_root);
+    ensure!(root == base.join("templates"), "{}", root.display());
+    let config = |id: &str| -> Result<isola_sandbox::SandboxConfig> {
+        let mut c = sandbox_config(&format!("{id}-{}", std::process::id()), run_root, 256)?;
+        c.hostname = id.to_string();
+        Ok(c)
+    };
+    let inputs = template::Inputs::of(&config("x")?, 0)?;
+    let dir = root.join(inputs.key());
+
+    // The first sandbox boots; its template's build is killed: the build
+    // fails (it says why), the sandbox does not.
+    let first = Sandbox::start(config("first")?).await?;
+    ensure!(first.template().is_none(), "the first sandbox was cloned");
+    let needle = format!("--template {}", dir.display());
+    wait_until("the template build", DEADLINE, || {
+        !pids_with(&needle).is_empty()
+    })
+    .await?;
+    for pid in pids_with(&needle) {
+        // SAFETY: a signal to a process of this test's.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let failed = root.join(format!("{}.failed", inputs.key()));
+    wait_until("the failed build's note", DEADLINE, || failed.exists()).await?;
+    let why = std::fs::read_to_string(&failed)?;
+    ensure!(why.contains("exited with"), "{why}");
+    ensure!(template::ready(&root, &inputs).is_none());
+    first.stop().await?;
+    step(t, &format!("a killed build fails cleanly: {why}"));
+
+    // Retried (as after RETRY_AFTER): the next sandbox boots and builds.
+    std::fs::remove_file(&failed)?;
+    let second = Sandbox::start(config("second")?).await?;
+    ensure!(second.template().is_none());
+    wait_until("the template", DEADLINE, || {
+        template::ready(&root, &inputs).is_some()
+    })
+    .await?;
+    second.stop().await?;
+    step(t, "template built beside a cold boot");
+
+    // Clones: containers and execs, each its own identity.
+    let started = Instant::now();
+    let b = Sandbox::start(config("clone-b")?).await?;
+    let b_ms = started.elapsed().as_millis();
+    let c = Sandbox::start(config("clone-c")?).await?;
+    ensure!(
+        b.template() == Some(dir.as_path()),
+        "b booted: {:?}",
+        b.template()
+    );
+    ensure!(
+        c.template() == Some(dir.as_path()),
+        "c booted: {:?}",
+        c.template()
+    );
+    let (b_boot, b_rand, b_host) = identity(&b, &rootfs).await?;
+    let (c_boot, c_rand, c_host) = identity(&c, &rootfs).await?;
+    ensure!(b_boot != c_boot, "both clones have boot_id {b_boot}");
+    ensure!(
+        b_rand != c_rand && b_rand.len() == 32,
+        "urandom: {b_rand} and {c_rand}"
+    );
+    ensure!(
+        b_host == "clone-b" && c_host == "clone-c",
+        "{b_host} {c_host}"
+    );
+    b.stop().await?;
+    c.stop().await?;
+    step(
+        t,
+        &format!("two clones (the first up in {b_ms} ms): boot_ids {b_boot} / {c_boot}"),
+    );
+
+    // A corrupted template: the clone fails, the sandbox boots cold, the
+    // template goes.
+    std::fs::write(dir.join("state.json"), b"{\"format\": 1, \"garbage\"")?;
+    let fallbacks = template::FALLBACKS.load(std::sync::atomic::Ordering::Relaxed);
+    let d = Sandbox::start(config("after-corruption")?).await?;
+    ensure!(d.template().is_none(), "started from a corrupted template");
+    ensure!(
+        template::FALLBACKS.load(std::sync::atomic::Ordering::Relaxed) == fallbacks + 1,
+        "the fallback was not counted"
+    );
+    ensure!(!dir.exists(), "the corrupted template is still there");
+    let (_, _, d_host) = identity(&d, &rootfs).await?;
+    ensure!(d_host == "after-corruption");
+    d.stop().await?;
+    step(
+        t,
+        "a corrupted template falls back to a cold boot and is removed",
+    );
+
+    // Another kernel (a rebuilt one, here a copy): another template.
+    let kernel = base.join("vmlinux-rebuilt");
+    std::fs::copy(&config("x")?.kernel, &kernel)?;
+    let mut rebuilt = config("rebuilt")?;
+    rebuilt.kernel = kernel;
+    let new_inputs = template::Inputs::of(&rebuilt, 0)?;
+    ensure!(new_inputs.key() != inputs.key());
+    let e = Sandbox::start(rebuilt).await?;
+    ensure!(e.template().is_none());
+    wait_until("the new kernel's template", DEADLINE, || {
+        template::ready(&root, &new_inputs).is_some()
+    })
+    .await?;
+    e.stop().await?;
+    step(t, "a changed kernel builds its own template");
+    Ok(())
 }

@@ -22,11 +22,24 @@ pub struct BootTimes {
 pub struct BootTimer {
     start: Instant,
     times: Arc<Mutex<BootTimes>>,
+    /// Written once, at the first magic write (a template VM saves itself
+    /// then: the agent signals the timer once its API listens).
+    ready: Option<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl BootTimer {
     pub fn new(start: Instant, times: Arc<Mutex<BootTimes>>) -> Self {
-        BootTimer { start, times }
+        BootTimer {
+            start,
+            times,
+            ready: None,
+        }
+    }
+
+    /// Also writes `ready` when the guest signals init ready.
+    pub fn with_ready_event(mut self, ready: vmm_sys_util::eventfd::EventFd) -> Self {
+        self.ready = Some(ready);
+        self
     }
 }
 
@@ -43,6 +56,9 @@ impl BusDevice for BootTimer {
         let mut times = self.times.lock().unwrap_or_else(|p| p.into_inner());
         if times.init_ready.is_none() {
             times.init_ready = Some(elapsed);
+            if let Some(ready) = &self.ready {
+                let _ = ready.write(1);
+            }
             tracing::info!(
                 ms = elapsed.as_millis() as u64,
                 "guest init ready (boot timer)"
@@ -65,5 +81,18 @@ mod tests {
         let first = times.lock().unwrap().init_ready.unwrap();
         t.write(0, &[MAGIC]);
         assert_eq!(times.lock().unwrap().init_ready, Some(first));
+    }
+
+    #[test]
+    fn the_ready_event_is_written_once() {
+        let times = Arc::new(Mutex::new(BootTimes::default()));
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t =
+            BootTimer::new(Instant::now(), times).with_ready_event(evt.try_clone().unwrap());
+        t.write(0, &[1]);
+        assert!(evt.read().is_err(), "not ready yet");
+        t.write(0, &[MAGIC]);
+        t.write(0, &[MAGIC]);
+        assert_eq!(evt.read().unwrap(), 1);
     }
 }

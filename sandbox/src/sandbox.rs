@@ -523,6 +523,7 @@ impl Sandbox {
     /// the guest. On failure everything made so far is undone.
     pub async fn start(config: SandboxConfig) -> Result<Sandbox> {
         let id = config.id.clone();
+        let mut steps = Steps::new(&id);
         isola_protocol::status::check_id("sandbox id", &id)
             .map_err(|e| Error::agent(&id, "checking the config", e))?;
         for (what, path) in [
@@ -609,6 +610,20 @@ impl Sandbox {
         for op in share::plan_share(&layout) {
             share::apply(&op).map_err(|e| Error::host(&id, "setting up the share", e))?;
         }
+        let mut cmd = tokio::process::Command::new(&config.virtiofsd);
+        cmd.args(virtiofsd_args(
+            &layout,
+            &config.log_level,
+            &config.virtiofs_cache,
+        ))
+        .stdout(std::process::Stdio::null());
+        child::confine(&mut cmd, config.cgroup.as_deref())
+            .map_err(|e| Error::host(&id, "preparing virtiofsd's cgroup", e))?;
+        let virtiofsd = Supervised::spawn("virtiofsd", &id, cmd)
+            .map_err(|e| Error::host(&id, format!("starting {}", config.virtiofsd.display()), e))?;
+        resources.virtiofsd = Some(virtiofsd);
+        steps.done("virtiofsd started");
+        // virtiofsd comes up while the pod network is plumbed.
         if let Some(netns) = &config.netns {
             let path = netns.clone();
             // A thread in the pod netns, joined off the runtime; if this
@@ -626,20 +641,9 @@ impl Sandbox {
                 .map_err(|e| Error::host(&id, "plumbing the pod network", e))?;
             tracing::info!(sandbox = %id, netns = %netns.display(), interfaces = ?net.interfaces().iter().map(|i| (&i.name, &i.tap)).collect::<Vec<_>>(), "pod network plumbed");
             resources.network = Mutex::new(Some(net));
+            steps.done("pod network plumbed");
         }
 
-        let mut cmd = tokio::process::Command::new(&config.virtiofsd);
-        cmd.args(virtiofsd_args(
-            &layout,
-            &config.log_level,
-            &config.virtiofs_cache,
-        ))
-        .stdout(std::process::Stdio::null());
-        child::confine(&mut cmd, config.cgroup.as_deref())
-            .map_err(|e| Error::host(&id, "preparing virtiofsd's cgroup", e))?;
-        let virtiofsd = Supervised::spawn("virtiofsd", &id, cmd)
-            .map_err(|e| Error::host(&id, format!("starting {}", config.virtiofsd.display()), e))?;
-        resources.virtiofsd = Some(virtiofsd);
         let fs = resources
             .virtiofsd
             .as_ref()
@@ -647,6 +651,8 @@ impl Sandbox {
         wait_for_socket(&layout.fs_socket(), fs, config.start_timeout)
             .await
             .map_err(|m| Error::new(ErrorKind::Host, &id, "starting virtiofsd", m))?;
+
+        steps.done("virtiofsd up");
 
         let mut taps = resources
             .network
@@ -790,6 +796,7 @@ impl Sandbox {
         .await
         .map_err(|d| Error::new(ErrorKind::Dead, &id, "Health.Version", d.to_string()))?
         .map_err(|e| Error::agent(&id, "Health.Version", e))?;
+        steps.done("agent answered");
         tracing::info!(sandbox = %id, agent_version = %version.agent_version, api_version = version.api_version, "agent answered");
 
         let mut tasks = Vec::new();
@@ -827,6 +834,7 @@ impl Sandbox {
                 .map_err(|d| Error::new(ErrorKind::Dead, &id, "SetupNetwork", d.to_string()))?
                 .map_err(|e| Error::agent(&id, "SetupNetwork", e))?;
             tracing::info!(sandbox = %id, interfaces = req.interfaces.len(), routes = req.routes.len(), "guest network set up");
+            steps.done("guest network set up");
         }
         let req = pb::CreateSandboxRequest {
             sandbox_id: id.clone(),
@@ -846,7 +854,8 @@ impl Sandbox {
             .await
             .map_err(|d| Error::new(ErrorKind::Dead, &id, "CreateSandbox", d.to_string()))?
             .map_err(|e| Error::agent(&id, "CreateSandbox", e))?;
-        tracing::info!(sandbox = %id, kernel = %created.kernel_release, dir = %layout.dir().display(), "sandbox started");
+        steps.done("sandbox created in the guest");
+        tracing::info!(sandbox = %id, kernel = %created.kernel_release, dir = %layout.dir().display(), ms = steps.total_ms(), template = resources.from_template.is_some(), "sandbox started");
         drop(children);
         // kubectl port-forward: served while the sandbox lives.
         let forward = resources
@@ -1723,6 +1732,41 @@ async fn dial_agent(
         death = first_death(&children) => {
             Err(Error::new(ErrorKind::Dead, id, "dialing the agent", death.to_string()))
         }
+    }
+}
+
+/// The start path's steps, each logged at debug level with its own
+/// duration and the time since the start.
+struct Steps<'a> {
+    sandbox: &'a str,
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl<'a> Steps<'a> {
+    fn new(sandbox: &'a str) -> Self {
+        let now = std::time::Instant::now();
+        Steps {
+            sandbox,
+            start: now,
+            last: now,
+        }
+    }
+
+    fn done(&mut self, step: &str) {
+        let now = std::time::Instant::now();
+        tracing::debug!(
+            sandbox = %self.sandbox,
+            step,
+            step_ms = now.duration_since(self.last).as_millis() as u64,
+            ms = now.duration_since(self.start).as_millis() as u64,
+            "start step"
+        );
+        self.last = now;
+    }
+
+    fn total_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 }
 

@@ -71,7 +71,7 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 use tracing::{debug, error, warn};
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -156,6 +156,10 @@ pub struct Vsock {
     timer: TimerFd,
     timer_deadline: Option<Instant>,
     listener_registered: bool,
+    /// A transport reset was sent and the driver has not handled it yet
+    /// (it re-posts the event buffer once it has reset its streams): host
+    /// connections wait, or the reset could cut one made meanwhile.
+    reset_unacked: bool,
     /// Set when accepting failed for lack of file descriptors: the
     /// listener is out of the epoll set until then.
     accept_paused_until: Option<Instant>,
@@ -255,6 +259,7 @@ impl Vsock {
             timer,
             timer_deadline: None,
             listener_registered: false,
+            reset_unacked: false,
             accept_paused_until: None,
             metrics,
             tx_stalled: false,
@@ -493,7 +498,8 @@ impl Vsock {
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
         }
-        let want = self.life.is_active() && self.accept_paused_until.is_none();
+        let want =
+            self.life.is_active() && self.accept_paused_until.is_none() && !self.reset_unacked;
         if want == self.listener_registered {
             return;
         }
@@ -540,6 +546,28 @@ impl Vsock {
 }
 
 impl Vsock {
+    /// The driver notified the event queue: once it has posted a buffer
+    /// past the one the reset used, it has handled the reset, and host
+    /// connections are taken again.
+    fn check_reset_handled(&mut self) {
+        if !self.reset_unacked {
+            return;
+        }
+        let Some(active) = self.life.active() else {
+            return;
+        };
+        let Some(queue) = active.queues.get(EVQ) else {
+            return;
+        };
+        let posted = queue
+            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| idx.0 != queue.next_avail());
+        if posted.unwrap_or(false) {
+            self.reset_unacked = false;
+            debug!("vsock: the driver handled the transport reset");
+        }
+    }
+
     /// Tells the driver that every connection it had is gone (after a
     /// restore from a snapshot: the template's host streams do not exist
     /// in this process): one event on the event queue, whose buffers the
@@ -575,6 +603,7 @@ impl Vsock {
             warn!("vsock: the driver's event buffer cannot take the transport reset");
         }
         if add_used(queue, mem, head, written).is_ok() {
+            self.reset_unacked = true;
             active.signal_used(&mut self.limiter, "vsock");
             debug!("vsock: transport reset sent to the guest");
         }
@@ -662,6 +691,7 @@ impl MutEventSubscriber for Vsock {
                 tx_notified = true;
                 sweep = true;
             }
+            DeviceEvent::Queue(EVQ) => self.check_reset_handled(),
             DeviceEvent::Queue(index) => tx_notified = index == TXQ,
             DeviceEvent::Other(EV_TIMER) => {
                 let mut buf = [0u8; 8];
@@ -670,7 +700,7 @@ impl MutEventSubscriber for Vsock {
                 sweep = true;
             }
             DeviceEvent::Other(EV_LISTENER) => {
-                if self.life.is_active() {
+                if self.life.is_active() && !self.reset_unacked {
                     if let AcceptOutcome::OutOfResources = self.muxer.accept(&self.listener, now) {
                         self.accept_paused_until = now.checked_add(ACCEPT_BACKOFF);
                     }

@@ -1325,3 +1325,36 @@ fn host_side_buffering_is_bounded_per_vm() {
     h.pump();
     h.kick_idle();
 }
+
+#[test]
+fn a_restored_device_resets_the_guests_streams_and_waits_for_the_driver() {
+    let mut h = Harness::new();
+    assert!(h.dev().listener_registered);
+    const EV_DATA: u64 = 0x200_0000;
+    let mock = MockSplitQueue::create(&h.mem, GuestAddress(QUEUE_BASES[EVQ]), QUEUE_SIZE);
+    let mut evq = DriverQueue::new(&mock, EV_DATA);
+    let head = evq.add_chain(&h.mem, &[(EV_DATA, 8, F_WRITE)]);
+    h.mem
+        .write_obj(0xffff_ffff_u32, GuestAddress(EV_DATA))
+        .unwrap();
+    h.dev().restored();
+    // One event: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (0), 4 bytes.
+    assert_eq!(evq.take_used(&h.mem), vec![(head, 4)]);
+    let id: u32 = h.mem.read_obj(GuestAddress(EV_DATA)).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
+    // Until the driver has handled it, host connections wait.
+    h.kicks[EVQ].write(1).unwrap();
+    h.pump();
+    assert!(!h.dev().listener_registered);
+    // It posts its event buffer again: they are taken again.
+    evq.add_chain(&h.mem, &[(EV_DATA + SLOT, 8, F_WRITE)]);
+    h.kicks[EVQ].write(1).unwrap();
+    h.pump();
+    assert!(h.dev().listener_registered);
+    // A driver without an event buffer gets no reset (and no hang).
+    let mut bare = Harness::new();
+    let _ = MockSplitQueue::create(&bare.mem, GuestAddress(QUEUE_BASES[EVQ]), QUEUE_SIZE);
+    bare.dev().restored();
+    bare.pump();
+    assert!(bare.dev().listener_registered);
+}

@@ -174,7 +174,9 @@ boot-demo: all
 # QEMU microvm (boot to agent ready, VMM memory overhead, start-up CPU),
 # then `isola run` against runc (start, stdout throughput, virtio-fs read),
 # then containerd's isola shim against its runc shim (`ctr run --rm` wall
-# time, host PSS of an idle container), then CRI pods with handler isola
+# time, host PSS of an idle container and of 10 side by side; isola from
+# its template and booting cold; samples and a PNG of their distributions
+# in build/bench/shim.{json,png}), then CRI pods with handler isola
 # against runc (pod start, 10 pods at once against one, host PSS of an
 # idle pod, network throughput host ↔ pod with virtio-net offloads on and
 # off and runc).
@@ -184,6 +186,7 @@ bench: all busybox-rootfs busybox-image pause-image
 	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-shim --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-pods --runs $(or $(RUNS),5)
+	scripts/bench-plot build/bench/shim.json
 
 # This build's guest kernel against another vmlinux (AGAINST=PATH, e.g. an
 # earlier isola.config's build in ~/.cache/isola/kernel/): boot to agent

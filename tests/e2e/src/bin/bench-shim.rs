@@ -2,23 +2,34 @@
 //! against containerd with runc (`io.containerd.runc.v2`), side by side in
 //! one run on the same KVM host, through `ctr` and the busybox image
 //! (build/images/busybox.tar), in the e2e suite's private containerd
-//! (`Containerd::shared`). Run it as `make bench` (after `bench` and
-//! `bench-containers`). Medians of `--runs`:
+//! (`Containerd::shared`). isola runs two ways: from the node's template
+//! (the default; the first isola run builds it beside its boot, and the
+//! measured runs start once it is there) and booting cold (the same
+//! config with `runtime.templates = false`, through ctr's
+//! `--runtime-config-path`). Run it as `make bench`. Medians of `--runs`:
 //!
 //! - `ctr run --rm IMAGE ID echo hi`: the wall time of the whole ctr
-//!   command (create, start, output, exit, delete; for isola a VM boot and
-//!   stop), isola and runc interleaved, after one warm-up of each that is
-//!   not counted. Each run starts once the previous one left nothing
-//!   behind;
+//!   command (create, start, output, exit, delete; for isola a VM restore
+//!   or boot, and its stop), the three interleaved, after one warm-up of
+//!   each that is not counted. Each run starts once the previous one left
+//!   nothing behind;
 //! - host memory of an idle container: `ctr run -d IMAGE ID sleep 100000`,
 //!   then, once `ctr task ls` says RUNNING, the PSS (proportional set size:
-//!   memory shared between processes, such as the guest RAM isola-vmm and
-//!   virtiofsd both map, is counted once) of every process the container
-//!   costs the host, from `/proc/PID/smaps_rollup`, sampled every second
-//!   until two samples in a row agree within 2% (the guest is idle; at
-//!   most 60 s). isola: the shim, isola-vmm and virtiofsd (both of its
-//!   processes); runc: the shim and the container's processes. Every
-//!   container is killed and deleted afterwards, and must leave nothing.
+//!   memory shared between processes is counted once, split between them)
+//!   of every process the container costs the host, from
+//!   `/proc/PID/smaps_rollup`, sampled every second until two samples in a
+//!   row agree within 2% (the guest is idle; at most 60 s). isola: the
+//!   shim, isola-vmm and virtiofsd (both of its processes); runc: the shim
+//!   and the container's processes. Every container is killed and deleted
+//!   afterwards, and must leave nothing;
+//! - density: [`DENSE`] idle isola containers started one after the
+//!   other, the total PSS of all of them after each (template and cold):
+//!   what the last one added and the mean per container. Clones share the
+//!   template's clean pages (the page cache of its memory file), so the
+//!   more there are, the less each costs.
+//!
+//! The samples go to build/bench/shim.json (`scripts/bench-plot` draws
+//! build/bench/shim.png from them).
 
 use std::time::{Duration, Instant};
 
@@ -40,6 +51,89 @@ fn main() {
     }
 }
 
+/// Idle containers started side by side for the density figures.
+const DENSE: usize = 10;
+
+/// The three ways a container runs here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// isola, its VM a clone of the node's template (the default).
+    Template,
+    /// isola with `runtime.templates = false`: every VM boots.
+    Cold,
+    Runc,
+}
+
+const FLAVORS: [Flavor; 3] = [Flavor::Template, Flavor::Cold, Flavor::Runc];
+
+impl Flavor {
+    fn name(self) -> &'static str {
+        match self {
+            Flavor::Template => "isola",
+            Flavor::Cold => "isola-cold",
+            Flavor::Runc => "runc",
+        }
+    }
+
+    fn runtime(self) -> &'static str {
+        match self {
+            Flavor::Template | Flavor::Cold => RUNTIME,
+            Flavor::Runc => RUNC,
+        }
+    }
+
+    /// `ctr run` options: the cold flavor's isola config (ConfigPath).
+    fn options(self, c: &Containerd) -> Result<Vec<String>> {
+        Ok(match self {
+            Flavor::Cold => vec![
+                "--runtime-config-path".into(),
+                cold_config(c)?.display().to_string(),
+            ],
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// The shared containerd's isola config with templates off.
+fn cold_config(c: &Containerd) -> Result<std::path::PathBuf> {
+    let path = c.dir.join("isola-cold.toml");
+    if !path.exists() {
+        let mut text = std::fs::read_to_string(c.dir.join("isola.toml"))?;
+        ensure!(
+            text.trim_end().lines().any(|l| l.trim() == "[runtime]"),
+            "the shared isola.toml has no [runtime] section"
+        );
+        // [runtime] is the file's last section.
+        text.push_str("templates = false\n");
+        std::fs::write(&path, text)?;
+    }
+    Ok(path)
+}
+
+/// Waits until the node has a whole template (the first isola run built
+/// it beside its boot).
+fn wait_for_template(c: &Containerd) -> Result<std::path::PathBuf> {
+    let root = isola_sandbox::template::root_for(&c.run_root);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let ready = std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("state.json").is_file() && p.join("inputs").is_file());
+        if let Some(dir) = ready {
+            return Ok(dir);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no template in {} after the warm-up",
+            root.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn run() -> Result<()> {
     let runs = isola_e2e::runs_from_args("bench-shim")?;
     let host = require_kvm_host()?;
@@ -53,73 +147,164 @@ fn run() -> Result<()> {
         containerd_version(c)
     );
 
-    // (a) ctr run --rm ... echo hi.
-    for runtime in [RUNTIME, RUNC] {
-        let t = echo_run(c, runtime, &format!("bench-echo-{}-warm", short(runtime)))?;
-        println!("warm-up: ctr run {:<5} {:>7.0} ms", short(runtime), ms(t));
+    // (a) ctr run --rm ... echo hi. The first isola run builds the template.
+    for flavor in FLAVORS {
+        let t = echo_run(c, flavor, &format!("bench-echo-{}-warm", flavor.name()))?;
+        println!("warm-up: ctr run {:<10} {:>7.0} ms", flavor.name(), ms(t));
     }
-    let (mut run_i, mut run_r) = (Vec::new(), Vec::new());
+    let template = wait_for_template(c)?;
+    println!("template: {}", template.display());
+    let mut echo: Vec<Vec<f64>> = vec![Vec::new(); FLAVORS.len()];
     for i in 1..=runs {
-        let ti = echo_run(c, RUNTIME, &format!("bench-echo-isola-{i}"))?;
-        let tr = echo_run(c, RUNC, &format!("bench-echo-runc-{i}"))?;
-        println!(
-            "run {i}: ctr run echo hi   isola {:>7.0} ms   runc {:>7.0} ms",
-            ms(ti),
-            ms(tr)
-        );
-        run_i.push(ms(ti));
-        run_r.push(ms(tr));
+        let mut line = format!("run {i}: ctr run echo hi");
+        for (k, flavor) in FLAVORS.iter().enumerate() {
+            let t = echo_run(c, *flavor, &format!("bench-echo-{}-{i}", flavor.name()))?;
+            line.push_str(&format!("   {} {:>7.0} ms", flavor.name(), ms(t)));
+            echo[k].push(ms(t));
+        }
+        println!("{line}");
     }
 
     // (b) an idle container's PSS.
-    let (mut idle_i, mut idle_r) = (Vec::new(), Vec::new());
+    let mut idle_pss: Vec<Vec<Pss>> = vec![Vec::new(); FLAVORS.len()];
     for i in 1..=runs {
-        let s = idle(c, RUNTIME, &format!("bench-idle-isola-{i}"))?;
-        println!("run {i}: idle PSS isola {s}");
-        idle_i.push(s);
-        let s = idle(c, RUNC, &format!("bench-idle-runc-{i}"))?;
-        println!("run {i}: idle PSS runc  {s}");
-        idle_r.push(s);
+        for (k, flavor) in FLAVORS.iter().enumerate() {
+            let s = idle(c, *flavor, &format!("bench-idle-{}-{i}", flavor.name()))?;
+            println!("run {i}: idle PSS {:<10} {s}", flavor.name());
+            idle_pss[k].push(s);
+        }
     }
 
-    let (ri, rr) = (median(run_i), median(run_r));
-    let med = |samples: &[Pss], name: &str| median(samples.iter().map(|s| s.mib(name)).collect());
-    let total = |samples: &[Pss]| median(samples.iter().map(Pss::total_mib).collect());
-    let (ti, tr) = (total(&idle_i), total(&idle_r));
+    // (c) density: DENSE idle containers side by side, the total PSS
+    // after each; the last one's cost is what the last one added.
+    let mut dense = Vec::new();
+    for flavor in [Flavor::Template, Flavor::Cold] {
+        let totals = density(c, flavor, DENSE)?;
+        println!(
+            "density {}: total PSS after each of {DENSE} idle containers (MiB): {}",
+            flavor.name(),
+            totals
+                .iter()
+                .map(|t| format!("{t:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        dense.push(totals);
+    }
+
+    let medians: Vec<f64> = echo.iter().map(|v| median(v.clone())).collect();
+    let med = |k: usize, name: &str| median(idle_pss[k].iter().map(|s| s.mib(name)).collect());
+    let total = |k: usize| median(idle_pss[k].iter().map(Pss::total_mib).collect());
+    let last = |k: usize| {
+        let t = &dense[k];
+        (
+            t[t.len() - 1] - t[t.len() - 2],
+            t[t.len() - 1] / t.len() as f64,
+        )
+    };
+    let (tl, ta) = last(0);
+    let (cl, ca) = last(1);
     println!();
     println!(
-        "| {:<35} | isola     | runc      |",
+        "| {:<38} | isola     | isola-cold | runc      |",
         format!("median of {runs}")
     );
-    println!("|-------------------------------------|-----------|-----------|");
-    println!("| ctr run --rm echo hi (ms)           | {ri:>9.0} | {rr:>9.0} |");
+    println!("|----------------------------------------|-----------|------------|-----------|");
     println!(
-        "| idle PSS: shim (MiB)                | {:>9.1} | {:>9.1} |",
-        med(&idle_i, SHIM),
-        med(&idle_r, SHIM)
+        "| ctr run --rm echo hi (ms)              | {:>9.0} | {:>10.0} | {:>9.0} |",
+        medians[0], medians[1], medians[2]
+    );
+    for (label, name) in [("shim", SHIM), ("isola-vmm", VMM), ("virtiofsd", VIRTIOFSD)] {
+        let runc = if name == SHIM {
+            format!("{:.1}", med(2, SHIM))
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "| idle PSS: {:<28} | {:>9.1} | {:>10.1} | {:>9} |",
+            format!("{label} (MiB)"),
+            med(0, name),
+            med(1, name),
+            runc
+        );
+    }
+    println!(
+        "| idle PSS: total (MiB)                  | {:>9.1} | {:>10.1} | {:>9.1} |",
+        total(0),
+        total(1),
+        total(2)
     );
     println!(
-        "| idle PSS: isola-vmm (MiB)           | {:>9.1} | {:>9} |",
-        med(&idle_i, VMM),
+        "| {DENSE} idle: the {DENSE}th added (MiB)           | {tl:>9.1} | {cl:>10.1} | {:>9} |",
         "-"
     );
     println!(
-        "| idle PSS: virtiofsd (MiB)           | {:>9.1} | {:>9} |",
-        med(&idle_i, VIRTIOFSD),
+        "| {DENSE} idle: per container (MiB)          | {ta:>9.1} | {ca:>10.1} | {:>9} |",
         "-"
     );
     println!(
-        "| idle PSS: container processes (MiB) | {:>9} | {:>9.1} |",
-        "in the VM",
-        med(&idle_r, CONTAINER)
+        "ctr run ratio isola/runc = {:.2} (goal <= 1.2); isola-cold/runc = {:.2}; template/cold = {:.2}",
+        medians[0] / medians[2],
+        medians[1] / medians[2],
+        medians[0] / medians[1]
     );
-    println!("| idle PSS: total (MiB)               | {ti:>9.1} | {tr:>9.1} |");
-    println!("ctr run ratio isola/runc = {:.2} (goal <= 2.0)", ri / rr);
     println!(
-        "idle container PSS (shim + isola-vmm + virtiofsd) = {ti:.1} MiB (goal <= 40; Kata ~125 MB)"
+        "idle PSS per container with {DENSE} side by side: isola {ta:.1} MiB (goal <= 25), the {DENSE}th added {tl:.1} MiB (goal <= 20)"
     );
-    println!("idle runc container PSS (shim + container) = {tr:.1} MiB");
+    let samples = serde_json::json!({
+        "host": host.to_string(),
+        "runs": runs,
+        "echo_ms": FLAVORS.iter().zip(&echo).map(|(f, v)| (f.name(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        "idle_pss_mib": FLAVORS.iter().zip(&idle_pss).map(|(f, v)| (f.name(), v.iter().map(Pss::total_mib).collect::<Vec<_>>())).collect::<std::collections::BTreeMap<_, _>>(),
+        "dense_total_mib": {"isola": dense[0], "isola-cold": dense[1]},
+    });
+    let out = project_dir().join("build/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("shim.json"), serde_json::to_vec_pretty(&samples)?)?;
+    println!("samples: {}", out.join("shim.json").display());
     Ok(())
+}
+
+/// Starts `n` idle containers of `flavor` one after the other; the total
+/// PSS of all of them (settled) after each; then removes them all.
+fn density(c: &Containerd, flavor: Flavor, n: usize) -> Result<Vec<f64>> {
+    let ids: Vec<String> = (1..=n)
+        .map(|i| format!("bench-dense-{}-{i}", flavor.name()))
+        .collect();
+    let mut totals = Vec::new();
+    let mut result = Ok(());
+    for (k, id) in ids.iter().enumerate() {
+        discard(c, id);
+        let options = flavor.options(c)?;
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        let measured = c
+            .run_detached(flavor.runtime(), &options, id)
+            .and_then(|()| {
+                settle(|| {
+                    let mut all = Vec::new();
+                    for id in &ids[..=k] {
+                        all.extend(processes(c, flavor.runtime(), id)?);
+                    }
+                    Ok(all)
+                })
+            });
+        match measured {
+            Ok(pss) => totals.push(pss.total_mib()),
+            Err(err) => {
+                result = Err(err);
+                break;
+            }
+        }
+    }
+    for id in &ids {
+        if c.ctr(&["container", "info", id])
+            .is_ok_and(|o| o.status.success())
+        {
+            remove(c, id)?;
+            assert_gone(c, flavor.runtime(), id)?;
+        }
+    }
+    result.map(|()| totals)
 }
 
 /// What must be there before containerd starts: a panic in
@@ -152,14 +337,6 @@ fn preflight() -> Result<()> {
 }
 
 /// `isola` or `runc`, for ids and lines.
-fn short(runtime: &str) -> &'static str {
-    if runtime == RUNTIME {
-        "isola"
-    } else {
-        "runc"
-    }
-}
-
 /// The VM size the shim gives a container (the shared containerd's config).
 fn vm_size(c: &Containerd) -> String {
     let path = c.dir.join("isola.toml");
@@ -190,19 +367,15 @@ fn containerd_version(c: &Containerd) -> String {
 
 /// `ctr run --rm --runtime RUNTIME busybox ID echo hi`: its wall time, once
 /// it printed `hi` and exited 0; then waits until it left nothing.
-fn echo_run(c: &Containerd, runtime: &str, id: &str) -> Result<Duration> {
+fn echo_run(c: &Containerd, flavor: Flavor, id: &str) -> Result<Duration> {
     discard(c, id);
+    let runtime = flavor.runtime();
+    let options = flavor.options(c)?;
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend(options.iter().map(String::as_str));
+    args.extend([BUSYBOX, id, "echo", "hi"]);
     let start = Instant::now();
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        runtime,
-        BUSYBOX,
-        id,
-        "echo",
-        "hi",
-    ])?;
+    let out = c.ctr(&args)?;
     let took = start.elapsed();
     ensure!(
         out.status.success() && text(&out.stdout) == "hi\n",
@@ -218,10 +391,13 @@ fn echo_run(c: &Containerd, runtime: &str, id: &str) -> Result<Duration> {
 
 /// Runs `sleep 100000` detached under `runtime`, measures its processes'
 /// PSS once idle, then kills and deletes it and checks it left nothing.
-fn idle(c: &Containerd, runtime: &str, id: &str) -> Result<Pss> {
+fn idle(c: &Containerd, flavor: Flavor, id: &str) -> Result<Pss> {
     discard(c, id);
+    let runtime = flavor.runtime();
+    let options = flavor.options(c)?;
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
     let measured = c
-        .run_detached(runtime, &[], id)
+        .run_detached(runtime, &options, id)
         .and_then(|()| settle(|| processes(c, runtime, id)));
     let removed = remove(c, id).and_then(|()| assert_gone(c, runtime, id));
     let pss = measured.with_context(|| format!("measuring {id}"))?;

@@ -373,9 +373,13 @@ fn restore_order(msrs: &[(u32, u64)]) -> Vec<kvm_msr_entry> {
     entries
 }
 
-/// Restores one vCPU, in the order KVM needs: CPUID (what the rest is
-/// checked against), the TSC frequency, MSRs, registers, then the LAPIC
-/// (after the APIC base in the segment registers), MP state and events.
+/// Restores one vCPU, in the order KVM needs (Firecracker's): CPUID
+/// (what the rest is checked against) and the TSC frequency, registers,
+/// then the LAPIC (after the APIC base in the segment registers), then the
+/// MSRs (after the LAPIC: KVM takes IA32_TSC_DEADLINE only while the LAPIC
+/// timer is in TSC-deadline mode, and drops it otherwise, which leaves the
+/// guest without its next timer interrupt), with the TSC before its
+/// deadline, then the MP state and pending events.
 pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, index: usize) -> Result<()> {
     let step = |what: &str| format!("restoring vCPU {index}: {what}");
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -385,14 +389,6 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, index: usize) -> Result<()> 
         if fd.get_tsc_khz().ok() != Some(khz) {
             fd.set_tsc_khz(khz)
                 .with_context(|| step(&format!("KVM_SET_TSC_KHZ {khz}")))?;
-        }
-    }
-    for chunk in restore_order(&state.msrs).chunks(MSR_CHUNK) {
-        let msrs = Msrs::from_entries(chunk).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let set = fd.set_msrs(&msrs).with_context(|| step("KVM_SET_MSRS"))?;
-        if set != chunk.len() {
-            let failed = chunk.get(set).map_or(0, |e| e.index);
-            bail!("{}: KVM refused MSR {failed:#x}", step("KVM_SET_MSRS"));
         }
     }
     fd.set_regs(&state.regs)
@@ -408,6 +404,14 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, index: usize) -> Result<()> 
         .with_context(|| step("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&state.lapic)
         .with_context(|| step("KVM_SET_LAPIC"))?;
+    for chunk in restore_order(&state.msrs).chunks(MSR_CHUNK) {
+        let msrs = Msrs::from_entries(chunk).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let set = fd.set_msrs(&msrs).with_context(|| step("KVM_SET_MSRS"))?;
+        if set != chunk.len() {
+            let failed = chunk.get(set).map_or(0, |e| e.index);
+            bail!("{}: KVM refused MSR {failed:#x}", step("KVM_SET_MSRS"));
+        }
+    }
     fd.set_mp_state(state.mp_state)
         .with_context(|| step("KVM_SET_MP_STATE"))?;
     fd.set_vcpu_events(&state.events)
@@ -502,10 +506,22 @@ pub fn save_clock(vm_fd: &VmFd, fds: &[VcpuFd], vcpus: &mut [VcpuState]) -> Resu
 /// together. The guest's monotonic time does not jump; the wall clock is
 /// set by the agent.
 pub fn restore_clock(vm_fd: &VmFd, fds: &[VcpuFd], state: &Snapshot) -> Result<()> {
+    let saved = |vcpu: &VcpuState, index: u32| {
+        vcpu.msrs
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|&(_, value)| value)
+    };
     for (i, (fd, vcpu)) in fds.iter().zip(&state.vcpu).enumerate() {
-        if let Some(&(_, tsc)) = vcpu.msrs.iter().find(|(index, _)| *index == MSR_IA32_TSC) {
+        if let Some(tsc) = saved(vcpu, MSR_IA32_TSC) {
             write_msr(fd, MSR_IA32_TSC, tsc)
                 .with_context(|| format!("restoring vCPU {i}'s TSC"))?;
+        }
+        // The timer armed against the TSC written before is armed again
+        // against this one.
+        if let Some(deadline) = saved(vcpu, MSR_IA32_TSC_DEADLINE).filter(|d| *d != 0) {
+            write_msr(fd, MSR_IA32_TSC_DEADLINE, deadline)
+                .with_context(|| format!("restoring vCPU {i}'s TSC deadline"))?;
         }
     }
     let mut clock = state.vm.clock;

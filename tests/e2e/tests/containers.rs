@@ -1002,16 +1002,20 @@ fn pids_with(needle: &str) -> Vec<u32> {
     pids
 }
 
-/// A container `main` sleeping in `sandbox`; an exec in it printing the
-/// guest's boot_id, 16 bytes of /dev/urandom and the hostname.
+/// A container `main` sleeping in `sandbox`, in the guest's UTS namespace
+/// (no hostname and no UTS namespace of its own); an exec in it printing
+/// the guest's boot_id, 16 bytes of /dev/urandom and the hostname.
 async fn identity(sandbox: &Sandbox, rootfs: &Path) -> Result<(String, String, String)> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let mut s = spec(rootfs, &["sleep", "100000"]);
+    s.set_hostname(None);
+    if let Some(linux) = s.linux_mut() {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            namespaces.retain(|n| n.typ() != LinuxNamespaceType::Uts);
+        }
+    }
     sandbox
-        .create_container(request(
-            "main",
-            spec(rootfs, &["sleep", "100000"]),
-            rootfs,
-            NO_STDIO,
-        ))
+        .create_container(request("main", s, rootfs, NO_STDIO))
         .await?;
     sandbox.start_container("main").await?;
     let done = exec_collect(

@@ -19,7 +19,8 @@
 //!   ends the VMM at the deadline), and
 //!   `a_virtiofsd_stopped_under_guest_reads_leaves_the_vmm_responsive`
 //!   (the guest waits on its reads; the API answers and SIGTERM stops the
-//!   VM at once: kicks go straight to virtiofsd, the VMM waits on nothing).
+//!   VM at once: the VMM relays guest requests through non-blocking
+//!   eventfds and waits on nothing).
 
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
 

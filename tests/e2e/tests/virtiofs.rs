@@ -141,7 +141,7 @@ fn virtiofs_guest_reads_and_writes_a_host_directory() {
     let log = vm.log();
     assert!(
         log.iter()
-            .any(|l| l.contains("the back end runs the queues") && l.contains(TAG)),
+            .any(|l| l.contains("the queues run, relayed to the back end") && l.contains(TAG)),
         "{log:#?}"
     );
 }

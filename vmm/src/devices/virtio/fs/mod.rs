@@ -96,6 +96,8 @@ const EV_CALL_BASE: u32 = 0x100;
 /// How long after the last large request the memory of the large slots
 /// is given back: long enough that a reader's next megabyte finds them
 /// still warm, short enough that an idle container does not keep them.
+/// (The timer is re-armed, one timerfd_settime, each time the large
+/// slots go idle.)
 pub const TRIM_AFTER: Duration = Duration::from_secs(2);
 
 /// Where the device is with its back end.
@@ -339,15 +341,12 @@ impl Fs {
         if taken.more {
             self.life.rearm(q);
         }
-        self.arm_trim();
-        Ok(())
-    }
-
-    /// Starts the trim timer when the large slots went idle.
-    fn arm_trim(&mut self) {
-        if !self.trim_armed && self.relay.trim_due() {
+        if done.large_idle {
+            // TRIM_AFTER from the last large request: a reader's next
+            // megabyte finds its slot still warm.
             self.trim_armed = self.trim_timer.arm(TRIM_AFTER);
         }
+        Ok(())
     }
 
     /// Queue `q`'s eventfd (the guest) or call eventfd (the back end).

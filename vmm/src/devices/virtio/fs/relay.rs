@@ -77,6 +77,9 @@ pub struct Served {
     pub used: bool,
     /// The budget ran out with chains left: come back (re-arm).
     pub more: bool,
+    /// A large slot was freed and none is in use now: the trim's delay
+    /// starts again.
+    pub large_idle: bool,
 }
 
 /// The back end broke its ring: the device cannot go on.
@@ -426,6 +429,7 @@ impl Relay {
             slot.bufs.clear();
             relay.in_flight = relay.in_flight.saturating_sub(1);
             relay.give_back(s);
+            served.large_idle |= s >= relay.sizing.small && relay.large_all_free();
             self.stats.completed += 1;
             served.used |= return_to_guest(queue, mem, head, copied, &mut self.limiter);
         }

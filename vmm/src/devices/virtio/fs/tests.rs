@@ -1423,3 +1423,39 @@ fn the_deadline_is_per_request_not_per_connection() {
     assert!(Instant::now() < until);
     assert!(watchdog.disarm());
 }
+
+#[test]
+fn a_full_guest_ring_is_taken_in_budgeted_rounds() {
+    use crate::devices::virtio::queue::QUEUE_BUDGET;
+    let mem = memfd_memory(1 << 20);
+    let config: FsConfig = "tag=myshare,socket=/run/test/fs.sock,queue_size=128"
+        .parse()
+        .unwrap();
+    let (mut fs, end) = device(Fake::new(), config).unwrap();
+    let mocks: Vec<_> = (0..2u64)
+        .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x10000 * (i + 1)), 128))
+        .collect();
+    activate(&mut fs, &mem, &mocks);
+    // 100 FORGET-like requests (readable only), all made available.
+    mem.write_slice(&fuse_request(1, &[0; 8]), GuestAddress(buf(0)))
+        .unwrap();
+    let ring = &mocks[1];
+    for i in 0..100u16 {
+        let d = SplitDescriptor::new(buf(0), 48, 0, 0);
+        let at = ring.desc_table_addr().unchecked_add(16 * u64::from(i));
+        mem.write_obj(RawDescriptor::from(d), at).unwrap();
+        let slot = ring.avail_addr().unchecked_add(4 + 2 * u64::from(i));
+        mem.write_obj(i, slot).unwrap();
+    }
+    mem.write_obj(100u16, ring.avail_addr().unchecked_add(2))
+        .unwrap();
+    fs.on_queue(1, None);
+    assert_eq!(end.take(1).len(), QUEUE_BUDGET);
+    // Work is left: the queue's eventfd was made readable again, so the
+    // event loop comes back after serving the other ready events.
+    assert_eq!(fs.queue_events()[1].read().unwrap(), 1);
+    fs.on_queue(1, None);
+    assert_eq!(end.take(1).len(), 100 - QUEUE_BUDGET);
+    assert!(fs.queue_events()[1].read().is_err());
+    assert_eq!(fs.relay.in_flight(1), 100);
+}

@@ -1459,3 +1459,57 @@ fn a_full_guest_ring_is_taken_in_budgeted_rounds() {
     assert!(fs.queue_events()[1].read().is_err());
     assert_eq!(fs.relay.in_flight(1), 100);
 }
+
+#[test]
+fn a_large_write_reaches_the_back_end_byte_for_byte() {
+    let mem = memfd_memory(4 << 20);
+    // A WRITE of 256 KiB: header and write_in, then the data in 64 pages.
+    let header = fuse_request(0x99, &[0; 40]);
+    let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+    mem.write_slice(&header, GuestAddress(buf(0))).unwrap();
+    mem.write_slice(&data, GuestAddress(0x100000)).unwrap();
+    let mut parts = vec![(buf(0), header.len() as u32, false)];
+    // Pages in reverse order in guest memory: the chain's order counts.
+    for page in (0..64u64).rev() {
+        parts.push((0x100000 + page * 4096, 4096, false));
+    }
+    parts.push((buf(1), 24, true));
+    // A ring of 16 cannot hold 66 descriptors: a bigger one.
+    let config: FsConfig = "tag=myshare,socket=/run/test/fs.sock,queue_size=128"
+        .parse()
+        .unwrap();
+    let (mut fs2, end2) = device(Fake::new(), config).unwrap();
+    let big: Vec<_> = (0..2u64)
+        .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x10000 * (i + 1)), 128))
+        .collect();
+    activate(&mut fs2, &mem, &big);
+    for (k, &(addr, len, writable)) in parts.iter().enumerate() {
+        let index = k as u16;
+        let more = k + 1 < parts.len();
+        let flags = if writable { 2 } else { 0 } | u16::from(more);
+        let d = SplitDescriptor::new(addr, len, flags, index + 1);
+        let at = big[1]
+            .desc_table_addr()
+            .unchecked_add(16 * u64::from(index));
+        mem.write_obj(RawDescriptor::from(d), at).unwrap();
+    }
+    mem.write_obj(0u16, big[1].avail_addr().unchecked_add(4))
+        .unwrap();
+    mem.write_obj(1u16, big[1].avail_addr().unchecked_add(2))
+        .unwrap();
+    fs2.on_queue(1, None);
+    let t = end2.take(1).remove(0);
+    let mut want = header.clone();
+    for page in (0..64usize).rev() {
+        want.extend_from_slice(&data[page * 4096..(page + 1) * 4096]);
+    }
+    assert_eq!(t.readable.len(), want.len());
+    assert!(t.readable == want, "the bytes differ");
+    assert_eq!(t.writable.iter().map(|w| w.1).sum::<u32>(), 24);
+    end2.answer(1, u32::from(t.head), &t.writable, &[4; 24], 24);
+    fs2.on_queue(1, None);
+    let idx: u16 = mem.read_obj(big[1].used_addr().unchecked_add(2)).unwrap();
+    assert_eq!(idx, 1);
+    let len: u32 = mem.read_obj(big[1].used_addr().unchecked_add(8)).unwrap();
+    assert_eq!(len, 24);
+}

@@ -27,6 +27,12 @@
 //!   from the input (the reporting queue's buffers are ranges the host
 //!   then gives back); optionally a reset and a second activation. Checks
 //!   the used rings.
+//! - [`fs_device`]: the virtio-fs relay (the device's data path without
+//!   its vhost-user socket): a request queue whose ring is the input's,
+//!   and a back end, also the input's, answering the shadow ring in the
+//!   bounce memory with real, bogus or out-of-range used ids and lengths,
+//!   or breaking its used index; optionally a reset and a second round.
+//!   Checks the guest's used ring and the relay's bounds.
 //! - [`mmio_sequence`]: register reads and writes of any size and offset,
 //!   queue notifies, on virtio-rng or vsock, guest memory from the input.
 //! - [`connect_line`]: the hybrid vsock `CONNECT <port>` line parser.
@@ -49,6 +55,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::api::{parse_request, Request, MAX_REQUEST};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::balloon::{Balloon, F_PAGE_REPORTING};
+use crate::devices::virtio::fs::bounce::{QueueSizing, LARGE_SLOT};
+use crate::devices::virtio::fs::relay::Relay;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::config::MacAddr;
 use crate::devices::virtio::net::frame::{MAX_BUFFER_LEN, MIN_TX_LEN};
@@ -753,6 +761,196 @@ pub fn balloon_device(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------
+// virtio-fs: the relay between the guest's ring and the back end's.
+
+/// The virtio-fs relay's request queue driven from the input:
+///
+/// ```text
+/// sizes: u8            log2 of the guest queue's size (at most 128)
+/// slots: u8            small slots (low nibble, 1-8), large (bit 4-5)
+/// flags: u8            F_RESET (8): reset, then a second round
+/// ring: ndesc u8, ndesc x 16-byte descriptors, avail_idx u16,
+///       nheads u8, nheads x u16
+/// nanswers: u8, then nanswers x (kind u8, id u16, len u32), what the
+///       back end does, one after the other:
+///   kind % 4 == 0   answers the oldest chain it took, with len
+///   kind % 4 == 1   a used element (id, len) of its own making
+///   kind % 4 == 2   takes what the relay posted, answers nothing
+///   kind % 4 == 3   moves its used index by id
+///   kind bit 2      the relay runs after it (guest and completions)
+/// rest                 guest memory from 0x8000 on
+/// ```
+///
+/// Every used entry the guest sees must name a descriptor of its queue
+/// and be no longer than a slot; the requests in flight never exceed the
+/// slots; the event never panics.
+pub fn fs_device(data: &[u8]) {
+    let mut input = Input(data);
+    let size = 1u16 << (input.u8() & 0xf).min(7);
+    let slots = input.u8();
+    let sizing = QueueSizing {
+        small: u16::from(slots & 0x7) + 1,
+        large: u16::from((slots >> 4) & 0x3),
+    };
+    let flags = input.u8();
+    let ring = Ring::at(0, size);
+    let guest = RingInput::read(&mut input);
+    let n = usize::from(input.u8());
+    let answers: Vec<(u8, u16, u32)> = (0..n)
+        .map(|_| (input.u8(), input.u16(), input.u32()))
+        .collect();
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), VSOCK_MEM)]) else {
+        return;
+    };
+    let _ = mem.write_slice(input.rest(), GuestAddress(VSOCK_DATA));
+    guest.write(&mem, ring);
+    let hiprio = QueueSizing { small: 1, large: 0 };
+    let Ok(mut relay) = Relay::new(&[hiprio, sizing]) else {
+        return;
+    };
+    let queue = || -> Option<Queue> {
+        let mut q = Queue::new(size).ok()?;
+        q.try_set_desc_table_address(GuestAddress(ring.desc)).ok()?;
+        q.try_set_avail_ring_address(GuestAddress(ring.avail))
+            .ok()?;
+        q.try_set_used_ring_address(GuestAddress(ring.used)).ok()?;
+        q.set_ready(true);
+        Some(q)
+    };
+    let rounds = if flags & F_RESET != 0 { 2 } else { 1 };
+    for _ in 0..rounds {
+        let Some(mut q) = queue() else {
+            return;
+        };
+        let _ = mem.write_obj(0u16, GuestAddress(ring.used + 2));
+        relay.reset();
+        guest.publish(&mem, ring);
+        let mut back = FakeBackEnd::default();
+        let mut broken = false;
+        let _ = relay.serve_guest(1, &mut q, &mem);
+        for &(kind, id, len) in &answers {
+            match kind % 4 {
+                0 => back.answer_oldest(&relay, len),
+                1 => back.push_used(&relay, u32::from(id), len),
+                2 => back.take(&relay),
+                _ => back.bump_used(&relay, id),
+            }
+            if kind & 4 != 0 && !broken {
+                broken = relay.complete(1, &mut q, &mem).is_err();
+                let _ = relay.serve_guest(1, &mut q, &mem);
+            }
+            assert!(
+                relay.in_flight(1) <= usize::from(sizing.slots()),
+                "more requests in flight than slots"
+            );
+        }
+        if !broken {
+            // Whatever is left, answered properly: it all completes.
+            back.take(&relay);
+            while !back.taken.is_empty() {
+                back.answer_oldest(&relay, 0);
+            }
+            if relay.complete(1, &mut q, &mem).is_ok() {
+                let _ = relay.serve_guest(1, &mut q, &mem);
+            }
+        }
+        // Writable buffers over the rings: the guest's own loss, nothing
+        // to check against.
+        if descriptor_table(&mem, ring).is_none() {
+            continue;
+        }
+        for (id, len) in used_entries(&mem, ring) {
+            assert!(id < u32::from(size), "used id {id} outside the queue");
+            assert!(
+                u64::from(len) <= LARGE_SLOT,
+                "buffer {id} returned with {len} bytes"
+            );
+        }
+    }
+}
+
+/// The back end of [`fs_device`]: reads the shadow ring of queue 1 in the
+/// bounce memory and writes its used ring, as virtiofsd would (or not).
+#[derive(Default)]
+struct FakeBackEnd {
+    next_avail: u16,
+    next_used: u16,
+    /// Heads taken, and their writable space.
+    taken: Vec<(u16, u32)>,
+}
+
+impl FakeBackEnd {
+    fn take(&mut self, relay: &Relay) {
+        let Some(ring) = relay.bounce().rings().get(1).copied() else {
+            return;
+        };
+        let mem = relay.bounce().memory();
+        let idx: u16 = mem
+            .load(GuestAddress(ring.avail + 2), Ordering::Acquire)
+            .unwrap_or(0);
+        let mut budget = ring.size;
+        while self.next_avail != idx && budget > 0 {
+            budget -= 1;
+            let at = ring.avail + 4 + 2 * u64::from(self.next_avail % ring.size);
+            self.next_avail = self.next_avail.wrapping_add(1);
+            let head: u16 = mem.read_obj(GuestAddress(at)).unwrap_or(0);
+            // The chain's writable space: its last descriptor's, if it is.
+            let mut room = 0;
+            for i in [head, head.wrapping_add(1)] {
+                let at = ring.desc + 16 * u64::from(i % ring.size);
+                let len: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap_or(0);
+                let flags: u16 = mem.read_obj(GuestAddress(at + 12)).unwrap_or(0);
+                if flags & VRING_DESC_F_WRITE != 0 {
+                    room = len;
+                }
+                if flags & VRING_DESC_F_NEXT == 0 {
+                    break;
+                }
+            }
+            self.taken.push((head, room));
+        }
+    }
+
+    fn answer_oldest(&mut self, relay: &Relay, len: u32) {
+        self.take(relay);
+        if self.taken.is_empty() {
+            return;
+        }
+        let (head, room) = self.taken.remove(0);
+        self.push_used(relay, u32::from(head), if len == 0 { room } else { len });
+    }
+
+    fn push_used(&mut self, relay: &Relay, id: u32, len: u32) {
+        let Some(ring) = relay.bounce().rings().get(1).copied() else {
+            return;
+        };
+        let mem = relay.bounce().memory();
+        let at = ring.used + 4 + 8 * u64::from(self.next_used % ring.size);
+        let _ = mem.write_obj(id, GuestAddress(at));
+        let _ = mem.write_obj(len, GuestAddress(at + 4));
+        self.next_used = self.next_used.wrapping_add(1);
+        let _ = mem.store(
+            self.next_used,
+            GuestAddress(ring.used + 2),
+            Ordering::Release,
+        );
+    }
+
+    fn bump_used(&mut self, relay: &Relay, by: u16) {
+        let Some(ring) = relay.bounce().rings().get(1).copied() else {
+            return;
+        };
+        self.next_used = self.next_used.wrapping_add(by);
+        let mem = relay.bounce().memory();
+        let _ = mem.store(
+            self.next_used,
+            GuestAddress(ring.used + 2),
+            Ordering::Release,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------
 // virtio-mmio register sequences.
 
 const MMIO_MEM: usize = 0x1_0000;
@@ -915,6 +1113,11 @@ mod tests {
     }
 
     #[test]
+    fn corpus_fs_device() {
+        replay("fs_device", fs_device);
+    }
+
+    #[test]
     fn corpus_mmio_sequence() {
         replay("mmio_sequence", mmio_sequence);
     }
@@ -936,6 +1139,7 @@ mod tests {
             vsock_device,
             net_device,
             balloon_device,
+            fs_device,
             mmio_sequence,
             connect_line,
             api_request,

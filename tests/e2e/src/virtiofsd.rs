@@ -83,6 +83,29 @@ impl Virtiofsd {
     }
 
     /// Sends `signal` to virtiofsd and the processes its sandbox forked.
+    /// virtiofsd and the processes its sandbox forked (its process
+    /// group), as pids.
+    pub fn group_pids(&self) -> Vec<u32> {
+        let pgid = self.child.id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                // The process group is the 5th field of stat, after the
+                // command's closing parenthesis (3 fields later).
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let rest = stat.rsplit_once(')')?.1.to_string();
+                        rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+                    })
+                    == Some(pgid)
+            })
+            .collect()
+    }
+
     pub fn signal_group(&self, signal: libc::c_int) {
         let pgid = self.child.id() as i32;
         // SAFETY: kill(2) on the process group we created; no pointers.

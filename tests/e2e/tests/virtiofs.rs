@@ -8,6 +8,9 @@
 //!
 //! - `virtiofs_guest_reads_and_writes_a_host_directory`: byte-exact both ways, and
 //!   the guest's reboot ends the VMM with status 0.
+//! - `virtiofsd_maps_the_bounce_memory_and_never_guest_ram`: none of
+//!   virtiofsd's processes maps the guest's RAM memfd; they map the
+//!   device's bounce memfd, of which the idle VMM keeps a few pages.
 //! - `killing_virtiofsd_ends_the_vmm_with_an_error_naming_the_tag`: kill -9
 //!   of virtiofsd (its whole process group: the sandbox forks) while the
 //!   guest runs ends the VMM with status 1 within seconds, naming the tag.
@@ -19,7 +22,8 @@
 //!   ends the VMM at the deadline), and
 //!   `a_virtiofsd_stopped_under_guest_reads_leaves_the_vmm_responsive`
 //!   (the guest waits on its reads; the API answers and SIGTERM stops the
-//!   VM at once: kicks go straight to virtiofsd, the VMM waits on nothing).
+//!   VM at once: the VMM relays guest requests through non-blocking
+//!   eventfds and waits on nothing).
 
 #![allow(clippy::unwrap_used)] // a test: a panic is its failure report
 
@@ -140,9 +144,71 @@ fn virtiofs_guest_reads_and_writes_a_host_directory() {
     let log = vm.log();
     assert!(
         log.iter()
-            .any(|l| l.contains("the back end runs the queues") && l.contains(TAG)),
+            .any(|l| l.contains("the queues run, relayed to the back end") && l.contains(TAG)),
         "{log:#?}"
     );
+}
+
+/// The mappings of `pid` whose name contains `name`: (size, Rss) in KiB.
+fn mappings(pid: u32, name: &str) -> Vec<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            if let Some(m) = current.take() {
+                out.push(m);
+            }
+            if line.contains(name) {
+                current = Some((0, 0));
+            }
+        } else if let Some((size, rss)) = current.as_mut() {
+            let kib = words
+                .next()
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0);
+            match first {
+                "Size:" => *size = kib,
+                "Rss:" => *rss = kib,
+                _ => {}
+            }
+        }
+    }
+    out.extend(current);
+    out
+}
+
+#[test]
+fn virtiofsd_maps_the_bounce_memory_and_never_guest_ram() {
+    require_kvm_host().unwrap();
+    let scratch = Scratch::new("virtiofs-maps").unwrap();
+    let (fsd, mut vm, shared) = boot(&scratch, "idle");
+    check_read_and_write(&mut vm, &shared);
+    guest_says(&mut vm, "idle");
+    let pids = fsd.group_pids();
+    assert!(!pids.is_empty(), "no virtiofsd process found");
+    let bounce: Vec<_> = pids
+        .iter()
+        .flat_map(|pid| mappings(*pid, "memfd:isola-fs-bounce"))
+        .collect();
+    for pid in &pids {
+        let ram = mappings(*pid, "memfd:isola-guest-ram");
+        assert!(ram.is_empty(), "virtiofsd {pid} maps guest RAM: {ram:?}");
+    }
+    assert!(!bounce.is_empty(), "virtiofsd maps no bounce memory");
+    // The VMM's view, once idle past the trim: a few pages of rings and
+    // small slots.
+    std::thread::sleep(isola_vmm::devices::virtio::fs::TRIM_AFTER + Duration::from_secs(2));
+    let vmm = mappings(vm.pid(), "memfd:isola-fs-bounce");
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    let (size, rss) = vmm[0];
+    eprintln!(
+        "bounce memory: {size} KiB mapped, {rss} KiB resident in the idle VMM; \
+         virtiofsd maps {bounce:?} (size, rss KiB)"
+    );
+    assert!(rss <= 1024, "{rss} KiB of bounce memory resident at idle");
 }
 
 #[test]

@@ -9,12 +9,13 @@
 //!   to check the back end serves enough queues; RESET_DEVICE, for a
 //!   driver reset) and GET_QUEUE_NUM.
 //! - [`Backend::start`], when the guest driver activated the device (event
-//!   loop): SET_FEATURES (what the driver accepted), SET_MEM_TABLE (every
-//!   guest RAM region with the memfd behind it, so the back end maps the
-//!   same pages), then per queue SET_VRING_NUM, SET_VRING_BASE,
-//!   SET_VRING_ADDR (ring addresses as this process's virtual addresses,
-//!   which the back end translates through the memory table),
-//!   SET_VRING_KICK (the queue's ioeventfd), SET_VRING_CALL (our call
+//!   loop): SET_FEATURES (VERSION_1: the rings are the VMM's, see
+//!   [`super::relay`]), SET_MEM_TABLE (the device's bounce memory only,
+//!   as addresses `0..size`: never guest RAM), then per queue
+//!   SET_VRING_NUM, SET_VRING_BASE (0), SET_VRING_ADDR (the shadow ring's
+//!   addresses as this process's virtual addresses, which the back end
+//!   translates through the memory table), SET_VRING_KICK (an eventfd the
+//!   VMM writes after posting requests), SET_VRING_CALL (our call
 //!   eventfd), and SET_VRING_ENABLE.
 //! - [`Backend::stop`], after a driver reset: GET_VRING_BASE per queue
 //!   (the back end stops the ring) and RESET_DEVICE when negotiated.
@@ -40,11 +41,11 @@ use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::VIRTIO_F_VERSION_1;
+use super::bounce::RingAddrs;
 use super::watchdog::Watchdog;
 
 /// How long the back end may take to answer one vhost-user request before
@@ -57,16 +58,12 @@ use super::watchdog::Watchdog;
 /// at most this late.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 
-/// VIRTIO_RING_F_INDIRECT_DESC and VIRTIO_RING_F_EVENT_IDX: the back end
-/// reads the rings, so these are between the driver and the back end.
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-
-/// The virtio features the guest may get, when the back end offers them.
-/// Nothing that changes the transport (packed rings, access platform,
-/// notification data): the virtio-mmio transport sets up split rings.
-pub const GUEST_FEATURES: u64 =
-    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+/// The virtio features the guest may get, when the back end offers them:
+/// VERSION_1 only. The VMM reads the guest's rings itself
+/// ([`super::relay`]), with direct descriptors and no event index; the
+/// same holds for the shadow rings the back end reads, so neither
+/// INDIRECT_DESC nor EVENT_IDX is passed on either way.
+pub const GUEST_FEATURES: u64 = VIRTIO_F_VERSION_1;
 
 /// The vhost-user protocol features isola uses, when offered.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -91,8 +88,12 @@ pub enum FrontendError {
         "the back end serves {have} queues; the share needs {need} (1 high-priority + queues=)"
     )]
     TooFewQueues { have: u64, need: usize },
-    #[error("guest memory: {0}")]
+    #[error("bounce memory: {0}")]
     Memory(String),
+    #[error("{0}")]
+    Bounce(#[from] super::bounce::BounceError),
+    #[error("{0}")]
+    Ring(#[from] super::relay::RingError),
     #[error("the back end closed the connection (did virtiofsd exit?)")]
     Closed,
     #[error("the back end sent {0} bytes nobody asked for (a broken back end)")]
@@ -238,50 +239,47 @@ impl Backend {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
-    /// Hands the activated device to the back end: features, guest
-    /// memory, and each queue with its kick and call eventfds.
+    /// Hands the activated device to the back end: features, the bounce
+    /// memory, and each shadow ring with its kick and call eventfds.
     pub fn start(
         &mut self,
-        mem: &GuestMemoryMmap,
-        queues: &[Queue],
-        acked_features: u64,
+        bounce: &GuestMemoryMmap,
+        rings: &[RingAddrs],
         kicks: &[EventFd],
         calls: &[EventFd],
     ) -> Result<(), FrontendError> {
-        if queues.len() != self.num_queues
+        if rings.len() != self.num_queues
             || kicks.len() != self.num_queues
             || calls.len() != self.num_queues
         {
             return Err(FrontendError::Memory(format!(
-                "{} queues, {} kick and {} call eventfds for a device of {}",
-                queues.len(),
+                "{} rings, {} kick and {} call eventfds for a device of {}",
+                rings.len(),
                 kicks.len(),
                 calls.len(),
                 self.num_queues
             )));
         }
-        let mut features = acked_features & self.guest_features();
+        let mut features = self.features & VIRTIO_F_VERSION_1;
         if self.uses_protocol_features() {
             // Keeps SET_VRING_ENABLE (rings start disabled) and REPLY_ACK.
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
         self.request("SET_FEATURES", |f| f.set_features(features))?;
-        let regions = memory_regions(mem)?;
+        let regions = memory_regions(bounce)?;
         self.request("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
-        for (i, queue) in queues.iter().enumerate() {
+        for (i, ring) in rings.iter().enumerate() {
             let config = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: queue.size(),
+                queue_max_size: ring.size,
+                queue_size: ring.size,
                 flags: 0,
-                desc_table_addr: host_address(mem, queue.desc_table(), i)?,
-                used_ring_addr: host_address(mem, queue.used_ring(), i)?,
-                avail_ring_addr: host_address(mem, queue.avail_ring(), i)?,
+                desc_table_addr: host_address(bounce, ring.desc, i)?,
+                used_ring_addr: host_address(bounce, ring.used, i)?,
+                avail_ring_addr: host_address(bounce, ring.avail, i)?,
                 log_addr: None,
             };
-            self.request("SET_VRING_NUM", |f| f.set_vring_num(i, queue.size()))?;
-            self.request("SET_VRING_BASE", |f| {
-                f.set_vring_base(i, queue.next_avail())
-            })?;
+            self.request("SET_VRING_NUM", |f| f.set_vring_num(i, ring.size))?;
+            self.request("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
             self.request("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
             if let (Some(kick), Some(call)) = (kicks.get(i), calls.get(i)) {
                 self.request("SET_VRING_KICK", |f| f.set_vring_kick(i, kick))?;
@@ -328,15 +326,16 @@ impl Backend {
     }
 }
 
-/// This process's address of guest physical address `gpa` (a ring of
-/// queue `queue`, already checked to be inside guest memory).
+/// This process's address of bounce address `gpa` (a ring of queue
+/// `queue`, inside the bounce memory by construction).
 fn host_address(mem: &GuestMemoryMmap, gpa: u64, queue: usize) -> Result<u64, FrontendError> {
     mem.get_host_address(GuestAddress(gpa))
         .map(|p| p as u64)
         .map_err(|e| FrontendError::Memory(format!("queue {queue} ring at {gpa:#x}: {e}")))
 }
 
-/// Every guest RAM region with its file (the memfd) and offset in it.
+/// Every region of `mem` (the bounce memory: one) with its file (the
+/// memfd) and offset in it.
 fn memory_regions(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, FrontendError> {
     let mut regions = Vec::new();
     for region in mem.iter() {

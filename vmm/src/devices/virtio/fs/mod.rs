@@ -1,52 +1,77 @@
-//! virtio-fs (device id 26) as a vhost-user front end: the guest mounts a
-//! host directory that an external back end (virtiofsd) serves.
+//! virtio-fs (device id 26): the guest mounts a host directory that an
+//! external vhost-user back end (virtiofsd) serves, without the back end
+//! ever seeing guest memory.
 //!
-//! The VMM does not read these queues: the back end does, from the same
-//! guest RAM (a shared memfd it maps through SET_MEM_TABLE). The VMM owns
-//! the transport (virtio-mmio registers, the configuration space: tag and
-//! number of request queues), hands the back end the queues when the
-//! driver activates the device ([`frontend`]), and watches the back end.
+//! The VMM serves the device's queues (the high-priority queue and the
+//! request queues) itself, like its other devices, and forwards each
+//! request to virtiofsd through *shadow* virtqueues in a small memory of
+//! its own, the bounce memory ([`bounce`]): one shared memfd per device,
+//! the only memory the back end gets in SET_MEM_TABLE (as addresses
+//! `0..size`). Guest RAM is never shared with virtiofsd, so it may be a
+//! private (copy-on-write) mapping, and a compromised virtiofsd reads
+//! nothing of the guest but the requests it is sent.
 //!
-//! Notifications:
-//! - guest → back end: each queue's eventfd is KVM's ioeventfd on
-//!   QueueNotify (registered by the device manager like any device's) and
-//!   the back end's kick eventfd (SET_VRING_KICK). The lifecycle keeps
-//!   these out of the VMM's event loop
-//!   ([`DeviceLifecycle::with_external_queues`]), so only the back end
-//!   reads them: a notification costs the VMM nothing.
-//! - back end → guest: the back end signals a call eventfd per queue. They
-//!   are *relayed* by the event loop, not given to KVM as irqfds: on
-//!   virtio-mmio the guest's interrupt handler first reads InterruptStatus
-//!   and looks at the used rings only if bit 0 (used buffer) is set, and
-//!   only the VMM can set that bit. An irqfd handed straight to the back
-//!   end would raise the IRQ with the bit clear, and Linux would drop the
-//!   interrupt. So a call eventfd wakes the loop, which sets the bit and
-//!   writes the device's irqfd (`InterruptSignal::signal_used_queue`): one
-//!   event-loop wake-up per interrupt the back end raises.
+//! Data path ([`relay`]), per queue:
+//! - guest → VMM: the queue's eventfd is KVM's ioeventfd on QueueNotify,
+//!   in the VMM's event loop like any device's. The relay takes chains
+//!   off the guest's ring ([`super::queue::pop`]: direct descriptors
+//!   only, every index and length checked, [`super::queue::QUEUE_BUDGET`]
+//!   per event), copies each one's device-readable part (the FUSE
+//!   in-header and arguments) into a free slot of the bounce memory,
+//!   reserves the device-writable size after it, and posts a two
+//!   descriptor chain on the shadow ring. No free slot: the chain stays on
+//!   the guest's ring until a completion frees one. Too large for any
+//!   slot: a FUSE error reply (`-EIO`), or 0 bytes if it has no room for
+//!   one.
+//! - VMM → back end: one write of the queue's kick eventfd (SET_VRING_KICK)
+//!   per batch posted.
+//! - back end → VMM: virtiofsd signals the queue's call eventfd
+//!   (SET_VRING_CALL). The loop reads the shadow used ring (index and ids
+//!   checked, lengths bounded by what was reserved), copies the answers
+//!   into the guest's writable buffers, and returns the guest's chains.
+//! - VMM → guest: `signal_used`, which sets InterruptStatus bit 0 before
+//!   writing the device's irqfd: on virtio-mmio the guest's interrupt
+//!   handler reads InterruptStatus first and looks at the used rings only
+//!   if that bit is set, which only the VMM can set.
+//!
+//! So a request costs two event-loop wake-ups (the guest's notify and the
+//! back end's call; both batch under load) and two copies of its bytes.
+//! The features offered are VERSION_1 only: no INDIRECT_DESC (the queue
+//! code reads direct chains) and no EVENT_IDX, on either ring.
 //!
 //! States: connected (not started) → started (after the driver's
 //! activation, in the event loop) → connected (after a driver reset: the
-//! rings are stopped and the back end reset) → ..., or failed for good.
-//! The back end dying (its socket closes or turns readable outside a
-//! request), refusing a request or leaving one unanswered past the
-//! deadline ([`frontend::REPLY_DEADLINE`], kept by a watchdog thread)
-//! fails the device: it logs one error naming the tag and the socket and
-//! raises the VMM's fatal signal, so the VMM ends with that error rather
-//! than leave the guest waiting on a share that will never answer.
+//! shadow rings are stopped, the back end reset, every request in flight
+//! forgotten) → ..., or failed for good. The back end dying (its socket
+//! closes or turns readable outside a request), refusing a request,
+//! leaving one unanswered past the deadline ([`frontend::REPLY_DEADLINE`],
+//! kept by a watchdog thread) or breaking its used ring fails the device:
+//! it logs one error naming the tag and the socket and raises the VMM's
+//! fatal signal, so the VMM ends with that error rather than leave the
+//! guest waiting on a share that will never answer.
 //!
 //! A reset is handled in the event loop after the vCPU's register write
-//! returns, so the back end may finish requests in flight in the short
-//! window before GET_VRING_BASE reaches it; the guest driver resets the
-//! device only when it is removed (or the guest shuts down).
+//! returns. The back end may still finish a request it had taken after
+//! GET_VRING_BASE; whatever it writes into the shadow rings after that is
+//! checked like anything else it writes (a used id not in flight is
+//! ignored). The guest driver resets the device only when it is removed
+//! (or the guest shuts down).
+//!
+//! Idle memory: the bounce memory is sparse; what the large slots held is
+//! given back ([`relay::Relay::trim`]) [`TRIM_AFTER`] after the last large
+//! request finished.
 
+pub mod bounce;
 pub mod config;
 pub mod frontend;
+pub mod relay;
 #[cfg(test)]
 mod tests;
 mod watchdog;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::Queue;
@@ -54,16 +79,26 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use self::bounce::{QueueSizing, HIPRIO, REQUEST};
 use self::config::{FsConfig, CONFIG_SPACE_LEN};
 use self::frontend::{Backend, FrontendError};
+use self::relay::Relay;
 use super::lifecycle::{DeviceEvent, DeviceLifecycle, FatalSignal};
+use super::rate_timer::{RateTimer, EV_TIMER};
 use super::{device_type, read_config_space, ActivateError, InterruptSignal, VirtioDevice};
 use crate::guest_log::LogLimiter;
 
-/// Event data of the back end's socket; call eventfd `i` is
-/// `EV_CALL_BASE + i`.
-const EV_SOCKET: u32 = 1;
+/// Event data of the back end's socket (the trim timer is
+/// [`EV_TIMER`]); call eventfd `i` is `EV_CALL_BASE + i`.
+const EV_SOCKET: u32 = 2;
 const EV_CALL_BASE: u32 = 0x100;
+
+/// How long after the last large request the memory of the large slots
+/// is given back: long enough that a reader's next megabyte finds them
+/// still warm, short enough that an idle container does not keep them.
+/// (The timer is re-armed, one timerfd_settime, each time the large
+/// slots go idle.)
+pub const TRIM_AFTER: Duration = Duration::from_secs(2);
 
 /// Where the device is with its back end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +119,13 @@ pub struct Fs {
     queue_sizes: Vec<u16>,
     life: DeviceLifecycle,
     backend: Backend,
+    relay: Relay,
+    /// Written after posting requests: the back end's kick eventfds.
+    kicks: Vec<EventFd>,
+    /// Signalled by the back end after it used buffers.
     calls: Vec<EventFd>,
+    trim_timer: RateTimer,
+    trim_armed: bool,
     acked_features: u64,
     state: State,
     fatal: Option<FatalSignal>,
@@ -127,17 +168,39 @@ impl Fs {
         Fs::with_backend(config, backend)
     }
 
-    /// The device on an already connected back end.
+    /// The device on an already connected back end, with the default
+    /// slots ([`bounce::HIPRIO`], [`bounce::REQUEST`]).
     pub fn with_backend(config: FsConfig, backend: Backend) -> Result<Fs, FsError> {
+        let mut sizings = vec![HIPRIO];
+        sizings.resize(config.num_queues(), REQUEST);
+        Fs::with_sizing(config, backend, &sizings)
+    }
+
+    /// The device with `sizings[i]` slots for queue `i`. The bounce memfd
+    /// is made here: before the seccomp filters.
+    pub fn with_sizing(
+        config: FsConfig,
+        backend: Backend,
+        sizings: &[QueueSizing],
+    ) -> Result<Fs, FsError> {
         let n = config.num_queues();
+        if sizings.len() != n {
+            return Err(FsError::new(
+                &config,
+                FrontendError::Memory(format!("{} slot sizes for {n} queues", sizings.len())),
+            ));
+        }
+        let relay = Relay::new(sizings).map_err(|e| FsError::new(&config, e.into()))?;
         let eventfds = || -> std::io::Result<_> {
-            let life = DeviceLifecycle::with_external_queues("virtio-fs", n)?;
-            let calls = (0..n)
-                .map(|_| EventFd::new(EFD_NONBLOCK))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            Ok((life, calls))
+            let life = DeviceLifecycle::new("virtio-fs", n)?;
+            let fds = || {
+                (0..n)
+                    .map(|_| EventFd::new(EFD_NONBLOCK))
+                    .collect::<std::io::Result<Vec<_>>>()
+            };
+            Ok((life, fds()?, fds()?, RateTimer::new("virtio-fs")?))
         };
-        let (life, calls) =
+        let (life, kicks, calls, trim_timer) =
             eventfds().map_err(|e| FsError::new(&config, FrontendError::Socket(e)))?;
         Ok(Fs {
             config_space: config.config_space(),
@@ -145,7 +208,11 @@ impl Fs {
             config,
             life,
             backend,
+            relay,
+            kicks,
             calls,
+            trim_timer,
+            trim_armed: false,
             acked_features: 0,
             state: State::Connected,
             fatal: None,
@@ -216,40 +283,76 @@ impl Fs {
                 }
                 self.state = State::Connected;
                 self.backend.stop()?;
+                // Whatever was in flight is the old activation's.
+                self.relay.reset();
             }
             State::Connected => {}
         }
         let Some(active) = self.life.active() else {
             return Ok(());
         };
-        self.backend.start(
-            &active.mem,
-            &active.queues,
-            self.acked_features,
-            self.life.queue_events(),
-            &self.calls,
-        )?;
+        let queues = active.queues.len();
+        self.relay.reset();
+        let bounce = self.relay.bounce();
+        self.backend
+            .start(bounce.memory(), &bounce.rings(), &self.kicks, &self.calls)?;
         self.state = State::Started { activation };
         if self.limiter.allow() {
             tracing::info!(
                 tag = %self.config.tag,
-                queues = active.queues.len(),
-                "virtio-fs: the back end runs the queues"
+                queues,
+                "virtio-fs: the queues run, relayed to the back end"
             );
+        }
+        // The driver may have made requests available already.
+        for q in 0..queues {
+            self.pump(q)?;
         }
         Ok(())
     }
 
-    /// The back end signalled call eventfd `i`: relay it to the guest.
-    fn relay_call(&mut self, i: usize) {
-        if let Some(evt) = self.calls.get(i) {
-            let _ = evt.read();
-        }
+    /// Moves queue `q` on: what the back end answered goes back to the
+    /// guest, then what the guest made available goes to the back end.
+    /// An error is the back end breaking its ring.
+    fn pump(&mut self, q: usize) -> Result<(), FrontendError> {
         if !matches!(self.state, State::Started { .. }) {
-            return;
+            return Ok(());
         }
-        if let Some(active) = self.life.active() {
+        let Some(active) = self.life.active_mut() else {
+            return Ok(());
+        };
+        let Some(queue) = active.queues.get_mut(q) else {
+            return Ok(());
+        };
+        let done = self.relay.complete(q, queue, &active.mem)?;
+        let taken = self.relay.serve_guest(q, queue, &active.mem);
+        if taken.posted > 0 {
+            if let Some(kick) = self.kicks.get(q) {
+                if let Err(err) = kick.write(1) {
+                    if self.limiter.allow() {
+                        tracing::warn!(%err, queue = q, "virtio-fs: kicking the back end");
+                    }
+                }
+            }
+        }
+        if done.used || taken.used {
             active.signal_used(&mut self.limiter, "virtio-fs");
+        }
+        if taken.more {
+            self.life.rearm(q);
+        }
+        if done.large_idle {
+            // TRIM_AFTER from the last large request: a reader's next
+            // megabyte finds its slot still warm.
+            self.trim_armed = self.trim_timer.arm(TRIM_AFTER);
+        }
+        Ok(())
+    }
+
+    /// Queue `q`'s eventfd (the guest) or call eventfd (the back end).
+    fn on_queue(&mut self, q: usize, ops: Option<&mut EventOps<'_>>) {
+        if let Err(why) = self.pump(q) {
+            self.fail(why, ops);
         }
     }
 
@@ -258,8 +361,14 @@ impl Fs {
     fn handle(&mut self, events: &Events, ops: Option<&mut EventOps<'_>>) {
         match self.life.event(events) {
             DeviceEvent::StateChanged => self.sync_state(ops),
-            // Never registered: the back end reads the queue eventfds.
-            DeviceEvent::Queue(_) => {}
+            DeviceEvent::Queue(q) => self.on_queue(q, ops),
+            DeviceEvent::Other(EV_TIMER) => {
+                self.trim_timer.drain();
+                self.trim_armed = false;
+                if matches!(self.state, State::Started { .. }) {
+                    self.relay.trim();
+                }
+            }
             DeviceEvent::Other(EV_SOCKET) => {
                 if let Err(why) = self.backend.check_alive() {
                     self.fail(why, ops);
@@ -273,7 +382,11 @@ impl Fs {
             DeviceEvent::Other(data)
                 if data >= EV_CALL_BASE && ((data - EV_CALL_BASE) as usize) < self.calls.len() =>
             {
-                self.relay_call((data - EV_CALL_BASE) as usize);
+                let q = (data - EV_CALL_BASE) as usize;
+                if let Some(evt) = self.calls.get(q) {
+                    let _ = evt.read();
+                }
+                self.on_queue(q, ops);
             }
             DeviceEvent::Other(other) => {
                 tracing::debug!(data = other, "virtio-fs: unknown event");
@@ -331,7 +444,8 @@ impl VirtioDevice for Fs {
         interrupt: Arc<dyn InterruptSignal>,
     ) -> Result<(), ActivateError> {
         // The vCPU thread only hands the queues over; the vhost-user
-        // messages go out from the event loop (StateChanged).
+        // messages go out from the event loop (StateChanged), which then
+        // serves the queues.
         self.life.activate(mem, queues, interrupt)
     }
     fn reset(&mut self) -> bool {
@@ -346,6 +460,7 @@ impl VirtioDevice for Fs {
 impl MutEventSubscriber for Fs {
     fn init(&mut self, ops: &mut EventOps<'_>) {
         self.life.register(ops);
+        self.trim_timer.register(ops);
         let socket = self.backend.socket_fd();
         let calls = self
             .calls

@@ -448,6 +448,16 @@ impl VirtioDevice for Fs {
         // serves the queues.
         self.life.activate(mem, queues, interrupt)
     }
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        // Requests on their way to or from the back end are the back end
+        // process's: a device with any cannot be saved.
+        let busy = (0..self.queue_sizes.len()).any(|q| self.relay.in_flight(q) > 0);
+        if busy {
+            return None;
+        }
+        self.life.queue_states()
+    }
+
     fn reset(&mut self) -> bool {
         self.life.reset();
         true

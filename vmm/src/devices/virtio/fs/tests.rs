@@ -1513,3 +1513,22 @@ fn a_large_write_reaches_the_back_end_byte_for_byte() {
     let len: u32 = mem.read_obj(big[1].used_addr().unchecked_add(8)).unwrap();
     assert_eq!(len, 24);
 }
+
+#[test]
+fn a_device_with_requests_in_flight_cannot_be_saved() {
+    let mem = memfd_memory(1 << 20);
+    let mocks = rings(&mem, 2);
+    let (mut fs, end) = device(Fake::new(), share(1)).unwrap();
+    assert!(fs.queue_states().is_none(), "inactive: nothing to save");
+    activate(&mut fs, &mem, &mocks);
+    assert_eq!(fs.queue_states().map(|q| q.len()), Some(2));
+    offer_request(&mem, &mocks[1], 0, 1, 48);
+    fs.on_queue(1, None);
+    let t = end.take(1).remove(0);
+    // The back end holds the request: its state is not ours to save.
+    assert!(fs.queue_states().is_none());
+    end.answer(1, u32::from(t.head), &t.writable, &[3; 20], 20);
+    fs.on_queue(1, None);
+    let states = fs.queue_states().unwrap();
+    assert_eq!((states[1].next_avail, states[1].next_used), (1, 1));
+}

@@ -1032,6 +1032,10 @@ async fn identity(sandbox: &Sandbox, rootfs: &Path) -> Result<(String, String, S
     ensure!(done.status.status == 0, "{done:?}");
     let lines: Vec<&str> = done.stdout.lines().collect();
     ensure!(lines.len() == 3, "{done:?}");
+    // Gone before the sandbox stops (sleep, as its pid 1, ignores SIGTERM).
+    sandbox.signal("main", "", 9, false).await?;
+    sandbox.wait("main", "").await?;
+    sandbox.remove("main", false).await?;
     Ok((lines[0].into(), lines[1].into(), lines[2].into()))
 }
 

@@ -235,11 +235,13 @@ fn run() -> Result<()> {
         total(2)
     );
     println!(
-        "| {DENSE} idle: the {DENSE}th added (MiB)           | {tl:>9.1} | {cl:>10.1} | {:>9} |",
+        "| {:<38} | {tl:>9.1} | {cl:>10.1} | {:>9} |",
+        format!("{DENSE} idle: the {DENSE}th added (MiB)"),
         "-"
     );
     println!(
-        "| {DENSE} idle: per container (MiB)          | {ta:>9.1} | {ca:>10.1} | {:>9} |",
+        "| {:<38} | {ta:>9.1} | {ca:>10.1} | {:>9} |",
+        format!("{DENSE} idle: per container (MiB)"),
         "-"
     );
     println!(

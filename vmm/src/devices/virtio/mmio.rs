@@ -20,7 +20,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{copy_configured, validate};
+use super::queue::{copy_configured, validate, InvalidQueue};
 use super::{
     InterruptSignal, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING,
@@ -249,6 +249,15 @@ impl MmioTransport {
                 .map_err(|e| format!("queue {i}: {e:?}"))?;
             queues.push(q);
         }
+        // A started device gets only rings inside guest memory, as at a
+        // driver's activation.
+        if let Some((i, why)) = state
+            .activated
+            .then(|| first_invalid(&queues, &self.mem))
+            .flatten()
+        {
+            return Err(format!("queue {i}: {why}"));
+        }
         let offered = lock(&self.device).avail_features() | VIRTIO_F_VERSION_1;
         if state.acked_features & !offered != 0 {
             return Err(format!(
@@ -270,10 +279,10 @@ impl MmioTransport {
         }
         if state.activated {
             // The device's copies go on from the saved ring positions.
-            let copies = state
+            let copies = self
                 .queues
                 .iter()
-                .map(|q| Queue::try_from(QueueState::from(*q)))
+                .map(|q| Queue::try_from(q.state()))
                 .collect::<Result<Vec<Queue>, _>>()
                 .map_err(|e| format!("copying the queues: {e:?}"))?;
             let mut device = lock(&self.device);
@@ -425,12 +434,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mem = self.mem.clone();
-        let invalid = self
-            .queues
-            .iter()
-            .enumerate()
-            .find_map(|(i, q)| (q.ready()).then(|| validate(q, &mem).err().map(|e| (i, e)))?);
-        if let Some((queue, why)) = invalid {
+        if let Some((queue, why)) = first_invalid(&self.queues, &mem) {
             inc(&METRICS.activation_failures);
             if self.limiter.allow() {
                 tracing::warn!(queue, %why, "virtio-mmio: the driver set up an invalid queue");
@@ -478,6 +482,14 @@ impl MmioTransport {
             q.reset();
         }
     }
+}
+
+/// The first ready queue whose rings are not valid in `mem`, and why.
+fn first_invalid(queues: &[Queue], mem: &GuestMemoryMmap) -> Option<(usize, InvalidQueue)> {
+    queues
+        .iter()
+        .enumerate()
+        .find_map(|(i, q)| q.ready().then(|| validate(q, mem).err().map(|e| (i, e)))?)
 }
 
 fn lock(
@@ -710,6 +722,12 @@ mod tests {
         let mut bad = state.clone();
         bad.queues.pop();
         assert!(setup().0.restore(&bad).unwrap_err().contains("1 queues"));
+        let mut bad = state.clone();
+        bad.queues[0].desc_table = 0xffff_0000; // outside the 64 KiB
+        let (mut t, d) = setup();
+        let err = t.restore(&bad).unwrap_err();
+        assert!(err.contains("queue 0"), "{err}");
+        assert_eq!(d.lock().unwrap().activated, 0);
         let mut bad = state;
         bad.queues[0].max_size = 32;
         assert!(setup().0.restore(&bad).is_err());

@@ -58,8 +58,8 @@ const STATE_PARTIAL: &str = "state.json.partial";
 const STATE_MAX: u64 = 16 << 20;
 /// MSRs read or written per KVM_GET/SET_MSRS.
 const MSR_CHUNK: usize = 64;
-/// IA32_TSC and IA32_TSC_DEADLINE: the deadline is restored after the TSC
-/// (KVM compares it with the TSC it has then).
+/// IA32_TSC and IA32_TSC_DEADLINE: restored with the clock, the deadline
+/// after the TSC (KVM compares it with the TSC it has then).
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
@@ -355,31 +355,28 @@ pub fn save_vcpu(fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState> {
     })
 }
 
-/// The MSRs in restore order: the TSC before its deadline.
-fn restore_order(msrs: &[(u32, u64)]) -> Vec<kvm_msr_entry> {
-    let mut entries: Vec<kvm_msr_entry> = msrs
-        .iter()
+/// The MSRs [`restore_vcpu`] writes: all but the TSC and its deadline,
+/// which [`restore_clock`] writes once every vCPU is restored, together
+/// with the clock.
+fn msrs_but_the_clock(msrs: &[(u32, u64)]) -> Vec<kvm_msr_entry> {
+    msrs.iter()
+        .filter(|(index, _)| !matches!(*index, MSR_IA32_TSC | MSR_IA32_TSC_DEADLINE))
         .map(|&(index, data)| kvm_msr_entry {
             index,
             data,
             ..Default::default()
         })
-        .collect();
-    entries.sort_by_key(|e| match e.index {
-        MSR_IA32_TSC => 0,
-        MSR_IA32_TSC_DEADLINE => 2,
-        _ => 1,
-    });
-    entries
+        .collect()
 }
 
 /// Restores one vCPU, in the order KVM needs (Firecracker's): CPUID
 /// (what the rest is checked against) and the TSC frequency, registers,
 /// then the LAPIC (after the APIC base in the segment registers), then the
-/// MSRs (after the LAPIC: KVM takes IA32_TSC_DEADLINE only while the LAPIC
-/// timer is in TSC-deadline mode, and drops it otherwise, which leaves the
-/// guest without its next timer interrupt), with the TSC before its
-/// deadline, then the MP state and pending events.
+/// MSRs but the TSC and its deadline ([`restore_clock`] writes those, after
+/// the LAPIC: KVM takes IA32_TSC_DEADLINE only while the LAPIC timer is in
+/// TSC-deadline mode, and drops it otherwise, which leaves the guest
+/// without its next timer interrupt), then the MP state and pending
+/// events.
 pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, index: usize) -> Result<()> {
     let step = |what: &str| format!("restoring vCPU {index}: {what}");
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -404,7 +401,7 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, index: usize) -> Result<()> 
         .with_context(|| step("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&state.lapic)
         .with_context(|| step("KVM_SET_LAPIC"))?;
-    for chunk in restore_order(&state.msrs).chunks(MSR_CHUNK) {
+    for chunk in msrs_but_the_clock(&state.msrs).chunks(MSR_CHUNK) {
         let msrs = Msrs::from_entries(chunk).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let set = fd.set_msrs(&msrs).with_context(|| step("KVM_SET_MSRS"))?;
         if set != chunk.len() {
@@ -501,10 +498,10 @@ pub fn save_clock(vm_fd: &VmFd, fds: &[VcpuFd], vcpus: &mut [VcpuState]) -> Resu
     vm_fd.get_clock().context("KVM_GET_CLOCK")
 }
 
-/// Restores the kvm-clock right after setting every vCPU's TSC again (see
-/// [`save_clock`]): the two go on from where the template stopped,
-/// together. The guest's monotonic time does not jump; the wall clock is
-/// set by the agent.
+/// Restores every vCPU's TSC, then its deadline (the timer armed against
+/// that TSC), then the kvm-clock right after (see [`save_clock`]): the two
+/// go on from where the template stopped, together. The guest's monotonic
+/// time does not jump; the wall clock is set by the agent.
 pub fn restore_clock(vm_fd: &VmFd, fds: &[VcpuFd], state: &Snapshot) -> Result<()> {
     let saved = |vcpu: &VcpuState, index: u32| {
         vcpu.msrs
@@ -517,8 +514,6 @@ pub fn restore_clock(vm_fd: &VmFd, fds: &[VcpuFd], state: &Snapshot) -> Result<(
             write_msr(fd, MSR_IA32_TSC, tsc)
                 .with_context(|| format!("restoring vCPU {i}'s TSC"))?;
         }
-        // The timer armed against the TSC written before is armed again
-        // against this one.
         if let Some(deadline) = saved(vcpu, MSR_IA32_TSC_DEADLINE).filter(|d| *d != 0) {
             write_msr(fd, MSR_IA32_TSC_DEADLINE, deadline)
                 .with_context(|| format!("restoring vCPU {i}'s TSC deadline"))?;
@@ -538,15 +533,15 @@ mod tests {
     use vm_memory::GuestAddress;
 
     #[test]
-    fn the_tsc_is_restored_before_its_deadline() {
-        let order = restore_order(&[
+    fn the_tsc_and_its_deadline_are_left_to_the_clock() {
+        let vcpu = msrs_but_the_clock(&[
             (MSR_IA32_TSC_DEADLINE, 5),
             (0xc000_0080, 1),
             (MSR_IA32_TSC, 9),
         ]);
-        let idx: Vec<u32> = order.iter().map(|e| e.index).collect();
-        assert_eq!(idx, [MSR_IA32_TSC, 0xc000_0080, MSR_IA32_TSC_DEADLINE]);
-        assert_eq!(order[0].data, 9);
+        let idx: Vec<u32> = vcpu.iter().map(|e| e.index).collect();
+        assert_eq!(idx, [0xc000_0080]);
+        assert_eq!(vcpu[0].data, 1);
     }
 
     fn sample() -> Snapshot {

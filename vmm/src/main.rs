@@ -240,12 +240,17 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         nets.push(Net::open(net)?);
     }
     let console: Console = args.console.parse()?;
-    let mut config = match &args.restore {
-        Some(dir) => {
-            let saved = isola_vmm::snapshot::RestoreFiles::open(dir)?.snapshot;
+    // A clone's template is opened (and its state read) once, here.
+    let restored = match &args.restore {
+        Some(dir) => Some(isola_vmm::snapshot::RestoreFiles::open(dir)?),
+        None => None,
+    };
+    let mut config = match &restored {
+        Some(files) => {
+            let saved = &files.snapshot;
             VmConfig::for_restore(
-                dir.clone(),
-                saved.cmdline,
+                files.dir.clone(),
+                saved.cmdline.clone(),
                 saved.vcpus,
                 saved.memory_mib,
                 args.vsock,
@@ -322,7 +327,7 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
         let stream = Fs::dial(&share)?;
         shares.push((share, stream));
     }
-    let host = HostFiles::open(&config)?;
+    let host = HostFiles::open_with(&config, restored)?;
     if let Some(jail_config) = &args.jail {
         jail::lock_down(jail_config)
             .with_context(|| format!("jail: locking down ({jail_config})"))?;

@@ -89,8 +89,22 @@ impl std::fmt::Debug for HostFiles {
 
 impl HostFiles {
     /// Opens `/dev/kvm` (checked), the kernel, the initrd and the console
-    /// file, binds the API socket, and creates a template's files.
+    /// file, binds the API socket, creates a template's files, and opens a
+    /// clone's template (`config.restore`).
     pub fn open(config: &VmConfig) -> Result<HostFiles> {
+        let restore = match &config.restore {
+            Some(dir) => Some(RestoreFiles::open(dir)?),
+            None => None,
+        };
+        HostFiles::open_with(config, restore)
+    }
+
+    /// [`HostFiles::open`] with a clone's template already opened (the
+    /// caller read its state to make `config`).
+    pub fn open_with(config: &VmConfig, restore: Option<RestoreFiles>) -> Result<HostFiles> {
+        if config.restore.is_some() != restore.is_some() {
+            bail!("a clone needs its template's files, and only a clone has them");
+        }
         let kvm = check_kvm()?;
         let kernel = match config.restore {
             Some(_) => None,
@@ -105,10 +119,6 @@ impl HostFiles {
                 TemplateFiles::create(dir, &kvm)
                     .with_context(|| format!("template directory {}", dir.display()))?,
             ),
-            None => None,
-        };
-        let restore = match &config.restore {
-            Some(dir) => Some(RestoreFiles::open(dir)?),
             None => None,
         };
         let console = console_dest(config)?;

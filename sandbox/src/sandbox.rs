@@ -222,21 +222,36 @@ fn virtiofsd_level(level: &str) -> &'static str {
 
 /// The isola-vmm command line for `config` and `layout`.
 pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
-    let console = match &config.console {
-        Console::Off => "off".to_string(),
-        Console::File(path) => path.display().to_string(),
-    };
+    let mut args = vmm_boot_args(config, config.cmdline());
+    args.extend(vmm_own_args(layout, &config.console));
+    args
+}
+
+/// What isola-vmm boots: the kernel, the initrd, `cmdline`, vCPUs and
+/// memory (a template's shape, or a sandbox that boots).
+pub fn vmm_boot_args(config: &SandboxConfig, cmdline: String) -> Vec<String> {
     vec![
         "--kernel".into(),
         config.kernel.display().to_string(),
         "--initrd".into(),
         config.initrd.display().to_string(),
         "--cmdline".into(),
-        config.cmdline(),
+        cmdline,
         "--vcpus".into(),
         config.vcpus.to_string(),
         "--memory".into(),
         config.memory_mib.to_string(),
+    ]
+}
+
+/// What is a VM's own however it starts: its vsock, share and API
+/// sockets in `layout`, and its console.
+pub fn vmm_own_args(layout: &Layout, console: &Console) -> Vec<String> {
+    let console = match console {
+        Console::Off => "off".to_string(),
+        Console::File(path) => path.display().to_string(),
+    };
+    vec![
         "--vsock".into(),
         layout.vsock_socket().display().to_string(),
         "--fs".into(),
@@ -253,10 +268,7 @@ pub fn vmm_args(config: &SandboxConfig, layout: &Layout) -> Vec<String> {
 /// sockets and console.
 pub fn vmm_restore_args(config: &SandboxConfig, layout: &Layout, dir: &Path) -> Vec<String> {
     let mut args = vec!["--restore".to_string(), dir.display().to_string()];
-    // What follows --memory in `vmm_args` is the sandbox's own.
-    let own = vmm_args(config, layout);
-    let from = own.iter().position(|a| a == "--vsock").unwrap_or(own.len());
-    args.extend(own.into_iter().skip(from));
+    args.extend(vmm_own_args(layout, &config.console));
     args
 }
 
@@ -2038,6 +2050,16 @@ mod tests {
         );
         assert_eq!(get("--console"), Some("off"));
         assert!(!args.iter().any(|a| a == "--net"));
+        // A clone: the template's instead of what boots, its own sockets.
+        let restore = vmm_restore_args(&c, &layout, Path::new("/run/isola/templates/k"));
+        assert_eq!(restore[..2], ["--restore", "/run/isola/templates/k"]);
+        assert_eq!(restore[2..], vmm_own_args(&layout, &c.console)[..]);
+        assert!(!restore.iter().any(|a| a == "--kernel" || a == "--vcpus"));
+        // The template's command line has no hostname (a clone's is its own).
+        assert_eq!(
+            c.template_cmdline(),
+            format!("{BASE_CMDLINE} agent.log=info quiet")
+        );
         let taps = [(7, Mac([0x0a, 0x58, 0, 0, 0, 1])), (8, Mac([2; 6]))];
         assert_eq!(
             vmm_net_args(&taps, true),

@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use isola_protocol::network::Mac;
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::{Console, SandboxConfig};
-use crate::share::{self, Layout, SHARE_TAG};
+use crate::sandbox::{vmm_boot_args, vmm_own_args, Console, SandboxConfig};
+use crate::share::{self, Layout};
 
 /// The file in a template directory that describes its shape.
 pub const INPUTS_FILE: &str = "inputs";
@@ -312,34 +312,16 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     }
 
     let console = match &config.console {
-        Console::Off => "off".to_string(),
-        Console::File(_) => work.join("console").display().to_string(),
+        Console::Off => Console::Off,
+        Console::File(_) => Console::File(work.join("console")),
     };
     let mut cmd = tokio::process::Command::new(&config.vmm);
     cmd.arg("--template")
         .arg(&dir)
         .arg("--save-when-ready")
         .arg(config.start_timeout.as_secs().max(1).to_string())
-        .args([
-            "--kernel".to_string(),
-            config.kernel.display().to_string(),
-            "--initrd".to_string(),
-            config.initrd.display().to_string(),
-            "--cmdline".to_string(),
-            inputs.cmdline.clone(),
-            "--vcpus".to_string(),
-            inputs.vcpus.to_string(),
-            "--memory".to_string(),
-            inputs.memory_mib.to_string(),
-            "--vsock".to_string(),
-            layout.vsock_socket().display().to_string(),
-            "--fs".to_string(),
-            format!("tag={SHARE_TAG},socket={}", layout.fs_socket().display()),
-            "--api-socket".to_string(),
-            layout.api_socket().display().to_string(),
-            "--console".to_string(),
-            console,
-        ]);
+        .args(vmm_boot_args(config, inputs.cmdline.clone()))
+        .args(vmm_own_args(&layout, &console));
     let off = if inputs.offloads { "" } else { ",offload=off" };
     for i in 0..inputs.nets {
         cmd.arg("--net")

@@ -98,16 +98,23 @@ impl Flavor {
 fn cold_config(c: &Containerd) -> Result<std::path::PathBuf> {
     let path = c.dir.join("isola-cold.toml");
     if !path.exists() {
-        let mut text = std::fs::read_to_string(c.dir.join("isola.toml"))?;
-        ensure!(
-            text.trim_end().lines().any(|l| l.trim() == "[runtime]"),
-            "the shared isola.toml has no [runtime] section"
-        );
-        // [runtime] is the file's last section.
-        text.push_str("templates = false\n");
-        std::fs::write(&path, text)?;
+        let text = std::fs::read_to_string(c.dir.join("isola.toml"))?;
+        std::fs::write(&path, without_templates(&text)?)?;
     }
     Ok(path)
+}
+
+/// An isola config's text with `runtime.templates = false`.
+fn without_templates(text: &str) -> Result<String> {
+    let mut config: toml::Table = text.parse().context("the shared isola.toml")?;
+    let runtime = config
+        .entry("runtime")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(runtime) = runtime else {
+        anyhow::bail!("[runtime] of the shared isola.toml is not a table");
+    };
+    runtime.insert("templates".into(), toml::Value::Boolean(false));
+    Ok(toml::to_string(&config)?)
 }
 
 /// Waits until the node has a whole template (the first isola run built
@@ -534,6 +541,23 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cold_config_is_the_shared_one_without_templates() {
+        let text = "[hypervisor]\nvmm = \"/x\"\n[runtime]\nrun_root = \"/run/r\"\n";
+        let cold = without_templates(text).unwrap();
+        let path = std::path::Path::new("isola-cold.toml");
+        let config = isola_sandbox::config::Config::parse(&cold, path).unwrap();
+        assert!(!config.runtime.templates);
+        assert_eq!(config.runtime.run_root, std::path::Path::new("/run/r"));
+        let none = without_templates("[hypervisor]\nvmm = \"/x\"\n").unwrap();
+        assert!(
+            !isola_sandbox::config::Config::parse(&none, path)
+                .unwrap()
+                .runtime
+                .templates
+        );
+    }
 
     #[test]
     fn task_ps_pids() {

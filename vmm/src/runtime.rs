@@ -225,9 +225,7 @@ impl EventLoop<'_> {
                 return Ok(GuestExit::PowerOff);
             }
             if pending.ready && self.save_when_ready.is_some() {
-                let shared = &self.vcpus.shared;
-                shared.set(RunState::Paused);
-                if !vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
+                if !self.pause_vcpus() {
                     anyhow::bail!(
                         "the vCPUs did not pause within {} s to save the template",
                         PAUSE_TIMEOUT.as_secs()
@@ -259,6 +257,18 @@ impl EventLoop<'_> {
         }
     }
 
+    /// Parks every vCPU; false, with them running again, if they did not
+    /// park within [`PAUSE_TIMEOUT`].
+    fn pause_vcpus(&self) -> bool {
+        let shared = &self.vcpus.shared;
+        shared.set(RunState::Paused);
+        if vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
+            return true;
+        }
+        shared.set(RunState::Running);
+        false
+    }
+
     /// Executes one API call; true when the VM must stop now.
     fn handle_call(&mut self, call: Call) -> bool {
         use serde_json::json;
@@ -288,12 +298,10 @@ impl EventLoop<'_> {
                 })
             }
             Request::Pause => {
-                shared.set(RunState::Paused);
-                if vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
+                if self.pause_vcpus() {
                     tracing::info!("vCPUs paused");
                     json!({"ok": true, "state": "paused"})
                 } else {
-                    shared.set(RunState::Running);
                     json!({"ok": false, "error": format!("vCPUs did not pause within {} s", PAUSE_TIMEOUT.as_secs())})
                 }
             }
@@ -333,13 +341,11 @@ impl EventLoop<'_> {
             Request::Snapshot => {
                 // The vCPUs stop after the loop; the reply waits for the
                 // state to be written.
-                shared.set(RunState::Paused);
-                if vcpu::kick_all(&self.vcpus.handles, shared, PAUSE_TIMEOUT) {
+                if self.pause_vcpus() {
                     tracing::info!("vCPUs paused for the snapshot");
                     self.snapshot = Some(SnapshotBy::Api(call.reply));
                     return false;
                 }
-                shared.set(RunState::Running);
                 json!({"ok": false, "error": format!("vCPUs did not pause within {} s", PAUSE_TIMEOUT.as_secs())})
             }
         };

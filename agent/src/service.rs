@@ -687,6 +687,7 @@ impl AgentService {
     }
 
     fn create_container_sync(&self, req: &CreateContainerRequest) -> RpcResult<u32> {
+        let began = std::time::Instant::now();
         let id = req.container_id.as_str();
         check_id("container_id", id)?;
         let share = self.sandbox_share()?;
@@ -741,12 +742,30 @@ impl AgentService {
 
         // From here on, failures are the guest's: undo the bundle.
         let _console_file = RemoveOnDrop(&console);
+        let prepared_ms = began.elapsed().as_millis() as u64;
         let result = self.build_container(id, &bundle, &console, prepared, plan, &stdio);
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&bundle);
-            let _ = fs::remove_dir_all(Path::new(sandbox::STATE).join(id));
+        match result {
+            Ok((pid, libcontainer)) => {
+                // Where the time went: the spec checked and rewritten, then
+                // libcontainer's create (its init forked into the
+                // namespaces, the rootfs and mounts, the cgroup), then the
+                // rest.
+                tracing::info!(
+                    container = id,
+                    pid,
+                    prepared_ms,
+                    libcontainer_ms = libcontainer.as_millis() as u64,
+                    ms = began.elapsed().as_millis() as u64,
+                    "container created"
+                );
+                Ok(pid)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&bundle);
+                let _ = fs::remove_dir_all(Path::new(sandbox::STATE).join(id));
+                Err(e)
+            }
         }
-        result
     }
 
     fn build_container(
@@ -757,7 +776,7 @@ impl AgentService {
         prepared: spec::Prepared,
         plan: StdioPlan,
         stdio: &Stdio,
-    ) -> RpcResult<u32> {
+    ) -> RpcResult<(u32, std::time::Duration)> {
         let step = |what: &str, e: &dyn std::fmt::Display| {
             internal(format!("container {id}: {what}: {e}"))
         };
@@ -783,6 +802,7 @@ impl AgentService {
         };
         check_single_threaded(&format!("container {id}"))?;
         let mark = lock(&self.state.router).mark();
+        let building = std::time::Instant::now();
         let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
             .with_root_path(sandbox::STATE)
             .map_err(|e| step("state directory", &e))?
@@ -807,6 +827,7 @@ impl AgentService {
             .with_detach(true)
             .build()
             .map_err(|e| step("creating with libcontainer", &format!("{e:#}")))?;
+        let libcontainer = building.elapsed();
         let pid = container
             .pid()
             .ok_or_else(|| step("creating", &"libcontainer gave no pid"))?
@@ -867,8 +888,7 @@ impl AgentService {
         });
         lock(&self.state.containers).insert(id.to_string(), entry);
         self.state.register(init, mark);
-        tracing::info!(container = id, pid, "container created");
-        Ok(pid)
+        Ok((pid, libcontainer))
     }
 
     fn watch_oom(&self, id: &str, cgroup: &Path) -> Option<WatchDescriptor> {
@@ -1332,13 +1352,20 @@ impl isola_protocol::Agent for AgentService {
                 failures.push(status::message(&e));
             }
         }
+        let began = std::time::Instant::now();
         nix::unistd::sync();
+        let synced = began.elapsed();
         if let Some(p) = &share {
             if let Err(e) = sandbox::unmount(p) {
                 failures.push(format!("{e:#}"));
             }
         }
         self.state.remove_netns();
+        tracing::info!(
+            sync_ms = synced.as_millis() as u64,
+            unmount_ms = (began.elapsed() - synced).as_millis() as u64,
+            "sandbox destroyed"
+        );
         if !failures.is_empty() {
             tracing::error!(?failures, "destroying the sandbox");
         }
@@ -1510,6 +1537,10 @@ impl isola_protocol::Agent for AgentService {
             }
         }
         self.delete_container(&c)?;
+        // What its processes wrote (a shared mapping's dirty pages above
+        // all) goes to the host now: once the last container is removed,
+        // the host may kill the VM without DestroySandbox.
+        nix::unistd::sync();
         Ok(RemoveContainerResponse::new())
     }
 

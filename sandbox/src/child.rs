@@ -170,14 +170,17 @@ impl Supervised {
 
     /// Waits up to `grace` for it to end by itself, then kills it and
     /// waits up to `kill_wait` more. Returns how it ended, or `None` if it
-    /// still did not (stuck in the kernel).
+    /// still did not (stuck in the kernel). A zero `grace` kills it at
+    /// once, as planned (nothing is logged).
     pub async fn stop(&self, grace: Duration, kill_wait: Duration) -> Option<Death> {
         if let Ok(death) = tokio::time::timeout(grace, self.ended()).await {
             // Whatever it forked and left behind goes too.
             self.kill();
             return Some(death);
         }
-        tracing::warn!(process = %self.name, pid = self.pid, ?grace, "still running; killing it");
+        if !grace.is_zero() {
+            tracing::warn!(process = %self.name, pid = self.pid, ?grace, "still running; killing it");
+        }
         self.kill();
         tokio::time::timeout(kill_wait, self.ended()).await.ok()
     }

@@ -454,7 +454,14 @@ impl Resources {
             }
         }
         if let Some(fs) = &self.virtiofsd {
-            if fs.stop(Duration::from_secs(5), kill_wait).await.is_none() {
+            // Its writes are synchronous: once the VM is killed at once,
+            // virtiofsd has nothing left to finish either.
+            let fs_grace = if grace.is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(5)
+            };
+            if fs.stop(fs_grace, kill_wait).await.is_none() {
                 errors.push(format!("virtiofsd (pid {}) did not die", fs.pid()));
             }
         }
@@ -1627,13 +1634,27 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Stops the sandbox: DestroySandbox (bounded), the VMM's exit
-    /// (killed after the timeout), virtiofsd's, every mount undone, the
-    /// run directory removed. Safe to call more than once and after death.
+    /// Stops the sandbox: DestroySandbox (bounded) while it has
+    /// containers, the VMM's exit (killed after the timeout), virtiofsd's,
+    /// every mount undone, the run directory removed. Safe to call more
+    /// than once and after death.
+    ///
+    /// Once the guest holds nothing worth its own power off (hundreds of
+    /// ms of kernel shutdown on the node's CPU), the VM is killed at once,
+    /// as Kata quits QEMU: after DestroySandbox answered (the guest synced
+    /// and unmounted the share), or without it when every container was
+    /// removed (each RemoveContainer syncs, and nothing else in the guest
+    /// writes to the host). Otherwise the guest gets the stop timeout to
+    /// power off.
     pub async fn stop(&self) -> Result<()> {
         let inner = &self.inner;
         let was_alive = inner.gone.borrow().is_none();
-        if was_alive {
+        let mut vmm_grace = inner.config.stop_timeout;
+        if was_alive && self.lock_containers().is_empty() {
+            inner.gone.send_replace(Some(Gone::Stopped));
+            tracing::debug!(sandbox = %inner.id, "no containers: the VM is killed");
+            vmm_grace = Duration::ZERO;
+        } else if was_alive {
             inner.gone.send_replace(Some(Gone::Stopped));
             let req = pb::DestroySandboxRequest::new();
             let destroy = inner
@@ -1643,7 +1664,7 @@ impl Sandbox {
             match tokio::time::timeout(inner.config.stop_timeout, race_death(&children, destroy))
                 .await
             {
-                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Ok(_))) => vmm_grace = Duration::ZERO,
                 Ok(Ok(Err(err))) => {
                     tracing::warn!(sandbox = %inner.id, error = %crate::error::agent_message(&err), "DestroySandbox failed")
                 }
@@ -1655,7 +1676,7 @@ impl Sandbox {
                 }
             }
         }
-        let errors = inner.resources.teardown(inner.config.stop_timeout).await;
+        let errors = inner.resources.teardown(vmm_grace).await;
         if let Ok(tasks) = inner.tasks.lock() {
             for task in tasks.iter() {
                 task.abort();

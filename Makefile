@@ -179,14 +179,18 @@ boot-demo: all
 # in build/bench/shim.{json,png}), then CRI pods with handler isola
 # against runc (pod start, 10 pods at once against one, host PSS of an
 # idle pod, network throughput host ↔ pod with virtio-net offloads on and
-# off and runc).
+# off and runc). Each saves its rows (every sample) in
+# build/bench/*.rows.json; bench-table prints them as one table (medians,
+# min-max, ratios, goals) and writes it to build/bench/table.md.
 bench: all busybox-rootfs busybox-image pause-image
 	tests/kvm-host/setup-e2e
+	rm -f build/bench/*.rows.json build/bench/table.md
 	tests/kvm-host/run target/release/bench --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-containers --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-shim --runs $(or $(RUNS),5)
 	tests/kvm-host/run target/release/bench-pods --runs $(or $(RUNS),5)
 	scripts/bench-plot build/bench/shim.json
+	target/release/bench-table
 
 # This build's guest kernel against another vmlinux (AGAINST=PATH, e.g. an
 # earlier isola.config's build in ~/.cache/isola/kernel/): boot to agent

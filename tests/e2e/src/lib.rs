@@ -17,6 +17,7 @@ pub mod pods;
 pub mod procstat;
 pub mod pss;
 pub mod qemu;
+pub mod report;
 pub mod virtiofsd;
 
 use std::path::PathBuf;

@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use isola_e2e::report::{self, Row};
 use isola_e2e::{median, project_dir, require_kvm_host, which, Scratch};
 
 const STREAM_BYTES: u64 = 256 << 20;
@@ -106,6 +107,26 @@ fn run() -> Result<()> {
         fs_guest.push(mib / guest.max(0.01));
         fs_host.push(mib / host_t.max(0.01));
     }
+    let rows = [
+        Row::new(
+            "`isola run` / `runc run` of `true`",
+            "ms",
+            "isola",
+            &start_i,
+        )
+        .against("runc", &start_r),
+        Row::new("stdout throughput", "MiB/s", "isola", &tput_i)
+            .against("runc", &tput_r)
+            .goal("ratio >= 0.5"),
+        Row::new(
+            "read a 256 MiB file (O_DIRECT in the guest)",
+            "MiB/s",
+            "virtio-fs",
+            &fs_guest,
+        )
+        .against("host", &fs_host),
+    ];
+    let saved = report::save("bench-containers", &host, &rows)?;
     let (si, sr) = (median(start_i), median(start_r));
     let (ti, tr) = (median(tput_i), median(tput_r));
     let (fg, fh) = (median(fs_guest), median(fs_host));
@@ -119,6 +140,7 @@ fn run() -> Result<()> {
     println!("start ratio isola/runc = {:.2}", si / sr);
     println!("stdout throughput ratio isola/runc = {:.2}", ti / tr);
     println!("virtio-fs read ratio guest/host = {:.2}", fg / fh);
+    println!("rows: {}", saved.display());
     Ok(())
 }
 

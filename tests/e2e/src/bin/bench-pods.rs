@@ -39,6 +39,7 @@ use isola_e2e::pods::{
 };
 use isola_e2e::procstat::cpu_time;
 use isola_e2e::pss::{proc, program, settle, Proc, Pss, CONTAINER, SHIM, VIRTIOFSD, VMM};
+use isola_e2e::report::{self, Row};
 use isola_e2e::{median, require_kvm_host};
 
 /// Pods started at once.
@@ -100,6 +101,7 @@ fn run() -> Result<()> {
             tput[k].1.push(from_pod);
         }
     }
+    let tput_samples = tput.clone();
     let tput: Vec<(f64, f64)> = tput
         .into_iter()
         .map(|(a, b)| (median(a), median(b)))
@@ -122,7 +124,7 @@ fn run() -> Result<()> {
         start_i.push(ms(ti));
         start_r.push(ms(tr));
     }
-    let (si, sr) = (median(start_i), median(start_r));
+    let (si, sr) = (median(start_i.clone()), median(start_r.clone()));
 
     // (b) ten at once.
     let mut parallel = Vec::new();
@@ -131,7 +133,7 @@ fn run() -> Result<()> {
         println!("run {i}: {PARALLEL} isola pods at once {:>7.0} ms", ms(t));
         parallel.push(ms(t));
     }
-    let tp = median(parallel);
+    let tp = median(parallel.clone());
 
     // (c) an idle pod's PSS.
     let (mut idle_i, mut idle_r) = (Vec::new(), Vec::new());
@@ -146,7 +148,7 @@ fn run() -> Result<()> {
         idle_r.push(s);
         cpu_r.push(m);
     }
-    let (mi, mr) = (median(cpu_i), median(cpu_r));
+    let (mi, mr) = (median(cpu_i.clone()), median(cpu_r.clone()));
     let med = |samples: &[Pss], name: &str| median(samples.iter().map(|s| s.mib(name)).collect());
     let total = |samples: &[Pss]| median(samples.iter().map(Pss::total_mib).collect());
     let (pi, pr) = (total(&idle_i), total(&idle_r));
@@ -215,6 +217,36 @@ fn run() -> Result<()> {
         "network isola (offloads)/runc = {:.2} host → pod, {:.2} pod → host",
         on_in / runc_in,
         on_out / runc_out
+    );
+    let totals = |samples: &[Pss]| -> Vec<f64> { samples.iter().map(Pss::total_mib).collect() };
+    let mut rows = vec![
+        Row::new("CRI pod start to running", "ms", "isola", &start_i)
+            .against("runc", &start_r)
+            .goal("ratio <= 1.3"),
+        Row::new(
+            &format!("{PARALLEL} pods at once, all running"),
+            "ms",
+            "isola",
+            &parallel,
+        ),
+        Row::new("idle pod, host PSS", "MiB", "isola", &totals(&idle_i))
+            .against("runc", &totals(&idle_r))
+            .goal("<= 25 MiB"),
+        Row::new("idle pod CPU", "millicores", "isola", &cpu_i).against("runc", &cpu_r),
+    ];
+    for (kind, (to_pod, from_pod)) in kinds[..2].iter().zip(&tput_samples) {
+        let runc = &tput_samples[2];
+        rows.push(
+            Row::new("network host → pod", "MiB/s", kind.label(), to_pod).against("runc", &runc.0),
+        );
+        rows.push(
+            Row::new("network pod → host", "MiB/s", kind.label(), from_pod)
+                .against("runc", &runc.1),
+        );
+    }
+    println!(
+        "rows: {}",
+        report::save("bench-pods", &host, &rows)?.display()
     );
     Ok(())
 }

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use isola_e2e::containerd::{processes_containing, text, Containerd, BUSYBOX, RUNTIME};
 use isola_e2e::pss::{proc, program, settle, Proc, Pss, CONTAINER, SHIM, VIRTIOFSD, VMM};
+use isola_e2e::report::{self, Row};
 use isola_e2e::{median, project_dir, require_kvm_host, which};
 
 /// containerd's runc runtime.
@@ -162,12 +163,27 @@ fn run() -> Result<()> {
     let template = wait_for_template(c)?;
     println!("template: {}", template.display());
     let mut echo: Vec<Vec<f64>> = vec![Vec::new(); FLAVORS.len()];
+    // Sandbox::start's own total (the shim's `sandbox started` line) of
+    // each isola run: the template and the cold boot.
+    let mut ready: Vec<Vec<f64>> = vec![Vec::new(); 2];
     for i in 1..=runs {
         let mut line = format!("run {i}: ctr run echo hi");
         for (k, flavor) in FLAVORS.iter().enumerate() {
-            let t = echo_run(c, *flavor, &format!("bench-echo-{}-{i}", flavor.name()))?;
+            let id = format!("bench-echo-{}-{i}", flavor.name());
+            let t = echo_run(c, *flavor, &id)?;
             line.push_str(&format!("   {} {:>7.0} ms", flavor.name(), ms(t)));
             echo[k].push(ms(t));
+            if *flavor != Flavor::Runc {
+                let (ms, cloned) = sandbox_started(&c.log(), &id).with_context(|| {
+                    format!("no `sandbox started` line of {id} in containerd's log")
+                })?;
+                ensure!(
+                    cloned == (*flavor == Flavor::Template),
+                    "{id}: the shim says template={cloned}, for the {} flavour",
+                    flavor.name()
+                );
+                ready[k].push(ms);
+            }
         }
         println!("{line}");
     }
@@ -201,7 +217,8 @@ fn run() -> Result<()> {
 
     let medians: Vec<f64> = echo.iter().map(|v| median(v.clone())).collect();
     let med = |k: usize, name: &str| median(idle_pss[k].iter().map(|s| s.mib(name)).collect());
-    let total = |k: usize| median(idle_pss[k].iter().map(Pss::total_mib).collect());
+    let totals = |k: usize| -> Vec<f64> { idle_pss[k].iter().map(Pss::total_mib).collect() };
+    let total = |k: usize| median(totals(k));
     let last = |k: usize| {
         let t = &dense[k];
         (
@@ -267,6 +284,66 @@ fn run() -> Result<()> {
         "idle_pss_mib": FLAVORS.iter().zip(&idle_pss).map(|(f, v)| (f.name(), v.iter().map(Pss::total_mib).collect::<Vec<_>>())).collect::<std::collections::BTreeMap<_, _>>(),
         "dense_total_mib": {"isola": dense[0], "isola-cold": dense[1]},
     });
+    let rows = [
+        Row::new(
+            "`ctr run --rm busybox echo hi`",
+            "ms",
+            "isola template",
+            &echo[0],
+        )
+        .against("runc", &echo[2])
+        .goal("ratio <= 1.2"),
+        Row::new(
+            "`ctr run --rm busybox echo hi`",
+            "ms",
+            "isola cold",
+            &echo[1],
+        )
+        .against("runc", &echo[2]),
+        Row::new(
+            "`ctr run --rm busybox echo hi`",
+            "ms",
+            "isola template",
+            &echo[0],
+        )
+        .against("isola cold", &echo[1]),
+        Row::new(
+            "sandbox ready (the shim's Sandbox::start)",
+            "ms",
+            "isola template",
+            &ready[0],
+        )
+        .against("isola cold", &ready[1]),
+        Row::new(
+            "idle container, host PSS",
+            "MiB",
+            "isola template",
+            &totals(0),
+        )
+        .against("runc", &totals(2)),
+        Row::new("idle container, host PSS", "MiB", "isola cold", &totals(1))
+            .against("runc", &totals(2)),
+        Row::new(
+            &format!("{DENSE} idle side by side, per container"),
+            "MiB",
+            "isola template",
+            &[ta],
+        )
+        .against("isola cold", &[ca])
+        .goal("<= 25 MiB"),
+        Row::new(
+            &format!("{DENSE} idle side by side, what the {DENSE}th added"),
+            "MiB",
+            "isola template",
+            &[tl],
+        )
+        .against("isola cold", &[cl])
+        .goal("<= 20 MiB"),
+    ];
+    println!(
+        "rows: {}",
+        report::save("bench-shim", &host, &rows)?.display()
+    );
     let out = project_dir().join("build/bench");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("shim.json"), serde_json::to_vec_pretty(&samples)?)?;
@@ -396,6 +473,22 @@ fn echo_run(c: &Containerd, flavor: Flavor, id: &str) -> Result<Duration> {
     );
     assert_gone(c, runtime, id)?;
     Ok(took)
+}
+
+/// The `ms` and `template` of the shim's `sandbox started` line for
+/// sandbox `id` in containerd's log (the last one, if several).
+fn sandbox_started(log: &str, id: &str) -> Option<(f64, bool)> {
+    let tag = format!(" id={id} ");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&tag) && l.contains("sandbox started"))?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+    };
+    Some((field("ms=")?.parse().ok()?, field("template=")? == "true"))
 }
 
 /// Runs `sleep 100000` detached under `runtime`, measures its processes'
@@ -541,6 +634,16 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sandbox_started_line_of_one_sandbox() {
+        let log = "isola-shim namespace=default id=a-1 2026-12-07T04:43:27Z  INFO sandbox started sandbox=a-1 kernel=6.12 dir=/run/x ms=690 template=true\n\
+                   isola-shim namespace=default id=a-10 2026-12-07T04:43:28Z  INFO sandbox started sandbox=a-10 kernel=6.12 dir=/run/y ms=7000 template=false\n\
+                   isola-shim namespace=default id=a-1 2026-12-07T04:43:29Z  INFO deleted container=a-1\n";
+        assert_eq!(sandbox_started(log, "a-1"), Some((690.0, true)));
+        assert_eq!(sandbox_started(log, "a-10"), Some((7000.0, false)));
+        assert_eq!(sandbox_started(log, "a-2"), None);
+    }
 
     #[test]
     fn the_cold_config_is_the_shared_one_without_templates() {

@@ -16,6 +16,7 @@ use isola_e2e::agent;
 use isola_e2e::boot::{isola_once, Sample, MEMORY_MIB, VCPUS};
 use isola_e2e::procstat::rss_kib;
 use isola_e2e::qemu::{QemuConfig, QemuVm};
+use isola_e2e::report::{self, Row};
 use isola_e2e::{median, require_kvm_host, GuestImages, Scratch, BOOT_DEADLINE};
 
 fn main() {
@@ -75,6 +76,29 @@ fn run() -> Result<()> {
     );
     println!("goals: boot ratio <= 0.50, overhead <= 5 MiB, start-up <= 8 CPU ms (on a real host)");
     println!("boot ratio isola-vmm/qemu-microvm = {:.2}", ib / qb);
+    let boots =
+        |v: &[Sample]| -> Vec<f64> { v.iter().map(|s| s.boot.as_secs_f64() * 1000.0).collect() };
+    let overheads =
+        |v: &[Sample]| -> Vec<f64> { v.iter().map(|s| s.overhead_kib as f64 / 1024.0).collect() };
+    let rows = [
+        Row::new(
+            "cold boot to agent ready",
+            "ms",
+            "isola-vmm",
+            &boots(&isola),
+        )
+        .against("qemu microvm", &boots(&qemu))
+        .goal("ratio <= 0.5"),
+        Row::new(
+            "VMM memory overhead",
+            "MiB",
+            "isola-vmm",
+            &overheads(&isola),
+        )
+        .against("qemu microvm", &overheads(&qemu))
+        .goal("<= 5 MiB"),
+    ];
+    println!("rows: {}", report::save("bench", &host, &rows)?.display());
     Ok(())
 }
 

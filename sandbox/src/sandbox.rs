@@ -447,11 +447,13 @@ impl Resources {
             return Vec::new();
         }
         let mut errors = Vec::new();
+        let mut steps = Steps::stopping(&self.sandbox);
         let kill_wait = Duration::from_secs(10);
         if let Some(vmm) = &self.vmm {
             if vmm.stop(grace, kill_wait).await.is_none() {
                 errors.push(format!("isola-vmm (pid {}) did not die", vmm.pid()));
             }
+            steps.done("isola-vmm ended");
         }
         if let Some(fs) = &self.virtiofsd {
             // Its writes are synchronous: once the VM is killed at once,
@@ -465,8 +467,11 @@ impl Resources {
                 errors.push(format!("virtiofsd (pid {}) did not die", fs.pid()));
             }
         }
+        steps.done("virtiofsd ended");
         errors.extend(self.release_network().await);
+        steps.done("network released");
         errors.extend(self.release_dir());
+        steps.done("run directory removed");
         self.finished.store(true, Ordering::SeqCst);
         self.cleaned.send_replace(true);
         if errors.is_empty() {
@@ -808,18 +813,21 @@ impl Sandbox {
         drop(netns);
         let children = resources.children();
         let health = HealthClient::new(client.clone());
-        let version = race_death(
-            &children,
-            health.version(ctx(RPC_TIMEOUT), &pb::VersionRequest::new()),
-        )
-        .await
-        .map_err(|d| Error::new(ErrorKind::Dead, &id, "Health.Version", d.to_string()))?
-        .map_err(|e| Error::agent(&id, "Health.Version", e))?;
+        // The agent's log stream is opened while Version is asked: each is
+        // a round trip to the guest, and neither needs the other.
+        let version_req = pb::VersionRequest::new();
+        let (version, log_stream) = tokio::join!(
+            race_death(&children, health.version(ctx(RPC_TIMEOUT), &version_req)),
+            stdio::open_stream(&vsock, StreamKind::Log)
+        );
+        let version = version
+            .map_err(|d| Error::new(ErrorKind::Dead, &id, "Health.Version", d.to_string()))?
+            .map_err(|e| Error::agent(&id, "Health.Version", e))?;
         steps.done("agent answered");
         tracing::info!(sandbox = %id, agent_version = %version.agent_version, api_version = version.api_version, "agent answered");
 
         let mut tasks = Vec::new();
-        match stdio::open_stream(&vsock, StreamKind::Log).await {
+        match log_stream {
             Ok(stream) => {
                 let gate = LogGate::new(
                     log_gate::level_cap(&config.log_level),
@@ -1768,10 +1776,11 @@ async fn dial_agent(
     }
 }
 
-/// The start path's steps, each logged at debug level with its own
-/// duration and the time since the start.
+/// The steps of a start or a stop, each logged at debug level (`start
+/// step`, `stop step`) with its own duration and the time since the first.
 struct Steps<'a> {
     sandbox: &'a str,
+    stop: bool,
     start: std::time::Instant,
     last: std::time::Instant,
 }
@@ -1781,20 +1790,28 @@ impl<'a> Steps<'a> {
         let now = std::time::Instant::now();
         Steps {
             sandbox,
+            stop: false,
             start: now,
             last: now,
         }
     }
 
+    fn stopping(sandbox: &'a str) -> Self {
+        Steps {
+            stop: true,
+            ..Steps::new(sandbox)
+        }
+    }
+
     fn done(&mut self, step: &str) {
         let now = std::time::Instant::now();
-        tracing::debug!(
-            sandbox = %self.sandbox,
-            step,
-            step_ms = now.duration_since(self.last).as_millis() as u64,
-            ms = now.duration_since(self.start).as_millis() as u64,
-            "start step"
-        );
+        let step_ms = now.duration_since(self.last).as_millis() as u64;
+        let ms = now.duration_since(self.start).as_millis() as u64;
+        if self.stop {
+            tracing::debug!(sandbox = %self.sandbox, step, step_ms, ms, "stop step");
+        } else {
+            tracing::debug!(sandbox = %self.sandbox, step, step_ms, ms, "start step");
+        }
         self.last = now;
     }
 

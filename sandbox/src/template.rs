@@ -36,6 +36,10 @@
 //!   refused the state, died, or its agent never answered) is stopped,
 //!   the template is removed (logged, counted), and the sandbox boots cold
 //!   in its place.
+//! - **Pruning** ([`prune`]): after each build, the templates no sandbox
+//!   can use any more (their isola-vmm, kernel or initrd was replaced:
+//!   an upgrade) and the leftovers of dead or discarded builds are
+//!   removed; templates of other shapes whose files are current stay.
 
 use std::fs;
 use std::io;
@@ -180,6 +184,93 @@ pub fn discard(dir: &Path, why: &str) {
     }
 }
 
+/// The isola-vmm, kernel and initrd a template's `inputs` file records
+/// (None if it is not one [`Inputs::describe`] wrote).
+fn recorded_files(text: &str) -> Option<Vec<FileStamp>> {
+    let mut files = Vec::new();
+    for name in ["isola-vmm: ", "kernel: ", "initrd: "] {
+        let line = text.lines().find_map(|l| l.strip_prefix(name))?;
+        let (path, rest) = line.rsplit_once(" (")?;
+        let rest = rest.strip_suffix(')')?;
+        let mut numbers = rest.split(", ");
+        let len = numbers.next()?.strip_suffix(" bytes")?.parse().ok()?;
+        let mtime_ns = numbers
+            .next()?
+            .strip_prefix("mtime ")?
+            .strip_suffix(" ns")?
+            .parse()
+            .ok()?;
+        let ino = numbers.next()?.strip_prefix("inode ")?.parse().ok()?;
+        files.push(FileStamp {
+            path: PathBuf::from(path),
+            len,
+            mtime_ns,
+            ino,
+        });
+    }
+    Some(files)
+}
+
+/// Whether the template in `dir` can still be used by some sandbox: its
+/// isola-vmm, kernel and initrd are the files it was built from.
+fn still_current(dir: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(dir.join(INPUTS_FILE)) else {
+        return false;
+    };
+    recorded_files(&text).is_some_and(|files| {
+        files
+            .iter()
+            .all(|f| FileStamp::of(&f.path).is_ok_and(|now| now == *f))
+    })
+}
+
+/// Removes the templates under `root` that no sandbox can use any more
+/// (their isola-vmm, kernel or initrd was replaced or removed: an
+/// upgrade), and the leftovers of failed or discarded builds, but never
+/// `keep` nor a template whose build holds its lock. Templates live on
+/// tmpfs, so each one removed gives back the memory its guest touched
+/// once its clones are gone (they keep their mapping). Returns the names
+/// removed.
+pub fn prune(root: &Path, keep: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || name == keep {
+            continue;
+        }
+        if name.contains(".discarded-") {
+            if fs::remove_dir_all(&path).is_ok() {
+                removed.push(name);
+            }
+            continue;
+        }
+        let lock_path = root.join(format!("{name}.lock"));
+        // A build in progress holds it (its VMM does, until it exits).
+        let Ok(Some(lock)) = try_lock(&lock_path) else {
+            continue;
+        };
+        if still_current(&path) {
+            continue;
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                let _ = fs::remove_file(root.join(format!("{name}.failed")));
+                let _ = fs::remove_file(&lock_path);
+                tracing::info!(template = %name, "removed a template its isola-vmm, kernel or initrd no longer matches");
+                removed.push(name);
+            }
+            Err(err) => tracing::warn!(template = %name, %err, "removing a stale template"),
+        }
+        drop(lock);
+    }
+    removed
+}
+
 /// How long a failed build keeps others of its shape from trying again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(600);
 
@@ -209,6 +300,9 @@ pub fn build_in_background(config: &SandboxConfig, inputs: Inputs) {
             Ok(true) => {
                 BUILT.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(template = %key, ms = started.elapsed().as_millis() as u64, vcpus = inputs.vcpus, memory_mib = inputs.memory_mib, "template built");
+                // A new template is often the first after an upgrade: the
+                // old ones go.
+                prune(&root, &key);
             }
             Ok(false) => {
                 tracing::debug!(template = %key, "the template is there or being built elsewhere")
@@ -427,6 +521,86 @@ mod tests {
         assert!(!t.exists());
         assert_eq!(ready(&root, &inputs), None);
         assert_eq!(FALLBACKS.load(Ordering::Relaxed), before + 1);
+    }
+
+    #[test]
+    fn stale_templates_and_leftovers_are_pruned_but_not_current_or_building_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let root = dir.path().join("templates");
+        let make = |inputs: &Inputs| {
+            let t = root.join(inputs.key());
+            fs::create_dir_all(&t).unwrap();
+            fs::write(t.join("memory"), "").unwrap();
+            fs::write(t.join("state.json"), "{}").unwrap();
+            fs::write(t.join(INPUTS_FILE), inputs.describe()).unwrap();
+            t
+        };
+        let small = make(&Inputs::of(&c, 0).unwrap());
+        let mut big = c.clone();
+        big.memory_mib = 1024;
+        let other_shape = make(&Inputs::of(&big, 0).unwrap());
+        // A kernel built again: the two templates above are stale.
+        fs::remove_file(&c.kernel).unwrap();
+        fs::write(&c.kernel, "a new kernel").unwrap();
+        let current = make(&Inputs::of(&c, 0).unwrap());
+        let current_big = make(&Inputs::of(&big, 0).unwrap());
+        let stale_key = small.file_name().unwrap().to_string_lossy().into_owned();
+        fs::write(root.join(format!("{stale_key}.failed")), "why").unwrap();
+        // Being built: its lock is held.
+        let building = root.join("0123456789abcdef01234567");
+        fs::create_dir_all(&building).unwrap();
+        let held = try_lock(&root.join("0123456789abcdef01234567.lock"))
+            .unwrap()
+            .unwrap();
+        // Left by a build that died before writing its inputs.
+        let dead = root.join("fedcba9876543210fedcba98");
+        fs::create_dir_all(&dead).unwrap();
+        let discarded = root.join("abc.discarded-42");
+        fs::create_dir_all(&discarded).unwrap();
+
+        let keep = current.file_name().unwrap().to_string_lossy().into_owned();
+        let mut removed = prune(&root, &keep);
+        removed.sort();
+        let mut expected = vec![
+            stale_key.clone(),
+            other_shape
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+            "fedcba9876543210fedcba98".to_string(),
+            "abc.discarded-42".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(removed, expected);
+        for gone in [&small, &other_shape, &dead, &discarded] {
+            assert!(!gone.exists(), "{} left", gone.display());
+        }
+        assert!(!root.join(format!("{stale_key}.failed")).exists());
+        assert!(!root.join(format!("{stale_key}.lock")).exists());
+        for kept in [&current, &current_big, &building] {
+            assert!(kept.exists(), "{} removed", kept.display());
+        }
+        assert!(ready(&root, &Inputs::of(&c, 0).unwrap()).is_some());
+        assert!(ready(&root, &Inputs::of(&big, 0).unwrap()).is_some());
+        drop(held);
+        // Once its builder is gone, a directory with no inputs is a leftover.
+        assert_eq!(
+            prune(&root, &keep),
+            vec!["0123456789abcdef01234567".to_string()]
+        );
+    }
+
+    #[test]
+    fn the_recorded_files_are_read_back_from_the_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let inputs = Inputs::of(&c, 1).unwrap();
+        let files = recorded_files(&inputs.describe()).unwrap();
+        assert_eq!(files, vec![inputs.vmm, inputs.kernel, inputs.initrd]);
+        assert_eq!(recorded_files("kernel: /k (1 bytes)\n"), None);
+        assert_eq!(recorded_files(""), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod check;
 mod host;
 mod pod;
+mod setup;
 mod spec;
 mod tty;
 
@@ -52,6 +53,10 @@ enum Command {
     /// the way kubelet does: apply, status, exec, logs, stats, restart,
     /// delete. For trying isola on a node without a cluster.
     Pod(Box<pod::PodArgs>),
+    /// Sets a node up for isola: `isola setup containerd` adds isola's
+    /// runtime to containerd's config (version 2 or 3), keeping everything
+    /// else; `--remove` takes it out.
+    Setup(setup::SetupArgs),
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +186,7 @@ fn main() {
             init_logging();
             std::process::exit(pod::run(*args))
         }
+        Command::Setup(args) => std::process::exit(setup::run(args)),
     };
     init_logging();
     let runtime = match runtime() {

@@ -59,6 +59,18 @@ impl Containerd {
     }
 
     fn start(dir: &Path) -> Result<Containerd> {
+        Containerd::start_with(dir, false)
+    }
+
+    /// A containerd of its own in `dir` whose config `isola setup
+    /// containerd` edited (the config before it is `config.toml.stock`
+    /// there), with the busybox images imported; stop it with
+    /// [`Containerd::stop`].
+    pub fn start_set_up_by_isola(dir: &Path) -> Result<Containerd> {
+        Containerd::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, setup: bool) -> Result<Containerd> {
         let project = project_dir();
         // Short: `<run_root>/k8s.io/<64-character CRI id>/vsock.sock` fits
         // a Unix socket address (a longer root goes to `_hashed/`).
@@ -80,12 +92,15 @@ impl Containerd {
             ),
         )?;
         release_binary("containerd-shim-isola-v2")?;
-        let status = Command::new(project.join("tests/containerd/start"))
+        let mut start = Command::new(project.join("tests/containerd/start"));
+        start
             .arg(dir)
             .env("ISOLA_CONFIG", &config)
-            .env("ISOLA_SHIM_DIR", project.join("target/release"))
-            .status()
-            .context("running tests/containerd/start")?;
+            .env("ISOLA_SHIM_DIR", project.join("target/release"));
+        if setup {
+            start.env("CONTAINERD_ISOLA_SETUP", release_binary("isola")?);
+        }
+        let status = start.status().context("running tests/containerd/start")?;
         ensure!(status.success(), "tests/containerd/start failed: {status}");
         let c = Containerd {
             dir: dir.to_path_buf(),
@@ -123,7 +138,8 @@ impl Containerd {
         Ok(())
     }
 
-    fn stop(&self) -> Result<()> {
+    /// Stops this containerd (its shims keep running).
+    pub fn stop(&self) -> Result<()> {
         let status = Command::new(project_dir().join("tests/containerd/stop"))
             .arg(&self.dir)
             .status()?;

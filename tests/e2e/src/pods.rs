@@ -45,7 +45,11 @@ impl Pods {
     }
 
     fn init() -> Result<Pods> {
-        let containerd = Containerd::shared();
+        Pods::on(Containerd::shared())
+    }
+
+    /// Pods through `containerd` (its images imported into `k8s.io`).
+    pub fn on(containerd: &'static Containerd) -> Result<Pods> {
         let project = project_dir();
         for image in ["pause.tar", "busybox.tar", "busybox-user.tar"] {
             let tar = project.join("build/images").join(image);

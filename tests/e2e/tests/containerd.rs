@@ -1039,3 +1039,86 @@ fn guest_memory_a_container_frees_goes_back_to_the_host() -> Result<()> {
     c.kill_and_remove(id)?;
     c.assert_clean(id)
 }
+
+/// `isola setup containerd` on the harness's stock config (version 2 for
+/// containerd 1.x, 3 for 2.x, without isola's runtime): the containerd
+/// that reads the edited config runs a CRI pod with the `isola` handler;
+/// `--remove` then gives back the stock config byte for byte.
+#[test]
+fn setup_containerd_puts_isola_into_a_stock_config_and_remove_takes_it_out() -> Result<()> {
+    use isola_e2e::pods::{manifest, Pods, BUSYBOX as POD_IMAGE, ISOLA};
+    require_kvm_host()?;
+    let dir = std::path::Path::new("/run/isola-e2e-setup");
+    let config = dir.join("config.toml");
+    let stock = dir.join("config.toml.stock");
+    // 'static, as Pods wants; one per test process.
+    let c: &'static Containerd = Box::leak(Box::new(Containerd::start_set_up_by_isola(dir)?));
+    let ran = (|| -> Result<()> {
+        let edited = std::fs::read_to_string(&config)?;
+        let original = std::fs::read_to_string(&stock)?;
+        ensure!(
+            !original.contains("isola") && edited.starts_with(&original),
+            "the stock config was not kept as it was:\n{edited}"
+        );
+        ensure!(
+            edited.contains("added by `isola setup containerd`")
+                && edited.contains("runtime_type = \"io.containerd.isola.v2\""),
+            "{edited}"
+        );
+        let p = Pods::on(c)?;
+        let yaml = manifest(
+            "set-up",
+            ISOLA,
+            "",
+            &format!("  - name: app\n    image: {POD_IMAGE}\n    command: [sleep, \"3600\"]\n"),
+        );
+        let _guard = p.guard(&["set-up"]);
+        let id = p.apply(&yaml)?;
+        let status = p.status("set-up")?;
+        ensure!(status["runtime_handler"] == ISOLA, "{status:#}");
+        let app = Pods::container(&status, "app").cloned().unwrap_or_default();
+        ensure!(app["state"] == "running", "{status:#}");
+        ensure!(
+            !c.vmms(&id).is_empty(),
+            "pod {id} runs without an isola-vmm"
+        );
+        p.delete("set-up", &id, Some(0))
+    })();
+    let stopped = c.stop();
+    ran?;
+    stopped?;
+
+    let containerd = std::env::var_os("CONTAINERD_BIN")
+        .map(|b| std::path::PathBuf::from(b).join("containerd"))
+        .unwrap_or_else(|| "containerd".into());
+    let remove = || -> Result<std::process::Output> {
+        Ok(
+            std::process::Command::new(isola_e2e::containers::release_binary("isola")?)
+                .args(["setup", "containerd", "--remove", "--config"])
+                .arg(&config)
+                .arg("--containerd")
+                .arg(&containerd)
+                .output()?,
+        )
+    };
+    let out = remove()?;
+    ensure!(
+        out.status.success() && text(&out.stdout).contains("containerd must be restarted"),
+        "isola setup containerd --remove: {}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    ensure!(
+        std::fs::read(&config)? == std::fs::read(&stock)?,
+        "--remove did not give back the stock config:\n{}",
+        std::fs::read_to_string(&config)?
+    );
+    // Once more: nothing to remove, nothing changed.
+    let again = remove()?;
+    ensure!(
+        again.status.success() && text(&again.stdout).contains("nothing changed"),
+        "{}",
+        text(&again.stdout)
+    );
+    Ok(())
+}

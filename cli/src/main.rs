@@ -7,6 +7,7 @@
 mod check;
 mod host;
 mod pod;
+mod ps;
 mod setup;
 mod spec;
 mod tty;
@@ -53,10 +54,64 @@ enum Command {
     /// the way kubelet does: apply, status, exec, logs, stats, restart,
     /// delete. For trying isola on a node without a cluster.
     Pod(Box<pod::PodArgs>),
+    /// Lists every sandbox on the node, whoever runs it (the shim,
+    /// `isola run`): its state, containers (state, guest pid), VM size,
+    /// uptime, host PSS and the host pids of its runner, isola-vmm and
+    /// virtiofsd; a sandbox whose runner is gone is reported with what it
+    /// left. Reads only.
+    Ps(PsArgs),
     /// Sets a node up for isola: `isola setup containerd` adds isola's
     /// runtime to containerd's config (version 2 or 3), keeping everything
     /// else; `--remove` takes it out.
     Setup(setup::SetupArgs),
+}
+
+#[derive(Debug, Args)]
+struct PsArgs {
+    /// The config file whose run root is read (default: $ISOLA_CONFIG,
+    /// else /etc/isola/config.toml, else the built-in defaults).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Read this run root instead (repeatable).
+    #[arg(long, value_name = "DIR")]
+    run_root: Vec<PathBuf>,
+    /// One JSON array instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `isola ps`; the exit status.
+fn ps_command(args: PsArgs) -> i32 {
+    let roots = if args.run_root.is_empty() {
+        let config = match isola_sandbox::config::Config::load(args.config.as_deref()) {
+            Ok(config) => config,
+            Err(err) => {
+                eprintln!("isola: ps: {err}");
+                return 1;
+            }
+        };
+        let mut roots = vec![config.runtime.run_root];
+        let direct = PathBuf::from(isola_sandbox::DEFAULT_RUN_ROOT);
+        if !roots.contains(&direct) {
+            roots.push(direct);
+        }
+        roots
+    } else {
+        args.run_root
+    };
+    let entries = ps::collect(&roots);
+    if args.json {
+        match serde_json::to_string_pretty(&entries) {
+            Ok(text) => println!("{text}"),
+            Err(err) => {
+                eprintln!("isola: ps: {err}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", ps::table(&entries));
+    }
+    0
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +242,7 @@ fn main() {
             std::process::exit(pod::run(*args))
         }
         Command::Setup(args) => std::process::exit(setup::run(args)),
+        Command::Ps(args) => std::process::exit(ps_command(args)),
     };
     init_logging();
     let runtime = match runtime() {

@@ -22,6 +22,7 @@ pub mod rootfs;
 mod sandbox;
 pub mod share;
 pub mod spec;
+pub mod status;
 pub mod stdio;
 pub mod template;
 

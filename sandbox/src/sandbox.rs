@@ -27,6 +27,7 @@ use crate::network::{self, PodNetwork};
 use crate::portfwd;
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::spec::{self, Volume};
+use crate::status;
 use crate::stdio::{self, OutputReader, ProcessIo, StdioRequest, WindowSize};
 use crate::template;
 
@@ -503,6 +504,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     next_stream: AtomicU64,
     containers: Mutex<HashSet<String>>,
+    /// What `status.json` in the run directory says ([`Sandbox::note`]).
+    status: Mutex<status::Status>,
     tasks: Mutex<Vec<AbortHandle>>,
     kernel_release: String,
     /// The agent's `api_version`.
@@ -918,6 +921,27 @@ impl Sandbox {
         let id = config.id.clone();
         let (gone, _) = watch::channel(None);
         let (events, _) = broadcast::channel(1024);
+        let pid_of = |name: &str| {
+            resources
+                .children()
+                .iter()
+                .find(|c| c.name() == name)
+                .map_or(0, |c| c.pid())
+        };
+        let first_status = status::Status {
+            id: id.clone(),
+            namespace: config.namespace.clone(),
+            runner_pid: std::process::id(),
+            vmm_pid: pid_of("isola-vmm"),
+            virtiofsd_pid: pid_of("virtiofsd"),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            template: resources.from_template.is_some(),
+            containers: Default::default(),
+        };
         let inner = Arc::new(Inner {
             id: id.clone(),
             config,
@@ -927,11 +951,16 @@ impl Sandbox {
             events,
             next_stream: AtomicU64::new(1),
             containers: Mutex::new(HashSet::new()),
+            status: Mutex::new(first_status),
             tasks: Mutex::new(Vec::new()),
             kernel_release,
             agent_api,
         });
         tasks.push(tokio::spawn(supervise(Arc::downgrade(&inner))).abort_handle());
+        tasks.push(
+            tokio::spawn(note_exits(Arc::downgrade(&inner), inner.events.subscribe()))
+                .abort_handle(),
+        );
         tasks.push(
             tokio::spawn(event_loop(
                 inner.agent.clone(),
@@ -944,7 +973,15 @@ impl Sandbox {
         if let Ok(mut slot) = inner.tasks.lock() {
             slot.extend(tasks);
         }
-        Sandbox { inner }
+        let sandbox = Sandbox { inner };
+        sandbox.note(|_| {});
+        sandbox
+    }
+
+    /// Changes what the status file says (`f`) and writes it; a failure to
+    /// write is logged, never the caller's.
+    fn note(&self, f: impl FnOnce(&mut status::Status)) {
+        self.inner.note(f);
     }
 
     pub fn id(&self) -> &str {
@@ -1286,6 +1323,16 @@ impl Sandbox {
             )
             .await?;
         tracing::info!(sandbox = %sid, container = %cid, pid = resp.pid, "container created");
+        self.note(|s| {
+            s.containers.insert(
+                cid.clone(),
+                status::ContainerStatus {
+                    state: "created".into(),
+                    guest_pid: resp.pid,
+                    exit_status: None,
+                },
+            );
+        });
         Ok(Started { pid: resp.pid, io })
     }
 
@@ -1329,6 +1376,9 @@ impl Sandbox {
             tracing::error!(sandbox = %self.inner.id, container = %cid, ?errors, "container clean-up incomplete");
         }
         self.lock_containers().remove(cid);
+        self.note(|s| {
+            s.containers.remove(cid);
+        });
     }
 
     /// Starts the container's init process; the first start attaches a
@@ -1344,8 +1394,20 @@ impl Sandbox {
             Some(cid),
             self.inner.agent.start_container(ctx(RPC_TIMEOUT), &req),
         )
-        .await
-        .map(drop)
+        .await?;
+        self.note_state(cid, "running");
+        Ok(())
+    }
+
+    /// Container `cid`'s state in the status file, unless it exited.
+    fn note_state(&self, cid: &str, state: &str) {
+        self.note(|s| {
+            if let Some(c) = s.containers.get_mut(cid) {
+                if c.state != "exited" {
+                    c.state = state.to_string();
+                }
+            }
+        });
     }
 
     /// Joins what arrived in isola-vmm's namespace since the boot (Docker's
@@ -1536,8 +1598,9 @@ impl Sandbox {
             Some(cid),
             self.inner.agent.pause_container(ctx(RPC_TIMEOUT), &req),
         )
-        .await
-        .map(drop)
+        .await?;
+        self.note_state(cid, "paused");
+        Ok(())
     }
 
     pub async fn resume(&self, cid: &str) -> Result<()> {
@@ -1550,8 +1613,9 @@ impl Sandbox {
             Some(cid),
             self.inner.agent.resume_container(ctx(RPC_TIMEOUT), &req),
         )
-        .await
-        .map(drop)
+        .await?;
+        self.note_state(cid, "running");
+        Ok(())
     }
 
     /// Changes the container's cgroup limits (fields left out keep theirs).
@@ -1699,6 +1763,51 @@ impl Sandbox {
                 "cleaning up",
                 errors.join("; "),
             ))
+        }
+    }
+}
+
+impl Inner {
+    fn note(&self, f: impl FnOnce(&mut status::Status)) {
+        let mut guard = match self.status.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard);
+        // Never while the clean-up runs (it removes the directory) or
+        // after it: its lock is held for the write.
+        let Ok(_teardown) = self.resources.teardown_lock.try_lock() else {
+            return;
+        };
+        if self.resources.finished.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(err) = status::write(self.resources.layout.dir(), &guard) {
+            tracing::debug!(sandbox = %self.id, %err, "status file not written");
+        }
+    }
+}
+
+/// Marks containers exited in the status file as their exits arrive.
+async fn note_exits(inner: Weak<Inner>, mut events: broadcast::Receiver<Event>) {
+    loop {
+        match events.recv().await {
+            Ok(Event::Exited {
+                container_id,
+                exec_id,
+                exit_status,
+                ..
+            }) if exec_id.is_empty() => {
+                let Some(inner) = inner.upgrade() else { return };
+                inner.note(|s| {
+                    if let Some(c) = s.containers.get_mut(&container_id) {
+                        c.state = "exited".into();
+                        c.exit_status = Some(exit_status);
+                    }
+                });
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

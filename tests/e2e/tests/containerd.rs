@@ -1122,3 +1122,77 @@ fn setup_containerd_puts_isola_into_a_stock_config_and_remove_takes_it_out() -> 
     );
     Ok(())
 }
+
+/// `isola ps` lists a `ctr run -d` sandbox: its namespace, state, VM size
+/// (as isola-vmm was started), the shim's and isola-vmm's pids, its
+/// container running with a guest pid, a host PSS; `--json` parses and
+/// the table says the same.
+#[test]
+fn isola_ps_lists_a_ctr_run_sandbox_with_its_container_size_and_pids() -> Result<()> {
+    use anyhow::Context;
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "ps-listed";
+    c.run_detached(RUNTIME, &[], id)?;
+    let listed = (|| -> Result<()> {
+        let isola = isola_e2e::containers::release_binary("isola")?;
+        let ps = |json: bool| -> Result<String> {
+            let mut cmd = std::process::Command::new(&isola);
+            cmd.arg("ps").arg("--run-root").arg(&c.run_root);
+            if json {
+                cmd.arg("--json");
+            }
+            let out = cmd.output()?;
+            ensure!(out.status.success(), "isola ps: {}", text(&out.stderr));
+            Ok(text(&out.stdout))
+        };
+        let list: serde_json::Value = serde_json::from_str(&ps(true)?)?;
+        let e = list
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["id"] == id))
+            .with_context(|| format!("isola ps does not list {id}: {list:#}"))?;
+        ensure!(
+            e["namespace"] == "default" && e["state"] == "running",
+            "{e:#}"
+        );
+        let vmm = c.vmms(id);
+        ensure!(vmm.len() == 1, "isola-vmm of {id}: {vmm:?}");
+        ensure!(
+            e["vmm"]["pid"] == vmm[0] && e["vmm"]["alive"] == true,
+            "{e:#}"
+        );
+        ensure!(
+            Some(e["runner"]["pid"].as_u64().unwrap_or(0) as u32) == c.shim_pid(id),
+            "{e:#}"
+        );
+        let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", vmm[0]))?;
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        let arg = |name: &str| {
+            args.iter()
+                .position(|a| *a == name)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        ensure!(
+            e["vcpus"].as_u64() == arg("--vcpus") && e["memory_mib"].as_u64() == arg("--memory"),
+            "{e:#} against isola-vmm's {args:?}"
+        );
+        let container = &e["containers"][0];
+        ensure!(
+            container["id"] == id
+                && container["state"] == "running"
+                && container["guest_pid"].as_u64().unwrap_or(0) > 0,
+            "{e:#}"
+        );
+        ensure!(e["pss_mib"].as_f64().unwrap_or(0.0) > 1.0, "{e:#}");
+        let table = ps(false)?;
+        ensure!(
+            table.contains(&format!("container {id} running, guest pid")),
+            "{table}"
+        );
+        Ok(())
+    })();
+    c.kill_and_remove(id)?;
+    c.assert_clean(id)?;
+    listed
+}

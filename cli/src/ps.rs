@@ -1,0 +1,411 @@
+//! `isola ps`: every sandbox on the node, whoever runs it (the shim for
+//! containerd's `ctr run` and CRI pods, `isola run`), from the run roots'
+//! directories and their status files (`isola_sandbox::status`), checked
+//! against /proc: the runner's, isola-vmm's and virtiofsd's pids, host PSS,
+//! and isola-vmm's own view (its API's `info`: running or paused, bounded
+//! by a timeout). Reads only.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use isola_sandbox::child::{alive, processes_naming};
+use isola_sandbox::status::{self, Status};
+use serde::Serialize;
+
+/// How long isola-vmm's API has to answer `info`.
+const API_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest `info` answer read.
+const MAX_INFO: u64 = 256 << 10;
+/// The programs that run sandboxes.
+const RUNNERS: [&str; 2] = ["containerd-shim-isola-v2", "isola"];
+
+/// One sandbox as `isola ps` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Entry {
+    pub id: String,
+    pub namespace: String,
+    pub dir: PathBuf,
+    /// running, paused, starting, stopping, dead (leftovers), or unknown.
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub template: bool,
+    pub uptime_secs: Option<u64>,
+    /// Host PSS of the runner, isola-vmm and virtiofsd (MiB).
+    pub pss_mib: Option<f64>,
+    pub runner: Proc,
+    pub vmm: Proc,
+    pub virtiofsd: Proc,
+    pub containers: Vec<Container>,
+    /// What is wrong, in words (a gone runner, a silent VMM...).
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Proc {
+    pub pid: u32,
+    pub alive: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Container {
+    pub id: String,
+    pub state: String,
+    pub guest_pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+}
+
+/// Every sandbox directory under `roots` (`<root>/<namespace>/<dir>`),
+/// in order of namespace and id.
+pub fn collect(roots: &[PathBuf]) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for root in roots {
+        let Ok(namespaces) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for ns in namespaces.flatten() {
+            if !ns.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(dirs) = std::fs::read_dir(ns.path()) else {
+                continue;
+            };
+            for dir in dirs.flatten() {
+                if dir.file_type().is_ok_and(|t| t.is_dir()) {
+                    let namespace = ns.file_name().to_string_lossy().into_owned();
+                    entries.push(inspect(&dir.path(), &namespace));
+                }
+            }
+        }
+    }
+    entries.sort_by(|a, b| (&a.namespace, &a.id).cmp(&(&b.namespace, &b.id)));
+    entries.dedup_by(|a, b| a.dir == b.dir);
+    entries
+}
+
+/// One sandbox directory.
+fn inspect(dir: &Path, dir_namespace: &str) -> Entry {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut entry = Entry {
+        id: name,
+        namespace: dir_namespace.to_string(),
+        dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    let status = match status::read(dir) {
+        Ok(s) => s,
+        Err(err) => {
+            entry.state = "unknown".into();
+            entry.problems.push(format!(
+                "no status file ({err}): starting, or made by an older isola"
+            ));
+            return entry;
+        }
+    };
+    let needle = format!("{}/", dir.display());
+    let helpers = processes_naming(&needle);
+    let names_dir = |pid: u32| helpers.iter().any(|(p, _)| *p == pid);
+    let runner_alive = alive(status.runner_pid) && runs_one_of(status.runner_pid, &RUNNERS);
+    let vmm_alive = status.vmm_pid != 0 && alive(status.vmm_pid) && names_dir(status.vmm_pid);
+    let fs_alive =
+        status.virtiofsd_pid != 0 && alive(status.virtiofsd_pid) && names_dir(status.virtiofsd_pid);
+    let api_state = if vmm_alive {
+        match vmm_info(&isola_sandbox::share::Layout::new(dir).api_socket()) {
+            Ok(state) => Some(state),
+            Err(err) => {
+                entry.problems.push(format!("isola-vmm's API: {err}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    entry.state = state_of(runner_alive, vmm_alive, api_state.as_deref());
+    if !runner_alive {
+        entry.problems.push(format!(
+            "its runner (pid {}) is gone; left: {}",
+            status.runner_pid,
+            leftovers(vmm_alive, fs_alive, &helpers)
+        ));
+    }
+    let mut pids: Vec<u32> = helpers.iter().map(|(p, _)| *p).collect();
+    if runner_alive {
+        pids.push(status.runner_pid);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    entry.pss_mib = pss_kib(&pids).map(|k| k as f64 / 1024.0);
+    fill(&mut entry, status, runner_alive, vmm_alive, fs_alive);
+    entry
+}
+
+fn fill(entry: &mut Entry, status: Status, runner: bool, vmm: bool, fs: bool) {
+    entry.id = status.id;
+    if !status.namespace.is_empty() {
+        entry.namespace = status.namespace;
+    }
+    entry.vcpus = status.vcpus;
+    entry.memory_mib = status.memory_mib;
+    entry.template = status.template;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    entry.uptime_secs =
+        (status.started_unix_ms > 0).then(|| now_ms.saturating_sub(status.started_unix_ms) / 1000);
+    entry.runner = Proc {
+        pid: status.runner_pid,
+        alive: runner,
+    };
+    entry.vmm = Proc {
+        pid: status.vmm_pid,
+        alive: vmm,
+    };
+    entry.virtiofsd = Proc {
+        pid: status.virtiofsd_pid,
+        alive: fs,
+    };
+    entry.containers = status
+        .containers
+        .into_iter()
+        .map(|(id, c)| Container {
+            id,
+            state: c.state,
+            guest_pid: c.guest_pid,
+            exit_status: c.exit_status,
+        })
+        .collect();
+}
+
+/// The sandbox's state from who is alive and what isola-vmm says.
+pub fn state_of(runner: bool, vmm: bool, api: Option<&str>) -> String {
+    match (runner, vmm, api) {
+        (true, true, Some(state)) => state.to_string(),
+        (true, true, None) => "running (VMM silent)".into(),
+        (true, false, _) => "stopping".into(),
+        (false, _, _) => "dead (leftovers)".into(),
+    }
+}
+
+fn leftovers(vmm: bool, fs: bool, helpers: &[(u32, String)]) -> String {
+    let mut left = vec!["the run directory".to_string()];
+    if vmm || fs || !helpers.is_empty() {
+        left.push(format!(
+            "processes {}",
+            helpers
+                .iter()
+                .map(|(p, _)| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    left.join(", ")
+}
+
+/// Whether `pid`'s executable's name is one of `names`.
+fn runs_one_of(pid: u32, names: &[&str]) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| names.contains(&n.trim_end_matches(" (deleted)")))
+}
+
+/// The sum of `pids`' PSS (kB), from /proc/PID/smaps_rollup; None if none
+/// could be read.
+fn pss_kib(pids: &[u32]) -> Option<u64> {
+    let mut total = None;
+    for pid in pids {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+            continue;
+        };
+        if let Some(kib) = pss_of_rollup(&text) {
+            *total.get_or_insert(0) += kib;
+        }
+    }
+    total
+}
+
+/// The `Pss:` line of a smaps_rollup, in kB.
+pub fn pss_of_rollup(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// isola-vmm's state from its API (`{"action":"info"}`).
+fn vmm_info(socket: &Path) -> Result<String, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connecting: {e}"))?;
+    stream
+        .set_read_timeout(Some(API_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(API_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"{\"action\":\"info\"}\n")
+        .map_err(|e| format!("asking: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(std::io::Read::take(stream, MAX_INFO))
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer within {} s: {e}", API_TIMEOUT.as_secs()))?;
+    let info: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("answer: {e}"))?;
+    info.get("state")
+        .and_then(|s| s.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| format!("answer without a state: {}", line.trim()))
+}
+
+/// The table `isola ps` prints: a line per sandbox, one more per
+/// container, then the problems.
+pub fn table(entries: &[Entry]) -> String {
+    let mut out = format!(
+        "{:<24} {:<10} {:<18} {:>5} {:>7} {:>8} {:>8}  {}\n",
+        "SANDBOX",
+        "NAMESPACE",
+        "STATE",
+        "VCPUS",
+        "MEMORY",
+        "UPTIME",
+        "PSS",
+        "PIDS (runner/vmm/virtiofsd)"
+    );
+    for e in entries {
+        let pid = |p: &Proc| {
+            if p.pid == 0 {
+                "-".to_string()
+            } else if p.alive {
+                p.pid.to_string()
+            } else {
+                format!("{}(gone)", p.pid)
+            }
+        };
+        out.push_str(&format!(
+            "{:<24} {:<10} {:<18} {:>5} {:>7} {:>8} {:>8}  {}/{}/{}\n",
+            short(&e.id, 24),
+            short(&e.namespace, 10),
+            e.state,
+            e.vcpus,
+            format!("{}M", e.memory_mib),
+            e.uptime_secs.map_or("-".into(), uptime),
+            e.pss_mib.map_or("-".into(), |m| format!("{m:.1}M")),
+            pid(&e.runner),
+            pid(&e.vmm),
+            pid(&e.virtiofsd),
+        ));
+        for c in &e.containers {
+            let exit = c
+                .exit_status
+                .map_or(String::new(), |s| format!(" (status {s})"));
+            out.push_str(&format!(
+                "  container {} {}{exit}, guest pid {}\n",
+                c.id, c.state, c.guest_pid
+            ));
+        }
+        for p in &e.problems {
+            out.push_str(&format!("  ! {p}\n"));
+        }
+    }
+    out
+}
+
+fn short(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let head: String = s.chars().take(n - 1).collect();
+        format!("{head}…")
+    }
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isola_sandbox::status::ContainerStatus;
+
+    #[test]
+    fn states_from_who_is_alive() {
+        assert_eq!(state_of(true, true, Some("paused")), "paused");
+        assert_eq!(state_of(true, true, None), "running (VMM silent)");
+        assert_eq!(state_of(true, false, None), "stopping");
+        assert_eq!(state_of(false, true, Some("running")), "dead (leftovers)");
+        assert_eq!(state_of(false, false, None), "dead (leftovers)");
+    }
+
+    #[test]
+    fn pss_and_uptime_text() {
+        let rollup = "00400000-7ffd rw-p 00000000 00:00 0 [rollup]\nRss:  2048 kB\nPss:  1536 kB\nPss_Anon: 10 kB\n";
+        assert_eq!(pss_of_rollup(rollup), Some(1536));
+        assert_eq!(pss_of_rollup("Rss: 1 kB\n"), None);
+        assert_eq!(uptime(59), "59s");
+        assert_eq!(uptime(61), "1m01s");
+        assert_eq!(uptime(3 * 3600 + 120), "3h02m");
+        assert_eq!(uptime(2 * 86400 + 3600), "2d01h");
+        assert_eq!(short("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn a_dead_runners_sandbox_is_reported_with_its_leftovers() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("k8s.io").join("pod1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Status {
+            id: "pod1".into(),
+            namespace: "k8s.io".into(),
+            // Not a runner: this test's own parent is neither program.
+            runner_pid: u32::MAX - 1,
+            vmm_pid: u32::MAX - 2,
+            virtiofsd_pid: 0,
+            vcpus: 2,
+            memory_mib: 512,
+            started_unix_ms: 1,
+            template: true,
+            ..Default::default()
+        };
+        s.containers.insert(
+            "app".into(),
+            ContainerStatus {
+                state: "exited".into(),
+                guest_pid: 35,
+                exit_status: Some(137),
+            },
+        );
+        status::write(&dir, &s).unwrap();
+        // A directory without a status file: listed as unknown.
+        std::fs::create_dir_all(root.path().join("_direct").join("new")).unwrap();
+        let entries = collect(&[root.path().to_path_buf(), root.path().to_path_buf()]);
+        assert_eq!(entries.len(), 2, "{entries:#?}");
+        let e = entries.iter().find(|e| e.id == "pod1").unwrap();
+        assert_eq!(e.state, "dead (leftovers)");
+        assert_eq!((e.vcpus, e.memory_mib, e.template), (2, 512, true));
+        assert!(!e.runner.alive && !e.vmm.alive);
+        assert_eq!(e.containers[0].exit_status, Some(137));
+        assert!(e.problems[0].contains("is gone"), "{:?}", e.problems);
+        let unknown = entries.iter().find(|e| e.id == "new").unwrap();
+        assert_eq!(unknown.state, "unknown");
+        assert_eq!(unknown.namespace, "_direct");
+        let text = table(&entries);
+        assert!(text.contains("pod1"), "{text}");
+        assert!(
+            text.contains("container app exited (status 137), guest pid 35"),
+            "{text}"
+        );
+        assert!(text.contains("! its runner"), "{text}");
+        let json = serde_json::to_value(&entries).unwrap();
+        assert_eq!(json[1]["id"], "pod1");
+        assert_eq!(json[1]["containers"][0]["state"], "exited");
+    }
+}

@@ -1,0 +1,157 @@
+//! A sandbox's status file, `status.json` in its run directory: what the
+//! process running the sandbox (the shim, `isola run`) knows of it, kept
+//! current as containers come and go, for readers that are not that
+//! process (`isola ps`). It is replaced whole (written beside, renamed),
+//! root-only like the directory, and goes with the directory.
+//!
+//! A reader must not trust it further than the run directory it is in:
+//! it is bounded in size, and the pids it names are checked against
+//! /proc (the process may be gone, and its pid reused) by whoever uses
+//! them.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The file's name in the run directory.
+pub const STATUS_FILE: &str = "status.json";
+
+/// Largest status file read (a sandbox has at most a few hundred
+/// containers).
+pub const MAX_STATUS_BYTES: u64 = 1 << 20;
+
+/// What a sandbox's runner knows of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub id: String,
+    /// containerd's namespace (empty for `isola run`).
+    pub namespace: String,
+    /// The process that runs the sandbox: the shim, or `isola run`.
+    pub runner_pid: u32,
+    pub vmm_pid: u32,
+    pub virtiofsd_pid: u32,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// When the sandbox was up (Unix time, ms).
+    pub started_unix_ms: u64,
+    /// Whether its VM is a clone of a template.
+    pub template: bool,
+    pub containers: BTreeMap<String, ContainerStatus>,
+}
+
+/// One container of the sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    /// created, running, paused or exited.
+    pub state: String,
+    /// Its init process's pid in the guest.
+    pub guest_pid: u32,
+    /// Its exit status, once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+}
+
+/// Writes `status` into `dir` (a temporary file beside it, renamed over
+/// the old one).
+pub fn write(dir: &Path, status: &Status) -> io::Result<()> {
+    let text = serde_json::to_vec_pretty(status).map_err(io::Error::other)?;
+    let tmp = dir.join(format!(".{STATUS_FILE}.{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(&text)?;
+    drop(file);
+    std::fs::rename(&tmp, dir.join(STATUS_FILE)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Reads the status file of the run directory `dir` (without following a
+/// link, at most [`MAX_STATUS_BYTES`]).
+pub fn read(dir: &Path) -> io::Result<Status> {
+    let path = dir.join(STATUS_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    let mut text = Vec::new();
+    file.take(MAX_STATUS_BYTES + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > MAX_STATUS_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {MAX_STATUS_BYTES} bytes", path.display()),
+        ));
+    }
+    serde_json::from_slice(&text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Status {
+            id: "s1".into(),
+            namespace: "k8s.io".into(),
+            runner_pid: 10,
+            vmm_pid: 11,
+            virtiofsd_pid: 12,
+            vcpus: 2,
+            memory_mib: 512,
+            started_unix_ms: 1_700_000_000_000,
+            template: true,
+            containers: BTreeMap::new(),
+        };
+        write(dir.path(), &s).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), s);
+        s.containers.insert(
+            "c1".into(),
+            ContainerStatus {
+                state: "exited".into(),
+                guest_pid: 35,
+                exit_status: Some(0),
+            },
+        );
+        write(dir.path(), &s).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), s);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(STATUS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Nothing left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_bad_or_huge_or_linked_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATUS_FILE), "{").unwrap();
+        assert!(read(dir.path()).is_err());
+        std::fs::write(
+            dir.path().join(STATUS_FILE),
+            vec![b' '; MAX_STATUS_BYTES as usize + 1],
+        )
+        .unwrap();
+        let err = read(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("larger"), "{err}");
+        std::fs::remove_file(dir.path().join(STATUS_FILE)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join(STATUS_FILE)).unwrap();
+        assert!(read(dir.path()).is_err());
+    }
+}

@@ -5,6 +5,7 @@
 //! isola and what to fix.
 
 mod check;
+mod cleanup;
 mod host;
 mod pod;
 mod ps;
@@ -60,6 +61,11 @@ enum Command {
     /// virtiofsd; a sandbox whose runner is gone is reported with what it
     /// left. Reads only.
     Ps(PsArgs),
+    /// Removes what a sandbox whose runner is gone left behind (`isola
+    /// ps`: dead (leftovers)): its helpers, mounts, run directory and host
+    /// cgroup, as containerd's clean-up after a dead shim does. Refuses a
+    /// sandbox whose runner still runs.
+    Cleanup(CleanupArgs),
     /// Sets a node up for isola: `isola setup containerd` adds isola's
     /// runtime to containerd's config (version 2 or 3), keeping everything
     /// else; `--remove` takes it out.
@@ -68,6 +74,26 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct PsArgs {
+    #[command(flatten)]
+    roots: RootArgs,
+    /// One JSON array instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct CleanupArgs {
+    /// The sandbox's id (as `isola ps` lists it).
+    id: String,
+    /// Its containerd namespace, when the id is in more than one.
+    #[arg(long)]
+    namespace: Option<String>,
+    #[command(flatten)]
+    roots: RootArgs,
+}
+
+#[derive(Debug, Args)]
+struct RootArgs {
     /// The config file whose run root is read (default: $ISOLA_CONFIG,
     /// else /etc/isola/config.toml, else the built-in defaults).
     #[arg(long, value_name = "PATH")]
@@ -75,29 +101,47 @@ struct PsArgs {
     /// Read this run root instead (repeatable).
     #[arg(long, value_name = "DIR")]
     run_root: Vec<PathBuf>,
-    /// One JSON array instead of the table.
-    #[arg(long)]
-    json: bool,
 }
 
-/// `isola ps`; the exit status.
-fn ps_command(args: PsArgs) -> i32 {
-    let roots = if args.run_root.is_empty() {
-        let config = match isola_sandbox::config::Config::load(args.config.as_deref()) {
-            Ok(config) => config,
-            Err(err) => {
-                eprintln!("isola: ps: {err}");
-                return 1;
-            }
-        };
-        let mut roots = vec![config.runtime.run_root];
+impl RootArgs {
+    /// The run roots and the config.
+    fn resolve(&self) -> Result<(Vec<PathBuf>, isola_sandbox::config::Config)> {
+        let config = isola_sandbox::config::Config::load(self.config.as_deref())?;
+        if !self.run_root.is_empty() {
+            return Ok((self.run_root.clone(), config));
+        }
+        let mut roots = vec![config.runtime.run_root.clone()];
         let direct = PathBuf::from(isola_sandbox::DEFAULT_RUN_ROOT);
         if !roots.contains(&direct) {
             roots.push(direct);
         }
-        roots
-    } else {
-        args.run_root
+        Ok((roots, config))
+    }
+}
+
+/// `isola cleanup`; the exit status.
+fn cleanup_command(args: CleanupArgs) -> i32 {
+    let result = args.roots.resolve().and_then(|(roots, config)| {
+        let helpers = config.helper_names();
+        cleanup::run(&roots, &args.id, args.namespace.as_deref(), &helpers)
+    });
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("isola: cleanup: {err:#}");
+            1
+        }
+    }
+}
+
+/// `isola ps`; the exit status.
+fn ps_command(args: PsArgs) -> i32 {
+    let roots = match args.roots.resolve() {
+        Ok((roots, _)) => roots,
+        Err(err) => {
+            eprintln!("isola: ps: {err:#}");
+            return 1;
+        }
     };
     let entries = ps::collect(&roots);
     if args.json {
@@ -243,6 +287,7 @@ fn main() {
         }
         Command::Setup(args) => std::process::exit(setup::run(args)),
         Command::Ps(args) => std::process::exit(ps_command(args)),
+        Command::Cleanup(args) => std::process::exit(cleanup_command(args)),
     };
     init_logging();
     let runtime = match runtime() {

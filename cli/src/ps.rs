@@ -32,6 +32,8 @@ pub struct Entry {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub template: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<PathBuf>,
     pub uptime_secs: Option<u64>,
     /// Host PSS of the runner, isola-vmm and virtiofsd (MiB).
     pub pss_mib: Option<f64>,
@@ -153,6 +155,7 @@ fn fill(entry: &mut Entry, status: Status, runner: bool, vmm: bool, fs: bool) {
     entry.vcpus = status.vcpus;
     entry.memory_mib = status.memory_mib;
     entry.template = status.template;
+    entry.host_cgroup = status.host_cgroup;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);

@@ -5,8 +5,9 @@
 
 use std::fmt;
 use std::os::fd::{OwnedFd, RawFd};
+use std::path::Path;
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::process::{pidfd_open, pidfd_send_signal, PidfdFlags, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -233,6 +234,48 @@ pub fn processes_naming(needle: &str) -> Vec<(u32, String)> {
         }
     }
     found
+}
+
+/// The processes whose command line names the sandbox's run directory
+/// `run_dir` and whose executable is one of `helpers` (isola-vmm,
+/// virtiofsd and its sandboxed child), left by a dead runner: SIGKILL,
+/// then wait until they are gone (bounded). The shim's `delete` action and
+/// `isola cleanup` both clean up with it.
+pub fn kill_helpers(run_dir: &Path, helpers: &[String]) -> Vec<u32> {
+    let needle = format!("{}/", run_dir.display());
+    let pids: Vec<u32> = processes_naming(&needle)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|&pid| runs_one_of(pid, helpers))
+        .collect();
+    for &pid in &pids {
+        tracing::info!(pid, dir = %run_dir.display(), "killing a helper left by a dead runner");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pids
+}
+
+/// Whether `pid`'s executable's file name is one of `names`.
+pub fn runs_one_of(pid: u32, names: &[String]) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let name = exe
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string()
+        })
+        .unwrap_or_default();
+    names.contains(&name)
 }
 
 /// Whether `pid` exists and is neither a zombie nor dead.

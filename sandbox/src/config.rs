@@ -314,6 +314,19 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The file names of isola-vmm and virtiofsd: what a clean-up after a
+    /// dead runner may kill (`child::kill_helpers`).
+    pub fn helper_names(&self) -> Vec<String> {
+        [&self.hypervisor.vmm, &self.virtiofs.virtiofsd]
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
     /// The built-in settings, used when `/etc/isola/config.toml` does not
     /// exist (and for every key a file leaves out): installed under
     /// `/usr/local`, 1 vCPU, 256 MiB (at most 16 and 16384), virtiofs

@@ -940,6 +940,7 @@ impl Sandbox {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             template: resources.from_template.is_some(),
+            host_cgroup: config.cgroup.clone(),
             containers: Default::default(),
         };
         let inner = Arc::new(Inner {

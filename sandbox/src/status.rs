@@ -39,6 +39,9 @@ pub struct Status {
     pub started_unix_ms: u64,
     /// Whether its VM is a clone of a template.
     pub template: bool,
+    /// The host cgroup its helpers run in, if it has one of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<std::path::PathBuf>,
     pub containers: BTreeMap<String, ContainerStatus>,
 }
 
@@ -114,6 +117,7 @@ mod tests {
             memory_mib: 512,
             started_unix_ms: 1_700_000_000_000,
             template: true,
+            host_cgroup: Some("/sys/fs/cgroup/k8s.io/s1".into()),
             containers: BTreeMap::new(),
         };
         write(dir.path(), &s).unwrap();

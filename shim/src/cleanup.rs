@@ -6,9 +6,8 @@
 //! removed here.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use isola_sandbox::child::{alive, processes_naming};
+use isola_sandbox::child::kill_helpers;
 use isola_sandbox::share;
 
 use crate::grouping;
@@ -127,46 +126,6 @@ fn isola_protocol_id_ok(id: &str) -> bool {
         && id != ".."
 }
 
-/// The processes whose command line names the sandbox's run directory
-/// (isola-vmm, virtiofsd and its sandboxed child): SIGKILL, then wait until
-/// they are gone (bounded).
-fn kill_helpers(run_dir: &Path, helpers: &[String]) -> Vec<u32> {
-    let needle = format!("{}/", run_dir.display());
-    let pids: Vec<u32> = processes_naming(&needle)
-        .into_iter()
-        .map(|(pid, _)| pid)
-        .filter(|&pid| runs_one_of(pid, helpers))
-        .collect();
-    for &pid in &pids {
-        tracing::info!(pid, dir = %run_dir.display(), "killing a helper left by a dead shim");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    pids
-}
-
-/// Whether `pid`'s executable's file name is one of `names`.
-fn runs_one_of(pid: u32, names: &[String]) -> bool {
-    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
-        return false;
-    };
-    let name = exe
-        .file_name()
-        .map(|n| {
-            n.to_string_lossy()
-                .trim_end_matches(" (deleted)")
-                .to_string()
-        })
-        .unwrap_or_default();
-    names.contains(&name)
-}
-
 /// The shim's address (the bundle's `address` file) accepts connections.
 fn shim_answers(bundle: &Path) -> bool {
     let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
@@ -198,6 +157,8 @@ fn remove_stale_socket(bundle: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use isola_sandbox::child::{processes_naming, runs_one_of};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn ids_that_are_not_single_path_components_are_refused() {
@@ -334,6 +295,8 @@ mod tests {
 #[cfg(test)]
 mod more_tests {
     use super::*;
+    use isola_sandbox::child::{alive, runs_one_of};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_live_shim_keeps_its_sandbox() {

@@ -100,15 +100,7 @@ fn delete_action(flags: &Flags) -> i32 {
             Config::defaults()
         }
     };
-    let file_name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    let helpers = [
-        file_name(&config.hypervisor.vmm),
-        file_name(&config.virtiofs.virtiofsd),
-    ];
+    let helpers = config.helper_names();
     let report = cleanup::delete(
         &bundle_of(flags),
         &flags.id,

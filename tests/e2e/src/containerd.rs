@@ -396,7 +396,11 @@ pub fn terminate_from_pidfile(pidfile: &Path, what: &str) -> Result<()> {
         .parse()
         .with_context(|| format!("{what}'s pid file {}", pidfile.display()))?;
     let pid = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM)?;
+    match nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM) {
+        // Stopped already.
+        Err(nix::errno::Errno::ESRCH) => return Ok(()),
+        other => other?,
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while running(pid) {
         ensure!(Instant::now() < deadline, "{what} (pid {pid}) did not stop");

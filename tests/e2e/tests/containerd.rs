@@ -1196,3 +1196,95 @@ fn isola_ps_lists_a_ctr_run_sandbox_with_its_container_size_and_pids() -> Result
     c.assert_clean(id)?;
     listed
 }
+
+/// After SIGKILL of a shim that containerd cannot clean up after (it is
+/// stopped), `isola ps` reports the sandbox dead with leftovers and
+/// `isola cleanup` removes them: no process naming the run directory, no
+/// directory, no mount under it. A second cleanup names the missing
+/// sandbox; a live sandbox is refused.
+#[test]
+fn isola_cleanup_removes_what_a_killed_shim_left_after_ps_reports_it() -> Result<()> {
+    use anyhow::Context;
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "cleanup-by-hand";
+    c.run_detached(RUNTIME, &[], id)?;
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    let isola_cmd = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(&isola)
+            .args(args)
+            .arg("--run-root")
+            .arg(&c.run_root)
+            .output()?)
+    };
+    // Its shim still runs it: refused.
+    let refused = isola_cmd(&["cleanup", id])?;
+    ensure!(
+        !refused.status.success() && text(&refused.stderr).contains("still runs it"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let shim = c.shim_pid(id).context("no shim")?;
+    let dir = c
+        .run_dirs(id)
+        .into_iter()
+        .find(|d| d.exists())
+        .context("no run directory")?;
+    terminate_from_pidfile(&c.dir.join("containerd.pid"), "containerd")?;
+    let cleaned = (|| -> Result<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim as i32),
+            nix::sys::signal::SIGKILL,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::path::Path::new(&format!("/proc/{shim}")).exists() {
+            ensure!(Instant::now() < deadline, "the shim {shim} did not die");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let ps = isola_cmd(&["ps", "--json"])?;
+        let list: serde_json::Value = serde_json::from_slice(&ps.stdout)?;
+        let e = list
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["id"] == id))
+            .with_context(|| format!("isola ps does not list {id}: {list:#}"))?;
+        ensure!(
+            e["state"] == "dead (leftovers)" && e["runner"]["alive"] == false,
+            "{e:#}"
+        );
+        ensure!(
+            e["problems"][0]
+                .as_str()
+                .is_some_and(|p| p.contains("is gone")),
+            "{e:#}"
+        );
+        let out = isola_cmd(&["cleanup", id])?;
+        ensure!(
+            out.status.success() && text(&out.stdout).contains("cleaned up sandbox"),
+            "isola cleanup: {}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        ensure!(!dir.exists(), "{} is left", dir.display());
+        let naming = processes_containing(&format!("{}/", dir.display()));
+        ensure!(naming.is_empty(), "processes left: {naming:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        ensure!(
+            !mounts.contains(&dir.display().to_string()),
+            "mounts left under {}",
+            dir.display()
+        );
+        let again = isola_cmd(&["cleanup", id])?;
+        ensure!(
+            !again.status.success() && text(&again.stderr).contains("no sandbox"),
+            "{}",
+            text(&again.stderr)
+        );
+        Ok(())
+    })();
+    // containerd back, and the container gone from it.
+    c.restart()?;
+    let _ = c.ctr(&["task", "delete", "--force", id]);
+    let _ = c.ctr(&["container", "delete", id]);
+    cleaned?;
+    c.assert_clean(id)
+}

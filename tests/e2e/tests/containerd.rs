@@ -1057,7 +1057,7 @@ fn setup_containerd_puts_isola_into_a_stock_config_and_remove_takes_it_out() -> 
         let edited = std::fs::read_to_string(&config)?;
         let original = std::fs::read_to_string(&stock)?;
         ensure!(
-            !original.contains("isola") && edited.starts_with(&original),
+            !original.contains("io.containerd.isola.v2") && edited.starts_with(&original),
             "the stock config was not kept as it was:\n{edited}"
         );
         ensure!(
@@ -1165,17 +1165,21 @@ fn isola_ps_lists_a_ctr_run_sandbox_with_its_container_size_and_pids() -> Result
             Some(e["runner"]["pid"].as_u64().unwrap_or(0) as u32) == c.shim_pid(id),
             "{e:#}"
         );
-        let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", vmm[0]))?;
-        let args: Vec<&str> = cmdline.split('\0').collect();
-        let arg = |name: &str| {
-            args.iter()
-                .position(|a| *a == name)
-                .and_then(|i| args.get(i + 1))
-                .and_then(|v| v.parse::<u64>().ok())
+        // The size as isola-vmm itself reports it (its API's info: a clone
+        // of a template has no --vcpus/--memory on its command line).
+        let info = {
+            use std::io::{BufRead, Write};
+            let dir = e["dir"].as_str().context("no dir")?;
+            let mut api = std::os::unix::net::UnixStream::connect(format!("{dir}/api.sock"))?;
+            api.set_read_timeout(Some(Duration::from_secs(30)))?;
+            api.write_all(b"{\"action\":\"info\"}\n")?;
+            let mut line = String::new();
+            std::io::BufReader::new(api).read_line(&mut line)?;
+            serde_json::from_str::<serde_json::Value>(&line)?
         };
         ensure!(
-            e["vcpus"].as_u64() == arg("--vcpus") && e["memory_mib"].as_u64() == arg("--memory"),
-            "{e:#} against isola-vmm's {args:?}"
+            e["vcpus"] == info["vcpus"] && e["memory_mib"] == info["memory_mib"],
+            "{e:#} against isola-vmm's {info:#}"
         );
         let container = &e["containers"][0];
         ensure!(

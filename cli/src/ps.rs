@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use isola_sandbox::child::{alive, processes_naming};
+use isola_sandbox::child::{alive, processes_naming, runs_one_of};
 use isola_sandbox::status::{self, Status};
 use serde::Serialize;
 
@@ -113,7 +113,8 @@ fn inspect(dir: &Path, dir_namespace: &str) -> Entry {
     let needle = format!("{}/", dir.display());
     let helpers = processes_naming(&needle);
     let names_dir = |pid: u32| helpers.iter().any(|(p, _)| *p == pid);
-    let runner_alive = alive(status.runner_pid) && runs_one_of(status.runner_pid, &RUNNERS);
+    let runners = RUNNERS.map(String::from);
+    let runner_alive = alive(status.runner_pid) && runs_one_of(status.runner_pid, &runners);
     let vmm_alive = status.vmm_pid != 0 && alive(status.vmm_pid) && names_dir(status.vmm_pid);
     let fs_alive =
         status.virtiofsd_pid != 0 && alive(status.virtiofsd_pid) && names_dir(status.virtiofsd_pid);
@@ -133,7 +134,7 @@ fn inspect(dir: &Path, dir_namespace: &str) -> Entry {
         entry.problems.push(format!(
             "its runner (pid {}) is gone; left: {}",
             status.runner_pid,
-            leftovers(vmm_alive, fs_alive, &helpers)
+            leftovers(&helpers)
         ));
     }
     let mut pids: Vec<u32> = helpers.iter().map(|(p, _)| *p).collect();
@@ -195,9 +196,11 @@ pub fn state_of(runner: bool, vmm: bool, api: Option<&str>) -> String {
     }
 }
 
-fn leftovers(vmm: bool, fs: bool, helpers: &[(u32, String)]) -> String {
+/// What a sandbox whose runner is gone left: its directory, and the
+/// processes naming it (a live isola-vmm or virtiofsd is one of them).
+fn leftovers(helpers: &[(u32, String)]) -> String {
     let mut left = vec!["the run directory".to_string()];
-    if vmm || fs || !helpers.is_empty() {
+    if !helpers.is_empty() {
         left.push(format!(
             "processes {}",
             helpers
@@ -208,14 +211,6 @@ fn leftovers(vmm: bool, fs: bool, helpers: &[(u32, String)]) -> String {
         ));
     }
     left.join(", ")
-}
-
-/// Whether `pid`'s executable's name is one of `names`.
-fn runs_one_of(pid: u32, names: &[&str]) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .is_some_and(|n| names.contains(&n.trim_end_matches(" (deleted)")))
 }
 
 /// The sum of `pids`' PSS (kB), from /proc/PID/smaps_rollup; None if none

@@ -185,10 +185,8 @@ fn find_binary(name: &Path) -> Option<PathBuf> {
     if name.components().count() > 1 {
         return name.is_file().then(|| name.to_path_buf());
     }
-    std::env::var_os("PATH")
+    crate::host::on_path(&name.to_string_lossy())
         .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
 

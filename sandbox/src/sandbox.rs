@@ -921,19 +921,12 @@ impl Sandbox {
         let id = config.id.clone();
         let (gone, _) = watch::channel(None);
         let (events, _) = broadcast::channel(1024);
-        let pid_of = |name: &str| {
-            resources
-                .children()
-                .iter()
-                .find(|c| c.name() == name)
-                .map_or(0, |c| c.pid())
-        };
         let first_status = status::Status {
             id: id.clone(),
             namespace: config.namespace.clone(),
             runner_pid: std::process::id(),
-            vmm_pid: pid_of("isola-vmm"),
-            virtiofsd_pid: pid_of("virtiofsd"),
+            vmm_pid: resources.vmm.as_ref().map_or(0, Supervised::pid),
+            virtiofsd_pid: resources.virtiofsd.as_ref().map_or(0, Supervised::pid),
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             started_unix_ms: std::time::SystemTime::now()
@@ -1723,12 +1716,13 @@ impl Sandbox {
         let inner = &self.inner;
         let was_alive = inner.gone.borrow().is_none();
         let mut vmm_grace = inner.config.stop_timeout;
-        if was_alive && self.lock_containers().is_empty() {
+        if was_alive {
             inner.gone.send_replace(Some(Gone::Stopped));
+        }
+        if was_alive && self.lock_containers().is_empty() {
             tracing::debug!(sandbox = %inner.id, "no containers: the VM is killed");
             vmm_grace = Duration::ZERO;
         } else if was_alive {
-            inner.gone.send_replace(Some(Gone::Stopped));
             let req = pb::DestroySandboxRequest::new();
             let destroy = inner
                 .agent

@@ -21,6 +21,10 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Config {
     /// Most verbose level that is logged (`agent.log=`).
     pub log_level: Level,
+    /// Most verbose level that also goes to the console
+    /// (`agent.console=`; the host's log stream gets every logged record).
+    /// `None`: as `log_level`.
+    pub console_level: Option<Level>,
     /// Hostname set at boot (`agent.hostname=`).
     pub hostname: String,
     /// Grace period between SIGTERM and SIGKILL at shutdown, in seconds
@@ -38,6 +42,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             log_level: Level::INFO,
+            console_level: None,
             hostname: DEFAULT_HOSTNAME.to_string(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             boot_timer: None,
@@ -51,6 +56,8 @@ impl Default for Config {
 pub enum ConfigError {
     #[error("agent.log: unknown level {0:?} (expected error, warn, info, debug or trace)")]
     LogLevel(String),
+    #[error("agent.console: unknown level {0:?} (expected error, warn, info, debug or trace)")]
+    ConsoleLevel(String),
     #[error("agent.hostname: {0:?} is not a valid hostname (1-64 characters of a-z, A-Z, 0-9, '-' and '.')")]
     Hostname(String),
     #[error("agent.shutdown_timeout: {0:?} is not a whole number of seconds from 0 to 3600")]
@@ -82,6 +89,10 @@ impl Config {
                 "log" => match parse_level(value) {
                     Some(level) => config.log_level = level,
                     None => errors.push(ConfigError::LogLevel(value.to_string())),
+                },
+                "console" => match parse_level(value) {
+                    Some(level) => config.console_level = Some(level),
+                    None => errors.push(ConfigError::ConsoleLevel(value.to_string())),
                 },
                 "hostname" => {
                     if valid_hostname(value) {
@@ -159,6 +170,9 @@ pub fn fuzz_cmdline(data: &[u8]) {
     if let Some(addr) = config.boot_timer {
         again.push_str(&format!(" agent.boot_timer={addr:#x}"));
     }
+    if let Some(level) = config.console_level {
+        again.push_str(&format!(" agent.console={level}"));
+    }
     let (reparsed, errors) = Config::from_cmdline(&again);
     assert!(errors.is_empty(), "{again}: {errors:?}");
     let unknown = config.unknown.clone();
@@ -219,6 +233,16 @@ mod tests {
         assert!(errors.is_empty());
         assert_eq!(config.log_level, Level::WARN);
         assert_eq!(config.unknown, vec!["future_option".to_string()]);
+    }
+
+    #[test]
+    fn console_level() {
+        let (config, errors) = Config::from_cmdline("agent.log=debug agent.console=warn");
+        assert!(errors.is_empty());
+        assert_eq!(config.console_level, Some(Level::WARN));
+        let (config, errors) = Config::from_cmdline("agent.console=everything");
+        assert_eq!(config.console_level, None);
+        assert_eq!(errors, vec![ConfigError::ConsoleLevel("everything".into())]);
     }
 
     #[test]

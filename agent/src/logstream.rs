@@ -145,19 +145,38 @@ pub fn capture_console() {
     }
 }
 
-/// A `tracing_subscriber` writer: the console and the sink.
+/// A `tracing_subscriber` writer: the sink, and the console for records
+/// at most as verbose as its level (`agent.console=`: a console the host
+/// keeps quiet costs the guest no serial-port exits for routine lines).
 #[derive(Debug, Clone, Copy)]
-pub struct TeeWriter;
+pub struct TeeWriter {
+    console_level: tracing::Level,
+}
 
-impl Write for TeeWriter {
+impl TeeWriter {
+    /// A writer that puts records up to `console_level` on the console.
+    pub fn new(console_level: tracing::Level) -> TeeWriter {
+        TeeWriter { console_level }
+    }
+}
+
+/// One record's writer: to the sink, and to the console if `console`.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordWriter {
+    console: bool,
+}
+
+impl Write for RecordWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         sink().push(buf);
-        // The console may be gone (`--console off`): the sink still gets
-        // the line.
-        let _ = match CONSOLE.get() {
-            Some(mut console) => console.write_all(buf),
-            None => io::stderr().write_all(buf),
-        };
+        if self.console {
+            // The console may be gone (`--console off`): the sink still
+            // gets the line.
+            let _ = match CONSOLE.get() {
+                Some(mut console) => console.write_all(buf),
+                None => io::stderr().write_all(buf),
+            };
+        }
         Ok(buf.len())
     }
 
@@ -167,10 +186,17 @@ impl Write for TeeWriter {
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TeeWriter {
-    type Writer = TeeWriter;
+    type Writer = RecordWriter;
 
     fn make_writer(&'a self) -> Self::Writer {
-        TeeWriter
+        RecordWriter { console: true }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        // Levels compare by verbosity: ERROR < WARN < ... < TRACE.
+        RecordWriter {
+            console: *meta.level() <= self.console_level,
+        }
     }
 }
 

@@ -208,7 +208,9 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.to_string()));
     // The console and the host's log stream (logstream).
     tracing_subscriber::fmt()
-        .with_writer(logstream::TeeWriter)
+        .with_writer(logstream::TeeWriter::new(
+            config.console_level.unwrap_or(config.log_level),
+        ))
         .with_env_filter(filter)
         .with_ansi(false)
         .with_target(false)

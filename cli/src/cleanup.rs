@@ -27,24 +27,12 @@ pub fn run(
         .filter(|e| e.id == id && namespace.map_or(true, |n| e.namespace == n))
         .collect();
     let entry = match found.as_slice() {
-        [] => bail!(
-            "no sandbox {id}{} under {}",
-            namespace.map_or(String::new(), |n| format!(" in namespace {n}")),
-            roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        [] => bail!(crate::lookup::missing(id, namespace, roots)),
         [one] => one,
-        many => bail!(
-            "{} sandboxes are named {id} (namespaces {}): name one with --namespace",
-            many.len(),
-            many.iter()
-                .map(|e| e.namespace.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        many => bail!(crate::lookup::ambiguous(
+            id,
+            many.iter().map(|e| e.namespace.as_str())
+        )),
     };
     if entry.runner.alive {
         bail!(

@@ -7,6 +7,8 @@
 mod check;
 mod cleanup;
 mod host;
+mod logs;
+mod lookup;
 mod pod;
 mod ps;
 mod setup;
@@ -66,6 +68,11 @@ enum Command {
     /// cgroup, as containerd's clean-up after a dead shim does. Refuses a
     /// sandbox whose runner still runs.
     Cleanup(CleanupArgs),
+    /// Prints a sandbox's agent log (or, with --guest-console, its guest's
+    /// serial console) from the files its runner keeps in its run
+    /// directory, the rotated file first; --follow goes on until the
+    /// sandbox is removed.
+    Logs(LogsArgs),
     /// Sets a node up for isola: `isola setup containerd` adds isola's
     /// runtime to containerd's config (version 2 or 3), keeping everything
     /// else; `--remove` takes it out.
@@ -88,6 +95,27 @@ struct CleanupArgs {
     /// Its containerd namespace, when the id is in more than one.
     #[arg(long)]
     namespace: Option<String>,
+    #[command(flatten)]
+    roots: RootArgs,
+}
+
+#[derive(Debug, Args)]
+struct LogsArgs {
+    /// The sandbox's id (as `isola ps` lists it).
+    id: String,
+    /// Its containerd namespace, when the id is in more than one.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The guest's serial console (kernel warnings and errors, panics)
+    /// instead of the agent's log.
+    #[arg(long)]
+    guest_console: bool,
+    /// Go on printing lines as they come, until the sandbox is removed.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only the last N lines of what is there.
+    #[arg(long, value_name = "N")]
+    tail: Option<usize>,
     #[command(flatten)]
     roots: RootArgs,
 }
@@ -116,6 +144,36 @@ impl RootArgs {
             roots.push(direct);
         }
         Ok((roots, config))
+    }
+}
+
+/// `isola logs`; the exit status.
+fn logs_command(args: LogsArgs) -> i32 {
+    let options = logs::Options {
+        guest_console: args.guest_console,
+        follow: args.follow,
+        tail: args.tail,
+    };
+    let result = args.roots.resolve().and_then(|(roots, _)| {
+        let found = lookup::find(&roots, &args.id, args.namespace.as_deref())?;
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        logs::run(&found, &options, &mut out)
+    });
+    match result {
+        Ok(()) => 0,
+        // Its reader went away (`isola logs ... | head`): done.
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            0
+        }
+        Err(err) => {
+            eprintln!("isola: logs: {err:#}");
+            1
+        }
     }
 }
 
@@ -288,6 +346,7 @@ fn main() {
         Command::Setup(args) => std::process::exit(setup::run(args)),
         Command::Ps(args) => std::process::exit(ps_command(args)),
         Command::Cleanup(args) => std::process::exit(cleanup_command(args)),
+        Command::Logs(args) => std::process::exit(logs_command(args)),
     };
     init_logging();
     let runtime = match runtime() {

@@ -63,26 +63,10 @@ pub struct Container {
 /// Every sandbox directory under `roots` (`<root>/<namespace>/<dir>`),
 /// in order of namespace and id.
 pub fn collect(roots: &[PathBuf]) -> Vec<Entry> {
-    let mut entries = Vec::new();
-    for root in roots {
-        let Ok(namespaces) = std::fs::read_dir(root) else {
-            continue;
-        };
-        for ns in namespaces.flatten() {
-            if !ns.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let Ok(dirs) = std::fs::read_dir(ns.path()) else {
-                continue;
-            };
-            for dir in dirs.flatten() {
-                if dir.file_type().is_ok_and(|t| t.is_dir()) {
-                    let namespace = ns.file_name().to_string_lossy().into_owned();
-                    entries.push(inspect(&dir.path(), &namespace));
-                }
-            }
-        }
-    }
+    let mut entries: Vec<Entry> = crate::lookup::sandbox_dirs(roots)
+        .into_iter()
+        .map(|(namespace, dir)| inspect(&dir, &namespace))
+        .collect();
     entries.sort_by(|a, b| (&a.namespace, &a.id).cmp(&(&b.namespace, &b.id)));
     entries.dedup_by(|a, b| a.dir == b.dir);
     entries

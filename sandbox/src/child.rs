@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use crate::logfile::RotatingLog;
 use rustix::process::{pidfd_open, pidfd_send_signal, PidfdFlags, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::watch;
@@ -55,7 +56,29 @@ impl Supervised {
     pub fn spawn(
         name: &str,
         sandbox: &str,
+        cmd: tokio::process::Command,
+    ) -> std::io::Result<Supervised> {
+        Supervised::spawn_into(name, sandbox, cmd, None)
+    }
+
+    /// As [`Supervised::spawn`], with the process's stdout (which `cmd`
+    /// must pipe) copied into `log` line by line instead of `tracing`:
+    /// isola-vmm's `--console stdout`, the guest's console.
+    pub fn spawn_with_log(
+        name: &str,
+        sandbox: &str,
         mut cmd: tokio::process::Command,
+        log: RotatingLog,
+    ) -> std::io::Result<Supervised> {
+        cmd.stdout(std::process::Stdio::piped());
+        Supervised::spawn_into(name, sandbox, cmd, Some(log))
+    }
+
+    fn spawn_into(
+        name: &str,
+        sandbox: &str,
+        mut cmd: tokio::process::Command,
+        log: Option<RotatingLog>,
     ) -> std::io::Result<Supervised> {
         cmd.process_group(0)
             .stdin(std::process::Stdio::null())
@@ -80,7 +103,14 @@ impl Supervised {
             tokio::spawn(forward_lines(stderr, sandbox.to_string(), name.to_string()));
         }
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(forward_lines(stdout, sandbox.to_string(), name.to_string()));
+            match log {
+                Some(log) => {
+                    tokio::spawn(crate::logfile::copy_lines(stdout, log));
+                }
+                None => {
+                    tokio::spawn(forward_lines(stdout, sandbox.to_string(), name.to_string()));
+                }
+            }
         }
         let (tx, rx) = watch::channel(None);
         let process = name.to_string();

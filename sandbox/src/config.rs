@@ -164,6 +164,10 @@ pub struct Runtime {
     /// node and shape, then cloned copy-on-write: [`crate::template`]);
     /// false: every sandbox boots, and clones share no memory.
     pub templates: bool,
+    /// Keep each guest's serial console (kernel warnings and errors, the
+    /// agent's warnings) in its sandbox's `console.log`
+    /// ([`crate::Console::Kept`]); false: the VM has no serial device.
+    pub guest_console: bool,
 }
 
 impl Default for Hypervisor {
@@ -202,6 +206,7 @@ impl Default for Runtime {
             stop_timeout_secs: 10,
             host_cgroup_required: true,
             templates: true,
+            guest_console: true,
         }
     }
 }
@@ -433,8 +438,8 @@ impl Config {
     }
 
     /// The [`SandboxConfig`](crate::SandboxConfig) of sandbox `id` with
-    /// these settings (the default size; console off, no hostname or
-    /// cgroup: the caller's).
+    /// these settings (the default size; no hostname or cgroup: the
+    /// caller's).
     pub fn sandbox_config(&self, id: &str) -> crate::SandboxConfig {
         let h = &self.hypervisor;
         let mut config =
@@ -451,6 +456,11 @@ impl Config {
         config.stop_timeout = Duration::from_secs(self.runtime.stop_timeout_secs);
         config.jail = self.jail.uids();
         config.templates = self.runtime.templates;
+        config.console = if self.runtime.guest_console {
+            crate::Console::Kept
+        } else {
+            crate::Console::Off
+        };
         config
     }
 
@@ -807,6 +817,7 @@ start_timeout_secs = 30
 stop_timeout_secs = 5
 host_cgroup_required = false
 templates = false
+guest_console = false
 
 [jail]
 enabled = false
@@ -843,6 +854,7 @@ lease_dir = "/run/isola-test/uids"
                     stop_timeout_secs: 5,
                     host_cgroup_required: false,
                     templates: false,
+                    guest_console: false,
                 },
                 jail: Jail {
                     enabled: false,

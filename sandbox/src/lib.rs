@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod jail;
 pub mod log_gate;
+pub mod logfile;
 pub mod mount_ns;
 pub mod namespaces;
 pub mod network;

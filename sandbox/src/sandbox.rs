@@ -23,6 +23,7 @@ use crate::child::{self, first_death, BoundedLines, Death, Supervised};
 use crate::error::{Error, ErrorKind, Result};
 use crate::jail::{JailUids, UidLease};
 use crate::log_gate::{self, LogGate, Verdict};
+use crate::logfile::{self, RotatingLog};
 use crate::network::{self, PodNetwork};
 use crate::portfwd;
 use crate::share::{self, Layout, MountOp, GUEST_SHARE_DIR, SHARE_TAG};
@@ -53,9 +54,20 @@ pub const MAX_AGENT_LOG_LINE: usize = 4096;
 pub enum Console {
     /// No serial device at all.
     Off,
-    /// Into this file (capped by the VMM).
+    /// Into this file (capped by the VMM), with every agent log line.
     File(PathBuf),
+    /// Kept in the sandbox's `console.log` (rotated, [`crate::logfile`]),
+    /// through isola-vmm's stdout, for `isola logs --guest-console`: the
+    /// kernel's warnings and errors (`loglevel=5`) and the agent's
+    /// (`agent.console=warn`); the agent's whole log is in `agent.log`.
+    /// The serial port costs the guest an exit per byte: a quiet console
+    /// keeps that off the start path.
+    Kept,
 }
+
+/// What the kernel command line says for a kept console
+/// ([`Console::Kept`]).
+pub const KEPT_CONSOLE_CMDLINE: &str = "loglevel=5 agent.console=warn";
 
 /// What a sandbox is made of.
 #[derive(Debug, Clone)]
@@ -160,7 +172,7 @@ impl SandboxConfig {
 
     /// The kernel command line: base, agent options, extras.
     pub fn cmdline(&self) -> String {
-        let mut cmdline = format!("{BASE_CMDLINE} agent.log={}", self.log_level);
+        let mut cmdline = self.template_cmdline_base();
         if !self.hostname.is_empty() {
             cmdline.push_str(&format!(" agent.hostname={}", self.hostname));
         }
@@ -171,8 +183,17 @@ impl SandboxConfig {
     /// The kernel command line of a template of this VM's shape: no
     /// hostname (a clone gets its own in CreateSandbox).
     pub fn template_cmdline(&self) -> String {
-        let mut cmdline = format!("{BASE_CMDLINE} agent.log={}", self.log_level);
+        let mut cmdline = self.template_cmdline_base();
         self.push_extra(&mut cmdline);
+        cmdline
+    }
+
+    fn template_cmdline_base(&self) -> String {
+        let mut cmdline = format!("{BASE_CMDLINE} agent.log={}", self.log_level);
+        if self.console == Console::Kept {
+            cmdline.push(' ');
+            cmdline.push_str(KEPT_CONSOLE_CMDLINE);
+        }
         cmdline
     }
 
@@ -251,6 +272,7 @@ pub fn vmm_own_args(layout: &Layout, console: &Console) -> Vec<String> {
     let console = match console {
         Console::Off => "off".to_string(),
         Console::File(path) => path.display().to_string(),
+        Console::Kept => "stdout".to_string(),
     };
     vec![
         "--vsock".into(),
@@ -836,7 +858,10 @@ impl Sandbox {
                     log_gate::level_cap(&config.log_level),
                     resources.dropped_log_lines.clone(),
                 );
-                tasks.push(tokio::spawn(forward_agent_log(stream, id.clone(), gate)).abort_handle())
+                let file = RotatingLog::new(layout.agent_log_file(), logfile::MAX_LOG_FILE);
+                tasks.push(
+                    tokio::spawn(forward_agent_log(stream, id.clone(), gate, file)).abort_handle(),
+                )
             }
             Err(err) => tracing::warn!(sandbox = %id, %err, "no agent log stream"),
         }
@@ -1834,6 +1859,8 @@ fn spawn_vmm(
     };
     cmd.args(vmm_net_args(taps, config.net_offloads))
         .stdout(std::process::Stdio::piped());
+    let console = (config.console == Console::Kept)
+        .then(|| RotatingLog::new(layout.console_file(), logfile::MAX_LOG_FILE));
     child::confine(&mut cmd, config.cgroup.as_deref())
         .map_err(|e| Error::host(id, "preparing isola-vmm's cgroup", e))?;
     let mut inherited: Vec<RawFd> = taps.iter().map(|(fd, _)| *fd).collect();
@@ -1853,8 +1880,11 @@ fn spawn_vmm(
     }
     child::inherit(&mut cmd, inherited);
     child::enter_netns(&mut cmd, netns.as_raw_fd());
-    let vmm = Supervised::spawn("isola-vmm", id, cmd)
-        .map_err(|e| Error::host(id, format!("starting {}", config.vmm.display()), e))?;
+    let vmm = match console {
+        Some(log) => Supervised::spawn_with_log("isola-vmm", id, cmd, log),
+        None => Supervised::spawn("isola-vmm", id, cmd),
+    }
+    .map_err(|e| Error::host(id, format!("starting {}", config.vmm.display()), e))?;
     if let Some(dir) = restore {
         tracing::info!(sandbox = %id, template = %dir.display(), "isola-vmm started from the template");
     }
@@ -2069,9 +2099,14 @@ fn event_ids_ok(event: &Event) -> bool {
 }
 
 /// The agent's log lines into `tracing`, with the sandbox id and the level
-/// the line names, through the sandbox's [`LogGate`] (bounded in rate,
-/// level and length).
-async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String, mut gate: LogGate) {
+/// the line names, and into the sandbox's `agent.log` (`file`), through
+/// the sandbox's [`LogGate`] (bounded in rate, level and length).
+async fn forward_agent_log(
+    stream: tokio::net::UnixStream,
+    sandbox: String,
+    mut gate: LogGate,
+    mut file: RotatingLog,
+) {
     let mut lines = BoundedLines::new(stream, MAX_AGENT_LOG_LINE);
     while let Ok(Some((line, cut))) = lines.next_line().await {
         let line = line.trim_end();
@@ -2082,12 +2117,18 @@ async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String, mut 
         let verdict = gate.admit(level);
         if let Some(dropped) = gate.report() {
             tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
+            file.write_line(&format!("isola: {dropped} agent log lines dropped (over the sandbox's rate, or above the configured level)"));
         }
         if verdict == Verdict::Drop {
             continue;
         }
         let (line, shortened) = log_gate::truncate(line, log_gate::MAX_FORWARDED);
         let cut = cut || shortened;
+        if cut {
+            file.write_line(&format!("{line} [cut]"));
+        } else {
+            file.write_line(line);
+        }
         match level {
             tracing::Level::ERROR => {
                 tracing::error!(target: "isola_agent", sandbox = %sandbox, cut, "{line}")
@@ -2106,6 +2147,7 @@ async fn forward_agent_log(stream: tokio::net::UnixStream, sandbox: String, mut 
     }
     if let Some(dropped) = gate.final_report() {
         tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
+        file.write_line(&format!("isola: {dropped} agent log lines dropped (over the sandbox's rate, or above the configured level)"));
     }
     tracing::debug!(sandbox = %sandbox, "agent log stream ended");
 }

@@ -98,8 +98,13 @@ impl Layout {
     pub fn owner_file(&self) -> PathBuf {
         self.dir.join("owner")
     }
+    /// The guest's console, when kept ([`crate::logfile`]).
     pub fn console_file(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.dir.join(crate::logfile::CONSOLE_LOG)
+    }
+    /// The agent's log ([`crate::logfile`]).
+    pub fn agent_log_file(&self) -> PathBuf {
+        self.dir.join(crate::logfile::AGENT_LOG)
     }
     /// `rw/containers/<cid>`: everything of one container.
     pub fn container(&self, cid: &str) -> PathBuf {

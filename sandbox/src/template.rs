@@ -407,7 +407,8 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
 
     let console = match &config.console {
         Console::Off => Console::Off,
-        Console::File(_) => Console::File(work.join("console")),
+        // The template's boot console, beside its build log.
+        Console::File(_) | Console::Kept => Console::File(work.join("console")),
     };
     let mut cmd = tokio::process::Command::new(&config.vmm);
     cmd.arg("--template")

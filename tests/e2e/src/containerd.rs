@@ -369,6 +369,23 @@ impl Containerd {
             .with_context(|| format!("spawning ctr {}", args.join(" ")))
     }
 
+    /// An exec `hog` in task `id` that allocates until it is killed: with
+    /// a memory limit on the task, the guest's OOM killer ends it (137).
+    pub fn exec_memory_hog(&self, id: &str) -> Result<()> {
+        let out = self.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "hog",
+            id,
+            "sh",
+            "-c",
+            "tail /dev/zero",
+        ])?;
+        ensure!(code(&out) == 137, "{}", self.report("the memory hog", &out));
+        Ok(())
+    }
+
     /// SIGKILL to task `id`, then its task and container deleted.
     pub fn kill_and_remove(&self, id: &str) -> Result<()> {
         let out = self.ctr(&["task", "kill", "--signal", "SIGKILL", id])?;

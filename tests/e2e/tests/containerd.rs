@@ -708,17 +708,7 @@ fn task_events_reach_containerd_oom_included() -> Result<()> {
         c.report("checkpoint", &out)
     );
     // 32 MiB of memory: this exec is OOM-killed in the guest.
-    let out = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "hog",
-        id,
-        "sh",
-        "-c",
-        "tail /dev/zero",
-    ])?;
-    ensure!(code(&out) == 137, "{}", c.report("the memory hog", &out));
+    c.exec_memory_hog(id)?;
     c.kill_and_remove(id)?;
     c.assert_clean(id)?;
     let _ = nix::sys::signal::kill(
@@ -1290,5 +1280,123 @@ fn isola_cleanup_removes_what_a_killed_shim_left_after_ps_reports_it() -> Result
     let _ = c.ctr(&["task", "delete", "--force", id]);
     let _ = c.ctr(&["container", "delete", id]);
     cleaned?;
+    c.assert_clean(id)
+}
+
+/// `isola logs`: a sandbox's agent log and guest console, kept by its shim
+/// in its run directory. A container hits its memory limit: `--follow`
+/// shows the agent's OOM warning as it comes, the guest console has the
+/// kernel's OOM report, `--tail` cuts, and the follower ends by itself
+/// when the sandbox is removed.
+#[test]
+fn isola_logs_follows_the_agent_log_and_shows_the_guest_console() -> Result<()> {
+    use std::io::BufRead;
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let id = "logs-kept";
+    c.run_detached(RUNTIME, &["--memory-limit", "33554432"], id)?;
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    let logs = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(&isola)
+            .arg("logs")
+            .args(args)
+            .arg(id)
+            .arg("--run-root")
+            .arg(&c.run_root)
+            .output()?)
+    };
+    let mut follower = std::process::Command::new(&isola)
+        .args(["logs", "--follow", id, "--run-root"])
+        .arg(&c.run_root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let follower_out = follower.stdout.take();
+    let reader = std::thread::spawn(move || {
+        if let Some(out) = follower_out {
+            for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let checked = (|| -> Result<()> {
+        let out = logs(&[])?;
+        ensure!(out.status.success(), "isola logs: {}", text(&out.stderr));
+        let agent_log = stdout(&out);
+        ensure!(
+            agent_log.contains("container started"),
+            "the agent log has no container start:\n{agent_log}"
+        );
+        // Past 32 MiB: OOM-killed in the guest.
+        c.exec_memory_hog(id)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut followed = Vec::new();
+        while !followed
+            .iter()
+            .any(|l: &String| l.contains("OOM kill in the container"))
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => followed.push(line),
+                Err(_) => anyhow::bail!(
+                    "isola logs --follow did not show the OOM kill; it printed:\n{}",
+                    followed.join("\n")
+                ),
+            }
+        }
+        // The console gets the kernel's report through isola-vmm, the
+        // shim's pipe and the file: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = logs(&["--guest-console"])?;
+            ensure!(
+                out.status.success(),
+                "isola logs --guest-console: {}",
+                text(&out.stderr)
+            );
+            let console = stdout(&out);
+            if console.contains("Killed process") && console.contains("OOM kill in the container") {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the guest console has no OOM report:\n{console}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let out = logs(&["--tail", "2"])?;
+        ensure!(
+            out.status.success() && stdout(&out).lines().count() == 2,
+            "isola logs --tail 2: {:?} {}",
+            stdout(&out),
+            text(&out.stderr)
+        );
+        let out = logs(&["--namespace", "no-such-namespace"])?;
+        ensure!(
+            !out.status.success()
+                && text(&out.stderr)
+                    .contains("no sandbox logs-kept in namespace no-such-namespace"),
+            "{}",
+            text(&out.stderr)
+        );
+        Ok(())
+    })();
+    let removed = c.kill_and_remove(id);
+    // Its directory is gone: the follower ends by itself.
+    let ended = wait_output(follower, CTR_DEADLINE);
+    let _ = reader.join();
+    checked?;
+    removed?;
+    let ended = ended?;
+    ensure!(
+        ended.status.success(),
+        "isola logs --follow: {:?} {}",
+        ended.status,
+        text(&ended.stderr)
+    );
     c.assert_clean(id)
 }

@@ -68,6 +68,12 @@ fn main() {
 }
 
 fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
+    // `ps` and /proc/1/comm in the guest name the agent, not "init".
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes from the pointer, which is valid.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"isola-agent".as_ptr(), 0, 0, 0);
+    }
     // Nothing can be logged before /proc (for the command line) and /dev
     // exist; the kernel gave us /dev/console as stdio from the initrd.
     mounts::mount_base().context("mounting the base file systems")?;

@@ -152,7 +152,7 @@ mod tests {
 
         let resp = health.version(ctx(), &VersionRequest::new()).await.unwrap();
         assert_eq!(resp.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(resp.api_version, 6);
+        assert_eq!(resp.api_version, 7);
 
         drop(health);
         server.shutdown().await;

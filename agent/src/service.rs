@@ -73,6 +73,8 @@ const MAX_LIST: usize = 1024;
 /// Longest cmdline kept per process.
 const MAX_CMDLINE: usize = 4096;
 
+mod debug;
+
 type RpcResult<T> = ttrpc::Result<T>;
 
 fn invalid(message: impl ToString) -> ttrpc::Error {
@@ -237,6 +239,8 @@ struct Sandbox {
     id: String,
     share: Option<PathBuf>,
     stop_timeout: Duration,
+    /// Debug sessions allowed (the node's `debug.console`).
+    debug_console: bool,
 }
 
 /// The inotify instance watching the containers' `memory.events`.
@@ -255,6 +259,8 @@ impl AsRawFd for InotifyFd {
 pub struct State {
     sandbox: Mutex<Option<Sandbox>>,
     containers: Mutex<HashMap<String, Arc<ContainerEntry>>>,
+    /// Debug sessions by id (`debug`).
+    debug: Mutex<HashMap<String, Arc<Proc>>>,
     router: Mutex<ExitRouter<Arc<Proc>>>,
     events: Events,
     streams: Arc<Registry<Stream>>,
@@ -284,6 +290,7 @@ impl State {
         Arc::new(State {
             sandbox: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
+            debug: Mutex::new(HashMap::new()),
             router: Mutex::new(ExitRouter::default()),
             events: Events::default(),
             streams,
@@ -379,6 +386,11 @@ impl State {
             oom_killed = oom,
             "process exited"
         );
+        if proc.container_id.is_empty() {
+            // A debug session: no container's, no event.
+            debug::ended(proc, &info);
+            return;
+        }
         self.events.push(Event::Exited {
             container_id: proc.container_id.clone(),
             exec_id: proc.exec_id.clone(),
@@ -410,15 +422,22 @@ impl State {
             .ok_or_else(|| not_found(format!("container {id:?} not found")))
     }
 
-    fn process(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-    ) -> RpcResult<(Arc<ContainerEntry>, Arc<Proc>)> {
+    /// A container's process (`exec_id` empty: its init), or with an
+    /// empty `container_id` a debug session; and what it belongs to, in
+    /// words ("container ID", "the debug sessions").
+    fn process(&self, container_id: &str, exec_id: &str) -> RpcResult<(String, Arc<Proc>)> {
+        if container_id.is_empty() {
+            check_id("exec_id", exec_id)?;
+            let proc = lock(&self.debug)
+                .get(exec_id)
+                .cloned()
+                .ok_or_else(|| not_found(format!("debug session {exec_id:?} not found")))?;
+            return Ok(("the debug sessions".to_string(), proc));
+        }
         let c = self.container(container_id)?;
+        let owner = format!("container {}", c.id);
         if exec_id.is_empty() {
-            let init = c.init.clone();
-            return Ok((c, init));
+            return Ok((owner, c.init.clone()));
         }
         check_id("exec_id", exec_id)?;
         let proc = lock(&c.execs).get(exec_id).cloned().ok_or_else(|| {
@@ -426,7 +445,7 @@ impl State {
                 "exec {exec_id:?} not found in container {container_id:?}"
             ))
         })?;
-        Ok((c, proc))
+        Ok((owner, proc))
     }
 
     fn start_oom_watcher(self: &Arc<Self>) -> anyhow::Result<Arc<AsyncFd<InotifyFd>>> {
@@ -594,6 +613,7 @@ impl AgentService {
         copies: Copies,
         stdio: &Stdio,
         console: Option<&std::os::unix::net::UnixListener>,
+        master: Option<OwnedFd>,
     ) -> RpcResult<Arc<Proc>> {
         let what = if exec_id.is_empty() {
             format!("container {container_id}")
@@ -604,9 +624,15 @@ impl AgentService {
         let mut stdin_copy: Option<(Stream, FdIo)> = None;
         let mut tty = None;
         if let Some((stdin, stdout)) = copies.tty {
-            let console = console.ok_or_else(|| internal(format!("{what}: no console socket")))?;
-            let master = receive_pty_master(console)
-                .map_err(|e| internal(format!("{what}: receiving the pty master: {e}")))?;
+            let master = match master {
+                Some(master) => master,
+                None => {
+                    let console =
+                        console.ok_or_else(|| internal(format!("{what}: no console socket")))?;
+                    receive_pty_master(console)
+                        .map_err(|e| internal(format!("{what}: receiving the pty master: {e}")))?
+                }
+            };
             set_winsize(&master, stdio.rows, stdio.cols)
                 .map_err(|e| internal(format!("{what}: setting the window size: {e}")))?;
             let dup = |fd: &OwnedFd| {
@@ -862,8 +888,16 @@ impl AgentService {
             *lock(&self.state.pinned) = true;
         }
         let copies = plan.copies;
-        let init = match self.start_process(id, "", pid, &cgroup, copies, stdio, listener.as_ref())
-        {
+        let init = match self.start_process(
+            id,
+            "",
+            pid,
+            &cgroup,
+            copies,
+            stdio,
+            listener.as_ref(),
+            None,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 kill();
@@ -1003,6 +1037,7 @@ impl AgentService {
             plan.copies,
             &stdio,
             listener.as_ref(),
+            None,
         );
         drop(listener);
         let proc = proc?;
@@ -1284,10 +1319,22 @@ impl isola_protocol::Agent for AgentService {
             id: sid.to_string(),
             share,
             stop_timeout,
+            debug_console: req.debug_console,
         });
-        tracing::info!(sandbox = sid, share = %req.share_tag, "sandbox created");
+        tracing::info!(sandbox = sid, share = %req.share_tag, debug_console = req.debug_console, "sandbox created");
         let mut resp = CreateSandboxResponse::new();
         resp.kernel_release = sandbox::kernel_release();
+        Ok(resp)
+    }
+
+    async fn start_debug_session(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartDebugSessionRequest,
+    ) -> RpcResult<StartDebugSessionResponse> {
+        let pid = self.start_debug_session_sync(&req)?;
+        let mut resp = StartDebugSessionResponse::new();
+        resp.pid = pid;
         Ok(resp)
     }
 
@@ -1458,21 +1505,17 @@ impl isola_protocol::Agent for AgentService {
             }
             return Ok(SignalProcessResponse::new());
         }
-        let (c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        let (owner, proc) = self.state.process(&req.container_id, &req.exec_id)?;
         // Not reaped yet, so the pid is still this process's (a zombie at
         // worst, where the signal does nothing).
         if proc.exited() {
             return Err(not_found(format!(
-                "process {} of container {} has exited",
-                proc.pid, c.id
+                "process {} of {owner} has exited",
+                proc.pid
             )));
         }
-        kill_raw(proc.pid, signal).map_err(|e| {
-            internal(format!(
-                "container {}: signalling pid {}: {e}",
-                c.id, proc.pid
-            ))
-        })?;
+        kill_raw(proc.pid, signal)
+            .map_err(|e| internal(format!("{owner}: signalling pid {}: {e}", proc.pid)))?;
         Ok(SignalProcessResponse::new())
     }
 
@@ -1481,18 +1524,18 @@ impl isola_protocol::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: WaitProcessRequest,
     ) -> RpcResult<WaitProcessResponse> {
-        let (c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        let (owner, proc) = self.state.process(&req.container_id, &req.exec_id)?;
         let mut rx = proc.state.subscribe();
         drop(proc);
         rx.wait_for(|s| s.exit.is_some())
             .await
-            .map_err(|_| internal(format!("container {}: the process went away", c.id)))?;
+            .map_err(|_| internal(format!("{owner}: the process went away")))?;
         if tokio::time::timeout(OUTPUT_GRACE, rx.wait_for(|s| s.outputs_open == 0))
             .await
             .is_err()
         {
             tracing::warn!(
-                container = %c.id,
+                container = %req.container_id,
                 exec = %req.exec_id,
                 grace_ms = OUTPUT_GRACE.as_millis() as u64,
                 "output still open after the exit (a child keeps it?); answering the wait"
@@ -1501,7 +1544,11 @@ impl isola_protocol::Agent for AgentService {
         let s = rx.borrow().clone();
         let info = s
             .exit
-            .ok_or_else(|| internal(format!("container {}: no exit status", c.id)))?;
+            .ok_or_else(|| internal(format!("{owner}: no exit status")))?;
+        if req.container_id.is_empty() {
+            // A debug session is waited for once: its entry goes.
+            lock(&self.state.debug).remove(&req.exec_id);
+        }
         let mut resp = WaitProcessResponse::new();
         resp.exit_status = info.status;
         resp.signal = info.signal;
@@ -1602,15 +1649,12 @@ impl isola_protocol::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: TtyWinResizeRequest,
     ) -> RpcResult<TtyWinResizeResponse> {
-        let (c, proc) = self.state.process(&req.container_id, &req.exec_id)?;
+        let (owner, proc) = self.state.process(&req.container_id, &req.exec_id)?;
         let master = proc.tty.as_ref().ok_or_else(|| {
-            precondition(format!(
-                "process {} of container {} has no terminal",
-                proc.pid, c.id
-            ))
+            precondition(format!("process {} of {owner} has no terminal", proc.pid))
         })?;
         set_winsize(master, req.rows, req.cols)
-            .map_err(|e| internal(format!("container {}: TIOCSWINSZ: {e}", c.id)))?;
+            .map_err(|e| internal(format!("{owner}: TIOCSWINSZ: {e}")))?;
         Ok(TtyWinResizeResponse::new())
     }
 

@@ -35,6 +35,7 @@ const KERNEL: &str = "guest kernel";
 const INITRD: &str = "guest initrd";
 const VERSIONS: &str = "versions";
 const VIRTIOFSD: &str = "virtiofsd";
+const DEBUG: &str = "debug sessions";
 const CONTAINERD: &str = "containerd";
 
 /// How long a `--version` (or `ctr version`) may take.
@@ -137,9 +138,10 @@ pub fn run(options: &Options) -> i32 {
                 ),
             ));
             report(Check::new(VIRTIOFSD, virtiofsd(config)));
+            report(Check::new(DEBUG, debug_shell(config)));
         }
         Err(_) => {
-            for name in [VMM, JAIL, KERNEL, INITRD, VERSIONS, VIRTIOFSD] {
+            for name in [VMM, JAIL, KERNEL, INITRD, VERSIONS, VIRTIOFSD, DEBUG] {
                 report(Check::new(
                     name,
                     Err("not checked: the config did not load (see `config` above)".to_string()),
@@ -153,6 +155,27 @@ pub fn run(options: &Options) -> i32 {
     ));
     report(Check::new(SHIM, shim(&host::on_path(SHIM))));
     i32::from(failed > 0)
+}
+
+/// `isola debug`: off, or on with a static busybox to serve.
+pub fn debug_shell(config: &Config) -> Result<String, String> {
+    if !config.debug.console {
+        return Ok("off (debug.console = false)".to_string());
+    }
+    let busybox = &config.debug.busybox;
+    match isola_sandbox::debug::is_static_elf(busybox) {
+        Ok(true) => Ok(format!("on, serving {}", busybox.display())),
+        Ok(false) => Err(format!(
+            "debug.busybox {} is not a static x86-64 executable: install busybox-static \
+             (apt-get install busybox-static) or name another",
+            busybox.display()
+        )),
+        Err(err) => Err(format!(
+            "debug.busybox {}: {err}: install busybox-static (apt-get install \
+             busybox-static) or name another",
+            busybox.display()
+        )),
+    }
 }
 
 /// Check 1: the CPU has hardware virtualization, its KVM module is loaded
@@ -825,6 +848,18 @@ mod tests {
         let fail = Check::new("kvm", Err("broken: fix it".to_string()));
         assert_eq!(fail.line(), "FAIL kvm: broken: fix it");
         assert!(ok.passed() && !fail.passed());
+    }
+
+    #[test]
+    fn the_debug_shell_must_be_static_when_sessions_are_on() {
+        let mut config = Config::defaults();
+        assert!(debug_shell(&config).expect("off").contains("off"));
+        config.debug.console = true;
+        config.debug.busybox = std::env::current_exe().expect("exe");
+        let err = debug_shell(&config).expect_err("dynamic");
+        assert!(err.contains("not a static"), "{err}");
+        config.debug.busybox = "/nonexistent/busybox".into();
+        assert!(debug_shell(&config).is_err());
     }
 
     #[test]

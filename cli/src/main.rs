@@ -6,6 +6,7 @@
 
 mod check;
 mod cleanup;
+mod debug;
 mod host;
 mod logs;
 mod lookup;
@@ -68,6 +69,13 @@ enum Command {
     /// cgroup, as containerd's clean-up after a dead shim does. Refuses a
     /// sandbox whose runner still runs.
     Cleanup(CleanupArgs),
+    /// A shell (or `-- CMD`) in a sandbox's guest: the guest's own
+    /// namespaces, outside every container (their root file systems under
+    /// /run/isola/share/containers/<id>/rootfs), with a static busybox the
+    /// host serves. Off unless the node's config has `debug.console =
+    /// true` when the sandbox starts; each session is logged in the guest
+    /// with who asked. Exits with the command's status.
+    Debug(DebugArgs),
     /// Prints a sandbox's agent log (or, with --guest-console, its guest's
     /// serial console) from the files its runner keeps in its run
     /// directory, the rotated file first; --follow goes on until the
@@ -97,6 +105,23 @@ struct CleanupArgs {
     namespace: Option<String>,
     #[command(flatten)]
     roots: RootArgs,
+}
+
+#[derive(Debug, Args)]
+struct DebugArgs {
+    /// The sandbox's id (as `isola ps` lists it).
+    id: String,
+    /// Its containerd namespace, when the id is in more than one.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Pipes for stdio even when stdin and stdout are a terminal.
+    #[arg(short = 'T', long)]
+    no_tty: bool,
+    #[command(flatten)]
+    roots: RootArgs,
+    /// The command to run instead of a shell (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +170,44 @@ impl RootArgs {
         }
         Ok((roots, config))
     }
+}
+
+/// `isola debug`; the exit status: the command's, or 125 when isola
+/// failed.
+fn debug_command(args: DebugArgs) -> i32 {
+    let found = args.roots.resolve().and_then(|(roots, config)| {
+        debug::check_enabled(&config)?;
+        lookup::find(&roots, &args.id, args.namespace.as_deref())
+    });
+    let found = match found {
+        Ok(found) => found,
+        Err(err) => {
+            eprintln!("isola: debug: {err:#}");
+            return FAILED;
+        }
+    };
+    let options = debug::Options {
+        command: args.command,
+        no_tty: args.no_tty,
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("isola: debug: starting the runtime: {err}");
+            return FAILED;
+        }
+    };
+    let code = match runtime.block_on(debug::run(&found, &options)) {
+        Ok(code) => code,
+        Err(err) => {
+            tty::restore();
+            eprintln!("isola: debug: {err:#}");
+            FAILED
+        }
+    };
+    // stdin's copy may still wait for a read.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 /// `isola logs`; the exit status.
@@ -347,6 +410,10 @@ fn main() {
         Command::Ps(args) => std::process::exit(ps_command(args)),
         Command::Cleanup(args) => std::process::exit(cleanup_command(args)),
         Command::Logs(args) => std::process::exit(logs_command(args)),
+        Command::Debug(args) => {
+            init_logging();
+            std::process::exit(debug_command(args))
+        }
     };
     init_logging();
     let runtime = match runtime() {

@@ -35,8 +35,17 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// `CreateContainerRequest.sandbox_namespaces` (a pod's shared IPC, UTS
 /// and PID namespaces), 5 adds `NetworkInterface.new_mac` (a network that
 /// came after the boot), 6 adds `CreateContainerRequest.submounts` (a
-/// read-only volume's writable submounts).
-pub const API_VERSION: u32 = 6;
+/// read-only volume's writable submounts), 7 adds debug sessions
+/// (`Agent.StartDebugSession`, `CreateSandboxRequest.debug_console`).
+pub const API_VERSION: u32 = 7;
+
+/// Where the host serves the debug sessions' static busybox, relative to
+/// the share's root (only when the node enables `debug.console`).
+pub const DEBUG_BUSYBOX: &str = "debug/busybox";
+
+/// The most debug sessions a sandbox's agent keeps (running, or ended and
+/// not yet waited for).
+pub const MAX_DEBUG_SESSIONS: usize = 8;
 
 /// The most `CreateContainerRequest.submounts`.
 pub const MAX_SUBMOUNTS: usize = 64;

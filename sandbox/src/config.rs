@@ -62,6 +62,29 @@ pub struct Config {
     pub virtiofs: Virtiofs,
     pub runtime: Runtime,
     pub jail: Jail,
+    pub debug: Debug,
+}
+
+/// `[debug]`: an operator's way into the guests (`isola debug`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Debug {
+    /// Debug sessions (`isola debug`): a shell in a guest's own
+    /// namespaces, outside its containers. Read when a sandbox starts; no
+    /// pod annotation can set it.
+    pub console: bool,
+    /// The static busybox the sessions run, served read-only in the
+    /// share of each sandbox started while `console` is on.
+    pub busybox: PathBuf,
+}
+
+impl Default for Debug {
+    fn default() -> Self {
+        Debug {
+            console: false,
+            busybox: PathBuf::from("/bin/busybox"),
+        }
+    }
 }
 
 /// `[jail]`: how isola-vmm is confined ([`crate::jail`]).
@@ -219,6 +242,7 @@ struct File {
     virtiofs: Virtiofs,
     runtime: Runtime,
     jail: Jail,
+    debug: Debug,
 }
 
 /// A line and column in a file, from 1.
@@ -344,6 +368,7 @@ impl Config {
             virtiofs: Virtiofs::default(),
             runtime: Runtime::default(),
             jail: Jail::default(),
+            debug: Debug::default(),
         }
     }
 
@@ -389,6 +414,7 @@ impl Config {
             virtiofs: file.virtiofs,
             runtime: file.runtime,
             jail: file.jail,
+            debug: file.debug,
         };
         config.validate()?;
         Ok(config)
@@ -455,6 +481,7 @@ impl Config {
         config.start_timeout = Duration::from_secs(self.runtime.start_timeout_secs);
         config.stop_timeout = Duration::from_secs(self.runtime.stop_timeout_secs);
         config.jail = self.jail.uids();
+        config.debug_busybox = self.debug.console.then(|| self.debug.busybox.clone());
         config.templates = self.runtime.templates;
         config.console = if self.runtime.guest_console {
             crate::Console::Kept
@@ -562,6 +589,12 @@ impl Config {
             key: key.to_string(),
             message,
         };
+        if self.debug.console && !self.debug.busybox.is_absolute() {
+            return Err(invalid(
+                "debug.busybox",
+                format!("{} must be an absolute path", self.debug.busybox.display()),
+            ));
+        }
         if let Some(uids) = self.jail.uids() {
             uids.validate()
                 .map_err(|(key, message)| invalid(key, message))?;
@@ -824,6 +857,10 @@ enabled = false
 first_uid = 3000000
 uid_count = 100
 lease_dir = "/run/isola-test/uids"
+
+[debug]
+console = true
+busybox = "/opt/isola/busybox"
 "#;
         let c = parse(text).expect("valid");
         assert_eq!(
@@ -862,7 +899,15 @@ lease_dir = "/run/isola-test/uids"
                     uid_count: 100,
                     lease_dir: "/run/isola-test/uids".into(),
                 },
+                debug: Debug {
+                    console: true,
+                    busybox: "/opt/isola/busybox".into(),
+                },
             }
+        );
+        assert_eq!(
+            c.sandbox_config("x").debug_busybox.as_deref(),
+            Some(Path::new("/opt/isola/busybox"))
         );
         let s = c.sandbox_config("pod-1");
         assert_eq!(s.id, "pod-1");

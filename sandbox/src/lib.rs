@@ -11,6 +11,7 @@
 
 pub mod child;
 pub mod config;
+pub mod debug;
 pub mod error;
 pub mod jail;
 pub mod log_gate;

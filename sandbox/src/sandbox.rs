@@ -131,6 +131,10 @@ pub struct SandboxConfig {
     /// build one when there is not ([`crate::template`]); false: always
     /// boot (the node's `runtime.templates = false`).
     pub templates: bool,
+    /// Debug sessions (`isola debug`, the node's `debug.console`): this
+    /// static busybox is served read-only in the share and the agent
+    /// allows sessions. `None`: off.
+    pub debug_busybox: Option<PathBuf>,
 }
 
 impl SandboxConfig {
@@ -167,6 +171,7 @@ impl SandboxConfig {
             owner: String::new(),
             jail: Some(JailUids::default()),
             templates: true,
+            debug_busybox: None,
         }
     }
 
@@ -344,6 +349,18 @@ pub struct ExitStatus {
     pub oom_killed: bool,
     pub exited_at_ns: u64,
     pub pid: u32,
+}
+
+impl From<&pb::WaitProcessResponse> for ExitStatus {
+    fn from(resp: &pb::WaitProcessResponse) -> ExitStatus {
+        ExitStatus {
+            status: resp.exit_status,
+            signal: resp.signal,
+            oom_killed: resp.oom_killed,
+            exited_at_ns: resp.exited_at_ns,
+            pid: resp.pid,
+        }
+    }
 }
 
 /// A new container's or exec's process: its guest pid and stdio.
@@ -659,6 +676,10 @@ impl Sandbox {
         for op in share::plan_share(&layout) {
             share::apply(&op).map_err(|e| Error::host(&id, "setting up the share", e))?;
         }
+        if let Some(busybox) = &config.debug_busybox {
+            crate::debug::serve_busybox(&layout, busybox)
+                .map_err(|e| Error::host(&id, "serving the debug shell (debug.console)", e))?;
+        }
         let mut cmd = tokio::process::Command::new(&config.virtiofsd);
         cmd.args(virtiofsd_args(
             &layout,
@@ -903,6 +924,7 @@ impl Sandbox {
             realtime_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
+            debug_console: config.debug_busybox.is_some(),
             ..Default::default()
         };
         let created = race_death(&children, agent.create_sandbox(ctx(RPC_TIMEOUT), &req))
@@ -1168,17 +1190,7 @@ impl Sandbox {
                 )
                 .in_container(cid)
             })?;
-        let window = req.terminal.unwrap_or(WindowSize { rows: 0, cols: 0 });
-        let stdio = pb::Stdio {
-            stdin: ids.stdin,
-            stdout: ids.stdout,
-            stderr: ids.stderr,
-            terminal: req.terminal.is_some(),
-            rows: u32::from(window.rows),
-            cols: u32::from(window.cols),
-            ..Default::default()
-        };
-        Ok((stdio, io))
+        Ok((ids.to_pb(req.terminal), io))
     }
 
     /// Mounts the container's rootfs and volumes into the Share, opens its
@@ -1529,13 +1541,7 @@ impl Sandbox {
                 self.inner.agent.wait_process(ctx(Duration::ZERO), &req),
             )
             .await?;
-        Ok(ExitStatus {
-            status: resp.exit_status,
-            signal: resp.signal,
-            oom_killed: resp.oom_killed,
-            exited_at_ns: resp.exited_at_ns,
-            pid: resp.pid,
-        })
+        Ok(ExitStatus::from(&resp))
     }
 
     /// Copies the process's stdout and stderr to `out` and `err` to their

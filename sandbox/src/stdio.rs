@@ -86,6 +86,23 @@ pub(crate) struct StreamIds {
     pub stderr: u64,
 }
 
+impl StreamIds {
+    /// The agent's `Stdio` for these streams, with a terminal of
+    /// `terminal`'s size if any.
+    pub(crate) fn to_pb(self, terminal: Option<WindowSize>) -> isola_protocol::agent::Stdio {
+        let window = terminal.unwrap_or(WindowSize { rows: 0, cols: 0 });
+        isola_protocol::agent::Stdio {
+            stdin: self.stdin,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            terminal: terminal.is_some(),
+            rows: u32::from(window.rows),
+            cols: u32::from(window.cols),
+            ..Default::default()
+        }
+    }
+}
+
 /// Checks a request before anything is opened.
 pub(crate) fn check_request(req: &StdioRequest) -> Result<(), String> {
     if req.terminal.is_some() && req.stderr {

@@ -4,7 +4,6 @@
 //! behind (processes, mounts, run directory, shim sockets).
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -24,6 +23,61 @@ pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
 pub const BUSYBOX_USER: &str = "docker.io/library/busybox-user:latest";
 /// The runtime name containerd knows the shim by.
 pub const RUNTIME: &str = "io.containerd.isola.v2";
+
+/// Puts an isola config back as it was when dropped.
+#[derive(Debug)]
+pub struct ConfigGuard {
+    path: PathBuf,
+    original: String,
+}
+
+impl Drop for ConfigGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.original);
+    }
+}
+
+/// Runs `cmd` with its stdio on a pty of `size` (rows, cols), `input`
+/// typed into it at once: its status and all it printed (the echo of the
+/// input included).
+pub fn on_pty(mut cmd: Command, input: &[u8], size: Option<(u16, u16)>) -> Result<(i32, String)> {
+    use std::io::Write;
+    let winsize = size.map(|(rows, cols)| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    });
+    let pty = nix::pty::openpty(winsize.as_ref(), None)?;
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = cmd
+        .stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave))
+        .spawn()?;
+    // The command's copies of the slave: the reader's EOF comes when the
+    // child's are closed too.
+    drop(cmd);
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(input)?;
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last slave fd closes (the command exited).
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        all
+    });
+    let status = wait_status(&mut child, CTR_DEADLINE)?;
+    let out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("pty reader panicked"))?;
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
 
 /// One private containerd for the whole test binary.
 #[derive(Debug)]
@@ -173,6 +227,23 @@ impl Containerd {
         self.ctr(&all)
     }
 
+    /// `ctr run --rm --runtime isola --annotation ANNOTATION busybox ID
+    /// ARGS...`.
+    pub fn run_rm_annotated(&self, annotation: &str, id: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec![
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            annotation,
+            BUSYBOX,
+            id,
+        ];
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
     /// `ctr run -d --runtime RUNTIME OPTIONS... busybox ID sleep 100000`,
     /// which must succeed; returns once `ctr task ls` says RUNNING.
     pub fn run_detached(&self, runtime: &str, options: &[&str], id: &str) -> Result<()> {
@@ -191,34 +262,22 @@ impl Containerd {
     /// `ctr ARGS` with its stdio on a pty (for `-t`): its status and all it
     /// printed.
     pub fn ctr_on_pty(&self, args: &[&str]) -> Result<(i32, String)> {
-        let pty = nix::pty::openpty(None, None)?;
-        let slave = std::fs::File::from(pty.slave);
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::from(slave.try_clone()?))
-            .stdout(Stdio::from(slave.try_clone()?))
-            .stderr(Stdio::from(slave))
-            .spawn()?;
-        let mut master = std::fs::File::from(pty.master);
-        let fd = master.as_raw_fd();
-        let reader = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            let mut buf = [0u8; 4096];
-            // EIO once the last slave fd closes (ctr exited).
-            while let Ok(n) = master.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                all.extend_from_slice(&buf[..n]);
-            }
-            all
-        });
-        let status = wait_status(&mut child, CTR_DEADLINE)?;
-        let _ = fd;
-        let out = reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("pty reader panicked"))?;
-        Ok((status, String::from_utf8_lossy(&out).into_owned()))
+        on_pty(self.command(args), b"", None)
+    }
+
+    /// Appends `extra` to the isola config the shims read (this
+    /// containerd's `isola.toml`) until the guard goes: sandboxes started
+    /// meanwhile take it.
+    pub fn isola_config_with(&self, extra: &str) -> Result<ConfigGuard> {
+        let path = self.dir.join("isola.toml");
+        let original = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, format!("{original}\n{extra}\n"))?;
+        Ok(ConfigGuard { path, original })
+    }
+
+    /// The isola config the shims read.
+    pub fn isola_config(&self) -> PathBuf {
+        self.dir.join("isola.toml")
     }
 
     /// The STATUS column of `ctr task ls` for `id` (None: no task).

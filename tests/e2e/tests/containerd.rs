@@ -553,17 +553,7 @@ fn the_vm_is_sized_from_the_config_the_oci_resources_and_allowed_annotations() -
     // One it does not.
     let out = c.run_rm(BUSYBOX, "size3", &["true"])?;
     ensure!(out.status.success(), "{}", c.report("size3", &out));
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        "io.isola.config.default_vcpus=2",
-        BUSYBOX,
-        "size4",
-        "true",
-    ])?;
+    let out = c.run_rm_annotated("io.isola.config.default_vcpus=2", "size4", &["true"])?;
     let err = text(&out.stderr);
     ensure!(
         !out.status.success()
@@ -1399,4 +1389,139 @@ fn isola_logs_follows_the_agent_log_and_shows_the_guest_console() -> Result<()> 
         text(&ended.stderr)
     );
     c.assert_clean(id)
+}
+
+/// `isola debug`: off by default (refused naming the switch, and a
+/// sandbox started with it off refuses too); a pod annotation cannot turn
+/// it on; with `debug.console = true` when the sandbox starts, a command
+/// runs in the guest's own namespaces (pid 1 is the agent) with the
+/// container's rootfs in view and exits with its status, a shell runs on
+/// a terminal of the caller's size, and the guest logs who came.
+#[test]
+fn isola_debug_is_off_unless_the_node_says_and_runs_in_the_guest_outside_the_containers(
+) -> Result<()> {
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    // What the CLI reads: the shims' config, and one with the switch on.
+    let off_config = c.isola_config();
+    let on_config = c.dir.join("isola-debug-on.toml");
+    std::fs::write(
+        &on_config,
+        format!(
+            "{}\n[debug]\nconsole = true\n",
+            std::fs::read_to_string(&off_config)?
+        ),
+    )?;
+    let debug =
+        |config: &std::path::Path, id: &str, cmd: &[&str]| -> Result<std::process::Output> {
+            Ok(std::process::Command::new(&isola)
+                .arg("debug")
+                .arg(id)
+                .arg("--config")
+                .arg(config)
+                .arg("--run-root")
+                .arg(&c.run_root)
+                .arg("--")
+                .args(cmd)
+                .stdin(Stdio::null())
+                .output()?)
+        };
+
+    // A tenant's annotation cannot turn it on: the container fails, naming it.
+    let out = c.run_rm_annotated(
+        "io.isola.config.debug.console=true",
+        "debug-annotated",
+        &["true"],
+    )?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("debug.console"),
+        "{}",
+        c.report("ctr run with the debug annotation", &out)
+    );
+    let _ = c.ctr(&["container", "delete", "debug-annotated"]);
+
+    let off = "debug-off";
+    c.run_detached(RUNTIME, &[], off)?;
+    let on = "debug-on";
+    let started = (|| -> Result<()> {
+        let _on = c.isola_config_with("[debug]\nconsole = true\n")?;
+        c.run_detached(RUNTIME, &[], on)
+    })();
+    let checked = started.and_then(|()| -> Result<()> {
+        // The node's switch off: refused, naming it.
+        let out = debug(&off_config, on, &["true"])?;
+        ensure!(
+            code(&out) == 125 && text(&out.stderr).contains("debug.console = true"),
+            "isola debug with the switch off: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        // A sandbox started with it off refuses, whatever the CLI reads.
+        let out = debug(&on_config, off, &["true"])?;
+        ensure!(
+            code(&out) == 125 && text(&out.stderr).contains("debug sessions are off in sandbox"),
+            "isola debug into a sandbox started without it: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        // On: the guest's pid 1 is the agent, the container's rootfs is in
+        // view, the status comes back.
+        let script = format!(
+            "cat /proc/1/comm; test -x /run/isola/share/containers/{on}/rootfs/bin/busybox && \
+             echo rootfs-in-view; for n in mnt pid net uts ipc cgroup; do \
+             [ \"$(readlink /proc/self/ns/$n)\" = \"$(readlink /proc/1/ns/$n)\" ] || echo not-in-$n; \
+             done; echo namespaces-checked; exit 7"
+        );
+        let out = debug(&on_config, on, &["sh", "-c", &script])?;
+        let printed = stdout(&out);
+        ensure!(
+            code(&out) == 7,
+            "isola debug -- sh: {:?} {printed} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        let lines: Vec<&str> = printed.lines().map(str::trim).collect();
+        ensure!(
+            lines == ["isola-agent", "rootfs-in-view", "namespaces-checked"],
+            "pid 1's name, the rootfs, the mount namespace: {printed:?}"
+        );
+        // A shell on a terminal of 33x101: raw mode, the size, the status.
+        let mut cmd = std::process::Command::new(&isola);
+        cmd.arg("debug")
+            .arg(on)
+            .arg("--config")
+            .arg(&on_config)
+            .arg("--run-root")
+            .arg(&c.run_root);
+        let (status, screen) = on_pty(
+            cmd,
+            b"stty size; echo answer-$((6*7)); exit 3\n",
+            Some((33, 101)),
+        )?;
+        ensure!(
+            status == 3 && screen.contains("33 101") && screen.contains("answer-42"),
+            "a debug shell on a pty: status {status}, screen:\n{screen}"
+        );
+        // The guest logged both sessions, with who asked.
+        let out = std::process::Command::new(&isola)
+            .args(["logs", on, "--run-root"])
+            .arg(&c.run_root)
+            .output()?;
+        let log = stdout(&out);
+        ensure!(
+            log.matches("debug session started").count() >= 2
+                && log.contains("user=root")
+                && log.contains("debug session ended"),
+            "the agent log of {on}:\n{log}"
+        );
+        Ok(())
+    });
+    let removed_on = c.kill_and_remove(on);
+    let removed_off = c.kill_and_remove(off);
+    checked?;
+    removed_on?;
+    removed_off?;
+    c.assert_clean(on)?;
+    c.assert_clean(off)
 }

@@ -681,6 +681,70 @@ fn mem_total_kib(meminfo: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `isola ps --json` lists the pod `name` (sandbox `id`) in k8s.io with its sandbox
+/// container and `containers` running (by their CRI ids), its VM's size
+/// and the host pids of its shim and isola-vmm.
+fn isola_ps_lists_the_pod(
+    p: &Pods,
+    name: &str,
+    id: &str,
+    containers: &[&str],
+    size: (u64, u64),
+) -> Result<()> {
+    use anyhow::Context;
+    let c = p.containerd;
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    let out = std::process::Command::new(&isola)
+        .args(["ps", "--json", "--run-root"])
+        .arg(&c.run_root)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "isola ps: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let e = list
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["id"] == id))
+        .with_context(|| format!("isola ps does not list pod {id}: {list:#}"))?;
+    ensure!(
+        e["namespace"] == "k8s.io" && e["state"] == "running",
+        "{e:#}"
+    );
+    ensure!(
+        (e["vcpus"].as_u64(), e["memory_mib"].as_u64()) == (Some(size.0), Some(size.1)),
+        "size of {id}, not {size:?}: {e:#}"
+    );
+    let status = p.status(name)?;
+    let mut want = vec![id.to_string()];
+    for name in containers {
+        let cid = Pods::container(&status, name)
+            .and_then(|c| c["id"].as_str())
+            .with_context(|| format!("no id of container {name}: {status:#}"))?;
+        want.push(cid.to_string());
+    }
+    for cid in &want {
+        let listed = e["containers"]
+            .as_array()
+            .and_then(|all| all.iter().find(|x| x["id"] == cid.as_str()))
+            .with_context(|| format!("isola ps does not list container {cid} of {id}: {e:#}"))?;
+        ensure!(
+            listed["state"] == "running" && listed["guest_pid"].as_u64().unwrap_or(0) > 0,
+            "{listed:#}"
+        );
+    }
+    let vmm = c.vmms(id);
+    let shim = c.shim_pid(id);
+    ensure!(
+        vmm.len() == 1
+            && e["vmm"]["pid"] == vmm[0]
+            && Some(e["runner"]["pid"].as_u64().unwrap_or(0) as u32) == shim,
+        "pids of {id}: isola-vmm {vmm:?}, shim {shim:?}: {e:#}"
+    );
+    Ok(())
+}
+
 #[test]
 fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> {
     require_kvm_host()?;
@@ -709,6 +773,7 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
         app_ns.len() == 3 && app_ns[..2] == peer_ns[..2] && app_ns[2] != peer_ns[2],
         "app's ipc, uts, pid namespaces {app_ns:?}, peer's {peer_ns:?}"
     );
+    isola_ps_lists_the_pod(p, "calm", &calm, &["app", "peer"], (1, 256))?;
     let ps = p.sh("calm", "peer", "ps -o pid,args")?;
     ensure!(
         ps.contains("sleep 3601") && !ps.contains("sleep 3600"),
@@ -771,6 +836,7 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
             .trim()
             == "134217728"
     );
+    isola_ps_lists_the_pod(p, "life", &id, &["main"], (3, 464))?;
 
     // Exit codes, reasons and times.
     let done = p.wait_state("life", "done", "exited")?;

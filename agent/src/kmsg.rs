@@ -17,6 +17,11 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 
+/// The target of the records this module logs: the kernel printed them
+/// on the console itself (at its own `loglevel`), so the agent's log
+/// writer keeps them off it.
+pub const TARGET: &str = module_path!();
+
 /// The most bytes of one record's message logged.
 pub const MAX_MESSAGE: usize = 512;
 

@@ -195,9 +195,16 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TeeWriter {
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
         // Levels compare by verbosity: ERROR < WARN < ... < TRACE.
         RecordWriter {
-            console: *meta.level() <= self.console_level,
+            console: console_wants(meta.level(), meta.target(), self.console_level),
         }
     }
+}
+
+/// Whether a record of `level` from `target` goes to the console too:
+/// at most as verbose as `console_level`, and not the kernel's own
+/// messages (which the kernel put there itself).
+pub fn console_wants(level: &tracing::Level, target: &str, console_level: tracing::Level) -> bool {
+    *level <= console_level && target != crate::kmsg::TARGET
 }
 
 #[cfg(test)]
@@ -205,6 +212,18 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+
+    #[test]
+    fn the_console_gets_records_up_to_its_level_and_never_the_kernels() {
+        use tracing::Level;
+        let warn = Level::WARN;
+        assert!(console_wants(&Level::ERROR, "isola_agent::service", warn));
+        assert!(console_wants(&Level::WARN, "isola_agent::service", warn));
+        assert!(!console_wants(&Level::INFO, "isola_agent::service", warn));
+        assert!(!console_wants(&Level::ERROR, crate::kmsg::TARGET, warn));
+        assert!(console_wants(&Level::DEBUG, "libcontainer", Level::TRACE));
+        assert_eq!(crate::kmsg::TARGET, "isola_agent::kmsg");
+    }
 
     #[test]
     fn the_buffer_is_bounded_and_counts_what_it_drops() {

@@ -4,6 +4,7 @@
 //! exits with its status; `isola check` says whether this host can run
 //! isola and what to fix.
 
+mod agentstats;
 mod check;
 mod cleanup;
 mod host;

@@ -86,7 +86,8 @@ hostile-initrd: binaries
 
 # The binaries, guest images, virtiofsd and configs into DESTDIR/PREFIX
 # and /etc/isola (scripts/install: an existing /etc/isola/config.toml is
-# never overwritten).
+# never overwritten), and isola monitor's systemd unit
+# (configs/isola-monitor.service, not enabled).
 install: all
 	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install install
 

@@ -30,16 +30,10 @@ impl isola_protocol::Stats for StatsService {
         _ctx: &TtrpcContext,
         _req: GuestStatsRequest,
     ) -> ttrpc::Result<GuestStatsResponse> {
-        // A few small reads of /proc; a blocking thread all the same, so
-        // that a slow /proc never holds the runtime's.
-        tokio::task::spawn_blocking(|| collect(Path::new("/proc")))
-            .await
-            .map_err(|err| {
-                ttrpc::Error::RpcStatus(ttrpc::get_status(
-                    ttrpc::Code::INTERNAL,
-                    format!("GuestStats: reading /proc: {err}"),
-                ))
-            })
+        // A few small reads of /proc, in memory, on this thread: the agent
+        // must stay single-threaded (no blocking pool), since it forks
+        // containers (`service::check_single_threaded`).
+        Ok(collect(Path::new("/proc")))
     }
 }
 

@@ -19,7 +19,7 @@ use serde::Serialize;
 const API_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an agent has to answer `GuestStats` (all sandboxes are asked
 /// at once).
-const AGENT_TIMEOUT: Duration = Duration::from_secs(1);
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `info` answer read.
 const MAX_INFO: u64 = 256 << 10;
 /// The programs that run sandboxes.

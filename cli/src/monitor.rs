@@ -1077,19 +1077,65 @@ fn sample_host(namespace: String, dir: PathBuf, pod: Option<PodNames>) -> Sample
             ..Default::default()
         };
         if alive {
-            p.cpu_seconds = read_small(&format!("/proc/{pid}/stat"))
-                .and_then(|t| cpu_ticks_of_stat(&t))
-                .map(|ticks| ticks as f64 / clock_ticks());
-            if let Some(rollup) = read_small(&format!("/proc/{pid}/smaps_rollup")) {
-                p.rss_bytes = crate::ps::rollup_kib(&rollup, "Rss:").map(|k| k * 1024);
-                p.pss_bytes = crate::ps::rollup_kib(&rollup, "Pss:").map(|k| k * 1024);
+            // isola-vmm's supervisor runs the jailed VMM (guest RAM, vCPU
+            // threads) as its child, virtiofsd its sandboxed one: counted
+            // with them. The runner's children are the other two.
+            let pids = if role == "runner" {
+                vec![pid]
+            } else {
+                with_descendants(pid)
+            };
+            let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.saturating_add(b)),
+                (a, b) => a.or(b),
+            };
+            let mut ticks = None;
+            for pid in pids {
+                ticks = add(
+                    ticks,
+                    read_small(&format!("/proc/{pid}/stat")).and_then(|t| cpu_ticks_of_stat(&t)),
+                );
+                if let Some(rollup) = read_small(&format!("/proc/{pid}/smaps_rollup")) {
+                    let kib = |key| crate::ps::rollup_kib(&rollup, key).map(|k| k * 1024);
+                    p.rss_bytes = add(p.rss_bytes, kib("Rss:"));
+                    p.pss_bytes = add(p.pss_bytes, kib("Pss:"));
+                }
             }
+            p.cpu_seconds = ticks.map(|t| t as f64 / clock_ticks());
         }
         sample.procs.push(p);
     }
     sample.pod = pod.or_else(|| Some(pod_names(&Layout::new(&dir))));
     sample.status = Some(status);
     sample
+}
+
+/// The most processes counted as one helper.
+const MAX_DESCENDANTS: usize = 16;
+
+/// `pid` and its descendants (`/proc/PID/task/TID/children`), at most
+/// [`MAX_DESCENDANTS`].
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while next < all.len() && all.len() < MAX_DESCENDANTS {
+        let parent = all[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten().take(4096) {
+            let Some(children) = read_small(&task.path().join("children").to_string_lossy()) else {
+                continue;
+            };
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if !all.contains(&child) && all.len() < MAX_DESCENDANTS {
+                    all.push(child);
+                }
+            }
+        }
+    }
+    all
 }
 
 /// Whether `pid`'s command line contains `needle`.
@@ -1262,6 +1308,21 @@ mod tests {
         assert_eq!(crate::ps::rollup_kib(rollup, "Rss:"), Some(2048));
         assert_eq!(crate::ps::rollup_kib(rollup, "Pss:"), Some(1536));
         assert_eq!(crate::ps::rollup_kib(rollup, "Swap:"), None);
+    }
+
+    #[test]
+    fn a_helper_counts_with_its_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let all = with_descendants(me);
+        assert_eq!(all[0], me);
+        assert!(all.contains(&child.id()), "{all:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(with_descendants(u32::MAX - 5), vec![u32::MAX - 5]);
     }
 
     #[test]

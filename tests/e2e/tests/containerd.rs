@@ -1384,6 +1384,16 @@ fn isola_monitor_scrapes_two_sandboxes_and_a_hung_one_does_not_hold_it() -> Resu
                 value_of(&first, "isola_guest_memory_used_bytes", id, &[]) > Some(1e6),
                 "{id}'s guest memory"
             );
+            // The jailed isola-vmm (guest RAM) counts with its supervisor.
+            ensure!(
+                value_of(
+                    &first,
+                    "isola_host_process_resident_memory_bytes",
+                    id,
+                    &[("process", "vmm")]
+                ) > Some(4e6),
+                "{id}'s isola-vmm RSS"
+            );
             ensure!(
                 value_of(
                     &first,

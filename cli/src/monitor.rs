@@ -1336,6 +1336,15 @@ mod tests {
             }
         );
         assert_eq!(pod_names_of_spec(b"{}"), PodNames::default());
+        // Through the run directory's owner file: the sandbox container's
+        // bundle.
+        let run = tempfile::tempdir().unwrap();
+        let bundle = tempfile::tempdir().unwrap();
+        std::fs::write(bundle.path().join("config.json"), spec).unwrap();
+        let layout = Layout::new(run.path());
+        assert_eq!(pod_names(&layout), PodNames::default(), "no owner file");
+        share::write_owner(&layout, &bundle.path().display().to_string()).unwrap();
+        assert_eq!(pod_names(&layout).name, "web-0");
         assert_eq!(pod_names_of_spec(b"not json"), PodNames::default());
     }
 

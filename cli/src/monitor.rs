@@ -69,6 +69,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The CRI annotations naming a pod (on its sandbox container's spec).
 const POD_NAME: &str = "io.kubernetes.cri.sandbox-name";
 const POD_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+/// The CRI annotation naming a container (on its own spec).
+const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 /// Start-up phase histogram buckets, in seconds: a clone of a template
 /// starts in tens of ms, a cold boot in hundreds; an emulated host is
 /// 10 to 20 times slower.
@@ -234,11 +236,13 @@ struct SandboxKey {
     started_unix_ms: u64,
 }
 
-/// The CRI pod a sandbox runs, when its runner's bundle names one.
+/// The CRI pod a sandbox runs, when its runner's bundle names one, and
+/// its containers' names (by container id).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct PodNames {
     name: String,
     namespace: String,
+    containers: BTreeMap<String, String>,
 }
 
 /// What the monitor keeps of a sandbox between scrapes.
@@ -842,7 +846,12 @@ impl State {
             let Ok(c) = stats else {
                 continue;
             };
-            let cl = with(labels, &[("container", cid)]);
+            let name = s
+                .pod
+                .as_ref()
+                .and_then(|p| p.containers.get(cid))
+                .map_or("", String::as_str);
+            let cl = with(labels, &[("container", cid), ("container_name", name)]);
             let instance = status
                 .containers
                 .get(cid)
@@ -1105,7 +1114,17 @@ fn sample_host(namespace: String, dir: PathBuf, pod: Option<PodNames>) -> Sample
         }
         sample.procs.push(p);
     }
-    sample.pod = pod.or_else(|| Some(pod_names(&Layout::new(&dir))));
+    let layout = Layout::new(&dir);
+    let mut pod = pod.unwrap_or_else(|| pod_names(&layout));
+    if !pod.name.is_empty() {
+        for cid in status.containers.keys().take(guest::MAX_CONTAINERS) {
+            if !pod.containers.contains_key(cid) {
+                pod.containers
+                    .insert(cid.clone(), container_name(&layout, cid));
+            }
+        }
+    }
+    sample.pod = Some(pod);
     sample.status = Some(status);
     sample
 }
@@ -1186,37 +1205,60 @@ fn cpu_ticks_of_stat(text: &str) -> Option<u64> {
 /// `owner` file names it) has the pod's name and namespace in its
 /// annotations. Empty for `ctr run` and `isola run`.
 fn pod_names(layout: &Layout) -> PodNames {
-    let Ok(Some(bundle)) = share::owner(layout) else {
+    let Some(bundle) = owner_bundle(layout) else {
         return PodNames::default();
     };
-    let path = Path::new(bundle.trim()).join("config.json");
-    let mut text = Vec::new();
-    let read = std::fs::File::open(&path).and_then(|f| {
-        use std::io::Read;
-        f.take(MAX_BUNDLE_CONFIG).read_to_end(&mut text)
-    });
-    if read.is_err() {
-        return PodNames::default();
+    let spec = read_spec(&bundle.join("config.json"));
+    PodNames {
+        name: annotation(&spec, POD_NAME),
+        namespace: annotation(&spec, POD_NAMESPACE),
+        containers: BTreeMap::new(),
     }
-    pod_names_of_spec(&text)
 }
 
-/// The pod's names from an OCI spec's annotations.
-fn pod_names_of_spec(json: &[u8]) -> PodNames {
-    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(json) else {
-        return PodNames::default();
-    };
-    let get = |key: &str| {
-        spec.get("annotations")
-            .and_then(|a| a.get(key))
-            .and_then(|v| v.as_str())
-            .map(|s| s.chars().take(253).collect())
-            .unwrap_or_default()
-    };
-    PodNames {
-        name: get(POD_NAME),
-        namespace: get(POD_NAMESPACE),
+/// A pod's container's CRI name, from its bundle: the sandbox container's
+/// sibling named by its id. Empty when unknown.
+fn container_name(layout: &Layout, cid: &str) -> String {
+    if cid.is_empty() || cid.contains('/') || cid.starts_with('.') {
+        return String::new();
     }
+    let Some(parent) = owner_bundle(layout).and_then(|b| b.parent().map(Path::to_path_buf)) else {
+        return String::new();
+    };
+    annotation(
+        &read_spec(&parent.join(cid).join("config.json")),
+        CONTAINER_NAME,
+    )
+}
+
+/// The bundle the run directory's `owner` file names.
+fn owner_bundle(layout: &Layout) -> Option<PathBuf> {
+    let owner = share::owner(layout).ok()??;
+    let path = PathBuf::from(owner.trim());
+    path.is_absolute().then_some(path)
+}
+
+/// An OCI spec (config.json), at most [`MAX_BUNDLE_CONFIG`] bytes; Null
+/// when it cannot be read.
+fn read_spec(path: &Path) -> serde_json::Value {
+    use std::io::Read;
+    let mut text = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(MAX_BUNDLE_CONFIG).read_to_end(&mut text));
+    if read.is_err() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// An annotation of a spec, at most 253 characters (a Kubernetes name's
+/// bound); empty when absent.
+fn annotation(spec: &serde_json::Value, key: &str) -> String {
+    spec.get("annotations")
+        .and_then(|a| a.get(key))
+        .and_then(|v| v.as_str())
+        .map(|s| s.chars().take(253).collect())
+        .unwrap_or_default()
 }
 
 /// isola-vmm's `info` through its API socket, within `timeout`.
@@ -1326,26 +1368,45 @@ mod tests {
     }
 
     #[test]
-    fn pod_names_from_a_spec() {
-        let spec = br#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.sandbox-name":"web-0","io.kubernetes.cri.sandbox-namespace":"shop"}}"#;
-        assert_eq!(
-            pod_names_of_spec(spec),
-            PodNames {
-                name: "web-0".into(),
-                namespace: "shop".into()
-            }
+    fn pod_and_container_names_from_the_bundles() {
+        // containerd's task directory: the sandbox container's bundle
+        // (the owner) and a container's beside it.
+        let tasks = tempfile::tempdir().unwrap();
+        let write = |id: &str, json: &str| {
+            std::fs::create_dir_all(tasks.path().join(id)).unwrap();
+            std::fs::write(tasks.path().join(id).join("config.json"), json).unwrap();
+        };
+        write(
+            "sb1",
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.sandbox-name":"web-0","io.kubernetes.cri.sandbox-namespace":"shop"}}"#,
         );
-        assert_eq!(pod_names_of_spec(b"{}"), PodNames::default());
-        // Through the run directory's owner file: the sandbox container's
-        // bundle.
+        write(
+            "c1",
+            r#"{"annotations":{"io.kubernetes.cri.container-name":"app"}}"#,
+        );
+        write("c2", "not json");
         let run = tempfile::tempdir().unwrap();
-        let bundle = tempfile::tempdir().unwrap();
-        std::fs::write(bundle.path().join("config.json"), spec).unwrap();
         let layout = Layout::new(run.path());
         assert_eq!(pod_names(&layout), PodNames::default(), "no owner file");
-        share::write_owner(&layout, &bundle.path().display().to_string()).unwrap();
-        assert_eq!(pod_names(&layout).name, "web-0");
-        assert_eq!(pod_names_of_spec(b"not json"), PodNames::default());
+        assert_eq!(container_name(&layout, "c1"), "");
+        let sb = tasks.path().join("sb1");
+        share::write_owner(&layout, &sb.display().to_string()).unwrap();
+        let pod = pod_names(&layout);
+        assert_eq!(
+            (pod.name.as_str(), pod.namespace.as_str()),
+            ("web-0", "shop")
+        );
+        assert_eq!(container_name(&layout, "c1"), "app");
+        assert_eq!(container_name(&layout, "c2"), "");
+        assert_eq!(container_name(&layout, "missing"), "");
+        assert_eq!(container_name(&layout, "../sb1"), "");
+        assert_eq!(container_name(&layout, ".."), "");
+        // A sandbox without CRI annotations (ctr run): empty names.
+        let run2 = tempfile::tempdir().unwrap();
+        let layout2 = Layout::new(run2.path());
+        let c1 = tasks.path().join("c1").display().to_string();
+        share::write_owner(&layout2, &c1).unwrap();
+        assert_eq!(pod_names(&layout2).name, "");
     }
 
     #[test]
@@ -1413,6 +1474,7 @@ mod tests {
             pod: Some(PodNames {
                 name: format!("pod-{id}"),
                 namespace: "shop".into(),
+                containers: BTreeMap::from([("app".to_string(), "web".to_string())]),
             }),
             runner_alive: true,
             vmm_alive: true,
@@ -1506,7 +1568,7 @@ mod tests {
         );
         assert_eq!(
             s[&format!(
-                "isola_container_cpu_usage_seconds_total{{{},container=\"app\"}}",
+                "isola_container_cpu_usage_seconds_total{{{},container=\"app\",container_name=\"web\"}}",
                 labels("a")
             )],
             2.0

@@ -12,6 +12,7 @@ mod cgstats;
 mod config;
 mod events;
 mod executor;
+mod gueststats;
 mod identity;
 mod init;
 mod kmsg;

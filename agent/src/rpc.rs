@@ -3,7 +3,8 @@
 //!
 //! It serves `Health` (`Check` answers SERVING as soon as the server runs,
 //! `Version` gives the agent's version and the API version) and, when
-//! given one, the container service `Agent` (`service`).
+//! given one, the container service `Agent` (`service`), and always the
+//! guest statistics `Stats` (`gueststats`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,7 +15,8 @@ use isola_protocol::agent::{CheckRequest, CheckResponse, VersionRequest, Version
 use isola_protocol::ttrpc;
 use isola_protocol::ttrpc::asynchronous::{Server, TtrpcContext};
 use isola_protocol::{
-    create_agent, create_health, Health, ServingStatus, AGENT_SERVICE, API_VERSION, HEALTH_SERVICE,
+    create_agent, create_health, create_stats, Health, ServingStatus, AGENT_SERVICE, API_VERSION,
+    HEALTH_SERVICE, STATS_SERVICE,
 };
 
 use crate::service::AgentService;
@@ -51,7 +53,8 @@ impl ApiServer {
         let mut server = Server::new()
             .bind(address)
             .with_context(|| format!("listening on {address}"))?
-            .register_service(create_health(Arc::new(HealthService { has_agent })));
+            .register_service(create_health(Arc::new(HealthService { has_agent })))
+            .register_service(create_stats(Arc::new(crate::gueststats::StatsService)));
         if let Some(agent) = agent {
             server = server.register_service(create_agent(Arc::new(agent)));
         }
@@ -93,6 +96,7 @@ impl Health for HealthService {
     async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {
         let known = req.service.is_empty()
             || req.service == HEALTH_SERVICE
+            || req.service == STATS_SERVICE
             || (self.has_agent && req.service == AGENT_SERVICE);
         if !known {
             return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
@@ -155,6 +159,30 @@ mod tests {
         assert_eq!(resp.api_version, 7);
 
         drop(health);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn serves_guest_stats_beside_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix://{}", dir.path().join("agent.sock").display());
+        let server = ApiServer::start(&address, None).await.unwrap();
+        let client = Client::connect(&address).await.unwrap();
+        let ctx = || context::with_duration(Duration::from_secs(5));
+        let mut req = CheckRequest::new();
+        req.service = STATS_SERVICE.to_string();
+        let resp = HealthClient::new(client.clone())
+            .check(ctx(), &req)
+            .await
+            .unwrap();
+        assert_eq!(resp.status.enum_value(), Ok(ServingStatus::SERVING));
+        let stats = isola_protocol::StatsClient::new(client)
+            .guest_stats(ctx(), &isola_protocol::stats::GuestStatsRequest::new())
+            .await
+            .unwrap();
+        // This test's own /proc: some memory, some processes.
+        assert!(stats.memory.total_bytes > 0, "{stats:?}");
+        assert!(stats.processes > 0 && stats.uptime_ms > 0, "{stats:?}");
         server.shutdown().await;
     }
 

@@ -4,12 +4,14 @@
 //! exits with its status; `isola check` says whether this host can run
 //! isola and what to fix.
 
+mod agentstats;
 mod check;
 mod cleanup;
 mod debug;
 mod host;
 mod logs;
 mod lookup;
+mod monitor;
 mod pod;
 mod ps;
 mod setup;
@@ -81,6 +83,13 @@ enum Command {
     /// directory, the rotated file first; --follow goes on until the
     /// sandbox is removed.
     Logs(LogsArgs),
+    /// Serves the node's sandboxes as Prometheus metrics on `GET /metrics`
+    /// (one process per node): per sandbox isola-vmm's counters, the
+    /// guest's CPU and memory, each container's cgroup, the host processes'
+    /// CPU and memory, start-up phase durations; node totals. Every
+    /// sandbox is asked concurrently, each within --timeout-ms: one that
+    /// hangs never holds a scrape longer.
+    Monitor(MonitorArgs),
     /// Sets a node up for isola: `isola setup containerd` adds isola's
     /// runtime to containerd's config (version 2 or 3), keeping everything
     /// else; `--remove` takes it out.
@@ -280,6 +289,39 @@ fn ps_command(args: PsArgs) -> i32 {
 }
 
 #[derive(Debug, Args)]
+struct MonitorArgs {
+    /// The address to serve on (e.g. 127.0.0.1:8090).
+    #[arg(long, value_name = "ADDR")]
+    listen: std::net::SocketAddr,
+    /// How long each sandbox's isola-vmm and agent have to answer, per
+    /// scrape (ms).
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    timeout_ms: u64,
+    /// Sandboxes asked at once.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    concurrency: usize,
+    #[command(flatten)]
+    roots: RootArgs,
+}
+
+/// `isola monitor`; the exit status.
+fn monitor_command(args: MonitorArgs) -> i32 {
+    let roots = match args.roots.resolve() {
+        Ok((roots, _)) => roots,
+        Err(err) => {
+            eprintln!("isola: monitor: {err:#}");
+            return 1;
+        }
+    };
+    monitor::run(monitor::Options {
+        listen: args.listen,
+        roots,
+        timeout: Duration::from_millis(args.timeout_ms.clamp(10, 60_000)),
+        concurrency: args.concurrency.clamp(1, 1024),
+    })
+}
+
+#[derive(Debug, Args)]
 struct CheckArgs {
     /// The config file (default: $ISOLA_CONFIG, else
     /// /etc/isola/config.toml, else the built-in defaults).
@@ -407,6 +449,10 @@ fn main() {
             std::process::exit(pod::run(*args))
         }
         Command::Setup(args) => std::process::exit(setup::run(args)),
+        Command::Monitor(args) => {
+            init_logging();
+            std::process::exit(monitor_command(args))
+        }
         Command::Ps(args) => std::process::exit(ps_command(args)),
         Command::Cleanup(args) => std::process::exit(cleanup_command(args)),
         Command::Logs(args) => std::process::exit(logs_command(args)),

@@ -3,7 +3,8 @@
 //! directories and their status files (`isola_sandbox::status`), checked
 //! against /proc: the runner's, isola-vmm's and virtiofsd's pids, host PSS,
 //! and isola-vmm's own view (its API's `info`: running or paused, bounded
-//! by a timeout). Reads only.
+//! by a timeout), and its agent's (the guest's memory in use, bounded by
+//! a shorter one). Reads only.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -16,6 +17,9 @@ use serde::Serialize;
 
 /// How long isola-vmm's API has to answer `info`.
 const API_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an agent has to answer `GuestStats` (all sandboxes are asked
+/// at once).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `info` answer read.
 const MAX_INFO: u64 = 256 << 10;
 /// The programs that run sandboxes.
@@ -37,6 +41,9 @@ pub struct Entry {
     pub uptime_secs: Option<u64>,
     /// Host PSS of the runner, isola-vmm and virtiofsd (MiB).
     pub pss_mib: Option<f64>,
+    /// The guest's memory in use (MemTotal - MemAvailable, MiB), as its
+    /// agent says; None when it did not answer in time.
+    pub guest_mem_used_mib: Option<f64>,
     pub runner: Proc,
     pub vmm: Proc,
     pub virtiofsd: Proc,
@@ -69,7 +76,49 @@ pub fn collect(roots: &[PathBuf]) -> Vec<Entry> {
         .collect();
     entries.sort_by(|a, b| (&a.namespace, &a.id).cmp(&(&b.namespace, &b.id)));
     entries.dedup_by(|a, b| a.dir == b.dir);
+    add_guest_memory(&mut entries);
     entries
+}
+
+/// Asks the agents of the running sandboxes, all at once, for their
+/// guest's memory in use; one that does not answer within
+/// [`AGENT_TIMEOUT`] is left without.
+fn add_guest_memory(entries: &mut [Entry]) {
+    let running: Vec<usize> = (0..entries.len())
+        .filter(|&i| entries[i].state == "running")
+        .collect();
+    if running.is_empty() {
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::warn!(%err, "no runtime to ask the agents");
+            return;
+        }
+    };
+    let sockets: Vec<PathBuf> = running
+        .iter()
+        .map(|&i| isola_sandbox::share::Layout::new(&entries[i].dir).vsock_socket())
+        .collect();
+    let answers = runtime.block_on(futures::future::join_all(
+        sockets
+            .iter()
+            .map(|s| crate::agentstats::guest_stats(s, AGENT_TIMEOUT)),
+    ));
+    for (&i, answer) in running.iter().zip(answers) {
+        match answer {
+            Ok(stats) => {
+                entries[i].guest_mem_used_mib = Some(stats.mem_used_bytes() as f64 / 1048576.0)
+            }
+            Err(err) => entries[i]
+                .problems
+                .push(format!("its agent did not give the guest's memory: {err}")),
+        }
+    }
 }
 
 /// One sandbox directory.
@@ -214,8 +263,13 @@ fn pss_kib(pids: &[u32]) -> Option<u64> {
 
 /// The `Pss:` line of a smaps_rollup, in kB.
 pub fn pss_of_rollup(text: &str) -> Option<u64> {
+    rollup_kib(text, "Pss:")
+}
+
+/// A smaps_rollup's `Key:   N kB` line's N (`key` with its colon).
+pub fn rollup_kib(text: &str, key: &str) -> Option<u64> {
     text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }
@@ -246,7 +300,7 @@ fn vmm_info(socket: &Path) -> Result<String, String> {
 /// container, then the problems.
 pub fn table(entries: &[Entry]) -> String {
     let mut out = format!(
-        "{:<24} {:<10} {:<18} {:>5} {:>7} {:>8} {:>8}  {}\n",
+        "{:<24} {:<10} {:<18} {:>5} {:>7} {:>8} {:>8} {:>9}  {}\n",
         "SANDBOX",
         "NAMESPACE",
         "STATE",
@@ -254,6 +308,7 @@ pub fn table(entries: &[Entry]) -> String {
         "MEMORY",
         "UPTIME",
         "PSS",
+        "GUEST MEM",
         "PIDS (runner/vmm/virtiofsd)"
     );
     for e in entries {
@@ -267,7 +322,7 @@ pub fn table(entries: &[Entry]) -> String {
             }
         };
         out.push_str(&format!(
-            "{:<24} {:<10} {:<18} {:>5} {:>7} {:>8} {:>8}  {}/{}/{}\n",
+            "{:<24} {:<10} {:<18} {:>5} {:>7} {:>8} {:>8} {:>9}  {}/{}/{}\n",
             short(&e.id, 24),
             short(&e.namespace, 10),
             e.state,
@@ -275,6 +330,8 @@ pub fn table(entries: &[Entry]) -> String {
             format!("{}M", e.memory_mib),
             e.uptime_secs.map_or("-".into(), uptime),
             e.pss_mib.map_or("-".into(), |m| format!("{m:.1}M")),
+            e.guest_mem_used_mib
+                .map_or("-".into(), |m| format!("{m:.1}M")),
             pid(&e.runner),
             pid(&e.vmm),
             pid(&e.virtiofsd),
@@ -363,6 +420,7 @@ mod tests {
                 state: "exited".into(),
                 guest_pid: 35,
                 exit_status: Some(137),
+                create_ms: None,
             },
         );
         status::write(&dir, &s).unwrap();

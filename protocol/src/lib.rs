@@ -109,3 +109,46 @@ pub use stream::STREAM_VSOCK_PORT;
 
 /// The fully qualified name of the container service.
 pub const AGENT_SERVICE: &str = "isola.agent.v1.Agent";
+
+/// Messages of the guest statistics service `isola.agent.v1.Stats`
+/// (generated from `protos/stats.proto`).
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::unwrap_used,
+    unused_qualifications,
+    rust_2018_idioms,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_mut,
+    unused_attributes,
+    dead_code
+)]
+pub mod stats {
+    include!(concat!(env!("OUT_DIR"), "/stats.rs"));
+}
+
+/// The ttrpc service `isola.agent.v1.Stats` (generated from
+/// `protos/stats.proto`): `StatsClient`, the `Stats` trait, `create_stats`.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::unwrap_used,
+    unused_qualifications,
+    rust_2018_idioms,
+    unused_imports,
+    unused_mut,
+    dead_code
+)]
+pub mod stats_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/stats_ttrpc.rs"));
+}
+
+pub use stats_ttrpc::{create_stats, Stats, StatsClient};
+
+/// The fully qualified name of the guest statistics service: an agent
+/// that has it answers `Health.Check` for it.
+pub const STATS_SERVICE: &str = "isola.agent.v1.Stats";

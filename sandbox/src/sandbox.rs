@@ -723,6 +723,7 @@ impl Sandbox {
             .map_err(|m| Error::new(ErrorKind::Host, &id, "starting virtiofsd", m))?;
 
         steps.done("virtiofsd up");
+        let virtiofsd_up_ms = steps.total_ms();
 
         let mut taps = resources
             .network
@@ -870,6 +871,7 @@ impl Sandbox {
             .map_err(|d| Error::new(ErrorKind::Dead, &id, "Health.Version", d.to_string()))?
             .map_err(|e| Error::agent(&id, "Health.Version", e))?;
         steps.done("agent answered");
+        let vm_ready_ms = steps.total_ms();
         tracing::info!(sandbox = %id, agent_version = %version.agent_version, api_version = version.api_version, "agent answered");
 
         let mut tasks = Vec::new();
@@ -947,13 +949,20 @@ impl Sandbox {
             }
         }
 
-        Ok(Sandbox::assemble(
+        let startup = status::Startup {
+            virtiofsd_up_ms,
+            vm_ready_ms,
+            sandbox_ready_ms: steps.total_ms(),
+        };
+        let sandbox = Sandbox::assemble(
             config,
             resources,
             agent,
             (created.kernel_release, version.api_version),
             tasks,
-        ))
+        );
+        sandbox.note(|s| s.startup = Some(startup));
+        Ok(sandbox)
     }
 
     /// The running sandbox from its parts; starts the supervisor and the
@@ -982,6 +991,7 @@ impl Sandbox {
             template: resources.from_template.is_some(),
             host_cgroup: config.cgroup.clone(),
             containers: Default::default(),
+            startup: None,
         };
         let inner = Arc::new(Inner {
             id: id.clone(),
@@ -1239,6 +1249,7 @@ impl Sandbox {
         req: ContainerRequest,
         invalid: &(dyn Fn(String) -> Error + Sync),
     ) -> Result<Started> {
+        let began = std::time::Instant::now();
         let sid = &self.inner.id;
         let cid = &req.id;
         let layout = &self.inner.resources.layout;
@@ -1361,6 +1372,7 @@ impl Sandbox {
                     state: "created".into(),
                     guest_pid: resp.pid,
                     exit_status: None,
+                    create_ms: Some(began.elapsed().as_millis() as u64),
                 },
             );
         });

@@ -43,6 +43,22 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<std::path::PathBuf>,
     pub containers: BTreeMap<String, ContainerStatus>,
+    /// How long its start took, phase by phase (`isola monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<Startup>,
+}
+
+/// When each phase of a sandbox's start ended, in ms since the start
+/// began (the runner's clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Startup {
+    /// virtiofsd's socket is up.
+    pub virtiofsd_up_ms: u64,
+    /// The VM is ready: its agent answered (booted, or cloned from a
+    /// template).
+    pub vm_ready_ms: u64,
+    /// The sandbox is created in the guest: the start is over.
+    pub sandbox_ready_ms: u64,
 }
 
 /// One container of the sandbox.
@@ -55,6 +71,10 @@ pub struct ContainerStatus {
     /// Its exit status, once exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// How long creating it took, in ms: its mounts, stdio and the
+    /// agent's CreateContainer (`isola monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_ms: Option<u64>,
 }
 
 /// Writes `status` into `dir` (a temporary file beside it, renamed over
@@ -119,6 +139,11 @@ mod tests {
             template: true,
             host_cgroup: Some("/sys/fs/cgroup/k8s.io/s1".into()),
             containers: BTreeMap::new(),
+            startup: Some(Startup {
+                virtiofsd_up_ms: 40,
+                vm_ready_ms: 300,
+                sandbox_ready_ms: 320,
+            }),
         };
         write(dir.path(), &s).unwrap();
         assert_eq!(read(dir.path()).unwrap(), s);
@@ -128,6 +153,7 @@ mod tests {
                 state: "exited".into(),
                 guest_pid: 35,
                 exit_status: Some(0),
+                create_ms: Some(25),
             },
         );
         write(dir.path(), &s).unwrap();
@@ -140,6 +166,21 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         // Nothing left beside it.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_file_without_the_newer_fields_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATUS_FILE),
+            r#"{"id":"old","namespace":"","runner_pid":1,"vmm_pid":2,"virtiofsd_pid":3,
+               "vcpus":1,"memory_mib":256,"started_unix_ms":5,"template":false,
+               "containers":{"c":{"state":"running","guest_pid":9}}}"#,
+        )
+        .unwrap();
+        let s = read(dir.path()).unwrap();
+        assert_eq!(s.startup, None);
+        assert_eq!(s.containers["c"].create_ms, None);
     }
 
     #[test]

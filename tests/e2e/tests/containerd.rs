@@ -1181,6 +1181,357 @@ fn isola_ps_lists_a_ctr_run_sandbox_with_its_container_size_and_pids() -> Result
     listed
 }
 
+/// One sample of a scrape, as Prometheus's own Python client parsed it.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Scraped {
+    family: String,
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    value: f64,
+}
+
+/// `GET /metrics` from `addr`: the time it took and the samples, parsed
+/// by `prometheus_client.parser.text_string_to_metric_families` (Debian's
+/// python3-prometheus-client, which tests/kvm-host/setup-e2e installs).
+fn scrape(addr: &str) -> Result<(Duration, String, Vec<Scraped>)> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: monitor\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    let took = started.elapsed();
+    let raw = text(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    // Without chunked transfer (the body's length is known).
+    ensure!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
+    let script = "import sys, json\n\
+        from prometheus_client.parser import text_string_to_metric_families\n\
+        out = []\n\
+        for f in text_string_to_metric_families(sys.stdin.read()):\n\
+        \x20   for s in f.samples:\n\
+        \x20       out.append(dict(family=f.name, type=f.type, name=s.name, labels=s.labels, value=s.value))\n\
+        print(json.dumps(out))\n";
+    let mut py = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    py.stdin.take().unwrap().write_all(body.as_bytes())?;
+    let out = wait_output(py, Duration::from_secs(120))?;
+    ensure!(
+        out.status.success(),
+        "the Prometheus parser refused the scrape: {}\n{body}",
+        text(&out.stderr)
+    );
+    Ok((took, body.to_string(), serde_json::from_slice(&out.stdout)?))
+}
+
+/// The value of `name` for sandbox `id` (and the other `labels`).
+fn value_of(samples: &[Scraped], name: &str, id: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.get("sandbox").map(String::as_str) == Some(id)
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// `isola monitor` serves two ctr-run sandboxes' series (isola-vmm's
+/// counters, the guest's memory and CPU, the container's cgroup, the host
+/// processes, start-up phases) in text a real Prometheus parser takes;
+/// counters do not go down from one scrape to the next; a sandbox whose
+/// isola-vmm is stopped (SIGSTOP: neither its API nor its agent answers)
+/// reports up 0 and does not hold the scrape past the timeout, and is up
+/// again after SIGCONT. `isola ps` shows each guest's memory in use.
+#[test]
+fn isola_monitor_scrapes_two_sandboxes_and_a_hung_one_does_not_hold_it() -> Result<()> {
+    use anyhow::Context;
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    require_kvm_host()?;
+    let c = Containerd::shared();
+    let ids = ["mon-a", "mon-b"];
+    for id in ids {
+        c.run_detached(RUNTIME, &[], id)?;
+    }
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    let timeout = Duration::from_secs(3);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut monitor = std::process::Command::new(&isola)
+        .args(["monitor", "--listen", &addr, "--timeout-ms"])
+        .arg(timeout.as_millis().to_string())
+        .arg("--run-root")
+        .arg(&c.run_root)
+        .env("ISOLA_LOG", "isola=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(
+            isola_e2e::project_dir().join("build/e2e-monitor.log"),
+        )?)
+        .spawn()?;
+    let mut stopped: Option<Vec<Pid>> = None;
+    let checked = (|| -> Result<()> {
+        // isola ps: each guest's memory in use, below its VM's size.
+        let out = std::process::Command::new(&isola)
+            .args(["ps", "--json", "--run-root"])
+            .arg(&c.run_root)
+            .output()?;
+        ensure!(out.status.success(), "isola ps: {}", text(&out.stderr));
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for id in ids {
+            let e = list
+                .as_array()
+                .and_then(|all| all.iter().find(|e| e["id"] == id))
+                .with_context(|| format!("isola ps does not list {id}: {list:#}"))?;
+            let used = e["guest_mem_used_mib"].as_f64().unwrap_or(0.0);
+            let size = e["memory_mib"].as_f64().unwrap_or(0.0);
+            ensure!(used > 1.0 && used < size, "guest memory of {id}: {e:#}");
+        }
+        let out = std::process::Command::new(&isola)
+            .args(["ps", "--run-root"])
+            .arg(&c.run_root)
+            .output()?;
+        let table = text(&out.stdout);
+        ensure!(table.contains("GUEST MEM"), "{table}");
+        let _ = std::fs::write(isola_e2e::project_dir().join("build/e2e-ps.txt"), &table);
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "isola monitor is not listening on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (took1, body, first) = scrape(&addr)?;
+        // For docs/kubernetes.md: a real scrape, kept under build/.
+        let _ = std::fs::write(
+            isola_e2e::project_dir().join("build/e2e-monitor-scrape.txt"),
+            &body,
+        );
+        for id in ids {
+            for (name, labels) in [
+                ("isola_sandbox_up", vec![]),
+                ("isola_agent_up", vec![]),
+                ("isola_vmm_console_bytes_total", vec![]),
+                ("isola_vmm_net_rx_bytes_total", vec![]),
+                ("isola_guest_memory_used_bytes", vec![]),
+                ("isola_guest_memory_total_bytes", vec![]),
+                ("isola_guest_cpu_seconds_total", vec![("mode", "idle")]),
+                (
+                    "isola_container_cpu_usage_seconds_total",
+                    vec![("container", id)],
+                ),
+                (
+                    "isola_container_memory_usage_bytes",
+                    vec![("container", id)],
+                ),
+                ("isola_container_pids", vec![("container", id)]),
+                (
+                    "isola_host_process_cpu_seconds_total",
+                    vec![("process", "vmm")],
+                ),
+                ("isola_host_process_pss_bytes", vec![("process", "runner")]),
+                (
+                    "isola_sandbox_startup_phase_seconds",
+                    vec![("phase", "vm_ready")],
+                ),
+            ] {
+                let v = value_of(&first, name, id, &labels)
+                    .with_context(|| format!("no {name}{labels:?} for {id}: {first:#?}"))?;
+                ensure!(v >= 0.0, "{name} of {id}: {v}");
+            }
+            ensure!(
+                value_of(&first, "isola_sandbox_up", id, &[]) == Some(1.0),
+                "{id} not up"
+            );
+            ensure!(
+                value_of(&first, "isola_agent_up", id, &[]) == Some(1.0),
+                "{id}'s agent not up"
+            );
+            ensure!(
+                value_of(&first, "isola_container_pids", id, &[("container", id)]) >= Some(1.0),
+                "{id}'s pids"
+            );
+            ensure!(
+                value_of(&first, "isola_guest_memory_used_bytes", id, &[]) > Some(1e6),
+                "{id}'s guest memory"
+            );
+            // The jailed isola-vmm (guest RAM) counts with its supervisor.
+            ensure!(
+                value_of(
+                    &first,
+                    "isola_host_process_resident_memory_bytes",
+                    id,
+                    &[("process", "vmm")]
+                ) > Some(4e6),
+                "{id}'s isola-vmm RSS"
+            );
+            ensure!(
+                value_of(
+                    &first,
+                    "isola_sandbox_startup_phase_seconds",
+                    id,
+                    &[("phase", "sandbox_ready")]
+                ) > Some(0.0),
+                "{id}'s start-up"
+            );
+        }
+        let count: f64 = first
+            .iter()
+            .filter(|s| {
+                s.name == "isola_startup_phase_seconds_count" && s.labels["phase"] == "vm_ready"
+            })
+            .map(|s| s.value)
+            .sum();
+        ensure!(
+            count >= 2.0,
+            "the vm_ready histogram has {count} observations"
+        );
+        ensure!(
+            first
+                .iter()
+                .any(|s| s.family == "isola_vmm_console_bytes" && s.kind == "counter"),
+            "counters are typed"
+        );
+
+        let (took2, _, second) = scrape(&addr)?;
+        let mut compared = 0;
+        for before in first
+            .iter()
+            .filter(|s| s.kind == "counter" || (s.kind == "histogram" && !s.name.ends_with("_sum")))
+        {
+            if let Some(after) = second
+                .iter()
+                .find(|s| s.name == before.name && s.labels == before.labels)
+            {
+                ensure!(
+                    after.value >= before.value,
+                    "{} {:?} went down: {} then {}",
+                    before.name,
+                    before.labels,
+                    before.value,
+                    after.value
+                );
+                compared += 1;
+            }
+        }
+        ensure!(compared > 20, "only {compared} counters compared");
+
+        // mon-b's isola-vmm stopped, the jailed one that runs the VM as
+        // well as its supervisor: neither its API nor its agent answers.
+        let vmms: Vec<Pid> = c
+            .helpers("mon-b")
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("isola-vmm"))
+            .map(|(pid, _)| Pid::from_raw(pid as i32))
+            .collect();
+        ensure!(!vmms.is_empty(), "no isola-vmm for mon-b");
+        for vmm in &vmms {
+            kill(*vmm, Signal::SIGSTOP)?;
+        }
+        stopped = Some(vmms.clone());
+        let (took3, _, third) = scrape(&addr)?;
+        for vmm in &vmms {
+            kill(*vmm, Signal::SIGCONT)?;
+        }
+        stopped = None;
+        eprintln!(
+            "mon-b while stopped: {:?}",
+            third
+                .iter()
+                .filter(
+                    |s| s.labels.get("sandbox").map(String::as_str) == Some("mon-b")
+                        && (s.name.contains("_up") || s.name.contains("errors"))
+                )
+                .map(|s| (&s.name, &s.labels, s.value))
+                .collect::<Vec<_>>()
+        );
+        eprintln!(
+            "isola monitor: scrapes took {took1:?}, {took2:?}, and {took3:?} with mon-b's VMM stopped (timeout {timeout:?})"
+        );
+        let _ = std::fs::write(
+            isola_e2e::project_dir().join("build/e2e-monitor-timings.txt"),
+            format!("{took1:?} {took2:?} {took3:?} timeout {timeout:?}\n"),
+        );
+        ensure!(
+            took3 < timeout + Duration::from_secs(3),
+            "a scrape with a stopped VMM took {took3:?} (timeout {timeout:?})"
+        );
+        ensure!(
+            value_of(&third, "isola_sandbox_up", "mon-b", &[]) == Some(0.0),
+            "{third:#?}"
+        );
+        ensure!(
+            value_of(&third, "isola_agent_up", "mon-b", &[]) == Some(0.0),
+            "{third:#?}"
+        );
+        ensure!(
+            value_of(
+                &third,
+                "isola_sandbox_scrape_errors_total",
+                "mon-b",
+                &[("source", "agent")]
+            ) >= Some(1.0),
+            "{third:#?}"
+        );
+        ensure!(
+            value_of(&third, "isola_agent_up", "mon-a", &[]) == Some(1.0),
+            "{third:#?}"
+        );
+        ensure!(
+            value_of(
+                &third,
+                "isola_host_process_up",
+                "mon-b",
+                &[("process", "vmm")]
+            ) == Some(1.0),
+            "mon-b's other series are there: {third:#?}"
+        );
+        // Up again once resumed.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, _, again) = scrape(&addr)?;
+            if value_of(&again, "isola_agent_up", "mon-b", &[]) == Some(1.0) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "mon-b's agent did not answer again after SIGCONT"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(())
+    })();
+    for vmm in stopped.unwrap_or_default() {
+        let _ = kill(vmm, Signal::SIGCONT);
+    }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    for id in ids {
+        c.kill_and_remove(id)?;
+        c.assert_clean(id)?;
+    }
+    checked
+}
+
 /// After SIGKILL of a shim that containerd cannot clean up after (it is
 /// stopped), `isola ps` reports the sandbox dead with leftovers and
 /// `isola cleanup` removes them: no process naming the run directory, no

@@ -944,3 +944,67 @@ fn container_lifecycle_sizing_stats_restart_and_oom_through_cri() -> Result<()> 
     p.delete("calm", &calm, Some(1))?;
     Ok(())
 }
+
+/// `isola monitor` labels a CRI pod's series with the pod's name and
+/// namespace (from the sandbox container's annotations, in its bundle)
+/// and each container's with its CRI name beside its id.
+#[test]
+fn isola_monitor_labels_a_pods_series_with_its_pod_and_container_names() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    require_kvm_host()?;
+    let p = Pods::shared();
+    let yaml = manifest(
+        "metrics",
+        ISOLA,
+        "",
+        &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+    );
+    let _guard = p.guard(&["metrics"]);
+    let id = p.apply(&yaml)?;
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut monitor = std::process::Command::new(&isola)
+        .args(["monitor", "--listen", &addr, "--run-root"])
+        .arg(&p.containerd.run_root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let labelled = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn = loop {
+            match std::net::TcpStream::connect(&addr) {
+                Ok(conn) => break conn,
+                Err(err) => ensure!(Instant::now() < deadline, "isola monitor on {addr}: {err}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body)?;
+        let pod = format!(
+            "sandbox=\"{id}\",namespace=\"k8s.io\",pod=\"metrics\",pod_namespace=\"default\""
+        );
+        ensure!(
+            body.contains(&format!("isola_agent_up{{{pod}}} 1")),
+            "no isola_agent_up 1 for {pod}: {body}"
+        );
+        let app = body
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("isola_container_pids{{{pod},container=\""))
+                    && l.contains("container_name=\"app\"")
+            })
+            .with_context(|| format!("no isola_container_pids of container app: {body}"))?;
+        ensure!(!app.ends_with(" 0.0"), "{app}");
+        Ok(())
+    })();
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    p.delete("metrics", &id, Some(1))?;
+    labelled
+}

@@ -1592,6 +1592,13 @@ fn isola_cleanup_removes_what_a_killed_shim_left_after_ps_reports_it() -> Result
                 .is_some_and(|p| p.contains("is gone")),
             "{e:#}"
         );
+        // ctr run's sandbox has a host cgroup of its own (its spec's
+        // cgroupsPath): cleanup removes it.
+        let cgroup = e["host_cgroup"]
+            .as_str()
+            .map(std::path::PathBuf::from)
+            .with_context(|| format!("no host cgroup: {e:#}"))?;
+        ensure!(cgroup.exists(), "{} is not there", cgroup.display());
         let out = isola_cmd(&["cleanup", id])?;
         ensure!(
             out.status.success() && text(&out.stdout).contains("cleaned up sandbox"),
@@ -1607,6 +1614,11 @@ fn isola_cleanup_removes_what_a_killed_shim_left_after_ps_reports_it() -> Result
             !mounts.contains(&dir.display().to_string()),
             "mounts left under {}",
             dir.display()
+        );
+        ensure!(
+            !cgroup.exists(),
+            "the host cgroup {} is left",
+            cgroup.display()
         );
         let again = isola_cmd(&["cleanup", id])?;
         ensure!(

@@ -376,7 +376,22 @@ fn series_id(name: &str, extra: &[(&str, &str)]) -> String {
 
 /// isola-vmm's counters (its API's `info.metrics`): the JSON key, the
 /// metric's name (without `_total`), its help.
-const VMM_COUNTERS: [(&str, &str, &str); 15] = [
+const VMM_COUNTERS: [(&str, &str, &str); 18] = [
+    (
+        "vcpu_io_exits",
+        "isola_vmm_vcpu_io_exits",
+        "vCPU exits to isola-vmm for port I/O (all vCPUs)",
+    ),
+    (
+        "vcpu_mmio_exits",
+        "isola_vmm_vcpu_mmio_exits",
+        "vCPU exits to isola-vmm for MMIO (all vCPUs)",
+    ),
+    (
+        "vcpu_other_exits",
+        "isola_vmm_vcpu_other_exits",
+        "Other vCPU exits to isola-vmm (all vCPUs)",
+    ),
     (
         "console_bytes",
         "isola_vmm_console_bytes",

@@ -48,6 +48,11 @@ pub struct VmmMetrics {
     /// Guest frames dropped: malformed or oversized chains, frames the
     /// back end refused, a back end gone.
     pub net_tx_dropped: AtomicU64,
+    /// vCPU exits to the VMM (KVM_RUN returning to user space), all vCPUs:
+    /// port I/O, MMIO, anything else.
+    pub vcpu_io_exits: AtomicU64,
+    pub vcpu_mmio_exits: AtomicU64,
+    pub vcpu_other_exits: AtomicU64,
 }
 
 /// The VMM's counters.
@@ -67,6 +72,9 @@ pub static METRICS: VmmMetrics = VmmMetrics {
     net_tx_frames: AtomicU64::new(0),
     net_tx_bytes: AtomicU64::new(0),
     net_tx_dropped: AtomicU64::new(0),
+    vcpu_io_exits: AtomicU64::new(0),
+    vcpu_mmio_exits: AtomicU64::new(0),
+    vcpu_other_exits: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -97,6 +105,9 @@ pub struct MetricsSnapshot {
     pub net_tx_frames: u64,
     pub net_tx_bytes: u64,
     pub net_tx_dropped: u64,
+    pub vcpu_io_exits: u64,
+    pub vcpu_mmio_exits: u64,
+    pub vcpu_other_exits: u64,
 }
 
 impl VmmMetrics {
@@ -118,6 +129,9 @@ impl VmmMetrics {
             net_tx_frames: get(&self.net_tx_frames),
             net_tx_bytes: get(&self.net_tx_bytes),
             net_tx_dropped: get(&self.net_tx_dropped),
+            vcpu_io_exits: get(&self.vcpu_io_exits),
+            vcpu_mmio_exits: get(&self.vcpu_mmio_exits),
+            vcpu_other_exits: get(&self.vcpu_other_exits),
         }
     }
 }

@@ -21,6 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::Bus;
+use crate::metrics::{inc, METRICS};
 
 /// vCPU threads run shallow code (exit handling on the buses). A small
 /// stack also keeps it from being backed by a 2 MiB transparent huge page
@@ -308,18 +309,22 @@ impl Vcpu {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    inc(&METRICS.vcpu_io_exits);
                     self.pio.read(u64::from(port), data);
                     None
                 }
                 VcpuExit::IoOut(port, data) => {
+                    inc(&METRICS.vcpu_io_exits);
                     self.pio.write(u64::from(port), data);
                     None
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    inc(&METRICS.vcpu_mmio_exits);
                     self.mmio.read(addr, data);
                     None
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    inc(&METRICS.vcpu_mmio_exits);
                     self.mmio.write(addr, data);
                     None
                 }
@@ -356,6 +361,7 @@ impl Vcpu {
                         .into(),
                 )),
                 other => {
+                    inc(&METRICS.vcpu_other_exits);
                     // The guest decides how often this happens: within limits.
                     if self.limiter.allow() {
                         tracing::debug!(vcpu = self.index, exit = ?other, "unhandled vCPU exit");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Every check's name, in order.
-const NAMES: [&str; 13] = [
+const NAMES: [&str; 14] = [
     "kvm",
     "/dev/kvm",
     "/dev/net/tun",
@@ -18,6 +18,7 @@ const NAMES: [&str; 13] = [
     "guest initrd",
     "versions",
     "virtiofsd",
+    "debug sessions",
     "containerd",
     "containerd-shim-isola-v2",
 ];

@@ -147,11 +147,10 @@ pub struct Answers {
     pub containers: Vec<(String, Result<ContainerStats, String>)>,
 }
 
+/// A failed call, its message cut as every agent message is (the guest
+/// chooses its text).
 fn rpc_error(what: &str, err: ttrpc::Error) -> String {
-    match err {
-        ttrpc::Error::RpcStatus(s) => format!("{what}: {:?}: {}", s.code(), s.message()),
-        other => format!("{what}: {other}"),
-    }
+    format!("{what}: {}", isola_sandbox::error::agent_message(&err))
 }
 
 /// Asks the agent behind the hybrid-vsock socket `vsock` for the guest's

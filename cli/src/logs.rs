@@ -16,9 +16,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use isola_sandbox::logfile::{rotated_name, AGENT_LOG, CONSOLE_LOG};
+use isola_sandbox::logfile::{rotated_name, AGENT_LOG, CONSOLE_LOG, MAX_LOG_FILE};
 
 use crate::lookup::Found;
+
+/// The most bytes read of one log file at once.
+const READ_LIMIT: u64 = 2 * MAX_LOG_FILE;
 
 /// How often a followed file is looked at for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -62,15 +65,20 @@ pub fn run(found: &Found, options: &Options, out: &mut dyn Write) -> Result<()> 
     }
     // What is there now: the rotated file, then the current one.
     let mut text = Vec::new();
-    if let Some(mut f) = older {
-        f.read_to_end(&mut text)
+    // The runner keeps each file under MAX_LOG_FILE (and a line); more
+    // is not read.
+    if let Some(f) = older {
+        f.take(READ_LIMIT)
+            .read_to_end(&mut text)
             .with_context(|| format!("reading {}", previous.display()))?;
     }
     let mut position = 0;
     let mut following = None;
     if let Some(mut f) = current {
         let start = text.len();
-        f.read_to_end(&mut text)
+        (&mut f)
+            .take(READ_LIMIT)
+            .read_to_end(&mut text)
             .with_context(|| format!("reading {}", path.display()))?;
         // A last line still being written is left for --follow.
         let whole = match text[start..].iter().rposition(|&b| b == b'\n') {
@@ -149,7 +157,8 @@ fn follow(
 /// bytes it copied.
 fn copy_whole_lines(file: &mut File, position: u64, out: &mut dyn Write) -> Result<u64> {
     file.seek(SeekFrom::Start(position))?;
-    let mut reader = BufReader::new(file);
+    // At most READ_LIMIT a round: the rest comes at the next poll.
+    let mut reader = BufReader::new(file.take(READ_LIMIT));
     let mut copied = 0u64;
     let mut line = Vec::new();
     loop {

@@ -44,7 +44,8 @@ pub fn is_static_elf(path: &Path) -> io::Result<bool> {
     let phoff = u64::from_le_bytes(head[32..40].try_into().unwrap_or([0; 8]));
     let phentsize = usize::from(u16_at(54));
     let phnum = usize::from(u16_at(56));
-    if phentsize < 4 || phnum == 0 || phnum > 256 {
+    // An ELF64 program header is 56 bytes; the table is read whole.
+    if !(56..=256).contains(&phentsize) || phnum == 0 || phnum > 256 {
         return Ok(false);
     }
     use std::io::Seek;

@@ -41,7 +41,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use isola_sandbox::child::{alive, runs_one_of};
+use isola_sandbox::child::{alive, cmdline_contains, runs_one_of};
 use isola_sandbox::share::{self, Layout};
 use isola_sandbox::status::{self, Status};
 use prometheus_client::encoding::prometheus_text;
@@ -53,11 +53,8 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::agentstats::{self as guest, Answers};
+use crate::ps::{parse_info, VmmInfo, MAX_INFO, RUNNERS};
 
-/// The programs that run sandboxes.
-const RUNNERS: [&str; 2] = ["containerd-shim-isola-v2", "isola"];
-/// Longest `info` answer read from isola-vmm.
-const MAX_INFO: u64 = 256 << 10;
 /// Longest bundle config.json read (for the pod's name).
 const MAX_BUNDLE_CONFIG: u64 = 4 << 20;
 /// The most sandboxes one scrape reports.
@@ -957,13 +954,6 @@ struct ProcSample {
     pss_bytes: Option<u64>,
 }
 
-/// isola-vmm's `info`, as far as the monitor reads it.
-#[derive(Debug, Clone, Default)]
-struct VmmInfo {
-    state: String,
-    metrics: BTreeMap<String, u64>,
-}
-
 /// What one sandbox gave in one scrape.
 #[derive(Debug, Default)]
 struct Sample {
@@ -1078,7 +1068,7 @@ fn sample_host(namespace: String, dir: PathBuf, pod: Option<PodNames>) -> Sample
     let needle = format!("{}/", dir.display());
     let runners = RUNNERS.map(String::from);
     sample.runner_alive = alive(status.runner_pid) && runs_one_of(status.runner_pid, &runners);
-    let helper_alive = |pid: u32| pid != 0 && alive(pid) && names(pid, &needle);
+    let helper_alive = |pid: u32| pid != 0 && alive(pid) && cmdline_contains(pid, &needle);
     sample.vmm_alive = helper_alive(status.vmm_pid);
     let fs_alive = helper_alive(status.virtiofsd_pid);
     sample.state = match (sample.runner_alive, sample.vmm_alive) {
@@ -1170,17 +1160,6 @@ fn with_descendants(pid: u32) -> Vec<u32> {
         }
     }
     all
-}
-
-/// Whether `pid`'s command line contains `needle`.
-fn names(pid: u32, needle: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            String::from_utf8_lossy(&raw)
-                .replace('\0', " ")
-                .contains(needle)
-        })
-        .unwrap_or(false)
 }
 
 fn read_small(path: &str) -> Option<String> {
@@ -1297,32 +1276,6 @@ async fn vmm_info(socket: &Path, timeout: Duration) -> Result<VmmInfo, String> {
         Ok(result) => result,
         Err(_) => Err(format!("isola-vmm's API: no answer within {timeout:?}")),
     }
-}
-
-/// isola-vmm's `info` answer: its state and the counters under
-/// `metrics` (non-negative integers; anything else is left out).
-fn parse_info(line: &str) -> Result<VmmInfo, String> {
-    let info: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("isola-vmm's answer: {e}"))?;
-    let state = info
-        .get("state")
-        .and_then(|s| s.as_str())
-        .filter(|s| s.len() <= 32 && s.bytes().all(|b| b.is_ascii_lowercase()))
-        .ok_or_else(|| "isola-vmm's answer has no state".to_string())?;
-    let metrics = info
-        .get("metrics")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .take(256)
-                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(VmmInfo {
-        state: state.to_string(),
-        metrics,
-    })
 }
 
 #[cfg(test)]

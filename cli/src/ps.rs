@@ -20,10 +20,10 @@ const API_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an agent has to answer `GuestStats` (all sandboxes are asked
 /// at once).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest `info` answer read.
-const MAX_INFO: u64 = 256 << 10;
+/// Longest `info` answer read from isola-vmm.
+pub const MAX_INFO: u64 = 256 << 10;
 /// The programs that run sandboxes.
-const RUNNERS: [&str; 2] = ["containerd-shim-isola-v2", "isola"];
+pub const RUNNERS: [&str; 2] = ["containerd-shim-isola-v2", "isola"];
 
 /// One sandbox as `isola ps` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -288,12 +288,40 @@ fn vmm_info(socket: &Path) -> Result<String, String> {
     BufReader::new(std::io::Read::take(stream, MAX_INFO))
         .read_line(&mut line)
         .map_err(|e| format!("no answer within {} s: {e}", API_TIMEOUT.as_secs()))?;
+    parse_info(&line).map(|info| info.state)
+}
+
+/// isola-vmm's `info`, as `isola ps` and `isola monitor` read it.
+#[derive(Debug, Clone, Default)]
+pub struct VmmInfo {
+    pub state: String,
+    pub metrics: std::collections::BTreeMap<String, u64>,
+}
+
+/// isola-vmm's `info` answer: its state and the counters under
+/// `metrics` (non-negative integers; anything else is left out).
+pub fn parse_info(line: &str) -> Result<VmmInfo, String> {
     let info: serde_json::Value =
-        serde_json::from_str(&line).map_err(|e| format!("answer: {e}"))?;
-    info.get("state")
+        serde_json::from_str(line).map_err(|e| format!("isola-vmm's answer: {e}"))?;
+    let state = info
+        .get("state")
         .and_then(|s| s.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| format!("answer without a state: {}", line.trim()))
+        .filter(|s| s.len() <= 32 && s.bytes().all(|b| b.is_ascii_lowercase()))
+        .ok_or_else(|| "isola-vmm's answer has no state".to_string())?;
+    let metrics = info
+        .get("metrics")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .take(256)
+                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(VmmInfo {
+        state: state.to_string(),
+        metrics,
+    })
 }
 
 /// The table `isola ps` prints: a line per sandbox, one more per

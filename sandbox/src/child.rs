@@ -255,15 +255,26 @@ pub fn processes_naming(needle: &str) -> Vec<(u32, String)> {
         if pid == me {
             continue;
         }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+        let Some(cmdline) = cmdline(pid) else {
             continue;
         };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
         if cmdline.contains(needle) && alive(pid) {
             found.push((pid, cmdline));
         }
     }
     found
+}
+
+/// `pid`'s command line, NULs as spaces.
+fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(String::from_utf8_lossy(&raw).replace('\0', " "))
+}
+
+/// Whether `pid`'s command line (NULs as spaces) contains `needle`: a
+/// helper that names its sandbox's run directory.
+pub fn cmdline_contains(pid: u32, needle: &str) -> bool {
+    cmdline(pid).is_some_and(|c| c.contains(needle))
 }
 
 /// The processes whose command line names the sandbox's run directory

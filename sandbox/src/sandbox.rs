@@ -954,15 +954,14 @@ impl Sandbox {
             vm_ready_ms,
             sandbox_ready_ms: steps.total_ms(),
         };
-        let sandbox = Sandbox::assemble(
+        Ok(Sandbox::assemble(
             config,
             resources,
             agent,
             (created.kernel_release, version.api_version),
             tasks,
-        );
-        sandbox.note(|s| s.startup = Some(startup));
-        Ok(sandbox)
+            Some(startup),
+        ))
     }
 
     /// The running sandbox from its parts; starts the supervisor and the
@@ -973,6 +972,7 @@ impl Sandbox {
         agent: AgentClient,
         (kernel_release, agent_api): (String, u32),
         mut tasks: Vec<AbortHandle>,
+        startup: Option<status::Startup>,
     ) -> Sandbox {
         let id = config.id.clone();
         let (gone, _) = watch::channel(None);
@@ -991,7 +991,7 @@ impl Sandbox {
             template: resources.from_template.is_some(),
             host_cgroup: config.cgroup.clone(),
             containers: Default::default(),
-            startup: None,
+            startup,
         };
         let inner = Arc::new(Inner {
             id: id.clone(),
@@ -2467,6 +2467,7 @@ mod tests {
             AgentClient::new(client),
             ("fake".into(), isola_protocol::API_VERSION),
             Vec::new(),
+            None,
         );
         (sandbox, server, release)
     }

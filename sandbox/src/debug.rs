@@ -13,11 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use isola_protocol::agent as pb;
-use isola_protocol::ttrpc;
 use isola_protocol::{AgentClient, HealthClient, AGENT_VSOCK_PORT, DEBUG_BUSYBOX};
 use protobuf::MessageField;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::sandbox::ctx;
 use crate::share::{self, BindMode, Layout};
 use crate::stdio::{self, ProcessIo, StdioRequest, WindowSize};
 use crate::ExitStatus;
@@ -252,10 +252,6 @@ impl Session {
             .map_err(|e| Error::agent(&self.sandbox, "SignalProcess", e))?;
         Ok(())
     }
-}
-
-fn ctx(timeout: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_duration(timeout)
 }
 
 fn now_ms() -> u64 {

@@ -579,7 +579,7 @@ pub struct Sandbox {
     inner: Arc<Inner>,
 }
 
-fn ctx(timeout: Duration) -> ttrpc::context::Context {
+pub(crate) fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_duration(timeout)
 }
 

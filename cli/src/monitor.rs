@@ -669,6 +669,20 @@ impl State {
             labels,
             status.started_unix_ms as f64 / 1000.0,
         );
+        if let Some(counters) = s.counters {
+            let v = self.mono.value(
+                key,
+                "agent_log_lines_dropped".to_string(),
+                u64::from(status.runner_pid),
+                counters.agent_log_lines_dropped as f64,
+            );
+            x.counter(
+                "isola_agent_log_lines_dropped",
+                "The agent's log lines the sandbox's runner dropped (over the sandbox's rate, or above the configured level)",
+                labels,
+                v,
+            );
+        }
         if let Some(startup) = status.startup {
             for (phase, ms) in [
                 ("virtiofsd_up", startup.virtiofsd_up_ms),
@@ -967,6 +981,8 @@ struct Sample {
     runner_alive: bool,
     vmm_alive: bool,
     procs: Vec<ProcSample>,
+    /// The runner's counters file (None: unreadable).
+    counters: Option<status::Counters>,
     /// None: not asked (its VMM is not running).
     vmm: Option<Result<VmmInfo, String>>,
     agent: Option<Result<Answers, String>>,
@@ -1062,6 +1078,9 @@ fn sample_host(namespace: String, dir: PathBuf, pod: Option<PodNames>) -> Sample
         }
     };
     sample.id = status.id.clone();
+    sample.counters = status::read_counters(&dir)
+        .inspect_err(|err| tracing::debug!(dir = %dir.display(), %err, "no counters"))
+        .ok();
     if !status.namespace.is_empty() {
         sample.namespace = status.namespace.clone();
     }
@@ -1454,6 +1473,9 @@ mod tests {
                 rss_bytes: Some(4096),
                 pss_bytes: Some(2048),
             }],
+            counters: Some(status::Counters {
+                agent_log_lines_dropped: u64::from(guest_pid) * 10,
+            }),
             vmm: Some(Ok(VmmInfo {
                 state: "running".into(),
                 metrics,
@@ -1548,6 +1570,10 @@ mod tests {
             )],
             2048.0
         );
+        assert_eq!(
+            s[&format!("isola_agent_log_lines_dropped_total{{{}}}", labels("b"))],
+            360.0
+        );
         assert_eq!(s["isola_sandboxes{state=\"running\"}"], 2.0);
         assert_eq!(s["isola_sandbox_starts_total{start=\"template\"}"], 2.0);
         // Two sandboxes, each observed once per phase; the buckets are
@@ -1580,11 +1606,18 @@ mod tests {
         let mut a = sample(dir.path(), "a", 3, 35);
         a.status.as_mut().unwrap().vmm_pid = 99;
         a.agent = Some(Err("no answer within 1s".into()));
+        a.counters = Some(status::Counters {
+            agent_log_lines_dropped: 400,
+        });
         let text = state.render(vec![a], Instant::now());
         let s2 = series(&text);
         assert_eq!(
             s2[&format!("isola_vmm_console_bytes_total{{{}}}", labels("a"))],
             13.0
+        );
+        assert_eq!(
+            s2[&format!("isola_agent_log_lines_dropped_total{{{}}}", labels("a"))],
+            400.0
         );
         assert_eq!(s2[&format!("isola_agent_up{{{}}}", labels("a"))], 0.0);
         assert_eq!(

@@ -471,6 +471,10 @@ pub async fn first_of<F: std::future::Future>(futures: Vec<F>) -> F::Output {
 pub struct BoundedLines<R> {
     reader: BufReader<R>,
     max: usize,
+    /// The line read so far (kept here, not in `next_line`'s frame, so
+    /// that a cancelled `next_line` loses nothing).
+    line: Vec<u8>,
+    cut: bool,
 }
 
 impl<R: AsyncRead + Unpin> BoundedLines<R> {
@@ -478,18 +482,19 @@ impl<R: AsyncRead + Unpin> BoundedLines<R> {
         BoundedLines {
             reader: BufReader::new(reader),
             max,
+            line: Vec::new(),
+            cut: false,
         }
     }
 
     /// The next line without its newline (lossy UTF-8), and whether it was
-    /// cut.
+    /// cut. Cancel-safe: a line begun before a cancelled call is finished
+    /// by the next one.
     pub async fn next_line(&mut self) -> std::io::Result<Option<(String, bool)>> {
-        let mut line = Vec::new();
-        let mut cut = false;
         loop {
             let buf = self.reader.fill_buf().await?;
             if buf.is_empty() {
-                if line.is_empty() && !cut {
+                if self.line.is_empty() && !self.cut {
                     return Ok(None);
                 }
                 break;
@@ -498,17 +503,19 @@ impl<R: AsyncRead + Unpin> BoundedLines<R> {
                 Some(i) => (&buf[..i], Some(i + 1)),
                 None => (buf, None),
             };
-            let room = self.max.saturating_sub(line.len());
+            let room = self.max.saturating_sub(self.line.len());
             if chunk.len() > room {
-                cut = true;
+                self.cut = true;
             }
-            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
             let used = newline.unwrap_or(buf.len());
             self.reader.consume(used);
             if newline.is_some() {
                 break;
             }
         }
+        let line = std::mem::take(&mut self.line);
+        let cut = std::mem::take(&mut self.cut);
         let line = String::from_utf8(line)
             .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned());
         Ok(Some((line, cut)))
@@ -714,5 +721,23 @@ mod tests {
         let mut lines = BoundedLines::new(tokio::io::AsyncReadExt::take(endless, 1 << 20), 16);
         let (line, cut) = lines.next_line().await.expect("read").expect("line");
         assert_eq!((line.len(), cut), (16, true));
+    }
+
+    #[tokio::test]
+    async fn bounded_lines_survive_a_cancelled_read() {
+        use tokio::io::AsyncWriteExt;
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut lines = BoundedLines::new(rx, 64);
+        tx.write_all(b"half a ").await.expect("write");
+        // The read is cancelled with half a line taken from the stream.
+        let waited = tokio::time::timeout(Duration::from_millis(50), lines.next_line()).await;
+        assert!(waited.is_err(), "no line yet: {waited:?}");
+        tx.write_all(b"line\nnext\n").await.expect("write");
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some((line, _)) = lines.next_line().await.expect("read") {
+            got.push(line);
+        }
+        assert_eq!(got, vec!["half a line".to_string(), "next".to_string()]);
     }
 }

@@ -82,6 +82,12 @@ impl LogGate {
         Verdict::Pass
     }
 
+    /// Every line this gate's counter holds as dropped (with the lines of
+    /// any gate sharing it).
+    pub fn total_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// The number of lines dropped since the last report, once a second at
     /// most (`None`: nothing to report now). The caller logs it.
     pub fn report(&mut self) -> Option<u64> {

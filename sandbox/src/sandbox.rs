@@ -883,7 +883,14 @@ impl Sandbox {
                 );
                 let file = RotatingLog::new(layout.agent_log_file(), logfile::MAX_LOG_FILE);
                 tasks.push(
-                    tokio::spawn(forward_agent_log(stream, id.clone(), gate, file)).abort_handle(),
+                    tokio::spawn(forward_agent_log(
+                        stream,
+                        id.clone(),
+                        gate,
+                        file,
+                        layout.dir().to_path_buf(),
+                    ))
+                    .abort_handle(),
                 )
             }
             Err(err) => tracing::warn!(sandbox = %id, %err, "no agent log stream"),
@@ -2118,15 +2125,33 @@ fn event_ids_ok(event: &Event) -> bool {
 
 /// The agent's log lines into `tracing`, with the sandbox id and the level
 /// the line names, and into the sandbox's `agent.log` (`file`), through
-/// the sandbox's [`LogGate`] (bounded in rate, level and length).
+/// the sandbox's [`LogGate`] (bounded in rate, level and length). Drops
+/// are summed up at most once a second, in both logs and in the run
+/// directory's counters file (`counters_dir`, for `isola monitor`), also
+/// when the guest has gone quiet after a flood.
 async fn forward_agent_log(
     stream: tokio::net::UnixStream,
     sandbox: String,
     mut gate: LogGate,
     mut file: RotatingLog,
+    counters_dir: PathBuf,
 ) {
     let mut lines = BoundedLines::new(stream, MAX_AGENT_LOG_LINE);
-    while let Ok(Some((line, cut))) = lines.next_line().await {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let read = tokio::select! {
+            read = lines.next_line() => read,
+            _ = tick.tick() => {
+                if let Some(dropped) = gate.report() {
+                    report_dropped(&sandbox, &gate, dropped, &mut file, &counters_dir);
+                }
+                continue;
+            }
+        };
+        let Ok(Some((line, cut))) = read else {
+            break;
+        };
         let line = line.trim_end();
         if line.is_empty() {
             continue;
@@ -2134,8 +2159,7 @@ async fn forward_agent_log(
         let level = agent_line_level(line);
         let verdict = gate.admit(level);
         if let Some(dropped) = gate.report() {
-            tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
-            file.write_line(&format!("isola: {dropped} agent log lines dropped (over the sandbox's rate, or above the configured level)"));
+            report_dropped(&sandbox, &gate, dropped, &mut file, &counters_dir);
         }
         if verdict == Verdict::Drop {
             continue;
@@ -2164,10 +2188,28 @@ async fn forward_agent_log(
         }
     }
     if let Some(dropped) = gate.final_report() {
-        tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
-        file.write_line(&format!("isola: {dropped} agent log lines dropped (over the sandbox's rate, or above the configured level)"));
+        report_dropped(&sandbox, &gate, dropped, &mut file, &counters_dir);
     }
     tracing::debug!(sandbox = %sandbox, "agent log stream ended");
+}
+
+/// `dropped` agent log lines (since the last report) into the host's log,
+/// `agent.log`, and the sandbox's counters file (the total).
+fn report_dropped(
+    sandbox: &str,
+    gate: &LogGate,
+    dropped: u64,
+    file: &mut RotatingLog,
+    counters_dir: &Path,
+) {
+    tracing::warn!(sandbox = %sandbox, dropped, "agent log lines dropped (over the sandbox's rate, or above the configured level)");
+    file.write_line(&format!("isola: {dropped} agent log lines dropped (over the sandbox's rate, or above the configured level)"));
+    let counters = status::Counters {
+        agent_log_lines_dropped: gate.total_dropped(),
+    };
+    if let Err(err) = status::write_counters(counters_dir, &counters) {
+        tracing::debug!(sandbox = %sandbox, %err, "writing the counters file");
+    }
 }
 
 /// The level a log line names among its first words (INFO if none).

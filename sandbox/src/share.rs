@@ -803,7 +803,16 @@ pub fn remove_dir_safely(dir: &Path) -> io::Result<()> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(err),
     };
-    remove_tree(dir, dev)
+    // The runner's log tasks may still write a last line or count into
+    // the directory as its VM ends: a file made while the tree is removed
+    // makes the last rmdir fail with ENOTEMPTY; the walk is done again.
+    let mut tries = 0;
+    loop {
+        match remove_tree(dir, dev) {
+            Err(err) if err.raw_os_error() == Some(libc::ENOTEMPTY) && tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
 }
 
 fn remove_tree(path: &Path, dev: u64) -> io::Result<()> {

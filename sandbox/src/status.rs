@@ -80,8 +80,51 @@ pub struct ContainerStatus {
 /// Writes `status` into `dir` (a temporary file beside it, renamed over
 /// the old one).
 pub fn write(dir: &Path, status: &Status) -> io::Result<()> {
-    let text = serde_json::to_vec_pretty(status).map_err(io::Error::other)?;
-    let tmp = dir.join(format!(".{STATUS_FILE}.{}", std::process::id()));
+    write_json(dir, STATUS_FILE, status)
+}
+
+/// Reads the status file of the run directory `dir` (without following a
+/// link, at most [`MAX_STATUS_BYTES`]).
+pub fn read(dir: &Path) -> io::Result<Status> {
+    read_json(dir, STATUS_FILE, MAX_STATUS_BYTES)
+}
+
+/// The counters file in the run directory: what the runner counts as the
+/// sandbox runs and no other file says (`isola monitor`).
+pub const COUNTERS_FILE: &str = "counters.json";
+
+/// Largest counters file read.
+pub const MAX_COUNTERS_BYTES: u64 = 4096;
+
+/// What a sandbox's runner counts, since the sandbox started. Rewritten
+/// (at most once a second) when a count changes; absent: all zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// The agent's log lines the sandbox's log gate dropped (over its
+    /// rate, or above the configured level).
+    #[serde(default)]
+    pub agent_log_lines_dropped: u64,
+}
+
+/// Writes `counters` into `dir` (replaced whole, like the status file).
+pub fn write_counters(dir: &Path, counters: &Counters) -> io::Result<()> {
+    write_json(dir, COUNTERS_FILE, counters)
+}
+
+/// Reads the counters of the run directory `dir`: all zero when the file
+/// does not exist (nothing counted yet).
+pub fn read_counters(dir: &Path) -> io::Result<Counters> {
+    match read_json(dir, COUNTERS_FILE, MAX_COUNTERS_BYTES) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Counters::default()),
+        other => other,
+    }
+}
+
+/// `value` as JSON into `dir/name`: a temporary file beside it, root-only
+/// and never through a link, renamed over the old one.
+fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+    let text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -91,25 +134,25 @@ pub fn write(dir: &Path, status: &Status) -> io::Result<()> {
         .open(&tmp)?;
     file.write_all(&text)?;
     drop(file);
-    std::fs::rename(&tmp, dir.join(STATUS_FILE)).inspect_err(|_| {
+    std::fs::rename(&tmp, dir.join(name)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
 }
 
-/// Reads the status file of the run directory `dir` (without following a
-/// link, at most [`MAX_STATUS_BYTES`]).
-pub fn read(dir: &Path) -> io::Result<Status> {
-    let path = dir.join(STATUS_FILE);
+/// The JSON of `dir/name`, read without following a link, at most `max`
+/// bytes.
+fn read_json<T: serde::de::DeserializeOwned>(dir: &Path, name: &str, max: u64) -> io::Result<T> {
+    let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
     let mut text = Vec::new();
-    file.take(MAX_STATUS_BYTES + 1).read_to_end(&mut text)?;
-    if text.len() as u64 > MAX_STATUS_BYTES {
+    file.take(max + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is larger than {MAX_STATUS_BYTES} bytes", path.display()),
+            format!("{} is larger than {max} bytes", path.display()),
         ));
     }
     serde_json::from_slice(&text).map_err(|e| {
@@ -198,5 +241,35 @@ mod tests {
         std::fs::remove_file(dir.path().join(STATUS_FILE)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join(STATUS_FILE)).unwrap();
         assert!(read(dir.path()).is_err());
+    }
+
+    #[test]
+    fn counters_are_zero_until_written_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_counters(dir.path()).unwrap(), Counters::default());
+        let c = Counters {
+            agent_log_lines_dropped: 9800,
+        };
+        write_counters(dir.path(), &c).unwrap();
+        assert_eq!(read_counters(dir.path()).unwrap(), c);
+        // A file from a newer runner with more counters reads.
+        std::fs::write(
+            dir.path().join(COUNTERS_FILE),
+            r#"{"agent_log_lines_dropped":3,"later":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_counters(dir.path()).unwrap().agent_log_lines_dropped,
+            3
+        );
+        std::fs::write(
+            dir.path().join(COUNTERS_FILE),
+            vec![b' '; MAX_COUNTERS_BYTES as usize + 1],
+        )
+        .unwrap();
+        assert!(read_counters(dir.path()).is_err());
+        std::fs::remove_file(dir.path().join(COUNTERS_FILE)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join(COUNTERS_FILE)).unwrap();
+        assert!(read_counters(dir.path()).is_err());
     }
 }

@@ -1266,9 +1266,9 @@ fn isola_monitor_scrapes_two_sandboxes_and_a_hung_one_does_not_hold_it() -> Resu
     require_kvm_host()?;
     let c = Containerd::shared();
     let ids = ["mon-a", "mon-b"];
-    for id in ids {
-        c.run_detached(RUNTIME, &[], id)?;
-    }
+    // mon-a privileged: its root floods the kernel's log below.
+    c.run_detached(RUNTIME, &["--privileged"], ids[0])?;
+    c.run_detached(RUNTIME, &[], ids[1])?;
     let isola = isola_e2e::containers::release_binary("isola")?;
     let timeout = Duration::from_secs(3);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -1410,6 +1410,46 @@ fn isola_monitor_scrapes_two_sandboxes_and_a_hung_one_does_not_hold_it() -> Resu
                 .iter()
                 .any(|s| s.family == "isola_vmm_console_bytes" && s.kind == "counter"),
             "counters are typed"
+        );
+
+        // mon-a's root floods the kernel's log (its rate limit off): the
+        // agent follows /dev/kmsg into its log stream, mon-a's runner
+        // drops what is over the sandbox's rate and counts it; mon-b's
+        // count stays 0.
+        let records = 1000;
+        let flood = format!(
+            "echo on > /proc/sys/kernel/printk_devkmsg && i=0 && \
+             while [ $i -lt {records} ]; do echo \"<5>isola-mon-flood-$i\" > /dev/kmsg; i=$((i+1)); done"
+        );
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "flood",
+            "mon-a",
+            "sh",
+            "-c",
+            &flood,
+        ])?;
+        ensure!(out.status.success(), "{}", c.report("the flood", &out));
+        let dropped = "isola_agent_log_lines_dropped_total";
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let counted = loop {
+            let (_, _, now) = scrape(&addr)?;
+            let v = value_of(&now, dropped, "mon-a", &[]).unwrap_or(0.0);
+            if v > 0.0 || Instant::now() > deadline {
+                ensure!(
+                    value_of(&now, dropped, "mon-b", &[]) == Some(0.0),
+                    "{dropped} of mon-b: {now:#?}"
+                );
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        eprintln!("mon-a: {records} kernel log records, {counted} agent log lines dropped");
+        ensure!(
+            counted > 0.0 && counted < f64::from(records) * 2.0,
+            "{dropped} of mon-a after {records} records: {counted}"
         );
 
         let (took2, _, second) = scrape(&addr)?;

@@ -373,7 +373,7 @@ fn series_id(name: &str, extra: &[(&str, &str)]) -> String {
 
 /// isola-vmm's counters (its API's `info.metrics`): the JSON key, the
 /// metric's name (without `_total`), its help.
-const VMM_COUNTERS: [(&str, &str, &str); 18] = [
+const VMM_COUNTERS: [(&str, &str, &str); 20] = [
     (
         "vcpu_io_exits",
         "isola_vmm_vcpu_io_exits",
@@ -388,6 +388,16 @@ const VMM_COUNTERS: [(&str, &str, &str); 18] = [
         "vcpu_other_exits",
         "isola_vmm_vcpu_other_exits",
         "Other vCPU exits to isola-vmm (all vCPUs)",
+    ),
+    (
+        "balloon_reported_bytes",
+        "isola_vmm_balloon_reported_bytes",
+        "Guest memory the guest reported free and isola-vmm gave back to the host",
+    ),
+    (
+        "balloon_reported_ranges",
+        "isola_vmm_balloon_reported_ranges",
+        "Free page ranges the guest reported and isola-vmm gave back",
     ),
     (
         "console_bytes",

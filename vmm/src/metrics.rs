@@ -53,6 +53,10 @@ pub struct VmmMetrics {
     pub vcpu_io_exits: AtomicU64,
     pub vcpu_mmio_exits: AtomicU64,
     pub vcpu_other_exits: AtomicU64,
+    /// virtio-balloon: ranges (and their bytes) the guest reported free
+    /// and the host gave back.
+    pub balloon_reported_ranges: AtomicU64,
+    pub balloon_reported_bytes: AtomicU64,
 }
 
 /// The VMM's counters.
@@ -75,6 +79,8 @@ pub static METRICS: VmmMetrics = VmmMetrics {
     vcpu_io_exits: AtomicU64::new(0),
     vcpu_mmio_exits: AtomicU64::new(0),
     vcpu_other_exits: AtomicU64::new(0),
+    balloon_reported_ranges: AtomicU64::new(0),
+    balloon_reported_bytes: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -108,6 +114,8 @@ pub struct MetricsSnapshot {
     pub vcpu_io_exits: u64,
     pub vcpu_mmio_exits: u64,
     pub vcpu_other_exits: u64,
+    pub balloon_reported_ranges: u64,
+    pub balloon_reported_bytes: u64,
 }
 
 impl VmmMetrics {
@@ -132,6 +140,8 @@ impl VmmMetrics {
             vcpu_io_exits: get(&self.vcpu_io_exits),
             vcpu_mmio_exits: get(&self.vcpu_mmio_exits),
             vcpu_other_exits: get(&self.vcpu_other_exits),
+            balloon_reported_ranges: get(&self.balloon_reported_ranges),
+            balloon_reported_bytes: get(&self.balloon_reported_bytes),
         }
     }
 }

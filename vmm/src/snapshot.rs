@@ -284,11 +284,30 @@ impl RestoreFiles {
 /// Guest RAM of `size` bytes mapped from `file` (RAM regions at
 /// consecutive offsets): shared for a template, private (copy on write,
 /// nothing reserved) for a clone.
+///
+/// A clone maps only the file's data; its holes (memory the template
+/// never touched or gave back through the balloon) are private anonymous
+/// memory instead. Mapped from the file, a hole the clone touches would
+/// be filled in the *file* (tmpfs allocates a zero page in its page cache
+/// on a fault, before the copy on write): every clone's fresh memory
+/// would grow the template's page cache for good.
 pub fn map_memory(file: &File, size: u64, private: bool) -> Result<GuestMemoryMmap> {
     let flags = if private {
         libc::MAP_PRIVATE | libc::MAP_NORESERVE
     } else {
         libc::MAP_SHARED | libc::MAP_NORESERVE
+    };
+    let holes = if private {
+        let mut holes = file_holes(file, size).context("finding the memory file's holes")?;
+        if holes.len() > MAX_HOLES {
+            // Keep the largest: each is a mapping of its own.
+            holes.sort_by_key(|&(start, end)| std::cmp::Reverse(end - start));
+            holes.truncate(MAX_HOLES);
+            holes.sort_unstable();
+        }
+        holes
+    } else {
+        Vec::new()
     };
     let mut regions = Vec::new();
     let mut offset = 0u64;
@@ -301,12 +320,83 @@ pub fn map_memory(file: &File, size: u64, private: bool) -> Result<GuestMemoryMm
             flags,
         )
         .map_err(|e| anyhow::anyhow!("mapping guest RAM at {:#x} ({len} bytes): {e}", addr.0))?;
+        for &(start, end) in &holes {
+            let (start, end) = (start.max(offset), end.min(offset + len));
+            if start >= end {
+                continue;
+            }
+            let at = mapping.as_ptr() as usize + (start - offset) as usize;
+            // SAFETY: [at, at + end - start) lies inside `mapping` (the
+            // hole clipped to this region), which nothing uses yet;
+            // MAP_FIXED replaces that part of it with anonymous memory,
+            // unmapped with the rest when `mapping` is dropped.
+            let got = unsafe {
+                libc::mmap(
+                    at as *mut libc::c_void,
+                    (end - start) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                bail!(
+                    "mapping anonymous memory over the memory file's hole at {start:#x}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         let region = GuestRegionMmap::new(mapping, addr)
             .context("a guest RAM region overflows the address space")?;
         regions.push(region);
         offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| anyhow::anyhow!("guest RAM: {e}"))
+}
+
+/// The most holes of a memory file a clone maps as anonymous memory (each
+/// is a mapping; the largest are kept).
+const MAX_HOLES: usize = 4096;
+
+/// The smallest hole mapped as anonymous memory: one page (a smaller one
+/// left to the file would grow it).
+const MIN_HOLE: u64 = 4096;
+
+/// The holes of `file`'s first `size` bytes of at least [`MIN_HOLE`], as
+/// page-aligned `[start, end)` ranges (`SEEK_DATA`/`SEEK_HOLE`).
+fn file_holes(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    const PAGE: u64 = 4096;
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; moves only its offset.
+        let got = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        if got < 0 {
+            let err = std::io::Error::last_os_error();
+            // ENXIO: no data (SEEK_DATA) at or after `off`.
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        Ok(Some(got as u64))
+    };
+    let mut holes = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let data = seek(off, libc::SEEK_DATA)?.unwrap_or(size).min(size);
+        // [off, data) is a hole, shrunk to whole pages.
+        let (start, end) = (off.next_multiple_of(PAGE), data - data % PAGE);
+        if end > start && end - start >= MIN_HOLE {
+            holes.push((start, end));
+        }
+        if data >= size {
+            break;
+        }
+        off = seek(data, libc::SEEK_HOLE)?.unwrap_or(size);
+    }
+    Ok(holes)
 }
 
 /// Reads every MSR of `index` that KVM lets this vCPU read. KVM stops a
@@ -646,5 +736,75 @@ mod tests {
             0xabcd
         );
         assert_eq!(clone.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0x1111);
+    }
+
+    fn blocks(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks()
+    }
+
+    #[test]
+    fn a_clone_touching_the_templates_holes_does_not_fill_its_file() {
+        use vm_memory::Bytes;
+        let dir = tempfile::tempdir().unwrap();
+        // Shared memory, as a template's file in the run root's tmpfs.
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor
+        // it returns is owned by `file` alone.
+        let file = unsafe {
+            let fd = libc::memfd_create(c"template-memory".as_ptr(), 0);
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        };
+        let path = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&file)
+        ));
+        file.set_len(64 << 20).unwrap();
+        let template = map_memory(&file, 64 << 20, false).unwrap();
+        template
+            .write_obj(0xabcd_u64, GuestAddress(0x1000))
+            .unwrap();
+        template
+            .write_obj(0x5678_u64, GuestAddress(32 << 20))
+            .unwrap();
+        drop(template);
+        let holes = file_holes(&file, 64 << 20).unwrap();
+        assert!(holes.len() >= 2, "{holes:?}");
+        assert!(holes
+            .iter()
+            .all(|&(s, e)| s % 4096 == 0 && e % 4096 == 0 && e - s >= MIN_HOLE));
+        assert!(!holes
+            .iter()
+            .any(|&(s, e)| (s..e).contains(&0x1000) || (s..e).contains(&(32 << 20))));
+        let before = blocks(&path);
+        let ro = File::open(&path).unwrap();
+        let clone = map_memory(&ro, 64 << 20, true).unwrap();
+        assert_eq!(clone.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xabcd);
+        assert_eq!(
+            clone.read_obj::<u64>(GuestAddress(32 << 20)).unwrap(),
+            0x5678
+        );
+        // The clone reads and writes 8 MiB of the template's holes: zeroes,
+        // its own, and the file stays as it was.
+        for page in (8u64 << 20..16 << 20).step_by(4096) {
+            assert_eq!(clone.read_obj::<u64>(GuestAddress(page)).unwrap(), 0);
+            clone.write_obj(page, GuestAddress(page)).unwrap();
+        }
+        assert_eq!(
+            clone.read_obj::<u64>(GuestAddress(9 << 20)).unwrap(),
+            9 << 20
+        );
+        assert_eq!(
+            blocks(&path),
+            before,
+            "the clone filled the template's file"
+        );
+        // A file without holes, or all hole, maps too.
+        let empty = create_new(dir.path(), "empty").unwrap();
+        empty.set_len(8 << 20).unwrap();
+        assert_eq!(file_holes(&empty, 8 << 20).unwrap(), vec![(0, 8 << 20)]);
+        let mut full = create_new(dir.path(), "full").unwrap();
+        full.write_all(&vec![1u8; 1 << 20]).unwrap();
+        assert_eq!(file_holes(&full, 1 << 20).unwrap(), vec![]);
     }
 }

@@ -198,6 +198,22 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// The same in `/run` (tmpfs, where the run root and the templates
+    /// live), or in the temporary directory where `/run` is not a
+    /// directory.
+    pub fn in_run(name: &str) -> Result<Scratch> {
+        let base = std::path::Path::new("/run");
+        if !base.is_dir() {
+            return Scratch::new(name);
+        }
+        let path = base.join(format!("isola-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Scratch { path })
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);

@@ -41,6 +41,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::guest_log::LogLimiter;
+use crate::metrics::{self, METRICS};
 
 /// VIRTIO_BALLOON_F_PAGE_REPORTING (virtio 1.2, 5.5.3).
 pub const F_PAGE_REPORTING: u64 = 1 << 5;
@@ -156,6 +157,11 @@ impl Balloon {
                             Ok(()) => {
                                 self.counters.reported_ranges += 1;
                                 self.counters.reported_bytes += u64::from(desc.len());
+                                metrics::inc(&METRICS.balloon_reported_ranges);
+                                metrics::add(
+                                    &METRICS.balloon_reported_bytes,
+                                    u64::from(desc.len()),
+                                );
                             }
                             Err(why) => {
                                 self.counters.refused_ranges += 1;

@@ -392,13 +392,15 @@ impl Findings {
 
 /// The raw phases `raw` runs, in order, and whether each is a flood the
 /// test measures while it runs (the others are short bursts).
-const RAW_PHASES: [(&str, bool); 6] = [
+const RAW_PHASES: [(&str, bool); 8] = [
     ("vsock-junk", true),
     ("vsock-churn", true),
     ("vsock-malformed", false),
     ("rng-malformed", false),
     ("rng-drain", true),
     ("rng-indirect", true),
+    ("balloon-malformed", false),
+    ("balloon-reports", true),
 ];
 /// How long each raw flood lasts in the guest: a CPU window and an API
 /// call fit in it with room for the emulated host's delays.
@@ -422,7 +424,10 @@ const RAW_FLOOD_CPU_BOUND: f64 = 2.0;
 /// use (`mem=` below the VM's memory), with what no driver sends: junk
 /// vsock packets (RST for unknown streams, wrong CID or type, unknown
 /// ops), REQUEST/RST churn with rx buffers withheld, bad avail indexes and
-/// heads, loops, indirect tables of 65,535 descriptors, rings kept full.
+/// heads, loops, indirect tables of 65,535 descriptors, rings kept full;
+/// the balloon's reporting queue full of ranges misaligned, empty,
+/// outside or straddling guest memory, of 4 GiB, and whole blocks given
+/// back again and again (at most `RANGES_PER_SEC` a second).
 /// During each flood the VMM answers its API within a second and stays
 /// within one vCPU plus half a CPU; no phase floods its log; its own
 /// memory stays bounded; the guest's vsock works again after; SIGTERM
@@ -468,6 +473,7 @@ fn hostile_raw_virtqueues_cost_the_host_a_bounded_share_once() {
             )
             .unwrap()
     };
+    let mut given_back_before: Option<u64> = None;
     for (phase, flood) in RAW_PHASES {
         let start = guest_line(&mut vm, &format!("{phase} start"));
         assert!(!start.contains("raw failed"), "{start}");
@@ -503,6 +509,27 @@ fn hostile_raw_virtqueues_cost_the_host_a_bounded_share_once() {
             isola_vmm::api::call(&vm.api_socket, &Request::Info, Duration::from_secs(30))
         {
             eprintln!("after raw {phase}: metrics {}", info["metrics"]);
+            let before = given_back_before;
+            given_back_before = info["metrics"]["balloon_reported_ranges"].as_u64();
+            if phase == "balloon-reports" {
+                // RANGES_PER_SEC a second at most (one chain more) for
+                // as long as the VM ran, whoever reported them.
+                let given_back = info["metrics"]["balloon_reported_ranges"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX);
+                let bound = u64::from(isola_vmm::devices::virtio::balloon::RANGES_PER_SEC + 256)
+                    * (vm.started.elapsed().as_secs() + 1);
+                // The flood's whole blocks were given back, more than
+                // the guest's kernel had before it.
+                f.check(
+                    before.is_some_and(|b| given_back > b) && given_back <= bound,
+                    format!(
+                        "raw {phase}: {given_back} ranges given back in all, {before:?} before \
+                         the flood (bound {bound}); {}",
+                        done.trim()
+                    ),
+                );
+            }
         }
         f.overhead_below(&vm, &format!("after raw {phase}"), 64);
         if phase == "vsock-malformed" {

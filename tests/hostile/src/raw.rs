@@ -57,6 +57,12 @@ const F_EVENT_IDX: u32 = 1 << 29;
 
 const VSOCK_ID: u32 = 19;
 const RNG_ID: u32 = 4;
+const BALLOON_ID: u32 = 5;
+/// virtio-balloon: free page reporting, the one feature the device offers.
+const F_PAGE_REPORTING: u32 = 1 << 5;
+/// The balloon's queues: inflate, deflate, reporting.
+const BALLOON_QUEUES: u32 = 3;
+const BALLOON_REPORTING: usize = 2;
 const HOST_CID: u64 = 2;
 const HDR: usize = 44;
 
@@ -282,6 +288,9 @@ struct RawDevice {
     name: String,
     window: Window,
     driver: Option<PathBuf>,
+    /// Features (of the first 32 bits) acked besides the ones never
+    /// offered: those the device needs to start.
+    features: u32,
 }
 
 impl RawDevice {
@@ -293,6 +302,7 @@ impl RawDevice {
             name,
             window,
             driver,
+            features: 0,
         })
     }
 
@@ -311,7 +321,10 @@ impl RawDevice {
         w.write(mmio::DEVICE_FEATURES_SEL, 0);
         let _offered = w.read(mmio::DEVICE_FEATURES);
         w.write(reg::DRIVER_FEATURES_SEL, 0);
-        w.write(reg::DRIVER_FEATURES, F_INDIRECT_DESC | F_EVENT_IDX);
+        w.write(
+            reg::DRIVER_FEATURES,
+            F_INDIRECT_DESC | F_EVENT_IDX | self.features,
+        );
         w.write(reg::DRIVER_FEATURES_SEL, 1);
         w.write(reg::DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
         w.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -695,6 +708,74 @@ fn check_ok(status: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The balloon's reporting queue kept full of "free" ranges, 16 to a
+/// chain, as fast as the vCPU refills it: chains of whole 2 MiB blocks of
+/// the RAM above `mem=` (past the rings: the host gives them back, again
+/// and again), chains of ranges in guest memory no kernel reports (not
+/// page-aligned, of an odd length, empty), and chains the device must
+/// refuse whole (outside guest memory, straddling its end, 4 GiB long).
+/// The deflate and inflate queues get junk the whole time too.
+fn balloon_reports(dev: &RawDevice, ram: &FreeRam, secs: u64) -> io::Result<String> {
+    let (mut rings, status) = dev.setup(ram, BALLOON_QUEUES, 256);
+    check_ok(status)?;
+    const CHAIN: usize = 16;
+    let block = 2u64 << 20;
+    // The free RAM past the 4 MiB of rings, up to the end of guest memory
+    // (the VM's memory is at least 64 MiB above mem=).
+    let first = ram.phys + layout::SIZE as u64;
+    let blocks = (60u64 << 20) / block;
+    let mut heads = Vec::new();
+    let Some(ring) = rings.get_mut(BALLOON_REPORTING) else {
+        return Err(io::Error::other("no reporting queue"));
+    };
+    for chain in 0..usize::from(ring.size) / CHAIN {
+        for k in 0..CHAIN {
+            let i = chain * CHAIN + k;
+            let (addr, len) = match (chain % 3, k % 3) {
+                (0, _) => (first + (i as u64 % blocks) * block, block as u32),
+                (1, 0) => (first + 1, 4096),
+                (1, 1) => (first, 4095),
+                (1, _) => (first, 0),
+                (_, 0) => (0xffff_ffff_f000, 4096),
+                (_, 1) => (ram.phys + (62 << 20), 4 << 20),
+                (_, _) => (first, u32::MAX),
+            };
+            let next = if k + 1 < CHAIN { DESC_F_NEXT } else { 0 };
+            ram.desc(ring.desc, i, addr, len, DESC_F_WRITE | next, (i + 1) as u16);
+        }
+        heads.push((chain * CHAIN) as u16);
+    }
+    let mut t = Tally::default();
+    let mut cursor = 0;
+    let junk: Vec<u16> = (0..64).collect();
+    let mut junk_cursor = 0;
+    for ring in rings.iter().take(BALLOON_REPORTING) {
+        for i in 0..64 {
+            ram.desc(ring.desc, i, ram.addr(layout::DATA), 4096, 0, 0);
+        }
+    }
+    let start_used = rings[BALLOON_REPORTING].used_idx(ram);
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        let ring = &mut rings[BALLOON_REPORTING];
+        t.put += u64::from(ring.refill(ram, &dev.window, &heads, &mut cursor));
+        t.rounds += 1;
+        if t.rounds % 64 == 0 {
+            for ring in rings.iter_mut().take(BALLOON_REPORTING) {
+                ring.refill(ram, &dev.window, &junk, &mut junk_cursor);
+            }
+            dev.ack_interrupts();
+        }
+    }
+    let ring = &rings[BALLOON_REPORTING];
+    t.consumed = u64::from(ring.used_idx(ram).wrapping_sub(start_used));
+    Ok(format!(
+        "{} ranges_reported={}",
+        t.line(ring, ram, dev.status()),
+        t.consumed * CHAIN as u64
+    ))
+}
+
 /// The guest's vsock CID, from the device's config space.
 fn guest_cid(dev: &RawDevice) -> u64 {
     u64::from(dev.window.read(0x100)) | (u64::from(dev.window.read(0x104)) << 32)
@@ -739,6 +820,22 @@ pub fn run(secs: u64, ports: (u32, u32)) {
             }
         }
         Err(err) => say(&format!("raw failed: taking the rng device: {err}")),
+    }
+    match RawDevice::take(BALLOON_ID) {
+        Ok(mut dev) => {
+            dev.features = F_PAGE_REPORTING;
+            say(&format!("raw took {} (balloon)", dev.name));
+            phase("balloon-malformed", || {
+                malformed(&dev, &ram, BALLOON_QUEUES, BALLOON_REPORTING, 400, true)
+            });
+            phase("balloon-reports", || balloon_reports(&dev, &ram, secs));
+            if let Err(err) = dev.give_back() {
+                say(&format!(
+                    "raw failed to bind the balloon driver again: {err}"
+                ));
+            }
+        }
+        Err(err) => say(&format!("raw failed: taking the balloon device: {err}")),
     }
     say("raw finished");
 }

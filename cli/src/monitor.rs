@@ -373,7 +373,7 @@ fn series_id(name: &str, extra: &[(&str, &str)]) -> String {
 
 /// isola-vmm's counters (its API's `info.metrics`): the JSON key, the
 /// metric's name (without `_total`), its help.
-const VMM_COUNTERS: [(&str, &str, &str); 20] = [
+const VMM_COUNTERS: [(&str, &str, &str); 32] = [
     (
         "vcpu_io_exits",
         "isola_vmm_vcpu_io_exits",
@@ -388,6 +388,66 @@ const VMM_COUNTERS: [(&str, &str, &str); 20] = [
         "vcpu_other_exits",
         "isola_vmm_vcpu_other_exits",
         "Other vCPU exits to isola-vmm (all vCPUs)",
+    ),
+    (
+        "vsock_rx_packets",
+        "isola_vmm_vsock_rx_packets",
+        "vsock packets given to the guest",
+    ),
+    (
+        "vsock_rx_bytes",
+        "isola_vmm_vsock_rx_bytes",
+        "vsock payload bytes given to the guest",
+    ),
+    (
+        "vsock_tx_packets",
+        "isola_vmm_vsock_tx_packets",
+        "vsock packets taken from the guest",
+    ),
+    (
+        "vsock_tx_bytes",
+        "isola_vmm_vsock_tx_bytes",
+        "vsock payload bytes taken from the guest",
+    ),
+    (
+        "vsock_tx_dropped",
+        "isola_vmm_vsock_tx_dropped_packets",
+        "Guest vsock packets dropped (malformed chains, wrong CID or type)",
+    ),
+    (
+        "vsock_rx_bad_buffers",
+        "isola_vmm_vsock_rx_refused_buffers",
+        "Guest vsock rx buffers refused as malformed",
+    ),
+    (
+        "vsock_conns_rejected",
+        "isola_vmm_vsock_connections_refused",
+        "vsock connections refused (over the limit, nobody listening, a bad CONNECT line)",
+    ),
+    (
+        "vsock_conns_reset",
+        "isola_vmm_vsock_connections_reset",
+        "Established vsock streams reset by either side",
+    ),
+    (
+        "fs_requests",
+        "isola_vmm_fs_requests",
+        "virtio-fs requests relayed to virtiofsd (all shares)",
+    ),
+    (
+        "fs_request_bytes",
+        "isola_vmm_fs_request_bytes",
+        "virtio-fs request bytes relayed to virtiofsd",
+    ),
+    (
+        "fs_reply_bytes",
+        "isola_vmm_fs_reply_bytes",
+        "virtio-fs reply bytes given back to the guest",
+    ),
+    (
+        "fs_refused",
+        "isola_vmm_fs_refused_requests",
+        "virtio-fs guest requests refused (malformed, or larger than the device carries)",
     ),
     (
         "balloon_reported_bytes",

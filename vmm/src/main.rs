@@ -284,6 +284,7 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
     if let Some(path) = &config.vsock {
         let mut vsock = Vsock::new(config.vsock_cid, path.clone())
             .with_context(|| format!("vsock socket {}", path.display()))?;
+        isola_vmm::metrics::set_vsock(vsock.metrics());
         // Every vsock stream is a host socket: make room for all of them.
         let want = (MAX_CONNECTIONS + FD_RESERVE) as u64;
         let soft = raise_fd_limit(want);

@@ -1362,6 +1362,20 @@ fn isola_monitor_scrapes_two_sandboxes_and_a_hung_one_does_not_hold_it() -> Resu
                 value_of(&first, "isola_sandbox_up", id, &[]) == Some(1.0),
                 "{id} not up"
             );
+            // The agent talks over vsock, the container's root is on
+            // virtio-fs: both carried bytes.
+            for name in [
+                "isola_vmm_vsock_rx_bytes_total",
+                "isola_vmm_vsock_tx_bytes_total",
+                "isola_vmm_fs_requests_total",
+                "isola_vmm_fs_reply_bytes_total",
+            ] {
+                ensure!(
+                    value_of(&first, name, id, &[]) > Some(0.0),
+                    "{name} of {id}: {:?}",
+                    value_of(&first, name, id, &[])
+                );
+            }
             ensure!(
                 value_of(&first, "isola_agent_up", id, &[]) == Some(1.0),
                 "{id}'s agent not up"

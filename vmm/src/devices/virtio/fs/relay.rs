@@ -44,6 +44,7 @@ use super::bounce::{
 };
 use crate::devices::virtio::queue::{add_used, pop, QUEUE_BUDGET};
 use crate::guest_log::LogLimiter;
+use crate::metrics::{self, METRICS};
 
 /// A FUSE in-header's size and where its `unique` is.
 const FUSE_IN_HEADER: usize = 40;
@@ -286,6 +287,7 @@ impl Relay {
                     tracing::warn!(%err, queue = q, "virtio-fs: refusing a guest chain");
                 }
                 self.stats.refused += 1;
+                metrics::inc(&METRICS.fs_refused);
                 served.used |= return_to_guest(queue, mem, head, 0, &mut self.limiter);
                 continue;
             }
@@ -295,11 +297,13 @@ impl Relay {
             if readable == 0 && writable == 0 {
                 // Nothing the back end could read a request from.
                 self.stats.refused += 1;
+                metrics::inc(&METRICS.fs_refused);
                 served.used |= return_to_guest(queue, mem, head, 0, &mut self.limiter);
                 continue;
             }
             if !fits_any {
                 self.stats.oversized += 1;
+                metrics::inc(&METRICS.fs_refused);
                 if self.limiter.allow() {
                     tracing::warn!(
                         queue = q,
@@ -328,6 +332,7 @@ impl Relay {
             if !copy_in(&self.bounce, base, &self.descs, mem) {
                 relay.give_back(s);
                 self.stats.refused += 1;
+                metrics::inc(&METRICS.fs_refused);
                 served.used |= return_to_guest(queue, mem, head, 0, &mut self.limiter);
                 continue;
             }
@@ -362,6 +367,8 @@ impl Relay {
             relay.next_avail = relay.next_avail.wrapping_add(1);
             relay.in_flight += 1;
             self.stats.posted += 1;
+            metrics::inc(&METRICS.fs_requests);
+            metrics::add(&METRICS.fs_request_bytes, readable);
             served.posted += 1;
         }
         if served.posted > 0 {
@@ -431,6 +438,7 @@ impl Relay {
             relay.give_back(s);
             served.large_idle |= s >= relay.sizing.small && relay.large_all_free();
             self.stats.completed += 1;
+            metrics::add(&METRICS.fs_reply_bytes, u64::from(copied));
             served.used |= return_to_guest(queue, mem, head, copied, &mut self.limiter);
         }
         Ok(served)

@@ -47,7 +47,7 @@
 mod connection;
 mod handshake;
 mod kill;
-mod metrics;
+pub mod metrics;
 mod muxer;
 pub(crate) mod packet;
 mod rxq;

@@ -69,6 +69,14 @@ pub struct Stats {
     pub long_lens: u64,
 }
 
+impl Stats {
+    /// A guest chain refused, also in the VMM's metrics.
+    fn refuse(&mut self) {
+        self.refused += 1;
+        metrics::inc(&METRICS.fs_refused);
+    }
+}
+
 /// What serving a queue did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Served {
@@ -286,8 +294,7 @@ impl Relay {
                 if self.limiter.allow() {
                     tracing::warn!(%err, queue = q, "virtio-fs: refusing a guest chain");
                 }
-                self.stats.refused += 1;
-                metrics::inc(&METRICS.fs_refused);
+                self.stats.refuse();
                 served.used |= return_to_guest(queue, mem, head, 0, &mut self.limiter);
                 continue;
             }
@@ -296,8 +303,7 @@ impl Relay {
             let fits_any = need <= max_slot(relay.sizing);
             if readable == 0 && writable == 0 {
                 // Nothing the back end could read a request from.
-                self.stats.refused += 1;
-                metrics::inc(&METRICS.fs_refused);
+                self.stats.refuse();
                 served.used |= return_to_guest(queue, mem, head, 0, &mut self.limiter);
                 continue;
             }
@@ -331,8 +337,7 @@ impl Relay {
             let (r32, w32) = (readable as u32, writable as u32);
             if !copy_in(&self.bounce, base, &self.descs, mem) {
                 relay.give_back(s);
-                self.stats.refused += 1;
-                metrics::inc(&METRICS.fs_refused);
+                self.stats.refuse();
                 served.used |= return_to_guest(queue, mem, head, 0, &mut self.limiter);
                 continue;
             }

@@ -1526,6 +1526,8 @@ impl isola_protocol::Agent for AgentService {
     ) -> RpcResult<WaitProcessResponse> {
         let (owner, proc) = self.state.process(&req.container_id, &req.exec_id)?;
         let mut rx = proc.state.subscribe();
+        // Only its identity is kept: a process removed meanwhile ends the wait.
+        let waited = Arc::downgrade(&proc);
         drop(proc);
         rx.wait_for(|s| s.exit.is_some())
             .await
@@ -1546,8 +1548,15 @@ impl isola_protocol::Agent for AgentService {
             .exit
             .ok_or_else(|| internal(format!("{owner}: no exit status")))?;
         if req.container_id.is_empty() {
-            // A debug session is waited for once: its entry goes.
-            lock(&self.state.debug).remove(&req.exec_id);
+            // A debug session is waited for once: its entry goes (if it is
+            // still the process waited for, not a new one of the same id).
+            let mut sessions = lock(&self.state.debug);
+            if sessions
+                .get(&req.exec_id)
+                .is_some_and(|p| std::ptr::eq(Arc::as_ptr(p), waited.as_ptr()))
+            {
+                sessions.remove(&req.exec_id);
+            }
         }
         let mut resp = WaitProcessResponse::new();
         resp.exit_status = info.status;

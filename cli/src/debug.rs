@@ -59,7 +59,22 @@ pub fn who() -> String {
     if let Ok(tty) = nix::unistd::ttyname(std::io::stdin()) {
         who.push_str(&format!(" tty={}", tty.display()));
     }
-    who.chars().take(200).collect()
+    cut_to(who, WHO_BYTES)
+}
+
+/// The most bytes of `who` sent (the agent refuses more than 256).
+const WHO_BYTES: usize = 200;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Runs the session; its exit status.
@@ -150,6 +165,15 @@ mod tests {
         assert!(err.to_string().contains("debug.console = true"), "{err}");
         config.debug.console = true;
         assert!(check_enabled(&config).is_ok());
+    }
+
+    #[test]
+    fn who_is_cut_by_bytes_on_a_character_boundary() {
+        let long = "é".repeat(150);
+        let cut = cut_to(long, WHO_BYTES);
+        assert_eq!(cut.len(), WHO_BYTES);
+        assert_eq!(cut_to("ab".to_string(), 1), "a");
+        assert_eq!(cut_to("aé".to_string(), 2), "a");
     }
 
     #[test]

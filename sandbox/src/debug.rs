@@ -30,7 +30,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a call other than the wait may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Whether `path` is a statically linked ELF executable (no program
+/// Whether `path` is a statically linked x86-64 ELF executable (no program
 /// interpreter): the guest has no dynamic loader or libc to run another.
 pub fn is_static_elf(path: &Path) -> io::Result<bool> {
     let mut file = std::fs::File::open(path)?;
@@ -41,6 +41,11 @@ pub fn is_static_elf(path: &Path) -> io::Result<bool> {
         return Ok(false);
     }
     let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    const EM_X86_64: u16 = 62;
+    if u16_at(18) != EM_X86_64 {
+        // Another CPU's: the guest cannot run it.
+        return Ok(false);
+    }
     let phoff = u64::from_le_bytes(head[32..40].try_into().unwrap_or([0; 8]));
     let phentsize = usize::from(u16_at(54));
     let phnum = usize::from(u16_at(56));
@@ -289,6 +294,12 @@ mod tests {
         if busybox.exists() {
             // Debian's busybox-static.
             assert!(is_static_elf(busybox).expect("read"));
+            // The same for another CPU (e_machine 183, aarch64): refused.
+            let mut other = std::fs::read(busybox).expect("read");
+            other[18..20].copy_from_slice(&183u16.to_le_bytes());
+            let arm = dir.path().join("busybox-arm64");
+            std::fs::write(&arm, other).expect("write");
+            assert!(!is_static_elf(&arm).expect("read"));
         }
     }
 }

@@ -147,8 +147,11 @@ impl AgentService {
         }
         {
             let mut sessions = lock(&self.state.debug);
-            // Ended and never waited for: dropped to make room.
-            sessions.retain(|_, p| !p.exited());
+            if sessions.len() >= MAX_DEBUG_SESSIONS {
+                // Ended and never waited for: dropped to make room (only
+                // when full, so that a short session's wait finds it).
+                sessions.retain(|_, p| !p.exited());
+            }
             if sessions.contains_key(&req.session_id) {
                 return Err(status::error(
                     Code::ALREADY_EXISTS,
@@ -167,6 +170,16 @@ impl AgentService {
         let plan = self.claim_stdio(&stdio)?;
         let (stdin, stdout, stderr, master) = if stdio.terminal {
             let pty = nix::pty::openpty(None, None).map_err(|e| step("opening a pty", &e))?;
+            // openpty leaves both ends inheritable: the slave would stay
+            // open beside 0-2 in the shell (and keep the pty alive after
+            // it), the master in every later session.
+            for fd in [&pty.master, &pty.slave] {
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                )
+                .map_err(|e| step("making the pty close-on-exec", &e))?;
+            }
             set_winsize(&pty.master, stdio.rows, stdio.cols)
                 .map_err(|e| step("setting the window size", &e))?;
             let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| step("the pty", &e));
@@ -255,7 +268,7 @@ impl AgentService {
         self.state.register(proc, mark);
         tracing::warn!(
             session = %req.session_id,
-            who = %req.who,
+            who = ?req.who,
             command = ?req.args,
             terminal,
             pid,

@@ -17,10 +17,11 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 
-/// The target of the records this module logs: the kernel printed them
-/// on the console itself (at its own `loglevel`), so the agent's log
-/// writer keeps them off it.
-pub const TARGET: &str = module_path!();
+/// The target of the kernel's records the agent forwards: the kernel
+/// printed them on the console itself (at its own `loglevel`), so the
+/// agent's log writer keeps them off it. This module's own messages (the
+/// log not followed, a read failing) have the module's target and do go.
+pub const TARGET: &str = "isola_agent::kmsg::kernel";
 
 /// The most bytes of one record's message logged.
 pub const MAX_MESSAGE: usize = 512;
@@ -69,10 +70,10 @@ fn log(record: &Record<'_>) {
     };
     let message = record.message;
     match record.level {
-        0..=3 => tracing::error!("{source}: {message}"),
-        4 => tracing::warn!("{source}: {message}"),
-        5 => tracing::info!("{source}: {message}"),
-        _ => tracing::debug!("{source}: {message}"),
+        0..=3 => tracing::error!(target: TARGET, "{source}: {message}"),
+        4 => tracing::warn!(target: TARGET, "{source}: {message}"),
+        5 => tracing::info!(target: TARGET, "{source}: {message}"),
+        _ => tracing::debug!(target: TARGET, "{source}: {message}"),
     }
 }
 

@@ -147,10 +147,14 @@ pub struct Answers {
     pub containers: Vec<(String, Result<ContainerStats, String>)>,
 }
 
-/// A failed call, its message cut as every agent message is (the guest
-/// chooses its text).
+/// A failed call: its status code, and its message cut and escaped as
+/// every agent message is (the guest chooses its text).
 fn rpc_error(what: &str, err: ttrpc::Error) -> String {
-    format!("{what}: {}", isola_sandbox::error::agent_message(&err))
+    let message = isola_sandbox::error::agent_message(&err);
+    match isola_protocol::status::code(&err) {
+        Some(code) => format!("{what}: {code:?}: {message}"),
+        None => format!("{what}: {message}"),
+    }
 }
 
 /// Asks the agent behind the hybrid-vsock socket `vsock` for the guest's

@@ -162,18 +162,26 @@ impl Error {
 /// Longest agent error message kept (the guest chooses its text).
 pub const MAX_AGENT_MESSAGE: usize = 4096;
 
-/// An agent error's message, cut at [`MAX_AGENT_MESSAGE`] bytes: the guest
-/// is not trusted to keep it short, and it ends up in errors and logs.
+/// An agent error's message, cut at [`MAX_AGENT_MESSAGE`] bytes, its
+/// control characters escaped: the guest is not trusted to keep it short,
+/// and it ends up in errors, logs and an operator's terminal (a line
+/// break or an escape sequence must not pass as it is).
 pub fn agent_message(err: &ttrpc::Error) -> String {
-    let mut message = isola_protocol::status::message(err);
-    if message.len() > MAX_AGENT_MESSAGE {
-        let mut end = MAX_AGENT_MESSAGE;
-        while !message.is_char_boundary(end) {
-            end -= 1;
+    let raw = isola_protocol::status::message(err);
+    let mut end = raw.len().min(MAX_AGENT_MESSAGE);
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut message = String::with_capacity(end);
+    for c in raw[..end].chars() {
+        if c.is_control() {
+            message.extend(c.escape_default());
+        } else {
+            message.push(c);
         }
-        let cut = message.len() - end;
-        message.truncate(end);
-        message.push_str(&format!("... ({cut} bytes cut)"));
+    }
+    if end < raw.len() {
+        message.push_str(&format!("... ({} bytes cut)", raw.len() - end));
     }
     message
 }
@@ -219,6 +227,12 @@ mod tests {
             assert_eq!(err.kind(), kind, "{code:?}");
             assert_eq!(err.message(), "why");
         }
+    }
+
+    #[test]
+    fn an_agent_message_cannot_break_a_line_or_drive_a_terminal() {
+        let err = status::error(Code::INTERNAL, "bad\nnews \x1b[2J\tend é");
+        assert_eq!(agent_message(&err), "bad\\nnews \\u{1b}[2J\\tend é");
     }
 
     #[test]

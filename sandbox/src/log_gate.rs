@@ -82,6 +82,11 @@ impl LogGate {
         Verdict::Pass
     }
 
+    /// Whether lines were dropped since the last report.
+    pub fn has_unreported(&self) -> bool {
+        self.unreported > 0
+    }
+
     /// Every line this gate's counter holds as dropped (with the lines of
     /// any gate sharing it).
     pub fn total_dropped(&self) -> u64 {

@@ -2142,7 +2142,7 @@ async fn forward_agent_log(
     loop {
         let read = tokio::select! {
             read = lines.next_line() => read,
-            _ = tick.tick() => {
+            _ = tick.tick(), if gate.has_unreported() => {
                 if let Some(dropped) = gate.report() {
                     report_dropped(&sandbox, &gate, dropped, &mut file, &counters_dir);
                 }

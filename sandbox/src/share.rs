@@ -817,9 +817,18 @@ pub fn remove_dir_safely(dir: &Path) -> io::Result<()> {
 
 fn remove_tree(path: &Path, dev: u64) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(path)?;
+    // An entry gone since the directory was listed (a temporary file
+    // renamed into place) is removed already.
+    let gone = |r: io::Result<()>| match r {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
     if !meta.is_dir() {
-        return std::fs::remove_file(path);
+        return gone(std::fs::remove_file(path));
     }
     if meta.dev() != dev {
         return Err(io::Error::other(format!(

@@ -381,6 +381,27 @@ pub fn private_netns() -> std::io::Result<OwnedFd> {
         .map_err(|_| std::io::Error::other("the netns thread panicked"))?
 }
 
+/// Opens new taps `names` ([`open_tap`]: down, not persistent) in the
+/// namespace `netns`, on a thread of its own that exits afterwards: a
+/// template VM's, whose jailed isola-vmm takes them as descriptors.
+pub fn open_taps_in(netns: &OwnedFd, names: Vec<String>) -> std::io::Result<Vec<OwnedFd>> {
+    let netns = netns.try_clone()?;
+    std::thread::Builder::new()
+        .name("isola-netns".into())
+        .spawn(move || -> std::io::Result<Vec<OwnedFd>> {
+            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            names
+                .iter()
+                .map(|name| {
+                    open_tap(name)
+                        .map_err(|e| std::io::Error::new(e.kind(), format!("tap {name}: {e}")))
+                })
+                .collect()
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+}
+
 /// The name of the tap a [`LateTap`] opens in isola-vmm's namespace.
 pub const LATE_TAP: &str = "tap0_isola";
 

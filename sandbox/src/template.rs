@@ -19,15 +19,18 @@
 //!   that finds no template boots cold and starts the build beside it: a
 //!   lock file (`<key>.lock`, flock) lets one builder per shape run on the
 //!   node; the others go on cold. The builder starts virtiofsd on an empty
-//!   directory and isola-vmm unjailed (no tenant code runs in a template:
-//!   our kernel and agent only) in a network namespace of its own, with
-//!   taps `isola-tpl<N>` whose MACs are [`template_mac`], each in a
+//!   directory (sandboxed, as a sandbox's) and isola-vmm jailed as every
+//!   sandbox's is (a jail user of its own, held by the VMM's supervisor)
+//!   in a network namespace of its own, with taps `isola-tpl<N>` (handed
+//!   over as descriptors) whose MACs are [`template_mac`], each in a
 //!   process group of its own, and hands isola-vmm the lock: the VM saves
 //!   itself when its agent is ready (`--save-when-ready`), so a build
 //!   finishes even if the process that started it ends first (the shim of
 //!   a short pod). The state file appears by a rename once the template
-//!   is whole; a build that failed leaves `<key>.failed` (why), and the
-//!   shape is not tried again for [`RETRY_AFTER`].
+//!   is whole (a jailed VMM's supervisor makes it, after the VMM exited
+//!   well); a build that failed leaves `<key>.failed` (why), and the
+//!   shape is not tried again for [`RETRY_AFTER`]. isola-vmm's log of a
+//!   build that worked stays as `build.log`.
 //! - **Using** ([`ready`]): a clone's virtio-net devices keep the
 //!   template's MACs in the guest; the host finds them by those MACs and
 //!   gives them the pod's (`NetworkInterface.new_mac`). Its virtio-fs
@@ -52,11 +55,14 @@ use std::time::{Duration, Instant};
 use isola_protocol::network::Mac;
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::{vmm_boot_args, vmm_own_args, Console, SandboxConfig};
+use crate::jail::UidLease;
+use crate::sandbox::{vmm_boot_args, vmm_jail_args, vmm_own_args, Console, SandboxConfig};
 use crate::share::{self, Layout};
 
 /// The file in a template directory that describes its shape.
 pub const INPUTS_FILE: &str = "inputs";
+/// isola-vmm's log of a template's build, kept beside it.
+pub const BUILD_LOG: &str = "build.log";
 
 /// Clones that could not start from their template and booted cold.
 pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
@@ -379,9 +385,10 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         .arg(&empty)
         .args([
             "--sandbox",
-            "none",
+            "namespace",
             "--cache",
             "never",
+            "--modcaps=-mknod:-setfcap",
             "--log-level",
             "error",
         ])
@@ -417,11 +424,6 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         .arg(config.start_timeout.as_secs().max(1).to_string())
         .args(vmm_boot_args(config, inputs.cmdline.clone()))
         .args(vmm_own_args(&layout, &console));
-    let off = if inputs.offloads { "" } else { ",offload=off" };
-    for i in 0..inputs.nets {
-        cmd.arg("--net")
-            .arg(format!("tap=isola-tpl{i},mac={}{off}", template_mac(i)));
-    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log("isola-vmm.log")?)
@@ -430,10 +432,37 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("a network namespace for the template: {e}"))?;
+    // The taps, in that namespace, as descriptors (a jailed VMM has no
+    // namespace to find them by name in).
+    let names: Vec<String> = (0..inputs.nets).map(|i| format!("isola-tpl{i}")).collect();
+    let taps = crate::network::open_taps_in(&netns, names)
+        .map_err(|e| format!("the template's taps: {e}"))?;
+    let macs: Vec<(std::os::fd::RawFd, Mac)> = taps
+        .iter()
+        .enumerate()
+        .map(|(i, fd)| (fd.as_raw_fd(), template_mac(i)))
+        .collect();
+    cmd.args(crate::sandbox::vmm_net_args(&macs, inputs.offloads));
     crate::child::enter_netns(&mut cmd, netns.as_raw_fd());
-    // The lock goes with the VMM: held until it exits.
-    crate::child::inherit(&mut cmd, vec![lock.as_raw_fd()]);
+    // The lock goes with the VMM (its jail's supervisor): held until it
+    // exits, as is the jail's user.
+    let mut inherited = vec![lock.as_raw_fd()];
+    inherited.extend(macs.iter().map(|(fd, _)| *fd));
+    let _lease = match &config.jail {
+        Some(uids) => {
+            let lease = UidLease::acquire(uids, &dir.to_string_lossy())
+                .map_err(|e| format!("a user for the template's jail: {e}"))?;
+            share::create_private_dir(&layout.jail_root())
+                .map_err(|e| format!("creating the template's jail root: {e}"))?;
+            cmd.args(vmm_jail_args(lease.uid(), &layout));
+            inherited.push(lease.fd());
+            Some(lease)
+        }
+        None => None,
+    };
+    crate::child::inherit(&mut cmd, inherited);
     let vmm = cmd.spawn();
+    drop(taps);
     drop(netns);
     drop(lock);
     let mut vmm = match vmm {
@@ -451,6 +480,8 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     let _ = virtiofsd.start_kill();
     let _ = virtiofsd.wait().await;
     if status.success() && ready(root, inputs).is_some() {
+        // isola-vmm's log of the build stays beside the template.
+        let _ = fs::rename(work.join("isola-vmm.log"), dir.join(BUILD_LOG));
         let _ = fs::remove_dir_all(&work);
         return Ok(true);
     }

@@ -24,11 +24,18 @@
 //! Then the VM is built and run with the jailed seccomp filters (no
 //! `socket`, `connect` or `unlink`: the vsock device refuses the guest's
 //! connections to host ports, there being no host path it could reach).
+//!
+//! A jailed template VM (`--template DIR --jail …`) writes its state
+//! through the file it created before the jail, but cannot rename it into
+//! place: `DIR` is neither in its root nor writable by its user. The
+//! supervisor does that last step ([`Publish`]), once the VMM exited
+//! successfully, so a template appears whole or not at all, and only the
+//! supervisor, which never runs guest-facing code, keeps root.
 
 use std::ffi::CString;
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
@@ -109,6 +116,63 @@ impl fmt::Display for JailConfig {
     }
 }
 
+/// A rename the supervisor makes in a directory (opened before the jail)
+/// once the jailed VMM exited with status 0: a template's state file into
+/// place. `from` must then be a regular, non-empty file (not a link).
+#[derive(Debug)]
+pub struct Publish {
+    dir: OwnedFd,
+    dir_path: PathBuf,
+    from: String,
+    to: String,
+}
+
+impl Publish {
+    /// Opens `dir` (a directory, not a link to one) for the rename
+    /// `from` -> `to` inside it.
+    pub fn open(dir: &Path, from: &str, to: &str) -> Result<Publish> {
+        let fd = nix::fcntl::open(
+            dir,
+            nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC
+                | nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", dir.display()))?;
+        Ok(Publish {
+            dir: fd,
+            dir_path: dir.to_path_buf(),
+            from: from.to_string(),
+            to: to.to_string(),
+        })
+    }
+
+    /// The rename, if `from` is a regular file with something in it.
+    pub fn run(&self) -> Result<()> {
+        let what = || format!("{}/{}", self.dir_path.display(), self.from);
+        let st = nix::sys::stat::fstatat(
+            self.dir.as_fd(),
+            self.from.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .with_context(|| format!("{} (the saved state)", what()))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            bail!("{} is not a regular file", what());
+        }
+        if st.st_size == 0 {
+            bail!("{} is empty: the VM saved nothing", what());
+        }
+        nix::fcntl::renameat(
+            self.dir.as_fd(),
+            self.from.as_str(),
+            self.dir.as_fd(),
+            self.to.as_str(),
+        )
+        .with_context(|| format!("renaming {} to {}", what(), self.to))
+    }
+}
+
 /// The signals the supervisor forwards to the jailed VMM.
 const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
@@ -116,10 +180,12 @@ const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
 /// the parent supervises it and never returns. `child_fds` are
 /// descriptors the child owns (the taps): the supervisor closes its
 /// copies. The child closes every other inherited descriptor above 2.
+/// `publish`: what the supervisor renames once the VMM exited with 0
+/// (a template's state); if that fails, the supervisor exits with 1.
 ///
 /// Call it while the process has one thread, with SIGTERM, SIGINT and
 /// SIGHUP blocked (`vm::block_exit_signals`).
-pub fn enter_pid_namespace(child_fds: &[RawFd]) -> Result<()> {
+pub fn enter_pid_namespace(child_fds: &[RawFd], publish: Option<Publish>) -> Result<()> {
     ensure_single_threaded("entering the jail's pid namespace")?;
     // SIGCHLD blocked before the fork: one the supervisor has not asked
     // for yet is kept pending, not discarded.
@@ -140,10 +206,11 @@ pub fn enter_pid_namespace(child_fds: &[RawFd]) -> Result<()> {
                 // supervisor never touches it again.
                 unsafe { libc::close(*fd) };
             }
-            supervise(child, alive_w)
+            supervise(child, alive_w, publish)
         }
         ForkResult::Child => {
             drop(alive_w);
+            drop(publish);
             // SAFETY: prctl with integer arguments only.
             if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
                 bail!("PR_SET_PDEATHSIG: {}", std::io::Error::last_os_error());
@@ -190,8 +257,9 @@ fn close_inherited(keep: &[RawFd]) -> Result<()> {
 }
 
 /// The supervisor: forwards the exit signals to the VMM, and ends as it
-/// ended (its exit status, or killed by its signal).
-fn supervise(child: Pid, _alive: OwnedFd) -> ! {
+/// ended (its exit status, or killed by its signal), after `publish` if
+/// it ended well.
+fn supervise(child: Pid, _alive: OwnedFd, publish: Option<Publish>) -> ! {
     let mut wait_for = SigSet::empty();
     wait_for.add(Signal::SIGCHLD);
     for s in FORWARDED {
@@ -203,6 +271,13 @@ fn supervise(child: Pid, _alive: OwnedFd) -> ! {
         match wait_for.wait() {
             Ok(Signal::SIGCHLD) => loop {
                 match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, 0)) => match publish.as_ref().map(Publish::run) {
+                        Some(Err(err)) => {
+                            eprintln!("isola-vmm: error: the template was not published: {err:#}");
+                            std::process::exit(1);
+                        }
+                        Some(Ok(())) | None => std::process::exit(0),
+                    },
                     Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
                     Ok(WaitStatus::Signaled(_, signal, _)) => die_by(signal),
                     Ok(WaitStatus::StillAlive) => break,
@@ -441,5 +516,33 @@ mod tests {
             "uid=1,gid=1,root=rel".parse::<JailConfig>(),
             Err(JailConfigError::Root("rel".into()))
         );
+    }
+
+    #[test]
+    fn publishes_only_a_saved_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let publish = Publish::open(dir.path(), "state.json.partial", "state.json").unwrap();
+        // Nothing saved: no file, an empty one, a link, a directory.
+        let err = publish.run().unwrap_err();
+        assert!(format!("{err:#}").contains("state.json.partial"), "{err:#}");
+        std::fs::write(dir.path().join("state.json.partial"), b"").unwrap();
+        let err = publish.run().unwrap_err();
+        assert!(format!("{err:#}").contains("empty"), "{err:#}");
+        std::fs::remove_file(dir.path().join("state.json.partial")).unwrap();
+        std::fs::write(dir.path().join("elsewhere"), b"{}").unwrap();
+        std::os::unix::fs::symlink("elsewhere", dir.path().join("state.json.partial")).unwrap();
+        let err = publish.run().unwrap_err();
+        assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
+        assert!(!dir.path().join("state.json").exists());
+        std::fs::remove_file(dir.path().join("state.json.partial")).unwrap();
+        // Saved: renamed into place.
+        std::fs::write(dir.path().join("state.json.partial"), b"{}").unwrap();
+        publish.run().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), b"{}");
+        assert!(!dir.path().join("state.json.partial").exists());
+        // A directory given as a link is refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(Publish::open(&link, "a", "b").is_err());
     }
 }

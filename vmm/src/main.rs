@@ -192,7 +192,7 @@ fn main() {
             .as_ref()
             .context("--check-jail needs --jail")
             .and_then(|config| {
-                jail::enter_pid_namespace(&[])?;
+                jail::enter_pid_namespace(&[], None)?;
                 jail::check(config)
             });
         match result {
@@ -230,7 +230,19 @@ fn run(args: Args, started: Instant) -> anyhow::Result<GuestExit> {
                 _ => None,
             })
             .collect();
-        jail::enter_pid_namespace(&taps).context("jail: the pid namespace")?;
+        // A template's state is renamed into place by the supervisor.
+        let publish = match &args.template {
+            Some(dir) => Some(
+                jail::Publish::open(
+                    dir,
+                    isola_vmm::snapshot::STATE_PARTIAL,
+                    isola_vmm::snapshot::STATE_FILE,
+                )
+                .context("--template")?,
+            ),
+            None => None,
+        };
+        jail::enter_pid_namespace(&taps, publish).context("jail: the pid namespace")?;
         jail::isolate(config).with_context(|| format!("jail: isolating ({config})"))?;
     }
     // The taps first: an inherited fd must be taken over before the VMM

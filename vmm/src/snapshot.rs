@@ -53,7 +53,7 @@ pub const MEMORY_FILE: &str = "memory";
 /// once the template is whole.
 pub const STATE_FILE: &str = "state.json";
 /// The state's file while it is written.
-const STATE_PARTIAL: &str = "state.json.partial";
+pub const STATE_PARTIAL: &str = "state.json.partial";
 /// The largest state file a clone reads (the real one is well under).
 const STATE_MAX: u64 = 16 << 20;
 /// MSRs read or written per KVM_GET/SET_MSRS.
@@ -177,6 +177,9 @@ pub struct TemplateFiles {
     pub memory: File,
     pub state: File,
     pub msr_index: Vec<u32>,
+    /// The state file stays `state.json.partial`: a jailed VMM cannot
+    /// rename in `dir`; its supervisor does ([`crate::jail::Publish`]).
+    pub renamed_by_supervisor: bool,
 }
 
 /// Creates `name` in `dir`: owner-only, refusing one that exists.
@@ -211,11 +214,13 @@ impl TemplateFiles {
             memory,
             state,
             msr_index,
+            renamed_by_supervisor: false,
         })
     }
 
     /// Writes the state file (once), then renames it into place: a
-    /// directory with a `state.json` is a whole template.
+    /// directory with a `state.json` is a whole template. (Jailed, the
+    /// supervisor renames it once this process exited well.)
     pub fn write_state(&mut self, snapshot: &Snapshot) -> Result<()> {
         let json = serde_json::to_vec(snapshot).context("encoding the snapshot")?;
         let partial = self.dir.join(STATE_PARTIAL);
@@ -223,6 +228,9 @@ impl TemplateFiles {
             .write_all(&json)
             .and_then(|()| self.state.sync_all())
             .with_context(|| format!("writing {}", partial.display()))?;
+        if self.renamed_by_supervisor {
+            return Ok(());
+        }
         std::fs::rename(&partial, self.dir.join(STATE_FILE))
             .with_context(|| format!("renaming {} into place", partial.display()))
     }
@@ -683,6 +691,7 @@ mod tests {
             memory: create_new(dir.path(), MEMORY_FILE).unwrap(),
             state: create_new(dir.path(), STATE_PARTIAL).unwrap(),
             msr_index: Vec::new(),
+            renamed_by_supervisor: false,
         };
         kvm_free.memory.set_len(128 << 20).unwrap();
         let mut files = kvm_free;

@@ -115,10 +115,12 @@ impl HostFiles {
             _ => None,
         };
         let template = match &config.template {
-            Some(dir) => Some(
-                TemplateFiles::create(dir, &kvm)
-                    .with_context(|| format!("template directory {}", dir.display()))?,
-            ),
+            Some(dir) => {
+                let mut files = TemplateFiles::create(dir, &kvm)
+                    .with_context(|| format!("template directory {}", dir.display()))?;
+                files.renamed_by_supervisor = config.jailed;
+                Some(files)
+            }
             None => None,
         };
         let console = console_dest(config)?;

@@ -1061,6 +1061,7 @@ fn sandboxes_start_from_a_template_of_their_shape() {
 
 async fn templates(base: &Path, run_root: &Path) -> Result<()> {
     use isola_sandbox::template;
+    use std::os::unix::fs::MetadataExt;
     let t = Instant::now();
     let rootfs = busybox_rootfs()?;
     let root = template::root_for(run_root);
@@ -1103,7 +1104,34 @@ async fn templates(base: &Path, run_root: &Path) -> Result<()> {
     })
     .await?;
     second.stop().await?;
-    step(t, "template built beside a cold boot");
+    // Built by a jailed isola-vmm (its own user, the sandboxes' range),
+    // whose supervisor published the state: root's, owner-only.
+    let build_log = std::fs::read_to_string(dir.join(template::BUILD_LOG))?;
+    let jailed = build_log
+        .lines()
+        .find(|l| l.contains("jailed"))
+        .with_context(|| format!("the template's isola-vmm was not jailed:\n{build_log}"))?;
+    let first_uid = isola_sandbox::jail::DEFAULT_FIRST_UID;
+    ensure!(
+        jailed.split_whitespace().any(|w| w
+            .strip_prefix("uid=")
+            .and_then(|u| u.parse::<u32>().ok())
+            .is_some_and(|u| u >= first_uid)),
+        "not a jail user: {jailed}"
+    );
+    for name in ["state.json", "memory"] {
+        let meta = std::fs::symlink_metadata(dir.join(name))?;
+        ensure!(
+            meta.is_file() && meta.uid() == 0 && meta.mode() & 0o077 == 0,
+            "{name}: uid {} mode {:o}",
+            meta.uid(),
+            meta.mode()
+        );
+    }
+    step(
+        t,
+        &format!("template built beside a cold boot ({})", jailed.trim()),
+    );
 
     // Clones: containers and execs, each its own identity.
     let started = Instant::now();

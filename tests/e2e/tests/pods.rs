@@ -443,6 +443,59 @@ fn ten_pods_created_and_removed_in_a_loop_leave_nothing() -> Result<()> {
         let id = p.apply(&yaml)?;
         p.delete(&name, &id, Some(1))?;
     }
+    // Their shape's template (a virtio-net device on a tap, handed to its
+    // jailed isola-vmm as a descriptor) is built, and the next pod is
+    // its clone.
+    let root = isola_sandbox::template::root_for(&p.containerd.run_root);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let built = loop {
+        let found: Vec<std::path::PathBuf> = std::fs::read_dir(&root)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let with_net = found.into_iter().find(|dir| {
+            let inputs = std::fs::read_to_string(dir.join("inputs")).unwrap_or_default();
+            inputs.contains("\nnets: 1\n") && dir.join("state.json").is_file()
+        });
+        if let Some(dir) = with_net {
+            break dir;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no template with a network device in {}",
+            root.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let log = std::fs::read_to_string(built.join("build.log"))?;
+    ensure!(
+        log.lines().any(|l| l.contains("jailed")),
+        "the template's isola-vmm was not jailed:\n{log}"
+    );
+    let name = "loop-clone";
+    let yaml = manifest(
+        name,
+        ISOLA,
+        "",
+        &format!("  - name: app\n    image: {BUSYBOX}\n    command: [sleep, \"3600\"]\n"),
+    );
+    let _guard = p.guard(&[name]);
+    let id = p.apply(&yaml)?;
+    let isola = isola_e2e::containers::release_binary("isola")?;
+    let out = std::process::Command::new(&isola)
+        .args(["ps", "--json", "--run-root"])
+        .arg(&p.containerd.run_root)
+        .output()?;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let entry = list
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["id"] == id.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        entry["template"] == true,
+        "{name} did not start from its template: {entry:#}"
+    );
+    p.delete(name, &id, Some(1))?;
     ensure!(
         Pods::netns_paths().len() == netns_before,
         "{:?}",

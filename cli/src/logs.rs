@@ -65,27 +65,25 @@ pub fn run(found: &Found, options: &Options, out: &mut dyn Write) -> Result<()> 
     }
     // What is there now: the rotated file, then the current one.
     let mut text = Vec::new();
-    // The runner keeps each file under MAX_LOG_FILE (and a line); more
-    // is not read.
-    if let Some(f) = older {
-        f.take(READ_LIMIT)
-            .read_to_end(&mut text)
+    // The runner keeps each file under MAX_LOG_FILE (and a line); of a
+    // larger one (not the runner's) only the last whole lines within
+    // READ_LIMIT are read: a log's end is what is wanted.
+    if let Some(mut f) = older {
+        read_end(&mut f, READ_LIMIT, &mut text)
             .with_context(|| format!("reading {}", previous.display()))?;
     }
     let mut position = 0;
     let mut following = None;
     if let Some(mut f) = current {
         let start = text.len();
-        (&mut f)
-            .take(READ_LIMIT)
-            .read_to_end(&mut text)
+        let offset = read_end(&mut f, READ_LIMIT, &mut text)
             .with_context(|| format!("reading {}", path.display()))?;
         // A last line still being written is left for --follow.
         let whole = match text[start..].iter().rposition(|&b| b == b'\n') {
             Some(i) => start + i + 1,
             None => start,
         };
-        position = (whole - start) as u64;
+        position = offset + (whole - start) as u64;
         text.truncate(whole);
         following = Some(f);
     }
@@ -95,6 +93,27 @@ pub fn run(found: &Found, options: &Options, out: &mut dyn Write) -> Result<()> 
         return Ok(());
     }
     follow(&found.dir, &path, following, position, out)
+}
+
+/// Appends the end of `file` to `text`: all of it, or of one larger than
+/// `limit` the lines that begin in its last `limit` bytes. Where in the
+/// file what was appended begins.
+fn read_end(file: &mut File, limit: u64, text: &mut Vec<u8>) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut offset = len.saturating_sub(limit);
+    file.seek(SeekFrom::Start(offset))?;
+    let start = text.len();
+    file.take(limit).read_to_end(text)?;
+    if offset > 0 {
+        // The line cut by the seek is left out.
+        let cut = text[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(text.len() - start, |i| i + 1);
+        text.drain(start..start + cut);
+        offset += cut as u64;
+    }
+    Ok(offset)
 }
 
 /// The last `tail` lines of `text` (all of it without `tail`).
@@ -265,6 +284,57 @@ mod tests {
             err.to_string().contains("runtime.guest_console = false"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn of_a_file_larger_than_the_limit_its_last_whole_lines_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let lines: String = (0..1000).map(|i| format!("line {i:04}\n")).collect();
+        std::fs::write(&path, &lines).expect("write");
+        let mut text = b"before\n".to_vec();
+        let mut f = File::open(&path).expect("open");
+        // 10 bytes a line: the last 95 bytes cut line 990 in the middle.
+        let offset = read_end(&mut f, 95, &mut text).expect("read");
+        assert_eq!(offset, 9910);
+        let want: String = (991..1000).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(String::from_utf8_lossy(&text), format!("before\n{want}"));
+        // Within the limit: all of it, from its start.
+        let mut text = Vec::new();
+        let mut f = File::open(&path).expect("open");
+        assert_eq!(read_end(&mut f, 1 << 20, &mut text).expect("read"), 0);
+        assert_eq!(text, lines.as_bytes());
+        // Run on a current file past the limit: its end, then follows on
+        // from there.
+        let big = dir.path().join("agent.log");
+        let line = format!("{}\n", "x".repeat(99));
+        let mut body = "first line\n".to_string();
+        while body.len() as u64 <= READ_LIMIT + 1000 {
+            body.push_str(&line);
+        }
+        body.push_str("last line\n");
+        std::fs::write(&big, &body).expect("write");
+        let options = Options {
+            guest_console: false,
+            follow: false,
+            tail: Some(2),
+        };
+        let mut out = Vec::new();
+        run(&found(dir.path()), &options, &mut out).expect("logs");
+        assert_eq!(String::from_utf8_lossy(&out), format!("{line}last line\n"));
+        let mut out = Vec::new();
+        run(
+            &found(dir.path()),
+            &Options {
+                tail: None,
+                ..options
+            },
+            &mut out,
+        )
+        .expect("logs");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.ends_with("last line\n") && !out.contains("first line"));
+        assert!(out.starts_with(&line) && out.len() as u64 <= READ_LIMIT);
     }
 
     #[test]

@@ -21,6 +21,11 @@
 //! than the timeout, nor the sandbox itself (every question is read-only,
 //! on a connection of its own).
 //!
+//! Scrapes run one at a time; requests that came while one ran share the
+//! next (`HEAD` as `GET`), so that any number of clients asking at once
+//! costs the node at most two scrapes, none answered with one begun
+//! before it asked.
+//!
 //! Counters only grow: a counter whose source restarted (a new isola-vmm
 //! pid, a container's init with a new pid) or went down is carried on
 //! from its last value ([`Monotonic`]); a sandbox's counters start from
@@ -33,7 +38,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -163,14 +168,28 @@ async fn serve(options: Options) -> anyhow::Result<()> {
 struct Monitor {
     options: Options,
     /// Held for a whole scrape: scrapes run one at a time.
-    state: tokio::sync::Mutex<State>,
+    state: tokio::sync::Mutex<Scrapes>,
+    /// Scrapes begun so far (each takes the next number).
+    begun: AtomicU64,
+}
+
+/// The monitor's state and the text of its last scrape.
+#[derive(Debug)]
+struct Scrapes {
+    state: State,
+    /// The last scrape: its number and text.
+    last: Option<(u64, String)>,
 }
 
 impl Monitor {
     fn new(options: Options) -> Monitor {
         Monitor {
             options,
-            state: tokio::sync::Mutex::new(State::new()),
+            state: tokio::sync::Mutex::new(Scrapes {
+                state: State::new(),
+                last: None,
+            }),
+            begun: AtomicU64::new(0),
         }
     }
 
@@ -197,10 +216,21 @@ impl Monitor {
         resp
     }
 
-    /// One scrape: every sandbox, then the text.
+    /// One scrape: every sandbox, then the text. Requests that wait for
+    /// another's scrape share the next one that begins after they came:
+    /// however many ask at once, at most one scrape runs and one waits,
+    /// and no answer is older than its request.
     async fn scrape(&self) -> String {
+        let came_after = self.begun.load(Ordering::Acquire);
+        let mut scrapes = self.state.lock().await;
+        if let Some((number, text)) = &scrapes.last {
+            if *number > came_after {
+                return text.clone();
+            }
+        }
+        let number = self.begun.fetch_add(1, Ordering::AcqRel) + 1;
         let began = Instant::now();
-        let mut state = self.state.lock().await;
+        let state = &mut scrapes.state;
         let dirs: Vec<(String, PathBuf)> = crate::lookup::sandbox_dirs(&self.options.roots)
             .into_iter()
             .take(MAX_SANDBOXES)
@@ -220,7 +250,8 @@ impl Monitor {
             .collect()
             .await;
         let text = state.render(samples, began);
-        drop(state);
+        scrapes.last = Some((number, text.clone()));
+        drop(scrapes);
         tracing::debug!(ms = began.elapsed().as_millis() as u64, "scraped");
         text
     }
@@ -1774,6 +1805,40 @@ mod tests {
         assert!(up.ends_with(" 0.0"), "{text}");
         assert!(text.contains("source=\"vmm_api\"} 1.0"), "{text}");
         held.abort();
+    }
+
+    #[tokio::test]
+    async fn requests_that_wait_share_the_next_scrape_and_none_gets_an_older_one() {
+        let root = tempfile::tempdir().unwrap();
+        let monitor = Monitor::new(Options {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            roots: vec![root.path().to_path_buf()],
+            timeout: Duration::from_millis(300),
+            concurrency: 4,
+        });
+        let scrapes = |text: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("isola_monitor_scrapes_total "))
+                .map(str::to_string)
+        };
+        // Three requests come while a scrape runs (the lock held here).
+        let held = monitor.state.lock().await;
+        let (a, b, c, ()) = tokio::join!(
+            monitor.scrape(),
+            monitor.scrape(),
+            monitor.scrape(),
+            async {
+                tokio::task::yield_now().await;
+                drop(held);
+            }
+        );
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert_eq!(monitor.state.lock().await.state.scrapes, 1);
+        // One that comes after gets a scrape of its own.
+        let d = monitor.scrape().await;
+        assert_eq!(monitor.state.lock().await.state.scrapes, 2);
+        assert_ne!(scrapes(&a), scrapes(&d), "{a}\n{d}");
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -623,6 +623,9 @@ impl AgentService {
         let mut outputs: Vec<(FdIo, Option<Stream>)> = Vec::new();
         let mut stdin_copy: Option<(Stream, FdIo)> = None;
         let mut tty = None;
+        // A pty this agent made itself (a debug session's): its stdin
+        // stream is the host's terminal, whose end is a hangup.
+        let hangup = copies.tty.is_some() && master.is_some();
         if let Some((stdin, stdout)) = copies.tty {
             let master = match master {
                 Some(master) => master,
@@ -673,10 +676,16 @@ impl AgentService {
         });
         if let Some((stream, pipe)) = stdin_copy {
             let what = what.clone();
+            let weak = Arc::downgrade(&proc);
             tokio::spawn(async move {
                 match streams::copy_in(stream, pipe, close_rx).await {
                     Ok(n) => tracing::debug!(%what, bytes = n, "stdin closed"),
                     Err(err) => tracing::debug!(%what, %err, "stdin copy ended"),
+                }
+                if hangup {
+                    if let Some(proc) = weak.upgrade().filter(|p| !p.exited()) {
+                        hang_up(&what, &proc);
+                    }
                 }
             });
         }
@@ -1207,6 +1216,40 @@ fn signal_number(signal: u32) -> RpcResult<i32> {
         )));
     }
     Ok(signal as i32)
+}
+
+/// The host's terminal of a debug session is gone: its pty hangs up as
+/// a terminal's does (`TIOCVHANGUP` on the slave, opened from the master
+/// with `TIOCGPTPEER`): SIGHUP and SIGCONT to the session's leader, the
+/// foreground job's SIGHUP when that leader exits, and end of file for
+/// every reader, a shell that ignores SIGHUP included.
+fn hang_up(what: &str, proc: &Proc) {
+    let Some(master) = &proc.tty else {
+        return;
+    };
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new
+    // descriptor of the pty's slave, or -1.
+    let fd = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::warn!(%what, %err, "the host's terminal is gone, and its pty could not be opened to hang up");
+        return;
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: TIOCVHANGUP takes no argument.
+    if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCVHANGUP) } < 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::warn!(%what, %err, "the host's terminal is gone, and its pty did not hang up");
+        return;
+    }
+    tracing::warn!(%what, pid = proc.pid, "the host's terminal is gone: hung up");
 }
 
 fn kill_raw(pid: u32, signal: i32) -> std::io::Result<()> {

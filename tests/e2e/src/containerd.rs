@@ -40,25 +40,9 @@ impl Drop for ConfigGuard {
 /// Runs `cmd` with its stdio on a pty of `size` (rows, cols), `input`
 /// typed into it at once: its status and all it printed (the echo of the
 /// input included).
-pub fn on_pty(mut cmd: Command, input: &[u8], size: Option<(u16, u16)>) -> Result<(i32, String)> {
+pub fn on_pty(cmd: Command, input: &[u8], size: Option<(u16, u16)>) -> Result<(i32, String)> {
     use std::io::Write;
-    let winsize = size.map(|(rows, cols)| nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    });
-    let pty = nix::pty::openpty(winsize.as_ref(), None)?;
-    let slave = std::fs::File::from(pty.slave);
-    let mut child = cmd
-        .stdin(Stdio::from(slave.try_clone()?))
-        .stdout(Stdio::from(slave.try_clone()?))
-        .stderr(Stdio::from(slave))
-        .spawn()?;
-    // The command's copies of the slave: the reader's EOF comes when the
-    // child's are closed too.
-    drop(cmd);
-    let mut master = std::fs::File::from(pty.master);
+    let (mut child, mut master) = spawn_on_pty(cmd, size)?;
     master.write_all(input)?;
     let reader = std::thread::spawn(move || {
         let mut all = Vec::new();
@@ -77,6 +61,68 @@ pub fn on_pty(mut cmd: Command, input: &[u8], size: Option<(u16, u16)>) -> Resul
         .join()
         .map_err(|_| anyhow::anyhow!("pty reader panicked"))?;
     Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// Starts `cmd` with a new pty (of `size`) as its stdin, stdout and
+/// stderr: the child and the pty's master.
+fn spawn_on_pty(
+    mut cmd: Command,
+    size: Option<(u16, u16)>,
+) -> Result<(std::process::Child, std::fs::File)> {
+    let winsize = size.map(|(rows, cols)| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    });
+    let pty = nix::pty::openpty(winsize.as_ref(), None)?;
+    let slave = std::fs::File::from(pty.slave);
+    let child = cmd
+        .stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave))
+        .spawn()?;
+    // The command's copies of the slave: the reader's EOF comes when the
+    // child's are closed too.
+    drop(cmd);
+    Ok((child, std::fs::File::from(pty.master)))
+}
+
+/// Runs `cmd` on a new pty, types `input`, and once `marker` is on the
+/// screen kills it (SIGKILL) as a terminal's owner dies; the screen.
+pub fn killed_on_pty(cmd: Command, input: &[u8], marker: &str) -> Result<String> {
+    use std::io::Write;
+    let (mut child, mut master) = spawn_on_pty(cmd, None)?;
+    master.write_all(input)?;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = master.try_clone()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + CTR_DEADLINE;
+    let mut screen = Vec::new();
+    let seen = loop {
+        if String::from_utf8_lossy(&screen).contains(marker) {
+            break true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => screen.extend_from_slice(&chunk),
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // The reader ends with the master.
+    drop(master);
+    let screen = String::from_utf8_lossy(&screen).into_owned();
+    anyhow::ensure!(seen, "{marker:?} never on the screen: {screen:?}");
+    Ok(screen)
 }
 
 /// One private containerd for the whole test binary.

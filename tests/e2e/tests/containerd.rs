@@ -1904,15 +1904,18 @@ fn isola_debug_is_off_unless_the_node_says_and_runs_in_the_guest_outside_the_con
             "pid 1's name, the rootfs, the mount namespace: {printed:?}"
         );
         // A shell on a terminal of 33x101: raw mode, the size, the status.
-        let mut cmd = std::process::Command::new(&isola);
-        cmd.arg("debug")
-            .arg(on)
-            .arg("--config")
-            .arg(&on_config)
-            .arg("--run-root")
-            .arg(&c.run_root);
+        let shell = || {
+            let mut cmd = std::process::Command::new(&isola);
+            cmd.arg("debug")
+                .arg(on)
+                .arg("--config")
+                .arg(&on_config)
+                .arg("--run-root")
+                .arg(&c.run_root);
+            cmd
+        };
         let (status, screen) = on_pty(
-            cmd,
+            shell(),
             b"stty size; echo answer-$((6*7)); exit 3\n",
             Some((33, 101)),
         )?;
@@ -1921,17 +1924,52 @@ fn isola_debug_is_off_unless_the_node_says_and_runs_in_the_guest_outside_the_con
             "a debug shell on a pty: status {status}, screen:\n{screen}"
         );
         // The guest logged both sessions, with who asked.
-        let out = std::process::Command::new(&isola)
-            .args(["logs", on, "--run-root"])
-            .arg(&c.run_root)
-            .output()?;
-        let log = stdout(&out);
+        let agent_log = || -> Result<String> {
+            let out = std::process::Command::new(&isola)
+                .args(["logs", on, "--run-root"])
+                .arg(&c.run_root)
+                .output()?;
+            Ok(stdout(&out))
+        };
+        let log = agent_log()?;
         ensure!(
             log.matches("debug session started").count() >= 2
                 && log.contains("user=root")
                 && log.contains("debug session ended"),
             "the agent log of {on}:\n{log}"
         );
+        // A shell whose host side dies (isola debug killed) is hung up
+        // as a terminal's: the shell and its foreground job end.
+        let screen = killed_on_pty(
+            shell(),
+            b"echo hang-$((40+2)); sleep 100007\n",
+            "hang-42",
+        )?;
+        let sleepers = || -> Result<String> {
+            let out = debug(
+                &on_config,
+                on,
+                &["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"],
+            )?;
+            Ok(stdout(&out))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let log = agent_log()?;
+            let left = sleepers()?;
+            if log.contains("the host's terminal is gone: hung up")
+                && log.matches("debug session ended").count() >= 3
+                && !left.contains("sleep 100007")
+            {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "a killed debug client's shell was not hung up (screen: {screen:?}); \
+                 processes: {left}\nthe agent log:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         Ok(())
     });
     let removed_on = c.kill_and_remove(on);

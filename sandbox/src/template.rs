@@ -29,8 +29,8 @@
 //!   a short pod). The state file appears by a rename once the template
 //!   is whole (a jailed VMM's supervisor makes it, after the VMM exited
 //!   well); a build that failed leaves `<key>.failed` (why), and the
-//!   shape is not tried again for [`RETRY_AFTER`]. isola-vmm's log of a
-//!   build that worked stays as `build.log`.
+//!   shape is not tried again for [`RETRY_AFTER`]. isola-vmm writes its
+//!   log of the build beside the template, as `build.log`.
 //! - **Using** ([`ready`]): a clone's virtio-net devices keep the
 //!   template's MACs in the guest; the host finds them by those MACs and
 //!   gives them the pod's (`NetworkInterface.new_mac`). Its virtio-fs
@@ -47,7 +47,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -373,48 +373,21 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     for d in [&work, &layout.dir().to_path_buf(), &empty] {
         share::create_private_dir(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    let log = |name: &str| {
-        fs::File::create(work.join(name)).map_err(|e| format!("creating the build's {name}: {e}"))
+    let log = |path: PathBuf| {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))
     };
 
-    let mut fs_cmd = tokio::process::Command::new(&config.virtiofsd);
-    fs_cmd
-        .arg("--socket-path")
-        .arg(layout.fs_socket())
-        .arg("--shared-dir")
-        .arg(&empty)
-        .args([
-            "--sandbox",
-            "namespace",
-            "--cache",
-            "never",
-            "--modcaps=-mknod:-setfcap",
-            "--log-level",
-            "error",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log("virtiofsd.log")?)
-        .process_group(0);
-    let mut virtiofsd = fs_cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", config.virtiofsd.display()))?;
-    let deadline = Instant::now() + config.start_timeout;
-    while !layout.fs_socket().exists() {
-        let gone = virtiofsd.try_wait().ok().flatten();
-        if gone.is_some() || Instant::now() >= deadline {
-            let _ = virtiofsd.start_kill();
-            return Err(format!(
-                "virtiofsd did not make its socket ({})",
-                gone.map_or_else(|| "in time".to_string(), |s| s.to_string())
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
+    // What can fail without leaving a process behind comes first: the
+    // VMM's command, its network namespace and taps, its jail's user.
     let console = match &config.console {
         Console::Off => Console::Off,
-        // The template's boot console, beside its build log.
+        // The template's boot console, beside its build's files.
         Console::File(_) | Console::Kept => Console::File(work.join("console")),
     };
     let mut cmd = tokio::process::Command::new(&config.vmm);
@@ -424,9 +397,11 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         .arg(config.start_timeout.as_secs().max(1).to_string())
         .args(vmm_boot_args(config, inputs.cmdline.clone()))
         .args(vmm_own_args(&layout, &console));
+    // isola-vmm's log goes beside the template at once: a build outlives
+    // the shim that started it, which may not be there to move it.
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(log("isola-vmm.log")?)
+        .stderr(log(dir.join(BUILD_LOG))?)
         .process_group(0);
     let netns = tokio::task::spawn_blocking(crate::network::private_netns)
         .await
@@ -461,6 +436,42 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         None => None,
     };
     crate::child::inherit(&mut cmd, inherited);
+
+    let mut fs_cmd = tokio::process::Command::new(&config.virtiofsd);
+    fs_cmd
+        .arg("--socket-path")
+        .arg(layout.fs_socket())
+        .arg("--shared-dir")
+        .arg(&empty)
+        .args([
+            "--sandbox",
+            "namespace",
+            "--cache",
+            "never",
+            "--modcaps=-mknod:-setfcap",
+            "--log-level",
+            "error",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log(work.join("virtiofsd.log"))?)
+        .process_group(0);
+    let mut virtiofsd = fs_cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", config.virtiofsd.display()))?;
+    let deadline = Instant::now() + config.start_timeout;
+    while !layout.fs_socket().exists() {
+        let gone = virtiofsd.try_wait().ok().flatten();
+        if gone.is_some() || Instant::now() >= deadline {
+            let _ = virtiofsd.start_kill();
+            let _ = virtiofsd.wait().await;
+            return Err(format!(
+                "virtiofsd did not make its socket ({})",
+                gone.map_or_else(|| "in time".to_string(), |s| s.to_string())
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let vmm = cmd.spawn();
     drop(taps);
     drop(netns);
@@ -469,6 +480,7 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         Ok(vmm) => vmm,
         Err(e) => {
             let _ = virtiofsd.start_kill();
+            let _ = virtiofsd.wait().await;
             return Err(format!("starting {}: {e}", config.vmm.display()));
         }
     };
@@ -480,12 +492,10 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     let _ = virtiofsd.start_kill();
     let _ = virtiofsd.wait().await;
     if status.success() && ready(root, inputs).is_some() {
-        // isola-vmm's log of the build stays beside the template.
-        let _ = fs::rename(work.join("isola-vmm.log"), dir.join(BUILD_LOG));
         let _ = fs::remove_dir_all(&work);
         return Ok(true);
     }
-    let tail = fs::read_to_string(work.join("isola-vmm.log")).unwrap_or_default();
+    let tail = fs::read_to_string(dir.join(BUILD_LOG)).unwrap_or_default();
     let last: Vec<&str> = tail.lines().rev().take(3).collect();
     Err(format!(
         "the template's isola-vmm exited with {status}: {}",

@@ -36,7 +36,8 @@ pub enum ThreadKind {
     /// The event loop of a template VM (`--template`): it also saves the
     /// VM ([`SNAPSHOT_IOCTLS`], `fsync`, the state file's rename).
     TemplateEventLoop,
-    /// [`ThreadKind::JailedEventLoop`] of a template VM.
+    /// [`ThreadKind::JailedEventLoop`] of a template VM (`fsync`, no
+    /// rename: the jail's supervisor renames the state file).
     JailedTemplateEventLoop,
     /// A vCPU thread.
     Vcpu,
@@ -218,13 +219,16 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::EventLoop | ThreadKind::TemplateEventLoop => UNJAILED_EVENT_LOOP,
         _ => &[],
     };
+    // A jailed template's state file is renamed into place by the jail's
+    // supervisor ([`crate::jail::Publish`]), not by the VMM.
     let template: &[i64] = match kind {
-        ThreadKind::TemplateEventLoop | ThreadKind::JailedTemplateEventLoop => &[
+        ThreadKind::TemplateEventLoop => &[
             libc::SYS_fsync,
             libc::SYS_rename,
             libc::SYS_renameat,
             libc::SYS_renameat2,
         ],
+        ThreadKind::JailedTemplateEventLoop => &[libc::SYS_fsync],
         _ => &[],
     };
     for nr in COMMON.iter().chain(extra).chain(unjailed).chain(template) {

@@ -100,20 +100,24 @@ pub fn run(found: &Found, options: &Options, out: &mut dyn Write) -> Result<()> 
 /// file what was appended begins.
 fn read_end(file: &mut File, limit: u64, text: &mut Vec<u8>) -> io::Result<u64> {
     let len = file.metadata()?.len();
-    let mut offset = len.saturating_sub(limit);
-    file.seek(SeekFrom::Start(offset))?;
-    let start = text.len();
-    file.take(limit).read_to_end(text)?;
-    if offset > 0 {
-        // The line cut by the seek is left out.
-        let cut = text[start..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(text.len() - start, |i| i + 1);
-        text.drain(start..start + cut);
-        offset += cut as u64;
+    if len <= limit {
+        file.seek(SeekFrom::Start(0))?;
+        file.take(limit).read_to_end(text)?;
+        return Ok(0);
     }
-    Ok(offset)
+    // From the byte before the last `limit`: up to its first newline is
+    // the line cut by the seek (only that newline if the cut falls on a
+    // line's start), left out.
+    let before = len - limit - 1;
+    file.seek(SeekFrom::Start(before))?;
+    let start = text.len();
+    file.take(limit + 1).read_to_end(text)?;
+    let cut = text[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(text.len() - start, |i| i + 1);
+    text.drain(start..start + cut);
+    Ok(before + cut as u64)
 }
 
 /// The last `tail` lines of `text` (all of it without `tail`).
@@ -299,6 +303,12 @@ mod tests {
         assert_eq!(offset, 9910);
         let want: String = (991..1000).map(|i| format!("line {i:04}\n")).collect();
         assert_eq!(String::from_utf8_lossy(&text), format!("before\n{want}"));
+        // The last 100 bytes begin with a whole line: it is kept.
+        let mut text = Vec::new();
+        let mut f = File::open(&path).expect("open");
+        assert_eq!(read_end(&mut f, 100, &mut text).expect("read"), 9900);
+        let want: String = (990..1000).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(String::from_utf8_lossy(&text), want);
         // Within the limit: all of it, from its start.
         let mut text = Vec::new();
         let mut f = File::open(&path).expect("open");

@@ -89,8 +89,14 @@ fn spawn_on_pty(
 }
 
 /// Runs `cmd` on a new pty, types `input`, and once `marker` is on the
-/// screen kills it (SIGKILL) as a terminal's owner dies; the screen.
-pub fn killed_on_pty(cmd: Command, input: &[u8], marker: &str) -> Result<String> {
+/// screen and `ready` says so (asked every half second) kills it
+/// (SIGKILL) as a terminal's owner dies; the screen.
+pub fn killed_on_pty(
+    cmd: Command,
+    input: &[u8],
+    marker: &str,
+    mut ready: impl FnMut() -> Result<bool>,
+) -> Result<String> {
     use std::io::Write;
     let (mut child, mut master) = spawn_on_pty(cmd, None)?;
     master.write_all(input)?;
@@ -116,12 +122,20 @@ pub fn killed_on_pty(cmd: Command, input: &[u8], marker: &str) -> Result<String>
             Err(_) => break false,
         }
     };
+    let mut is_ready = false;
+    while seen && !is_ready && std::time::Instant::now() < deadline {
+        is_ready = ready()?;
+        if !is_ready {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
     // The reader ends with the master.
     drop(master);
     let screen = String::from_utf8_lossy(&screen).into_owned();
     anyhow::ensure!(seen, "{marker:?} never on the screen: {screen:?}");
+    anyhow::ensure!(is_ready, "not ready in time; the screen: {screen:?}");
     Ok(screen)
 }
 

@@ -1940,11 +1940,6 @@ fn isola_debug_is_off_unless_the_node_says_and_runs_in_the_guest_outside_the_con
         );
         // A shell whose host side dies (isola debug killed) is hung up
         // as a terminal's: the shell and its foreground job end.
-        let screen = killed_on_pty(
-            shell(),
-            b"echo hang-$((40+2)); sleep 100007\n",
-            "hang-42",
-        )?;
         let sleepers = || -> Result<String> {
             let out = debug(
                 &on_config,
@@ -1953,20 +1948,34 @@ fn isola_debug_is_off_unless_the_node_says_and_runs_in_the_guest_outside_the_con
             )?;
             Ok(stdout(&out))
         };
+        let screen = killed_on_pty(
+            shell(),
+            b"echo hang-$((40+2)); sleep 100007\n",
+            "hang-42",
+            || Ok(sleepers()?.contains("sleep 100007")),
+        )?;
+        // The hung-up session's own end, by its shell's pid.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             let log = agent_log()?;
             let left = sleepers()?;
-            if log.contains("the host's terminal is gone: hung up")
-                && log.matches("debug session ended").count() >= 3
-                && !left.contains("sleep 100007")
-            {
+            let pid = log
+                .lines()
+                .find(|l| l.contains("the host's terminal is gone: hung up"))
+                .and_then(|l| l.split_whitespace().find(|w| w.starts_with("pid=")))
+                .map(str::to_string);
+            let ended = pid.as_ref().is_some_and(|pid| {
+                log.lines().any(|l| {
+                    l.contains("debug session ended") && l.split_whitespace().any(|w| w == pid)
+                })
+            });
+            if ended && !left.contains("sleep 100007") {
                 break;
             }
             ensure!(
                 std::time::Instant::now() < deadline,
-                "a killed debug client's shell was not hung up (screen: {screen:?}); \
-                 processes: {left}\nthe agent log:\n{log}"
+                "a killed debug client's shell was not hung up (screen: {screen:?}, hung up: \
+                 {pid:?}, its session ended: {ended}); processes: {left}\nthe agent log:\n{log}"
             );
             std::thread::sleep(std::time::Duration::from_millis(500));
         }

@@ -347,7 +347,8 @@ fn try_lock(path: &Path) -> io::Result<Option<fs::File>> {
 /// `--save-when-ready`) and holds the shape's lock until it exits, so the
 /// build finishes (or fails, and the next builder cleans up) even if this
 /// process ends first: a shim of a short-lived pod, `isola run`. Its
-/// sockets, empty share and log are in `<key>/build/`.
+/// sockets and empty share are in `<key>/build/`, isola-vmm's log is
+/// `<key>/build.log`.
 async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<bool, String> {
     let key = inputs.key();
     share::create_private_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
@@ -369,8 +370,8 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         .map_err(|e| format!("writing the template's inputs: {e}"))?;
     let work = dir.join("build");
     let layout = Layout::new(work.join("vm"));
-    let empty = work.join("share");
-    for d in [&work, &layout.dir().to_path_buf(), &empty] {
+    // The share's read-only view, empty: nothing is served to a template.
+    for d in [&work, &layout.dir().to_path_buf(), &layout.ro()] {
         share::create_private_dir(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
     let log = |path: PathBuf| {
@@ -437,21 +438,10 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     };
     crate::child::inherit(&mut cmd, inherited);
 
+    // virtiofsd as a sandbox's (its sandbox and capabilities).
     let mut fs_cmd = tokio::process::Command::new(&config.virtiofsd);
     fs_cmd
-        .arg("--socket-path")
-        .arg(layout.fs_socket())
-        .arg("--shared-dir")
-        .arg(&empty)
-        .args([
-            "--sandbox",
-            "namespace",
-            "--cache",
-            "never",
-            "--modcaps=-mknod:-setfcap",
-            "--log-level",
-            "error",
-        ])
+        .args(crate::sandbox::virtiofsd_args(&layout, "error", "never"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log(work.join("virtiofsd.log"))?)

@@ -382,24 +382,25 @@ pub fn private_netns() -> std::io::Result<OwnedFd> {
 }
 
 /// Opens new taps `names` ([`open_tap`]: down, not persistent) in the
-/// namespace `netns`, on a thread of its own that exits afterwards: a
-/// template VM's, whose jailed isola-vmm takes them as descriptors.
-pub fn open_taps_in(netns: &OwnedFd, names: Vec<String>) -> std::io::Result<Vec<OwnedFd>> {
-    let netns = netns.try_clone()?;
-    std::thread::Builder::new()
-        .name("isola-netns".into())
-        .spawn(move || -> std::io::Result<Vec<OwnedFd>> {
-            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            names
-                .iter()
-                .map(|name| {
-                    open_tap(name)
-                        .map_err(|e| std::io::Error::new(e.kind(), format!("tap {name}: {e}")))
-                })
-                .collect()
-        })?
-        .join()
-        .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+/// namespace `netns` (named `what` in errors), as [`LateTap::open`] does
+/// its one: a template VM's, whose jailed isola-vmm takes them as
+/// descriptors.
+pub fn open_taps_in(
+    what: &Path,
+    netns: &OwnedFd,
+    names: Vec<String>,
+) -> Result<Vec<OwnedFd>, NetworkError> {
+    let owned = what.to_path_buf();
+    let netns = netns
+        .try_clone()
+        .map_err(|e| At::netns(what).err("duplicating the descriptor", e))?;
+    in_netns(what, netns, move |_handle| async move {
+        let at = At::netns(&owned);
+        names
+            .iter()
+            .map(|name| open_tap(name).map_err(|e| at.err(format!("create tap {name}"), e)))
+            .collect()
+    })
 }
 
 /// The name of the tap a [`LateTap`] opens in isola-vmm's namespace.

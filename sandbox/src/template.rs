@@ -411,8 +411,8 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
     // The taps, in that namespace, as descriptors (a jailed VMM has no
     // namespace to find them by name in).
     let names: Vec<String> = (0..inputs.nets).map(|i| format!("isola-tpl{i}")).collect();
-    let taps = crate::network::open_taps_in(&netns, names)
-        .map_err(|e| format!("the template's taps: {e}"))?;
+    let taps = crate::network::open_taps_in(Path::new("the template's netns"), &netns, names)
+        .map_err(|e| e.to_string())?;
     let macs: Vec<(std::os::fd::RawFd, Mac)> = taps
         .iter()
         .enumerate()

@@ -66,15 +66,8 @@ pub fn who() -> String {
 const WHO_BYTES: usize = 200;
 
 /// `text` cut to at most `max` bytes, on a character boundary.
-fn cut_to(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
+fn cut_to(text: String, max: usize) -> String {
+    isola_sandbox::log_gate::truncate(&text, max).0.to_string()
 }
 
 /// Runs the session; its exit status.

@@ -168,20 +168,17 @@ pub const MAX_AGENT_MESSAGE: usize = 4096;
 /// break or an escape sequence must not pass as it is).
 pub fn agent_message(err: &ttrpc::Error) -> String {
     let raw = isola_protocol::status::message(err);
-    let mut end = raw.len().min(MAX_AGENT_MESSAGE);
-    while !raw.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut message = String::with_capacity(end);
-    for c in raw[..end].chars() {
+    let (kept, cut) = crate::log_gate::truncate(&raw, MAX_AGENT_MESSAGE);
+    let mut message = String::with_capacity(kept.len());
+    for c in kept.chars() {
         if c.is_control() {
             message.extend(c.escape_default());
         } else {
             message.push(c);
         }
     }
-    if end < raw.len() {
-        message.push_str(&format!("... ({} bytes cut)", raw.len() - end));
+    if cut {
+        message.push_str(&format!("... ({} bytes cut)", raw.len() - kept.len()));
     }
     message
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use isola_sandbox::logfile::{rotated_name, AGENT_LOG, CONSOLE_LOG, MAX_LOG_FILE};
+use isola_sandbox::logfile::{read_end, rotated_name, AGENT_LOG, CONSOLE_LOG, MAX_LOG_FILE};
 
 use crate::lookup::Found;
 
@@ -93,31 +93,6 @@ pub fn run(found: &Found, options: &Options, out: &mut dyn Write) -> Result<()> 
         return Ok(());
     }
     follow(&found.dir, &path, following, position, out)
-}
-
-/// Appends the end of `file` to `text`: all of it, or of one larger than
-/// `limit` the lines that begin in its last `limit` bytes. Where in the
-/// file what was appended begins.
-fn read_end(file: &mut File, limit: u64, text: &mut Vec<u8>) -> io::Result<u64> {
-    let len = file.metadata()?.len();
-    if len <= limit {
-        file.seek(SeekFrom::Start(0))?;
-        file.take(limit).read_to_end(text)?;
-        return Ok(0);
-    }
-    // From the byte before the last `limit`: up to its first newline is
-    // the line cut by the seek (only that newline if the cut falls on a
-    // line's start), left out.
-    let before = len - limit - 1;
-    file.seek(SeekFrom::Start(before))?;
-    let start = text.len();
-    file.take(limit + 1).read_to_end(text)?;
-    let cut = text[start..]
-        .iter()
-        .position(|&b| b == b'\n')
-        .map_or(text.len() - start, |i| i + 1);
-    text.drain(start..start + cut);
-    Ok(before + cut as u64)
 }
 
 /// The last `tail` lines of `text` (all of it without `tail`).

@@ -11,7 +11,7 @@
 //! the first error is logged and the log stops.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -132,6 +132,31 @@ impl RotatingLog {
         self.written = 0;
         Ok(())
     }
+}
+
+/// Appends the end of `file` to `text`: all of it, or of one larger than
+/// `limit` the lines that begin in its last `limit` bytes. Where in the
+/// file what was appended begins.
+pub fn read_end(file: &mut File, limit: u64, text: &mut Vec<u8>) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    if len <= limit {
+        file.seek(SeekFrom::Start(0))?;
+        file.take(limit).read_to_end(text)?;
+        return Ok(0);
+    }
+    // From the byte before the last `limit`: up to its first newline is
+    // the line cut by the seek (only that newline if the cut falls on a
+    // line's start), left out.
+    let before = len - limit - 1;
+    file.seek(SeekFrom::Start(before))?;
+    let start = text.len();
+    file.take(limit + 1).read_to_end(text)?;
+    let cut = text[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(text.len() - start, |i| i + 1);
+    text.drain(start..start + cut);
+    Ok(before + cut as u64)
 }
 
 fn open(path: &Path) -> io::Result<File> {

@@ -63,6 +63,8 @@ use crate::share::{self, Layout};
 pub const INPUTS_FILE: &str = "inputs";
 /// isola-vmm's log of a template's build, kept beside it.
 pub const BUILD_LOG: &str = "build.log";
+/// The most bytes of a failed build's log read for its last lines.
+const FAILURE_LOG_TAIL: u64 = 64 << 10;
 
 /// Clones that could not start from their template and booted cold.
 pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
@@ -485,7 +487,12 @@ async fn build(config: &SandboxConfig, inputs: &Inputs, root: &Path) -> Result<b
         let _ = fs::remove_dir_all(&work);
         return Ok(true);
     }
-    let tail = fs::read_to_string(dir.join(BUILD_LOG)).unwrap_or_default();
+    // The log's last lines say why (its end only: a long boot logs more).
+    let mut end = Vec::new();
+    if let Ok(mut f) = fs::File::open(dir.join(BUILD_LOG)) {
+        let _ = crate::logfile::read_end(&mut f, FAILURE_LOG_TAIL, &mut end);
+    }
+    let tail = String::from_utf8_lossy(&end);
     let last: Vec<&str> = tail.lines().rev().take(3).collect();
     Err(format!(
         "the template's isola-vmm exited with {status}: {}",

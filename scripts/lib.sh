@@ -19,6 +19,28 @@ ISOLA_CACHE=${ISOLA_CACHE:-$HOME/.cache/isola}
 ISOLA_VIRTIOFSD_VERSION=1.14.0
 ISOLA_TOOLS=$ISOLA_CACHE/tools
 
+# Cargo's build directory in the cache, outside the checkout, as the guest
+# kernel's build is: a checkout without a `target` of its own gets
+# `target` -> $ISOLA_CARGO_TARGET (default $ISOLA_CACHE/cargo-target), so a
+# new clone on this machine (CI's, a second work tree) compiles the
+# workspace's own crates, not its ~300 dependencies again (cargo names a
+# crate's artifacts after its package, profile and flags, not after where
+# the checkout lies, and rebuilds what changed). A `target` that exists
+# (a directory, or a link, even one whose directory was removed) is kept.
+# One build at a time per machine: checkouts sharing it share
+# target/release's binaries.
+isola_cargo_target() {
+    local link=$1/target dir=${ISOLA_CARGO_TARGET:-$ISOLA_CACHE/cargo-target}
+    if [ -L "$link" ]; then
+        mkdir -p "$(readlink "$link")"
+        return 0
+    fi
+    [ -e "$link" ] && return 0
+    mkdir -p "$dir"
+    ln -s "$dir" "$link"
+    echo "make: cargo builds in $dir (target links there)" >&2
+}
+
 isola_as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -E "$@"; fi
 }

@@ -388,6 +388,35 @@ if expect apparmor-refetch 1; then
     fi
 fi
 
+# --- isola_cargo_target --------------------------------------------------------
+# A checkout without target: a link to the cache's build directory.
+strict cargo-target-new 'mkdir -p "$FAKE_STATE/co" && isola_cargo_target "$FAKE_STATE/co"'
+if expect cargo-target-new 0; then
+    if [ "$(readlink "$state/co/target")" = "$state/cache/cargo-target" ] && [ -d "$state/cache/cargo-target" ]; then
+        pass "cargo-target-new: target links to the cache's directory"
+    else
+        fail cargo-target-new "target is $(ls -ld "$state/co/target" 2>&1)"
+    fi
+fi
+# A checkout's own target directory is kept, and nothing is made in the cache.
+strict cargo-target-own 'mkdir -p "$FAKE_STATE/co/target" && isola_cargo_target "$FAKE_STATE/co"'
+if expect cargo-target-own 0; then
+    if [ -d "$state/co/target" ] && [ ! -L "$state/co/target" ] && [ ! -e "$state/cache/cargo-target" ]; then
+        pass "cargo-target-own: a target directory of the checkout stays"
+    else
+        fail cargo-target-own "target is $(ls -ld "$state/co/target" 2>&1)"
+    fi
+fi
+# A link whose directory is gone (the cache was removed) gets its directory.
+strict cargo-target-dangling 'mkdir -p "$FAKE_STATE/co" && ln -s "$FAKE_STATE/elsewhere/t" "$FAKE_STATE/co/target" && isola_cargo_target "$FAKE_STATE/co"'
+if expect cargo-target-dangling 0; then
+    if [ -d "$state/elsewhere/t" ] && [ "$(readlink "$state/co/target")" = "$state/elsewhere/t" ]; then
+        pass "cargo-target-dangling: the link's directory is made again"
+    else
+        fail cargo-target-dangling "elsewhere: $(ls -la "$state/elsewhere" 2>&1)"
+    fi
+fi
+
 if [ $failures -gt 0 ]; then
     echo "lib-helpers: $failures failures" >&2
     exit 1

@@ -103,7 +103,15 @@ impl Pods {
             use std::io::Write;
             stdin.write_all(text.as_bytes())?;
         }
-        wait_output(child, POD_DEADLINE)
+        let started = Instant::now();
+        let out = wait_output(child, POD_DEADLINE);
+        // The test's timeline (shown when it fails, or with --nocapture).
+        eprintln!(
+            "isola pod {}: {:.1} s",
+            args.join(" "),
+            started.elapsed().as_secs_f64()
+        );
+        out
     }
 
     /// `isola pod apply -` of `manifest`; the sandbox id.
@@ -145,11 +153,16 @@ impl Pods {
     /// Polls status until `container` is in `state` (created, running,
     /// exited); its status then.
     pub fn wait_state(&self, name: &str, container: &str, state: &str) -> Result<Value> {
-        let deadline = Instant::now() + POD_DEADLINE;
+        let started = Instant::now();
+        let deadline = started + POD_DEADLINE;
         loop {
             let status = self.status(name)?;
             if let Some(c) = Self::container(&status, container) {
                 if c["state"] == state {
+                    eprintln!(
+                        "pod {name}: {container} {state} after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
                     return Ok(c.clone());
                 }
             }

@@ -159,7 +159,7 @@ e2e-run:
 
 # The tests (name filters) that run on containerd 1.7 and 2.x.
 E2E_ON_1_7 = ctr_run_prints a_running_container_execs a_restarted_containerd \
-	stdin_is_delivered an_isola_pod_runs pods_reach_each_other isola_monitor_labels
+	stdin_is_delivered an_isola_pod_runs isola_monitor_labels
 E2E_ON_2 = ctr_run_prints a_running_container_execs terminals_with_cri task_events_reach setup_containerd \
 	an_isola_pod_runs pods_reach_each_other host_network_pid_and_ipc ten_pods \
 	volumes_host_path container_lifecycle docker_

@@ -25,20 +25,35 @@ ISOLA_TOOLS=$ISOLA_CACHE/tools
 # new clone on this machine (CI's, a second work tree) compiles the
 # workspace's own crates, not its ~300 dependencies again (cargo names a
 # crate's artifacts after its package, profile and flags, not after where
-# the checkout lies, and rebuilds what changed). A `target` that exists
-# (a directory, or a link, even one whose directory was removed) is kept.
-# One build at a time per machine: checkouts sharing it share
+# the checkout lies). A `target` that exists (a directory, or a link, even
+# one whose directory was removed) is kept.
+# Cargo finds a crate's sources changed by their mtimes against its
+# outputs', so in a shared directory sources older than another checkout's
+# build would pass as built: a checkout that was not the last to use it
+# has its files made newer than any output first (a new clone's are
+# already). One build at a time per machine: checkouts sharing it share
 # target/release's binaries.
 isola_cargo_target() {
-    local link=$1/target dir=${ISOLA_CARGO_TARGET:-$ISOLA_CACHE/cargo-target}
+    local project link dir last
+    project=$(cd "$1" && pwd -P)
+    link=$project/target
     if [ -L "$link" ]; then
-        mkdir -p "$(readlink "$link")"
+        dir=$(readlink "$link")
+        mkdir -p "$dir"
+    elif [ -e "$link" ]; then
         return 0
+    else
+        dir=${ISOLA_CARGO_TARGET:-$ISOLA_CACHE/cargo-target}
+        mkdir -p "$dir"
+        ln -s "$dir" "$link"
+        echo "make: cargo builds in $dir (target links there)" >&2
     fi
-    [ -e "$link" ] && return 0
-    mkdir -p "$dir"
-    ln -s "$dir" "$link"
-    echo "make: cargo builds in $dir (target links there)" >&2
+    last=$dir/.isola-checkout
+    if [ "$(cat "$last" 2>/dev/null || true)" != "$project" ]; then
+        find "$project" \( -path "$project/target" -o -path "$project/build" -o -path "$project/.git" \) \
+            -prune -o -type f -exec touch -c {} +
+        echo "$project" >"$last"
+    fi
 }
 
 isola_as_root() {

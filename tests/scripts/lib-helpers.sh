@@ -417,6 +417,29 @@ if expect cargo-target-dangling 0; then
     fi
 fi
 
+# A checkout that did not use the shared directory last has its files made
+# newer than any output there (cargo would take its older sources for
+# built); the last one's are left alone.
+strict cargo-target-switch '
+mkdir -p "$FAKE_STATE/a/src" "$FAKE_STATE/b/src"
+echo a >"$FAKE_STATE/a/src/lib.rs"
+echo b >"$FAKE_STATE/b/src/lib.rs"
+touch -d "2000-01-01" "$FAKE_STATE/a/src/lib.rs" "$FAKE_STATE/b/src/lib.rs"
+isola_cargo_target "$FAKE_STATE/a"
+isola_cargo_target "$FAKE_STATE/b"
+touch -d "2000-01-01" "$FAKE_STATE/b/src/lib.rs"
+isola_cargo_target "$FAKE_STATE/b"'
+if expect cargo-target-switch 0; then
+    a=$(stat -c %Y "$state/a/src/lib.rs") b=$(stat -c %Y "$state/b/src/lib.rs")
+    if [ "$a" -gt 946684800 ] && [ "$b" -eq 946684800 ] &&
+        [ "$(cat "$state/cache/cargo-target/.isola-checkout")" = "$(cd "$state/b" && pwd -P)" ] &&
+        [ "$(readlink "$state/b/target")" = "$state/cache/cargo-target" ]; then
+        pass "cargo-target-switch: a checkout new to the directory is touched, its last user is not"
+    else
+        fail cargo-target-switch "mtimes a=$a b=$b, last=$(cat "$state/cache/cargo-target/.isola-checkout" 2>&1)"
+    fi
+fi
+
 if [ $failures -gt 0 ]; then
     echo "lib-helpers: $failures failures" >&2
     exit 1

@@ -131,6 +131,28 @@ pub fn locate(
     .find(std::env::var_os(env).map(PathBuf::from))
 }
 
+/// This binary as it was run: `arg0` when it names a file by a path (it
+/// has a slash), made absolute against `cwd`, else `exe` (the running
+/// executable, links resolved). A build output is found as
+/// `<checkout>/target/<profile>/isola`, whose `target` may link to cargo's
+/// build directory in the cache (`isola_cargo_target`, scripts/lib.sh),
+/// shared by every checkout of the machine: only the path it was run by
+/// names the checkout, and so its `build/`.
+pub fn run_as(arg0: Option<&std::ffi::OsStr>, cwd: &Path, exe: PathBuf) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    match arg0 {
+        Some(arg0) if arg0.as_bytes().contains(&b'/') => {
+            let path = cwd.join(arg0);
+            if path.is_file() {
+                path
+            } else {
+                exe
+            }
+        }
+        _ => exe,
+    }
+}
+
 /// The project's `build/` when this binary is a build output
 /// (`<project>/target/<profile>/isola`).
 pub fn project_build_dir(exe: &Path) -> Option<PathBuf> {
@@ -236,6 +258,39 @@ mod tests {
             text.contains("set ISOLA_KERNEL") && text.contains(&a.display().to_string()),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_binary_is_named_by_the_path_it_was_run_by() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let release = dir.path().join("co/target/release");
+        std::fs::create_dir_all(&release).expect("mkdir");
+        std::fs::write(release.join("isola"), b"").expect("write");
+        let exe = PathBuf::from("/cache/cargo-target/release/isola");
+        // By a path, absolute or relative to the working directory: that
+        // path, links in it kept.
+        let by_path = release.join("isola");
+        assert_eq!(
+            run_as(Some(by_path.as_os_str()), Path::new("/"), exe.clone()),
+            by_path
+        );
+        assert_eq!(
+            run_as(
+                Some(std::ffi::OsStr::new("target/release/isola")),
+                &dir.path().join("co"),
+                exe.clone()
+            ),
+            by_path
+        );
+        // By name (found on PATH), or by a path that names no file: the
+        // running executable.
+        for arg0 in ["isola", "/nowhere/target/release/isola"] {
+            assert_eq!(
+                run_as(Some(std::ffi::OsStr::new(arg0)), dir.path(), exe.clone()),
+                exe
+            );
+        }
+        assert_eq!(run_as(None, dir.path(), exe.clone()), exe);
     }
 
     #[test]

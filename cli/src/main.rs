@@ -534,7 +534,11 @@ fn plan(args: RunArgs) -> Result<Plan> {
         })
         .collect::<Result<Vec<_>>>()?;
 
-    let exe = std::env::current_exe().context("finding this binary")?;
+    let exe = host::run_as(
+        std::env::args_os().next().as_deref(),
+        &cwd,
+        std::env::current_exe().context("finding this binary")?,
+    );
     let kernel = host::locate("guest kernel", &args.kernel, "ISOLA_KERNEL", || {
         host::image_candidates(&exe, "vmlinux")
     })?;

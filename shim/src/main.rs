@@ -131,6 +131,18 @@ fn delete_action(flags: &Flags) -> i32 {
     }
 }
 
+/// The most tokio worker threads a shim runs.
+const MAX_WORKERS: usize = 2;
+
+/// The runtime's worker threads: one per CPU as tokio's default, but at
+/// most [`MAX_WORKERS`]. A shim serves one pod, whose work is waiting on
+/// containerd, the guest and FIFOs; tokio's default would start a worker,
+/// with its stack and malloc arena, per CPU of the node: a per-pod cost
+/// that grows with the node (64 threads on a 64-CPU node).
+fn worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
+}
+
 fn main() {
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     let flags = match containerd_shim::parse(&args) {
@@ -157,6 +169,7 @@ fn main() {
         }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
         .enable_all()
         .build()
     {

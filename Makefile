@@ -141,7 +141,7 @@ e2e-build: all hostile-initrd busybox-rootfs busybox-image pause-image
 	$(CARGO) test -p isola-e2e --tests --no-run
 
 # The end-to-end suite alone, on what e2e-build made.
-e2e-run:
+e2e-run: deps
 	tests/scripts/kvm-host-boot-failure.sh
 	# An emulated KVM host has 1 CPU (with 2, nested guests crash now and
 	# then), the hostile guest's floods get 2 (with 1 they starve the host's
@@ -217,6 +217,9 @@ fuzz: deps
 fresh-check:
 	scripts/fresh-check $(FRESH_CHECK_FLAGS)
 
+# cargo clean of a target that links to the cache's build directory would
+# remove only the link: the directory goes (every checkout's build there).
 clean:
+	if [ -L target ]; then rm -rf "$$(readlink -f target)"; fi
 	$(CARGO) clean
 	rm -rf $(BUILD)

@@ -34,11 +34,12 @@ ISOLA_TOOLS=$ISOLA_CACHE/tools
 # already). One build at a time per machine: checkouts sharing it share
 # target/release's binaries.
 isola_cargo_target() {
-    local project link dir last
+    local project link dir last me
     project=$(cd "$1" && pwd -P)
     link=$project/target
     if [ -L "$link" ]; then
         dir=$(readlink "$link")
+        [[ "$dir" = /* ]] || dir=$project/$dir
         mkdir -p "$dir"
     elif [ -e "$link" ]; then
         return 0
@@ -48,11 +49,20 @@ isola_cargo_target() {
         ln -s "$dir" "$link"
         echo "make: cargo builds in $dir (target links there)" >&2
     fi
+    # The checkout and its link's inode and change time: a checkout made
+    # again at the same path (its files restored with old mtimes) is
+    # another checkout.
+    me="$project $(stat -c '%i %z' "$link")"
     last=$dir/.isola-checkout
-    if [ "$(cat "$last" 2>/dev/null || true)" != "$project" ]; then
-        find "$project" \( -path "$project/target" -o -path "$project/build" -o -path "$project/.git" \) \
-            -prune -o -type f -exec touch -c {} +
-        echo "$project" >"$last"
+    if [ "$(cat "$last" 2>/dev/null || true)" != "$me" ]; then
+        # Every build directory (fuzz/ has its own target), build/ and .git
+        # left out.
+        if ! find "$project" \( -name target -o -path "$project/build" -o -path "$project/.git" \) \
+            -prune -o -type f -exec touch -c {} +; then
+            echo "make: cannot touch the files of $project (another user's?): cargo, sharing $dir, could take another checkout's build for this one's" >&2
+            return 1
+        fi
+        echo "$me" >"$last"
     fi
 }
 

@@ -99,7 +99,7 @@ strict() {
     # lib.sh's apt stamp in the cache makes the lists count as fresh.
     touch "$state/cache/apt-updated"
     status=0
-    out=$(FAKE_STATE=$state PATH="$fakes:$PATH" ISOLA_CACHE=$state/cache \
+    out=$(FAKE_STATE=$state PATH="$fakes:$PATH" ISOLA_CACHE=$state/cache ISOLA_CARGO_TARGET='' \
         ISOLA_APT_LISTS=$state/lists bash -c "
 # The cases are code for another bash: their $ expand there, not here.
 # shellcheck disable=SC2016
@@ -432,11 +432,30 @@ isola_cargo_target "$FAKE_STATE/b"'
 if expect cargo-target-switch 0; then
     a=$(stat -c %Y "$state/a/src/lib.rs") b=$(stat -c %Y "$state/b/src/lib.rs")
     if [ "$a" -gt 946684800 ] && [ "$b" -eq 946684800 ] &&
-        [ "$(cat "$state/cache/cargo-target/.isola-checkout")" = "$(cd "$state/b" && pwd -P)" ] &&
+        [ "$(cat "$state/cache/cargo-target/.isola-checkout")" = "$(cd "$state/b" && pwd -P) $(stat -c '%i %z' "$state/b/target")" ] &&
         [ "$(readlink "$state/b/target")" = "$state/cache/cargo-target" ]; then
         pass "cargo-target-switch: a checkout new to the directory is touched, its last user is not"
     else
         fail cargo-target-switch "mtimes a=$a b=$b, last=$(cat "$state/cache/cargo-target/.isola-checkout" 2>&1)"
+    fi
+fi
+
+# The same path made again (a new link): touched again, though it was the
+# last; a nested build directory (fuzz/target) is not touched.
+strict cargo-target-again '
+mkdir -p "$FAKE_STATE/c/src" "$FAKE_STATE/c/fuzz/target"
+echo c >"$FAKE_STATE/c/src/lib.rs"
+echo o >"$FAKE_STATE/c/fuzz/target/out"
+isola_cargo_target "$FAKE_STATE/c"
+rm "$FAKE_STATE/c/target"
+touch -d "2000-01-01" "$FAKE_STATE/c/src/lib.rs" "$FAKE_STATE/c/fuzz/target/out"
+isola_cargo_target "$FAKE_STATE/c"'
+if expect cargo-target-again 0; then
+    c=$(stat -c %Y "$state/c/src/lib.rs") o=$(stat -c %Y "$state/c/fuzz/target/out")
+    if [ "$c" -gt 946684800 ] && [ "$o" -eq 946684800 ]; then
+        pass "cargo-target-again: a checkout made again is touched, fuzz/target is not"
+    else
+        fail cargo-target-again "mtimes src=$c fuzz/target=$o"
     fi
 fi
 

@@ -132,25 +132,30 @@ pub fn locate(
 }
 
 /// This binary as it was run: `arg0` when it names a file by a path (it
-/// has a slash), made absolute against `cwd`, else `exe` (the running
+/// has a slash), made absolute against `cwd`; a bare name, the first file
+/// of that name in `path` (as execvp found it); else `exe` (the running
 /// executable, links resolved). A build output is found as
 /// `<checkout>/target/<profile>/isola`, whose `target` may link to cargo's
 /// build directory in the cache (`isola_cargo_target`, scripts/lib.sh),
 /// shared by every checkout of the machine: only the path it was run by
 /// names the checkout, and so its `build/`.
-pub fn run_as(arg0: Option<&std::ffi::OsStr>, cwd: &Path, exe: PathBuf) -> PathBuf {
+pub fn run_as(
+    arg0: Option<&std::ffi::OsStr>,
+    cwd: &Path,
+    path: Option<&std::ffi::OsStr>,
+    exe: PathBuf,
+) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
-    match arg0 {
-        Some(arg0) if arg0.as_bytes().contains(&b'/') => {
-            let path = cwd.join(arg0);
-            if path.is_file() {
-                path
-            } else {
-                exe
-            }
-        }
-        _ => exe,
-    }
+    let named = match arg0 {
+        Some(arg0) if arg0.as_bytes().contains(&b'/') => Some(cwd.join(arg0)),
+        Some(arg0) if !arg0.is_empty() => path.and_then(|path| {
+            std::env::split_paths(path)
+                .map(|dir| cwd.join(dir).join(arg0))
+                .find(|file| file.is_file())
+        }),
+        _ => None,
+    };
+    named.filter(|file| file.is_file()).unwrap_or(exe)
 }
 
 /// The project's `build/` when this binary is a build output
@@ -164,11 +169,16 @@ pub fn project_build_dir(exe: &Path) -> Option<PathBuf> {
 /// Where installed files live.
 pub const SHARE_DIR: &str = "/usr/local/share/isola";
 
-/// The candidates for a guest image (`vmlinux`, `initrd.img`).
-pub fn image_candidates(exe: &Path, name: &str) -> Vec<PathBuf> {
+/// The candidates for a guest image (`vmlinux`, `initrd.img`): the
+/// `build/` of the checkout each of `exes` is a build output of, in turn,
+/// then the installed one.
+pub fn image_candidates(exes: &[&Path], name: &str) -> Vec<PathBuf> {
     let mut list = Vec::new();
-    if let Some(build) = project_build_dir(exe) {
-        list.push(build.join(name));
+    for build in exes.iter().filter_map(|exe| project_build_dir(exe)) {
+        let file = build.join(name);
+        if !list.contains(&file) {
+            list.push(file);
+        }
     }
     list.push(Path::new(SHARE_DIR).join(name));
     list
@@ -262,35 +272,36 @@ mod tests {
 
     #[test]
     fn the_binary_is_named_by_the_path_it_was_run_by() {
+        use std::ffi::OsStr;
         let dir = tempfile::tempdir().expect("tempdir");
         let release = dir.path().join("co/target/release");
         std::fs::create_dir_all(&release).expect("mkdir");
         std::fs::write(release.join("isola"), b"").expect("write");
         let exe = PathBuf::from("/cache/cargo-target/release/isola");
+        let by_path = release.join("isola");
         // By a path, absolute or relative to the working directory: that
         // path, links in it kept.
-        let by_path = release.join("isola");
         assert_eq!(
-            run_as(Some(by_path.as_os_str()), Path::new("/"), exe.clone()),
+            run_as(Some(by_path.as_os_str()), Path::new("/"), None, exe.clone()),
             by_path
         );
-        assert_eq!(
-            run_as(
-                Some(std::ffi::OsStr::new("target/release/isola")),
-                &dir.path().join("co"),
-                exe.clone()
-            ),
-            by_path
-        );
-        // By name (found on PATH), or by a path that names no file: the
+        let co = dir.path().join("co");
+        let arg0 = OsStr::new("target/release/isola");
+        assert_eq!(run_as(Some(arg0), &co, None, exe.clone()), by_path);
+        // By name: the first of PATH's directories that has it.
+        let path = std::env::join_paths([dir.path().join("empty"), release.clone()]).expect("PATH");
+        let isola = Some(OsStr::new("isola"));
+        assert_eq!(run_as(isola, &co, Some(&path), exe.clone()), by_path);
+        // A name PATH does not have, a path that names no file, nothing: the
         // running executable.
-        for arg0 in ["isola", "/nowhere/target/release/isola"] {
-            assert_eq!(
-                run_as(Some(std::ffi::OsStr::new(arg0)), dir.path(), exe.clone()),
-                exe
-            );
-        }
-        assert_eq!(run_as(None, dir.path(), exe.clone()), exe);
+        assert_eq!(
+            run_as(Some(OsStr::new("isola-x")), &co, Some(&path), exe.clone()),
+            exe
+        );
+        let nowhere = OsStr::new("/nowhere/target/release/isola");
+        assert_eq!(run_as(Some(nowhere), &co, Some(&path), exe.clone()), exe);
+        assert_eq!(run_as(isola, &co, None, exe.clone()), exe);
+        assert_eq!(run_as(None, &co, Some(&path), exe.clone()), exe);
     }
 
     #[test]
@@ -301,10 +312,22 @@ mod tests {
         );
         assert_eq!(project_build_dir(Path::new("/usr/local/bin/isola")), None);
         assert_eq!(
-            image_candidates(Path::new("/p/target/debug/isola"), "vmlinux"),
+            image_candidates(&[Path::new("/p/target/debug/isola")], "vmlinux"),
             [
                 PathBuf::from("/p/build/vmlinux"),
                 PathBuf::from("/usr/local/share/isola/vmlinux")
+            ]
+        );
+        // As run (a checkout's link) and as resolved (the cache): each
+        // build/ once, then the installed one.
+        let ran = Path::new("/p/target/release/isola");
+        let real = Path::new("/cache/target/release/isola");
+        assert_eq!(
+            image_candidates(&[ran, real, ran], "initrd.img"),
+            [
+                PathBuf::from("/p/build/initrd.img"),
+                PathBuf::from("/cache/build/initrd.img"),
+                PathBuf::from("/usr/local/share/isola/initrd.img")
             ]
         );
     }

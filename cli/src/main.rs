@@ -534,16 +534,18 @@ fn plan(args: RunArgs) -> Result<Plan> {
         })
         .collect::<Result<Vec<_>>>()?;
 
+    let real = std::env::current_exe().context("finding this binary")?;
     let exe = host::run_as(
         std::env::args_os().next().as_deref(),
         &cwd,
-        std::env::current_exe().context("finding this binary")?,
+        std::env::var_os("PATH").as_deref(),
+        real.clone(),
     );
     let kernel = host::locate("guest kernel", &args.kernel, "ISOLA_KERNEL", || {
-        host::image_candidates(&exe, "vmlinux")
+        host::image_candidates(&[&exe, &real], "vmlinux")
     })?;
     let initrd = host::locate("guest initrd", &args.initrd, "ISOLA_INITRD", || {
-        host::image_candidates(&exe, "initrd.img")
+        host::image_candidates(&[&exe, &real], "initrd.img")
     })?;
     let vmm = host::locate("isola-vmm", &args.vmm, "ISOLA_VMM", || {
         host::vmm_candidates(&exe)

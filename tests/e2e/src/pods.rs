@@ -86,8 +86,13 @@ impl Pods {
         cmd
     }
 
-    /// Runs `isola pod ARGS` with a deadline, stdin from `input`.
+    /// Runs `isola pod ARGS` with a deadline, stdin from `input`, and
+    /// prints its time.
     pub fn pod(&self, args: &[&str], input: Option<&str>) -> Result<Output> {
+        self.run_pod(args, input, true)
+    }
+
+    fn run_pod(&self, args: &[&str], input: Option<&str>, timed: bool) -> Result<Output> {
         let mut child = self
             .command(args)
             .stdin(if input.is_some() {
@@ -106,11 +111,13 @@ impl Pods {
         let started = Instant::now();
         let out = wait_output(child, POD_DEADLINE);
         // The test's timeline (shown when it fails, or with --nocapture).
-        eprintln!(
-            "isola pod {}: {:.1} s",
-            args.join(" "),
-            started.elapsed().as_secs_f64()
-        );
+        if timed {
+            eprintln!(
+                "isola pod {}: {:.1} s",
+                args.join(" "),
+                started.elapsed().as_secs_f64()
+            );
+        }
         out
     }
 
@@ -132,7 +139,11 @@ impl Pods {
 
     /// `isola pod status --json NAME`.
     pub fn status(&self, name: &str) -> Result<Value> {
-        let out = self.pod(&["status", "--json", name], None)?;
+        self.status_of(name, true)
+    }
+
+    fn status_of(&self, name: &str, timed: bool) -> Result<Value> {
+        let out = self.run_pod(&["status", "--json", name], None, timed)?;
         ensure!(
             out.status.success(),
             "{}",
@@ -156,7 +167,8 @@ impl Pods {
         let started = Instant::now();
         let deadline = started + POD_DEADLINE;
         loop {
-            let status = self.status(name)?;
+            // Its polls untimed: the wait prints its own time.
+            let status = self.status_of(name, false)?;
             if let Some(c) = Self::container(&status, container) {
                 if c["state"] == state {
                     eprintln!(

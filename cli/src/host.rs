@@ -149,8 +149,9 @@ pub fn run_as(
     let named = match arg0 {
         Some(arg0) if arg0.as_bytes().contains(&b'/') => Some(cwd.join(arg0)),
         Some(arg0) if !arg0.is_empty() => path.and_then(|path| {
-            std::env::split_paths(path)
-                .map(|dir| cwd.join(dir).join(arg0))
+            in_path(path, arg0)
+                .into_iter()
+                .map(|file| cwd.join(file))
                 .find(|file| file.is_file())
         }),
         _ => None,
@@ -211,8 +212,14 @@ pub fn virtiofsd_candidates() -> Vec<PathBuf> {
 
 /// `name` in every directory of `PATH`, in order (existing or not).
 pub fn on_path(name: &str) -> Vec<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join(name)).collect()
+    in_path(&std::env::var_os("PATH").unwrap_or_default(), name)
+}
+
+/// `name` in each directory of the search path `path`, in order.
+fn in_path(path: &std::ffi::OsStr, name: impl AsRef<Path>) -> Vec<PathBuf> {
+    std::env::split_paths(path)
+        .map(|d| d.join(name.as_ref()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod boot;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+pub mod fault_around;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guest_log;

@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -161,6 +162,9 @@ pub struct Vm {
     /// Written by the boot timer when the guest is ready (a template that
     /// saves itself then).
     ready_evt: Option<EventFd>,
+    /// A clone's guest RAM registered without fault-around (see
+    /// [`crate::fault_around`]): open as long as `mem` is mapped.
+    _no_fault_around: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -270,6 +274,27 @@ fn create_memory(
     };
     register_memory(vm_fd, &mem)?;
     Ok(mem)
+}
+
+/// Turns the host's fault-around off for a clone's guest RAM, so that a
+/// page the guest reads maps that page of the template alone, not its
+/// neighbours (see [`crate::fault_around`]). Where the kernel refuses, the
+/// clone runs with fault-around, and says so.
+fn no_fault_around(mem: &GuestMemoryMmap) -> Option<OwnedFd> {
+    let ranges: Vec<(usize, usize)> = mem
+        .iter()
+        .filter_map(|r| {
+            let host = mem.get_host_address(r.start_addr()).ok()?;
+            Some((host as usize, r.len() as usize))
+        })
+        .collect();
+    match crate::fault_around::disable(&ranges) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::info!(error = %e, "guest RAM keeps the host's fault-around");
+            None
+        }
+    }
 }
 
 /// Hands every guest RAM region to KVM.
@@ -431,6 +456,7 @@ impl Vm {
             api,
             template,
             ready_evt,
+            _no_fault_around: None,
         })
     }
 
@@ -484,6 +510,7 @@ impl Vm {
         let vm_fd = create_vm(&kvm)?;
         let mem_size = snapshot.memory_mib << 20;
         let mem = snapshot::map_memory(&memory, mem_size, true).with_context(what)?;
+        let no_fault_around = no_fault_around(&mem);
         register_memory(&vm_fd, &mem)?;
         tracing::debug!(phase = "memory mapped", ms = ms(start), "restore");
         snapshot::restore_vm(&vm_fd, &snapshot.vm).with_context(what)?;
@@ -558,6 +585,7 @@ impl Vm {
             api,
             template: None,
             ready_evt: None,
+            _no_fault_around: no_fault_around,
         })
     }
 
@@ -647,6 +675,8 @@ impl Vm {
             api,
             mut template,
             ready_evt,
+            // Kept (not `_`, which would drop it now) while `mem` is mapped.
+            _no_fault_around: _uffd,
         } = self;
         let Devices {
             subscribers,

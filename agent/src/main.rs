@@ -131,6 +131,7 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
             streams::UNCLAIMED_TIMEOUT,
         ));
         let state = service::State::new(registry.clone(), pivot);
+        state.prepare_sandbox();
         let hook_state = state.clone();
         init::set_exit_hook(Box::new(move |status| hook_state.on_reaped(status)));
         if let Err(err) = streams::listen(registry) {

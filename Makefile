@@ -129,6 +129,7 @@ unit-test: deps
 	tests/scripts/kernel-source.sh
 	tests/scripts/lib-helpers.sh
 	tests/scripts/e2e-resume.sh
+	tests/scripts/kvm-exit-profile.sh
 	$(CARGO) test --workspace --exclude isola-e2e
 	$(CARGO) test -p isola-e2e --lib --bins
 

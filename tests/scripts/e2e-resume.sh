@@ -8,14 +8,8 @@
 # its first run, as the watchdog kills the emulated host: nothing after it
 # runs or records anything.
 set -euo pipefail
-project=$(cd "$(dirname "$0")/../.." && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-fail() {
-    echo "FAIL: $*" >&2
-    failures=$((failures + 1))
-}
+# shellcheck source=tests/scripts/testlib.sh
+. "$(dirname "$0")/testlib.sh"
 
 cat >"$tmp/t.rs" <<'EOF'
 use std::fs::OpenOptions;
@@ -108,8 +102,4 @@ chmod +x "$tmp/broken-0123abcd"
 s=$(resume "$tmp/p4" 1 a_ "$tmp/broken-0123abcd" "$tmp/suite-0123abcd")
 [ "$s" = 1 ] || fail "a binary that cannot list its tests should fail the run, got $s"
 
-if [ "$failures" -ne 0 ]; then
-    echo "e2e-resume: $failures failure(s)" >&2
-    exit 1
-fi
-echo "e2e-resume: all cases passed"
+finish e2e-resume

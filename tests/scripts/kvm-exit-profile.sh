@@ -4,14 +4,8 @@
 # page faults are split by address (guest RAM, the MMIO gap), and a trace
 # without a pair is an error.
 set -euo pipefail
-project=$(cd "$(dirname "$0")/../.." && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-fail() {
-    echo "FAIL: $*" >&2
-    failures=$((failures + 1))
-}
+# shellcheck source=tests/scripts/testlib.sh
+. "$(dirname "$0")/testlib.sh"
 
 cat >"$tmp/trace" <<'TRACE'
 # tracer: nop
@@ -41,8 +35,4 @@ if "$project/scripts/kvm-exit-profile" --analyse "$tmp/empty" 2>"$tmp/err"; then
 fi
 grep -q "no kvm_exit/kvm_entry pair" "$tmp/err" || fail "the empty trace's error: $(cat "$tmp/err")"
 
-if [ "$failures" -ne 0 ]; then
-    echo "kvm-exit-profile: $failures failure(s)" >&2
-    exit 1
-fi
-echo "kvm-exit-profile: all passed"
+finish kvm-exit-profile

@@ -34,6 +34,10 @@ pub struct Config {
     /// (`agent.boot_timer=0xADDR`, added by isola-vmm): the agent writes
     /// 123 there once it is ready.
     pub boot_timer: Option<u64>,
+    /// This boot makes a template VM (`agent.template=1`, added by
+    /// isola-vmm): what every sandbox needs is made before the agent is
+    /// ready, so that the template is saved with it.
+    pub template: bool,
     /// `agent.*` keys this agent does not know, kept to be reported.
     pub unknown: Vec<String>,
 }
@@ -46,6 +50,7 @@ impl Default for Config {
             hostname: DEFAULT_HOSTNAME.to_string(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             boot_timer: None,
+            template: false,
             unknown: Vec::new(),
         }
     }
@@ -64,6 +69,8 @@ pub enum ConfigError {
     ShutdownTimeout(String),
     #[error("agent.boot_timer: {0:?} is not a hexadecimal address below 2^52 (like 0xd1000000)")]
     BootTimer(String),
+    #[error("agent.template: {0:?} is not 0 or 1")]
+    Template(String),
     #[error("{0}: expected agent.KEY=VALUE")]
     MissingValue(String),
 }
@@ -112,6 +119,11 @@ impl Config {
                 {
                     Some(addr) => config.boot_timer = Some(addr),
                     None => errors.push(ConfigError::BootTimer(value.to_string())),
+                },
+                "template" => match value {
+                    "0" => config.template = false,
+                    "1" => config.template = true,
+                    _ => errors.push(ConfigError::Template(value.to_string())),
                 },
                 _ => config.unknown.push(key.to_string()),
             }
@@ -172,6 +184,9 @@ pub fn fuzz_cmdline(data: &[u8]) {
     }
     if let Some(level) = config.console_level {
         again.push_str(&format!(" agent.console={level}"));
+    }
+    if config.template {
+        again.push_str(" agent.template=1");
     }
     let (reparsed, errors) = Config::from_cmdline(&again);
     assert!(errors.is_empty(), "{again}: {errors:?}");
@@ -254,6 +269,22 @@ mod tests {
             Config::from_cmdline("agent.boot_timer=1234 agent.boot_timer=0xfffffffffffffff");
         assert_eq!(config.boot_timer, None);
         assert_eq!(errors.len(), 2);
+    }
+
+    #[test]
+    fn a_template_boot() {
+        assert!(
+            !Config::from_cmdline("agent.boot_timer=0xd1000000")
+                .0
+                .template
+        );
+        let (config, errors) = Config::from_cmdline("agent.template=1");
+        assert!(errors.is_empty() && config.template);
+        let (config, errors) = Config::from_cmdline("agent.template=1 agent.template=0");
+        assert!(errors.is_empty() && !config.template);
+        let (config, errors) = Config::from_cmdline("agent.template=yes");
+        assert!(!config.template);
+        assert_eq!(errors, vec![ConfigError::Template("yes".into())]);
     }
 
     #[test]

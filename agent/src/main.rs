@@ -119,6 +119,7 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
         .context("starting the async runtime")?;
     let shutdown_timeout = config.shutdown_timeout;
     let boot_timer = config.boot_timer;
+    let template = config.template;
     runtime.block_on(async move {
         let mut signals = init::InitSignals::install()?;
         if let Some(kmsg) = kmsg {
@@ -131,7 +132,9 @@ fn run(started: Instant, root: switchroot::Outcome) -> Result<()> {
             streams::UNCLAIMED_TIMEOUT,
         ));
         let state = service::State::new(registry.clone(), pivot);
-        state.prepare_sandbox();
+        if template {
+            state.prepare_sandbox();
+        }
         let hook_state = state.clone();
         init::set_exit_hook(Box::new(move |status| hook_state.on_reaped(status)));
         if let Err(err) = streams::listen(registry) {

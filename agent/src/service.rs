@@ -351,13 +351,15 @@ impl State {
         Ok(())
     }
 
-    /// Makes, at boot, what every sandbox of this guest needs and no
-    /// request shapes: the network namespace and the sandbox cgroup. Done
-    /// before the API listens, so a template VM is saved with them and its
-    /// clones skip that work in CreateSandbox (measured in the emulated
-    /// KVM host: 0.2-0.3 s of a clone's CreateSandbox was the namespace,
-    /// whose kernel work a clone pays in copied and faulted pages). A
-    /// failure is logged and CreateSandbox tries again, naming it.
+    /// Makes, in a template VM's boot (`agent.template=1`), what every
+    /// sandbox of this guest needs and no request shapes: the network
+    /// namespace and the sandbox cgroup. Done before the API listens, so
+    /// the template is saved with them and its clones skip that work in
+    /// CreateSandbox (measured in the emulated KVM host: 0.2-0.3 s of a
+    /// clone's CreateSandbox was the namespace, whose kernel work a clone
+    /// pays in copied and faulted pages). A cold boot leaves it to
+    /// CreateSandbox, after it is ready. A failure is logged and
+    /// CreateSandbox tries again, naming it.
     pub fn prepare_sandbox(&self) {
         let started = std::time::Instant::now();
         if let Err(e) = self.ensure_netns() {

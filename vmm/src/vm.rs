@@ -177,8 +177,10 @@ impl std::fmt::Debug for Vm {
 }
 
 /// The guest's command line: the user's part, the console part, the
-/// boot-timer address for the agent, and one
-/// `virtio_mmio.device=SIZE@BASE:IRQ` per device.
+/// boot-timer address for the agent, `agent.template=1` for a template VM
+/// (the agent then makes, before it is ready, what every sandbox needs, so
+/// that clones have it), and one `virtio_mmio.device=SIZE@BASE:IRQ` per
+/// device.
 fn kernel_cmdline(config: &VmConfig, slots: &[VirtioSlot]) -> Result<String> {
     let mut cmdline = format!(
         "{} {} agent.boot_timer={:#x}",
@@ -186,6 +188,9 @@ fn kernel_cmdline(config: &VmConfig, slots: &[VirtioSlot]) -> Result<String> {
         config.console_cmdline(),
         layout::BOOT_TIMER_ADDR
     );
+    if config.template.is_some() {
+        cmdline.push_str(" agent.template=1");
+    }
     for slot in slots {
         cmdline.push(' ');
         cmdline.push_str(&slot.cmdline_arg());
@@ -915,6 +920,13 @@ mod tests {
         );
         let off = kernel_cmdline(&config(Console::Off, "panic=1"), &[]).unwrap();
         assert_eq!(off, "panic=1 8250.nr_uarts=0 agent.boot_timer=0xd1000000");
+        let mut template = config(Console::Off, "panic=1");
+        template.template = Some("/run/isola/templates/k".into());
+        let line = kernel_cmdline(&template, &[]).unwrap();
+        assert_eq!(
+            line,
+            "panic=1 8250.nr_uarts=0 agent.boot_timer=0xd1000000 agent.template=1"
+        );
     }
 
     #[test]

@@ -276,6 +276,9 @@ pub struct State {
     /// Whether the sandbox netns exists (made by SetupNetwork or
     /// CreateSandbox, whichever came first).
     netns_made: Mutex<bool>,
+    /// Whether the sandbox cgroup exists with its controllers enabled
+    /// (made in a template's boot or by CreateSandbox).
+    cgroup_made: Mutex<bool>,
     /// Set once SetupNetwork has begun.
     network_set: Mutex<bool>,
     /// The ephemeral volumes mounted (key → size), kept until the VM goes.
@@ -300,6 +303,7 @@ impl State {
             destroying: Mutex::new(false),
             pivot_root,
             netns_made: Mutex::new(false),
+            cgroup_made: Mutex::new(false),
             network_set: Mutex::new(false),
             ephemeral: Mutex::new(HashMap::new()),
             pinned: Mutex::new(false),
@@ -317,6 +321,17 @@ impl State {
         sandbox::create_netns(Path::new(sandbox::NETNS))?;
         *made = true;
         Ok(true)
+    }
+
+    /// Creates the sandbox cgroup and enables its controllers unless that
+    /// was done already.
+    fn ensure_cgroup(&self) -> anyhow::Result<()> {
+        let mut made = lock(&self.cgroup_made);
+        if !*made {
+            sandbox::create_cgroup(Path::new(sandbox::CGROUP_ROOT), sandbox::CGROUP_PARENT)?;
+            *made = true;
+        }
+        Ok(())
     }
 
     /// Mounts the tmpfs of each ephemeral volume not mounted yet, at
@@ -365,9 +380,7 @@ impl State {
         if let Err(e) = self.ensure_netns() {
             tracing::warn!("the network namespace, left to CreateSandbox: {e:#}");
         }
-        if let Err(e) =
-            sandbox::create_cgroup(Path::new(sandbox::CGROUP_ROOT), sandbox::CGROUP_PARENT)
-        {
+        if let Err(e) = self.ensure_cgroup() {
             tracing::warn!("the sandbox cgroup, left to CreateSandbox: {e:#}");
         }
         tracing::debug!(
@@ -1378,9 +1391,7 @@ impl isola_protocol::Agent for AgentService {
         };
         let netns_ms = ms(at);
         let at = std::time::Instant::now();
-        if let Err(e) =
-            sandbox::create_cgroup(Path::new(sandbox::CGROUP_ROOT), sandbox::CGROUP_PARENT)
-        {
+        if let Err(e) = self.state.ensure_cgroup() {
             undo_share(&share);
             if made_netns {
                 self.state.remove_netns();

@@ -163,7 +163,8 @@ pub struct Vm {
     /// saves itself then).
     ready_evt: Option<EventFd>,
     /// A clone's guest RAM registered without fault-around (see
-    /// [`crate::fault_around`]): open as long as `mem` is mapped.
+    /// [`crate::fault_around`]): open while the guest runs (closing it
+    /// unregisters the mappings).
     _no_fault_around: Option<OwnedFd>,
 }
 
@@ -680,7 +681,9 @@ impl Vm {
             api,
             mut template,
             ready_evt,
-            // Kept (not `_`, which would drop it now) while `mem` is mapped.
+            // Bound (not `_`, which would drop it now): it lives to the end
+            // of `run`, after the vCPUs stopped; dropping it only
+            // unregisters the mappings.
             _no_fault_around: _uffd,
         } = self;
         let Devices {

@@ -15,33 +15,13 @@ pub fn overhead_kib(pid: u32, guest_bytes: u64) -> Result<u64> {
 /// whose size is the guest memory size, up to 4 MiB of alignment more), in
 /// KiB; their difference is the VMM's memory overhead.
 pub fn rss_kib(pid: u32, guest_bytes: u64) -> Result<(u64, u64)> {
-    let smaps = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps"))
-        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let mut total = 0u64;
-    let mut guest = 0u64;
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                let size = b.saturating_sub(a);
-                in_guest = size >= guest_bytes && size <= guest_bytes + (4 << 20);
-                continue;
-            }
-        }
-        if let Some(rest) = line.strip_prefix("Rss:") {
-            let kib: u64 = rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            total += kib;
-            if in_guest {
-                guest += kib;
-            }
-        }
-    }
+    let maps = mappings(pid)?;
+    let total = maps.iter().map(|m| m.rss_kib).sum();
+    let guest: u64 = maps
+        .iter()
+        .filter(|m| m.size_kib << 10 >= guest_bytes && m.size_kib << 10 <= guest_bytes + (4 << 20))
+        .map(|m| m.rss_kib)
+        .sum();
     if guest == 0 {
         bail!(
             "no guest RAM mapping of {} MiB found in /proc/{pid}/smaps",
@@ -49,6 +29,76 @@ pub fn rss_kib(pid: u32, guest_bytes: u64) -> Result<(u64, u64)> {
         );
     }
     Ok((total, guest))
+}
+
+/// One mapping of a process, as `/proc/PID/smaps` describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// What is mapped: a file's path (memfds as `/memfd:NAME (deleted)`),
+    /// `[heap]`, or empty for anonymous memory.
+    pub name: String,
+    pub size_kib: u64,
+    pub rss_kib: u64,
+    /// The `VmFlags` line's two-letter flags (`rd wr mr ...`).
+    pub flags: String,
+}
+
+impl Mapping {
+    /// Whether `VmFlags` has `flag` (`uw`: registered with a userfaultfd
+    /// in write-protect mode).
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.split_whitespace().any(|f| f == flag)
+    }
+}
+
+/// Every mapping of process `pid` (`/proc/PID/smaps`).
+pub fn mappings(pid: u32) -> Result<Vec<Mapping>> {
+    let smaps = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    Ok(parse_smaps(&smaps))
+}
+
+/// The mappings of an smaps text: each starts at a line `START-END PERMS
+/// OFFSET DEV INODE [NAME]`, and its `Size:`, `Rss:` and `VmFlags:` lines
+/// follow.
+pub fn parse_smaps(smaps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        let range = first.split_once('-').filter(|(a, b)| {
+            u64::from_str_radix(a, 16).is_ok() && u64::from_str_radix(b, 16).is_ok()
+        });
+        if range.is_some() {
+            // The name is what follows the fifth field, spaces and all.
+            let name = line
+                .splitn(6, char::is_whitespace)
+                .nth(5)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            out.push(Mapping {
+                name,
+                ..Mapping::default()
+            });
+            continue;
+        }
+        let Some(m) = out.last_mut() else { continue };
+        let kib = || {
+            words
+                .clone()
+                .next()
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Size:" => m.size_kib = kib(),
+            "Rss:" => m.rss_kib = kib(),
+            "VmFlags:" => m.flags = words.clone().collect::<Vec<_>>().join(" "),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// User plus system CPU time of process `pid` so far.
@@ -161,4 +211,38 @@ pub fn cpu_split(pid: u32, window: Duration) -> Result<CpuSplit> {
         }
     }
     Ok(split)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+7f0000000000-7f0010000000 rw-p 00000000 00:1a 1234                       /run/isola/templates/k/memory
+Size:             262144 kB
+Rss:                5840 kB
+VmFlags: rd wr mr mw me uw nr sd
+7f0010000000-7f0010001000 rw-s 00000000 00:01 99                         /memfd:isola-fs-bounce (deleted)
+Size:                  4 kB
+Rss:                   4 kB
+VmFlags: rd wr sh mr mw me ms sd
+7f0010001000-7f0010003000 rw-p 00000000 00:00 0 
+Size:                  8 kB
+Rss:                   0 kB
+THPeligible:    0
+VmFlags: rd wr mr mw me ac sd
+";
+
+    #[test]
+    fn smaps_mappings_with_names_sizes_and_flags() {
+        let maps = parse_smaps(SMAPS);
+        assert_eq!(maps.len(), 3, "{maps:?}");
+        assert_eq!(maps[0].name, "/run/isola/templates/k/memory");
+        assert_eq!((maps[0].size_kib, maps[0].rss_kib), (262_144, 5840));
+        assert!(maps[0].has_flag("uw") && !maps[1].has_flag("uw"));
+        assert_eq!(maps[1].name, "/memfd:isola-fs-bounce (deleted)");
+        assert_eq!((maps[1].size_kib, maps[1].rss_kib), (4, 4));
+        assert_eq!(maps[2].name, "");
+        assert_eq!(maps[2].flags, "rd wr mr mw me ac sd");
+    }
 }

@@ -149,35 +149,15 @@ fn virtiofs_guest_reads_and_writes_a_host_directory() {
     );
 }
 
-/// The mappings of `pid` whose name contains `name`: (size, Rss) in KiB.
+/// The mappings of `pid` whose name contains `name`: (size, Rss) in KiB
+/// (none once the process is gone).
 fn mappings(pid: u32, name: &str) -> Vec<(u64, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut current: Option<(u64, u64)> = None;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        if first.contains('-') && !first.ends_with(':') {
-            if let Some(m) = current.take() {
-                out.push(m);
-            }
-            if line.contains(name) {
-                current = Some((0, 0));
-            }
-        } else if let Some((size, rss)) = current.as_mut() {
-            let kib = words
-                .next()
-                .and_then(|w| w.parse::<u64>().ok())
-                .unwrap_or(0);
-            match first {
-                "Size:" => *size = kib,
-                "Rss:" => *rss = kib,
-                _ => {}
-            }
-        }
-    }
-    out.extend(current);
-    out
+    isola_e2e::procstat::mappings(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.name.contains(name))
+        .map(|m| (m.size_kib, m.rss_kib))
+        .collect()
 }
 
 #[test]

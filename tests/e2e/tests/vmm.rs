@@ -238,35 +238,6 @@ fn smaps_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in {rollup}"))
 }
 
-/// `pid`'s mappings of the file `path`: each one's Rss in KiB and its
-/// `VmFlags` (`/proc/PID/smaps`).
-fn file_mappings(pid: u32, path: &Path) -> Vec<(u64, String)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let name = path.display().to_string();
-    let mut found = Vec::new();
-    let mut current: Option<(u64, String)> = None;
-    for line in smaps.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields
-            .first()
-            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
-        {
-            found.extend(current.take());
-            if fields.last() == Some(&name.as_str()) {
-                current = Some((0, String::new()));
-            }
-        } else if let Some((rss, flags)) = current.as_mut() {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                *rss = v.trim().trim_end_matches("kB").trim().parse().unwrap();
-            } else if let Some(v) = line.strip_prefix("VmFlags:") {
-                *flags = v.trim().to_string();
-            }
-        }
-    }
-    found.extend(current);
-    found
-}
-
 /// A template VM saved through the API starts clones without a boot: each
 /// clone's agent answers (the template's vsock streams are reset, its
 /// listener stays), each clone writes only its own copy-on-write pages of
@@ -350,19 +321,25 @@ fn a_saved_template_starts_clones_that_share_its_memory() {
         // Guest RAM is registered with a userfaultfd (smaps' `uw`), so
         // the host maps the pages the guest reads and not 64 KiB around
         // each (fault-around).
-        let maps = file_mappings(pid, &std::fs::canonicalize(&memory).unwrap());
+        let file = std::fs::canonicalize(&memory).unwrap();
+        let maps: Vec<_> = isola_e2e::procstat::mappings(pid)
+            .unwrap()
+            .into_iter()
+            .filter(|m| Path::new(&m.name) == file)
+            .collect();
         assert!(
             !maps.is_empty(),
             "clone {pid} does not map {}",
             memory.display()
         );
-        for (_, flags) in &maps {
+        for m in &maps {
             assert!(
-                flags.split_whitespace().any(|f| f == "uw"),
-                "clone {pid} maps the template's memory with fault-around: VmFlags {flags}"
+                m.has_flag("uw"),
+                "clone {pid} maps the template's memory with fault-around: VmFlags {}",
+                m.flags
             );
         }
-        let mapped: u64 = maps.iter().map(|(rss, _)| rss).sum();
+        let mapped: u64 = maps.iter().map(|m| m.rss_kib).sum();
         eprintln!(
             "clone {pid}: maps {mapped} KiB of the template's memory in {} mappings",
             maps.len()
